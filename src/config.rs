@@ -1,0 +1,480 @@
+//! `sluice.toml`: the pipeline's configuration as serde structs, loaded and checked.
+//!
+//! Unknown keys are rejected (with the key's name and line), paths are resolved relative to the
+//! config file, and `env:VAR` values are resolved from the environment when the config loads.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The whole pipeline configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the lake lives.
+    pub lake: LakeConfig,
+    /// Raw inputs.
+    #[serde(default, rename = "source")]
+    pub sources: Vec<SourceConfig>,
+    /// Clean output tables, one SQL query each.
+    #[serde(default, rename = "table")]
+    pub tables: Vec<TableConfig>,
+    /// Aggregated tables of the warehouse.
+    #[serde(default, rename = "aggregate")]
+    pub aggregates: Vec<AggregateConfig>,
+    /// Retry policy for files that fail.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Who hears about runs.
+    #[serde(default)]
+    pub notify: NotifyConfig,
+    /// Query engine settings.
+    #[serde(default)]
+    pub engine: EngineConfig,
+    /// The folder the config was loaded from: relative paths start here.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// The config file itself, for error messages.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+/// `[lake]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LakeConfig {
+    /// A folder (relative to the config file) holding `raw/`, `processed/`, ...
+    pub root: String,
+    /// A claim or lock older than this is taken over (its holder is presumed dead).
+    #[serde(default = "default_lock_ttl")]
+    pub lock_ttl_secs: u64,
+    /// How long a run waits for the commit lock before giving up.
+    #[serde(default = "default_lock_wait")]
+    pub lock_wait_secs: u64,
+}
+
+fn default_lock_ttl() -> u64 {
+    3600
+}
+fn default_lock_wait() -> u64 {
+    600
+}
+
+/// Input file formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Comma (or other) separated values with a header line.
+    Csv,
+    /// One JSON object per line.
+    Jsonl,
+    /// One JSON document per file: an array of objects, or one object.
+    Json,
+    /// Apache Parquet.
+    Parquet,
+}
+
+impl Format {
+    /// The file extensions this format accepts (before any `.gz` / `.zst`).
+    pub fn extensions(self) -> &'static [&'static str] {
+        match self {
+            Format::Csv => &["csv", "tsv", "txt"],
+            Format::Jsonl => &["jsonl", "ndjson", "json"],
+            Format::Json => &["json"],
+            Format::Parquet => &["parquet"],
+        }
+    }
+}
+
+/// `[[source]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Name of the source; the batch is exposed to queries as a table of this name.
+    pub name: String,
+    /// Prefix under the lake root; default `raw/<name>`.
+    pub prefix: Option<String>,
+    /// File format.
+    pub format: Format,
+    /// Schema file (relative to the config file), e.g. `schemas/app_logs.toml`.
+    pub schema: PathBuf,
+    /// CSV options.
+    #[serde(default)]
+    pub csv: CsvOptions,
+}
+
+impl SourceConfig {
+    /// The prefix of this source's raw files, without a trailing slash.
+    pub fn raw_prefix(&self) -> String {
+        self.prefix
+            .clone()
+            .unwrap_or_else(|| format!("raw/{}", self.name))
+            .trim_matches('/')
+            .to_string()
+    }
+}
+
+/// `[source.csv]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsvOptions {
+    /// Field delimiter, one byte.
+    #[serde(default = "default_delimiter")]
+    pub delimiter: char,
+    /// Quote character, one byte; doubled inside a quoted field.
+    #[serde(default = "default_quote")]
+    pub quote: char,
+    /// Whether the first line names the columns (matched to the schema by name).
+    #[serde(default = "yes")]
+    pub header: bool,
+    /// A field equal to this is null.
+    #[serde(default)]
+    pub null_value: String,
+}
+
+impl Default for CsvOptions {
+    fn default() -> Self {
+        CsvOptions {
+            delimiter: default_delimiter(),
+            quote: default_quote(),
+            header: true,
+            null_value: String::new(),
+        }
+    }
+}
+
+fn default_delimiter() -> char {
+    ','
+}
+fn default_quote() -> char {
+    '"'
+}
+fn yes() -> bool {
+    true
+}
+
+/// `[[table]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// Table name: `processed/<name>/`, `rejected/<name>/`.
+    pub name: String,
+    /// The source whose batch the query reads.
+    pub source: String,
+    /// The SQL file, relative to the config file.
+    pub query: PathBuf,
+    /// Hive partition columns, in folder order.
+    #[serde(default)]
+    pub partition_by: Vec<String>,
+    /// Columns identifying a row across runs; with `order_by`, one row per key is kept.
+    #[serde(default)]
+    pub unique_key: Vec<String>,
+    /// Column deciding which row of a key is the latest (greatest wins).
+    pub order_by: Option<String>,
+    /// Parquet compression: `zstd` (default), `snappy`, `gzip`, `none`.
+    #[serde(default = "default_compression")]
+    pub compression: String,
+}
+
+fn default_compression() -> String {
+    "zstd".to_string()
+}
+
+/// `[[aggregate]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateConfig {
+    /// Table name under `warehouse/`.
+    pub name: String,
+    /// The SQL file, relative to the config file.
+    pub query: PathBuf,
+}
+
+/// `[retry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// A file that failed this many times moves to `failed/`.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: default_attempts(),
+        }
+    }
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+
+/// `[notify]`: targets are `log` or `webhook:<url>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Targets told about successful runs (including runs with nothing to do: no).
+    #[serde(default = "default_targets")]
+    pub on_success: Vec<String>,
+    /// Targets told about failed runs.
+    #[serde(default = "default_targets")]
+    pub on_failure: Vec<String>,
+    /// Timeout of one delivery attempt.
+    #[serde(default = "default_notify_timeout")]
+    pub timeout_secs: u64,
+    /// Further attempts after a failed delivery.
+    #[serde(default = "default_notify_retries")]
+    pub retries: u32,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            on_success: default_targets(),
+            on_failure: default_targets(),
+            timeout_secs: default_notify_timeout(),
+            retries: default_notify_retries(),
+        }
+    }
+}
+
+fn default_targets() -> Vec<String> {
+    vec!["log".to_string()]
+}
+fn default_notify_timeout() -> u64 {
+    10
+}
+fn default_notify_retries() -> u32 {
+    2
+}
+
+/// `[engine]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Worker threads for reading and querying; default: all cores.
+    pub threads: Option<usize>,
+}
+
+impl Config {
+    /// Loads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::config(path, format!("cannot read the file: {e}")))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| Error::config(path, e.to_string().trim_end()))?;
+        config.path = path.to_path_buf();
+        config.base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("."));
+        config.resolve_env()?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// A path from the config, relative to the config file's folder.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// The lake root as a local folder.
+    pub fn lake_root(&self) -> PathBuf {
+        self.resolve(Path::new(&self.lake.root))
+    }
+
+    /// The source of this name.
+    pub fn source(&self, name: &str) -> Option<&SourceConfig> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+
+    /// The table fed by this source (one table per source).
+    pub fn table_for_source(&self, source: &str) -> Option<&TableConfig> {
+        self.tables.iter().find(|t| t.source == source)
+    }
+
+    fn resolve_env(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        let resolve = |v: &mut String, key: &str| -> Result<()> {
+            if let Some(var) = v.strip_prefix("env:") {
+                *v = std::env::var(var).map_err(|_| {
+                    Error::config(
+                        &path,
+                        format!(
+                            "{key} = \"env:{var}\" but the environment variable {var} is not set"
+                        ),
+                    )
+                })?;
+            }
+            Ok(())
+        };
+        resolve(&mut self.lake.root, "lake.root")?;
+        for t in self.notify.on_success.iter_mut() {
+            resolve(t, "notify.on_success")?;
+        }
+        for t in self.notify.on_failure.iter_mut() {
+            resolve(t, "notify.on_failure")?;
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<()> {
+        let err = |m: String| Err(Error::config(&self.path, m));
+        if self.lake.root.starts_with("s3://") {
+            return err(format!(
+                "lake.root = \"{}\": only local folders are supported in this version",
+                self.lake.root
+            ));
+        }
+        let mut names = HashSet::new();
+        for s in &self.sources {
+            if !is_identifier(&s.name) {
+                return err(format!(
+                    "source name \"{}\" must be a SQL identifier (letters, digits, _)",
+                    s.name
+                ));
+            }
+            if !names.insert(s.name.as_str()) {
+                return err(format!("source \"{}\" is defined twice", s.name));
+            }
+            if !s.csv.delimiter.is_ascii() || !s.csv.quote.is_ascii() {
+                return err(format!(
+                    "source \"{}\": csv.delimiter and csv.quote must be ASCII characters",
+                    s.name
+                ));
+            }
+        }
+        let mut tables = HashSet::new();
+        let mut fed = HashSet::new();
+        for t in &self.tables {
+            if !is_identifier(&t.name) {
+                return err(format!(
+                    "table name \"{}\" must be a SQL identifier (letters, digits, _)",
+                    t.name
+                ));
+            }
+            if !tables.insert(t.name.as_str()) {
+                return err(format!("table \"{}\" is defined twice", t.name));
+            }
+            if self.source(&t.source).is_none() {
+                return err(format!(
+                    "table \"{}\" reads source \"{}\", which is not defined",
+                    t.name, t.source
+                ));
+            }
+            if !fed.insert(t.source.as_str()) {
+                return err(format!(
+                    "source \"{}\" feeds more than one table; one table per source is supported",
+                    t.source
+                ));
+            }
+            if t.unique_key.is_empty() != t.order_by.is_none() {
+                return err(format!(
+                    "table \"{}\": unique_key and order_by go together",
+                    t.name
+                ));
+            }
+            if !["zstd", "snappy", "gzip", "none"].contains(&t.compression.as_str()) {
+                return err(format!(
+                    "table \"{}\": compression \"{}\" is not one of zstd, snappy, gzip, none",
+                    t.name, t.compression
+                ));
+            }
+        }
+        for a in &self.aggregates {
+            if !is_identifier(&a.name) {
+                return err(format!(
+                    "aggregate name \"{}\" must be a SQL identifier (letters, digits, _)",
+                    a.name
+                ));
+            }
+            if !tables.insert(a.name.as_str()) {
+                return err(format!(
+                    "aggregate \"{}\" has the name of another table or aggregate",
+                    a.name
+                ));
+            }
+        }
+        for target in self.notify.on_success.iter().chain(&self.notify.on_failure) {
+            if target != "log" && !target.starts_with("webhook:") {
+                return err(format!(
+                    "notify target \"{target}\" is not \"log\" or \"webhook:<url>\""
+                ));
+            }
+        }
+        if self.retry.max_attempts == 0 {
+            return err("retry.max_attempts must be at least 1".to_string());
+        }
+        Ok(())
+    }
+}
+
+/// Whether `s` can name a table without quoting.
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[lake]
+root = "lake"
+
+[[source]]
+name = "logs"
+format = "jsonl"
+schema = "schemas/logs.toml"
+
+[[table]]
+name = "clean_logs"
+source = "logs"
+query = "queries/clean_logs.sql"
+partition_by = ["event_date"]
+"#;
+
+    #[test]
+    fn parses_minimal_config() {
+        let c = Config::parse(MINIMAL, Path::new("/x/sluice.toml")).unwrap();
+        assert_eq!(c.sources[0].raw_prefix(), "raw/logs");
+        assert_eq!(c.lake_root(), PathBuf::from("/x/lake"));
+        assert_eq!(c.retry.max_attempts, 3);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = MINIMAL.replace("partition_by", "partiton_by");
+        let e = Config::parse(&text, Path::new("sluice.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("partiton_by"), "{e}");
+        assert!(e.contains("line 14"), "{e}");
+    }
+
+    #[test]
+    fn unique_key_needs_order_by() {
+        let text = MINIMAL.replace("partition_by = [\"event_date\"]", "unique_key = [\"id\"]");
+        let e = Config::parse(&text, Path::new("sluice.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unique_key and order_by go together"), "{e}");
+    }
+}

@@ -1,0 +1,100 @@
+//! Error types: one enum for the whole library and the `Result` alias used everywhere.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in sluice, with enough context to act on it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration file or a file it names is wrong; fix it and rerun.
+    #[error("config error in {file}: {message}")]
+    Config { file: PathBuf, message: String },
+
+    /// A SQL query failed to plan or run.
+    #[error("query {file}{}: {message}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    Query {
+        file: PathBuf,
+        line: Option<usize>,
+        message: String,
+    },
+
+    /// A raw file could not be read at all (not a malformed row: those are rejected rows).
+    #[error("cannot read {key}: {message}")]
+    Read { key: String, message: String },
+
+    /// The rows of a run do not add up: something would be lost or doubled.
+    #[error("row accounting does not balance for {key}: {message}")]
+    Accounting { key: String, message: String },
+
+    /// A table's new output is not compatible with what the table already holds.
+    #[error("schema of table {table} changed incompatibly: {message}")]
+    Schema { table: String, message: String },
+
+    /// Lake storage failed (listing, reading, writing, renaming objects).
+    #[error("lake storage: {0}")]
+    Store(#[from] object_store::Error),
+
+    /// DataFusion failed outside a user query.
+    #[error("engine: {0}")]
+    Engine(#[from] datafusion::error::DataFusionError),
+
+    /// Arrow failed while building or converting batches.
+    #[error("arrow: {0}")]
+    Arrow(#[from] datafusion::arrow::error::ArrowError),
+
+    /// Parquet encoding or decoding failed.
+    #[error("parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+
+    /// A state file under `_sluice/` could not be parsed.
+    #[error("state file {path}: {message}")]
+    State { path: String, message: String },
+
+    /// Another run holds a lock for too long.
+    #[error("lock {path} held by {holder}: {message}")]
+    Locked {
+        path: String,
+        holder: String,
+        message: String,
+    },
+
+    /// A notification could not be delivered (never undoes committed data).
+    #[error("notification to {target} failed: {message}")]
+    Notify { target: String, message: String },
+
+    /// Plain I/O outside the lake (config files, local output).
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// A config error about `file`.
+    pub fn config(file: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Config {
+            file: file.into(),
+            message: message.into(),
+        }
+    }
+
+    /// An I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Whether this error means the user must fix the config or the call (exit code 2).
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Error::Config { .. } | Error::Query { .. } | Error::Schema { .. }
+        )
+    }
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,197 @@
+//! `status` and `query`: looking at a lake without changing it.
+
+use std::collections::BTreeMap;
+
+use datafusion::arrow::datatypes::{Field, Schema};
+use datafusion::arrow::record_batch::RecordBatch;
+use serde::Serialize;
+use std::sync::Arc;
+
+use crate::catalog;
+use crate::cli::OutputFormat;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::lake::{Lake, STATE};
+use crate::ledger::Ledger;
+use crate::pipeline::conform;
+use crate::report::RunReport;
+use crate::source;
+use crate::transform::{self, spectrum_type};
+
+/// The state of a lake.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// Lake folder.
+    pub lake: String,
+    /// Raw files committed so far.
+    pub processed_files: usize,
+    /// Raw files waiting in `raw/`, per source.
+    pub pending: BTreeMap<String, Vec<String>>,
+    /// Files moved to `failed/`.
+    pub failed: Vec<String>,
+    /// The last runs, newest first.
+    pub last_runs: Vec<RunLine>,
+}
+
+/// One run in the status.
+#[derive(Debug, Serialize)]
+pub struct RunLine {
+    /// Run id.
+    pub run_id: String,
+    /// Outcome.
+    pub status: crate::report::RunStatus,
+    /// Files taken.
+    pub files: usize,
+    /// Rows written over all tables.
+    pub rows_written: u64,
+}
+
+/// Gathers the status of a lake.
+pub async fn status(config: &Config, lake: &Lake) -> Result<Status> {
+    let ledger = Ledger::load(lake).await?;
+    let mut pending = BTreeMap::new();
+    for s in &config.sources {
+        let mut keys = Vec::new();
+        for m in lake.list(&s.raw_prefix()).await? {
+            let key = m.location.to_string();
+            if source::matches_format(&key, s.format)
+                && ledger.committed(&key, m.size, m.last_modified).is_none()
+            {
+                keys.push(key);
+            }
+        }
+        pending.insert(s.name.clone(), keys);
+    }
+    let failed = lake
+        .list("failed")
+        .await?
+        .into_iter()
+        .map(|m| m.location.to_string())
+        .filter(|k| !k.ends_with(".error.json"))
+        .collect();
+    let mut runs = lake.list(&format!("{STATE}/runs")).await?;
+    runs.reverse();
+    let mut last_runs = Vec::new();
+    for m in runs.into_iter().take(5) {
+        if let Some(r) = lake.get_json::<RunReport>(m.location.as_ref()).await? {
+            last_runs.push(RunLine {
+                run_id: r.run_id,
+                status: r.status,
+                files: r.files.len(),
+                rows_written: r.tables.values().map(|t| t.rows_written).sum(),
+            });
+        }
+    }
+    Ok(Status {
+        lake: lake.root().display().to_string(),
+        processed_files: ledger.file_count(),
+        pending,
+        failed,
+        last_runs,
+    })
+}
+
+impl Status {
+    /// Lines for people.
+    pub fn human(&self) -> String {
+        let mut out = format!(
+            "lake {}\n  processed files: {}\n",
+            self.lake, self.processed_files
+        );
+        for (source, keys) in &self.pending {
+            out.push_str(&format!("  pending in {source}: {}\n", keys.len()));
+            for k in keys.iter().take(10) {
+                out.push_str(&format!("    {k}\n"));
+            }
+        }
+        out.push_str(&format!("  failed: {}\n", self.failed.len()));
+        for k in &self.failed {
+            out.push_str(&format!("    {k}\n"));
+        }
+        out.push_str("  last runs:\n");
+        for r in &self.last_runs {
+            out.push_str(&format!(
+                "    {} {:?} files={} rows_written={}\n",
+                r.run_id, r.status, r.files, r.rows_written
+            ));
+        }
+        out
+    }
+}
+
+/// Runs SQL over the lake's tables and formats the result.
+pub async fn query(lake: &Lake, sql: &str, format: OutputFormat, threads: usize) -> Result<String> {
+    let ctx = transform::session(threads);
+    catalog::register_all(&ctx, lake).await?;
+    let df = ctx
+        .sql(sql)
+        .await
+        .map_err(|e| transform::query_error(std::path::Path::new("(command line)"), sql, e))?;
+    let out_schema = df.schema().as_arrow().clone();
+    let batches = df
+        .collect()
+        .await
+        .map_err(|e| transform::query_error(std::path::Path::new("(command line)"), sql, e))?;
+    let schema = Arc::new(Schema::new(
+        out_schema
+            .fields()
+            .iter()
+            .map(|f| Field::new(f.name(), spectrum_type(f.data_type()), true))
+            .collect::<Vec<_>>(),
+    ));
+    let batches: Vec<RecordBatch> = batches
+        .iter()
+        .map(|b| conform(b, &schema))
+        .collect::<Result<_>>()?;
+    format_batches(&schema, &batches, format)
+}
+
+/// Formats batches as a table, CSV or JSON.
+pub fn format_batches(
+    schema: &Arc<Schema>,
+    batches: &[RecordBatch],
+    format: OutputFormat,
+) -> Result<String> {
+    match format {
+        OutputFormat::Table => {
+            let mut all = batches.to_vec();
+            if all.is_empty() {
+                all.push(RecordBatch::new_empty(schema.clone()));
+            }
+            Ok(datafusion::arrow::util::pretty::pretty_format_batches(&all)?.to_string())
+        }
+        OutputFormat::Csv => {
+            let mut buf = Vec::new();
+            {
+                let mut w = datafusion::arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(&mut buf);
+                if batches.is_empty() {
+                    w.write(&RecordBatch::new_empty(schema.clone()))?;
+                }
+                for b in batches {
+                    w.write(b)?;
+                }
+            }
+            String::from_utf8(buf).map_err(|e| Error::State {
+                path: "csv output".into(),
+                message: e.to_string(),
+            })
+        }
+        OutputFormat::Json => {
+            let mut buf = Vec::new();
+            {
+                let mut w = datafusion::arrow::json::ArrayWriter::new(&mut buf);
+                for b in batches {
+                    w.write(b)?;
+                }
+                w.finish()?;
+            }
+            let s = String::from_utf8(buf).map_err(|e| Error::State {
+                path: "json output".into(),
+                message: e.to_string(),
+            })?;
+            Ok(if s.is_empty() { "[]".to_string() } else { s })
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! The ledger: exactly-once state under `_sluice/`.
+//!
+//! A commit is planned in `_sluice/pending/<id>.json`, its files are staged under
+//! `_sluice/staging/<id>/`, and it becomes real when `_sluice/ledger/<id>.json` is written: that
+//! single atomic write is the commit point. Publishing (moving staged files into place, removing
+//! replaced files, archiving raw files) is idempotent, so recovery after a crash either rolls a
+//! commit forward (ledger entry present) or throws its staging away (absent).
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::Result;
+use crate::lake::{Lake, STATE};
+
+/// What happened to a raw file in a commit.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FileOutcome {
+    /// Its rows were committed.
+    Processed,
+    /// Same content as a file already committed; nothing written.
+    Duplicate,
+}
+
+/// A raw object's identity and fate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// Source name.
+    pub source: String,
+    /// Key in the lake (under `raw/`).
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification time.
+    pub last_modified: DateTime<Utc>,
+    /// SHA-256 of the content, hex.
+    pub sha256: String,
+    /// Processed or duplicate.
+    pub outcome: FileOutcome,
+    /// For a duplicate: the key whose content it repeats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_of: Option<String>,
+    /// Where the raw file goes once committed.
+    pub archive_to: String,
+}
+
+/// A staged file and its final place.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Move {
+    /// Staged key.
+    pub from: String,
+    /// Final key.
+    pub to: String,
+}
+
+/// The changes a commit makes to one table.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TableChange {
+    /// Table name.
+    pub table: String,
+    /// Files to move into `processed/` and `rejected/`.
+    pub added: Vec<Move>,
+    /// Files replaced by rewritten partitions.
+    pub removed: Vec<String>,
+    /// Partition folders this commit touched.
+    pub partitions: Vec<String>,
+}
+
+/// One commit: files in, table changes out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Commit {
+    /// Derived from the inputs and the queries: a retry has the same id.
+    pub id: String,
+    /// The run that made it.
+    pub run_id: String,
+    /// When it was planned.
+    pub created_at: DateTime<Utc>,
+    /// Raw files.
+    pub files: Vec<FileRecord>,
+    /// Table changes.
+    pub tables: Vec<TableChange>,
+}
+
+/// `_sluice/pending/<id>.json`
+pub fn pending_key(id: &str) -> String {
+    format!("{STATE}/pending/{id}.json")
+}
+
+/// `_sluice/ledger/<id>.json`
+pub fn ledger_key(id: &str) -> String {
+    format!("{STATE}/ledger/{id}.json")
+}
+
+/// `_sluice/staging/<id>/...`
+pub fn staging_prefix(id: &str) -> String {
+    format!("{STATE}/staging/{id}")
+}
+
+/// `_sluice/claims/<hash of key>.json`
+pub fn claim_key(raw_key: &str) -> String {
+    format!(
+        "{STATE}/claims/{}.json",
+        &sha256_hex(raw_key.as_bytes())[..32]
+    )
+}
+
+/// `_sluice/attempts/<hash of key>.json`
+pub fn attempts_key(raw_key: &str) -> String {
+    format!(
+        "{STATE}/attempts/{}.json",
+        &sha256_hex(raw_key.as_bytes())[..32]
+    )
+}
+
+/// The lake-wide commit lock.
+pub const COMMIT_LOCK: &str = "_sluice/locks/commit.json";
+
+/// SHA-256 as hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// Everything committed so far, indexed.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    /// Committed files by key (several versions possible).
+    pub by_key: HashMap<String, Vec<FileRecord>>,
+    /// Key of the first processed file with this content.
+    pub by_sha: HashMap<String, String>,
+    /// Ids of all commits, sorted.
+    pub commits: Vec<String>,
+    /// Commits by id, for the tables they changed.
+    pub changed_tables: HashMap<String, Vec<String>>,
+}
+
+impl Ledger {
+    /// Loads every ledger entry.
+    pub async fn load(lake: &Lake) -> Result<Ledger> {
+        let mut ledger = Ledger::default();
+        for meta in lake.list(&format!("{STATE}/ledger")).await? {
+            let key = meta.location.to_string();
+            let Some(commit) = lake.get_json::<Commit>(&key).await? else {
+                continue;
+            };
+            ledger.add(&commit);
+        }
+        ledger.commits.sort();
+        Ok(ledger)
+    }
+
+    /// Adds a commit to the index.
+    pub fn add(&mut self, commit: &Commit) {
+        for f in &commit.files {
+            if f.outcome == FileOutcome::Processed {
+                self.by_sha
+                    .entry(f.sha256.clone())
+                    .or_insert_with(|| f.key.clone());
+            }
+            self.by_key
+                .entry(f.key.clone())
+                .or_default()
+                .push(f.clone());
+        }
+        self.commits.push(commit.id.clone());
+        self.changed_tables.insert(
+            commit.id.clone(),
+            commit
+                .tables
+                .iter()
+                .filter(|t| !t.added.is_empty() || !t.removed.is_empty())
+                .map(|t| t.table.clone())
+                .collect(),
+        );
+    }
+
+    /// The committed record of this exact object (key, size, modification time), if any.
+    pub fn committed(&self, key: &str, size: u64, modified: DateTime<Utc>) -> Option<&FileRecord> {
+        self.by_key
+            .get(key)?
+            .iter()
+            .find(|r| r.size == size && r.last_modified == modified)
+    }
+
+    /// Whether this key with this content was committed.
+    pub fn committed_content(&self, key: &str, sha: &str) -> bool {
+        self.by_key
+            .get(key)
+            .is_some_and(|v| v.iter().any(|r| r.sha256 == sha))
+    }
+
+    /// Number of committed files.
+    pub fn file_count(&self) -> usize {
+        self.by_key.values().map(Vec::len).sum()
+    }
+
+    /// A fingerprint of the commits that changed any of `tables`.
+    pub fn fingerprint(&self, tables: &[String]) -> String {
+        let mut h = Sha256::new();
+        for id in &self.commits {
+            if let Some(changed) = self.changed_tables.get(id)
+                && changed.iter().any(|t| tables.contains(t))
+            {
+                h.update(id.as_bytes());
+                h.update(b"\n");
+            }
+        }
+        hex::encode(h.finalize())
+    }
+}
+
+/// Failed attempts of a raw file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Attempts {
+    /// Key of the raw file.
+    pub key: String,
+    /// How many runs failed on it.
+    pub attempts: u32,
+    /// The errors, oldest first.
+    pub errors: Vec<AttemptError>,
+}
+
+/// One failed attempt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttemptError {
+    /// The run.
+    pub run_id: String,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// What went wrong.
+    pub error: String,
+}
+
+/// Publishes a commit whose ledger entry exists: staged files into place, replaced files
+/// removed, raw files archived, claims and attempt counters dropped. Idempotent.
+pub async fn publish(lake: &Lake, commit: &Commit) -> Result<()> {
+    for t in &commit.tables {
+        for m in &t.added {
+            if lake.exists(&m.from).await? {
+                lake.rename(&m.from, &m.to).await?;
+            }
+        }
+        for r in &t.removed {
+            lake.delete(r).await?;
+        }
+    }
+    crate::fault::point("published");
+    for f in &commit.files {
+        archive(lake, f).await?;
+        lake.delete(&attempts_key(&f.key)).await?;
+        lake.delete(&claim_key(&f.key)).await?;
+    }
+    Ok(())
+}
+
+/// Moves a committed raw file to its archive place if it is still in `raw/` with the same size.
+pub async fn archive(lake: &Lake, f: &FileRecord) -> Result<()> {
+    if let Some(meta) = lake.head(&f.key).await?
+        && meta.size == f.size
+        && meta.last_modified == f.last_modified
+    {
+        lake.rename(&f.key, &f.archive_to).await?;
+        match lake.head(&f.archive_to).await? {
+            Some(m) if m.size == f.size => {}
+            _ => {
+                return Err(crate::error::Error::State {
+                    path: f.archive_to.clone(),
+                    message: "archived copy is missing or has the wrong size".into(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Finishes or throws away commits a crashed run left behind. Call with the commit lock held.
+pub async fn recover(lake: &Lake) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    for meta in lake.list(&format!("{STATE}/pending")).await? {
+        let key = meta.location.to_string();
+        let Some(commit) = lake.get_json::<Commit>(&key).await? else {
+            continue;
+        };
+        if lake.exists(&ledger_key(&commit.id)).await? {
+            tracing::warn!(commit = %commit.id, "finishing a commit interrupted after its commit point");
+            publish(lake, &commit).await?;
+        } else {
+            tracing::warn!(commit = %commit.id, "discarding a commit interrupted before its commit point");
+            for m in lake.list(&staging_prefix(&commit.id)).await? {
+                lake.delete(m.location.as_ref()).await?;
+            }
+            for f in &commit.files {
+                lake.delete(&claim_key(&f.key)).await?;
+            }
+        }
+        lake.delete(&key).await?;
+        done.push(commit.id);
+    }
+    Ok(done)
+}

@@ -1,0 +1,25 @@
+//! sluice: a data-lake processor. Raw files (CSV, JSON lines, JSON, Parquet; gzip or zstd) are
+//! read with explicit schemas, transformed by SQL in DataFusion, written as Hive-partitioned
+//! Parquet with every rejected row kept, committed exactly once, aggregated into an embedded
+//! warehouse, archived and reported.
+
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod fault;
+pub mod inspect;
+pub mod lake;
+pub mod ledger;
+pub mod lock;
+pub mod notify;
+pub mod pipeline;
+pub mod report;
+pub mod sink;
+pub mod source;
+pub mod transform;
+pub mod validate;
+pub mod warehouse;
+
+pub use error::{Error, Result};

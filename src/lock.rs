@@ -1,0 +1,140 @@
+//! Claims and locks in the lake: objects created only if absent, naming their holder.
+//!
+//! A holder on this host whose process is gone, or any holder older than the TTL, is stale and
+//! its lock is taken over: a crashed run never blocks the next one.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::lake::Lake;
+
+/// Who holds a lock or claim.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Holder {
+    /// Host name.
+    pub host: String,
+    /// Process id.
+    pub pid: u32,
+    /// The run.
+    pub run_id: String,
+    /// When it was taken.
+    pub since: DateTime<Utc>,
+}
+
+impl Holder {
+    /// This process, for a run.
+    pub fn me(run_id: &str) -> Holder {
+        Holder {
+            host: hostname(),
+            pid: std::process::id(),
+            run_id: run_id.to_string(),
+            since: Utc::now(),
+        }
+    }
+
+    fn is_stale(&self, ttl: Duration) -> bool {
+        if self.host == hostname() && self.pid != std::process::id() && !process_alive(self.pid) {
+            return true;
+        }
+        let age = Utc::now().signed_duration_since(self.since);
+        age.to_std().map(|a| a > ttl).unwrap_or(false)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "run {} (pid {} on {}, since {})",
+            self.run_id, self.pid, self.host, self.since
+        )
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+/// Whether a process of this host is running (zombies count as gone).
+fn process_alive(pid: u32) -> bool {
+    let stat = format!("/proc/{pid}/stat");
+    match std::fs::read_to_string(&stat) {
+        Ok(s) => !s
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        // Without /proc we cannot tell: trust the TTL.
+        Err(_) => !std::path::Path::new("/proc/self").exists(),
+    }
+}
+
+/// Takes `key` if it is free or stale; `false` if a live holder has it.
+pub async fn try_acquire(lake: &Lake, key: &str, me: &Holder, ttl: Duration) -> Result<bool> {
+    let body = serde_json::to_vec(me).map_err(|e| Error::State {
+        path: key.to_string(),
+        message: e.to_string(),
+    })?;
+    for _ in 0..3 {
+        if lake.put_if_absent(key, body.clone()).await? {
+            return Ok(true);
+        }
+        match lake.get_json::<Holder>(key).await {
+            Ok(Some(h)) if h == *me => return Ok(true),
+            Ok(Some(h)) if !h.is_stale(ttl) => return Ok(false),
+            Ok(Some(h)) => {
+                tracing::warn!(lock = key, holder = %h.describe(), "taking over a stale lock");
+                lake.delete(key).await?;
+            }
+            // Gone in between, or unreadable (a holder died mid-write): try again.
+            Ok(None) => {}
+            Err(_) => lake.delete(key).await?,
+        }
+    }
+    Ok(false)
+}
+
+/// Takes `key`, waiting up to `wait` for a live holder to let go.
+pub async fn acquire(
+    lake: &Lake,
+    key: &str,
+    me: &Holder,
+    ttl: Duration,
+    wait: Duration,
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    let mut pause = Duration::from_millis(20);
+    loop {
+        if try_acquire(lake, key, me, ttl).await? {
+            return Ok(());
+        }
+        if start.elapsed() > wait {
+            let holder = lake
+                .get_json::<Holder>(key)
+                .await
+                .ok()
+                .flatten()
+                .map(|h| h.describe())
+                .unwrap_or_else(|| "unknown".into());
+            return Err(Error::Locked {
+                path: key.to_string(),
+                holder,
+                message: format!("still held after {}s; retry later", wait.as_secs()),
+            });
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// Lets go of `key` if this holder has it.
+pub async fn release(lake: &Lake, key: &str, me: &Holder) -> Result<()> {
+    if let Ok(Some(h)) = lake.get_json::<Holder>(key).await
+        && h.run_id == me.run_id
+        && h.pid == me.pid
+    {
+        lake.delete(key).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! The run report: what each file and table went through, written to `_sluice/runs/` and
+//! printed as JSON or as a short human summary.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Every file it took was committed.
+    Succeeded,
+    /// Some file, the warehouse or the accounting failed.
+    Failed,
+    /// No new files.
+    NothingToDo,
+}
+
+/// What happened to one raw file.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FileStatus {
+    /// Its rows were committed.
+    Processed,
+    /// Its content was committed before (under this or another name): skipped.
+    Duplicate,
+    /// It could not be processed; it stays in `raw/` (or moved to `failed/`).
+    Failed,
+}
+
+/// One file's line in the report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileReport {
+    /// Source name.
+    pub source: String,
+    /// Key in the lake.
+    pub key: String,
+    /// Outcome.
+    pub status: FileStatus,
+    /// Rows read, malformed records included.
+    pub rows_read: u64,
+    /// Rows now in the processed table.
+    pub rows_written: u64,
+    /// Rows sent to the rejected table.
+    pub rows_rejected: u64,
+    /// Rows dropped as duplicates.
+    pub rows_duplicate: u64,
+    /// Why it failed, or what it duplicates.
+    pub error: Option<String>,
+    /// Where the raw file went (archive or failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
+}
+
+impl FileReport {
+    /// A file with no rows counted yet.
+    pub fn new(source: &str, key: &str, status: FileStatus) -> FileReport {
+        FileReport {
+            source: source.to_string(),
+            key: key.to_string(),
+            status,
+            rows_read: 0,
+            rows_written: 0,
+            rows_rejected: 0,
+            rows_duplicate: 0,
+            error: None,
+            moved_to: None,
+        }
+    }
+
+    /// Whether read = written + rejected + duplicate.
+    pub fn balanced(&self) -> bool {
+        self.status == FileStatus::Failed
+            || self.rows_read == self.rows_written + self.rows_rejected + self.rows_duplicate
+    }
+}
+
+/// One table's line in the report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TableReport {
+    /// Rows added to the processed table.
+    pub rows_written: u64,
+    /// Rows added to the rejected table.
+    pub rows_rejected: u64,
+    /// Rows dropped as duplicates.
+    pub rows_duplicate: u64,
+    /// Older rows of the table replaced by newer versions of their key.
+    pub rows_replaced: u64,
+    /// Partition folders written.
+    pub partitions: Vec<String>,
+}
+
+/// One aggregate of the warehouse.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AggregateReport {
+    /// Aggregate name.
+    pub name: String,
+    /// Rows it holds now.
+    pub rows: u64,
+    /// Time taken.
+    pub seconds: f64,
+}
+
+/// The report of one run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunReport {
+    /// Sortable id: start time and a random suffix.
+    pub run_id: String,
+    /// How it ended.
+    pub status: RunStatus,
+    /// Start.
+    pub started_at: DateTime<Utc>,
+    /// End.
+    pub finished_at: DateTime<Utc>,
+    /// Files taken by this run.
+    pub files: Vec<FileReport>,
+    /// Tables changed by this run.
+    pub tables: BTreeMap<String, TableReport>,
+    /// Aggregates rebuilt by this run.
+    pub warehouse: Vec<AggregateReport>,
+    /// Errors outside single files (warehouse, notifications, accounting).
+    pub errors: Vec<String>,
+    /// Seconds spent in each step.
+    pub timings: BTreeMap<String, f64>,
+}
+
+impl RunReport {
+    /// An empty report for a starting run.
+    pub fn start(run_id: &str) -> RunReport {
+        let now = Utc::now();
+        RunReport {
+            run_id: run_id.to_string(),
+            status: RunStatus::NothingToDo,
+            started_at: now,
+            finished_at: now,
+            files: Vec::new(),
+            tables: BTreeMap::new(),
+            warehouse: Vec::new(),
+            errors: Vec::new(),
+            timings: BTreeMap::new(),
+        }
+    }
+
+    /// Adds time to a step.
+    pub fn time(&mut self, step: &str, since: std::time::Instant) {
+        *self.timings.entry(step.to_string()).or_default() += since.elapsed().as_secs_f64();
+    }
+
+    /// Sets the final status and end time; checks the accounting of every file.
+    pub fn finish(&mut self) {
+        for f in &self.files {
+            if !f.balanced() {
+                self.errors.push(format!(
+                    "row accounting does not balance for {}: read {} != written {} + rejected {} + duplicate {}",
+                    f.key, f.rows_read, f.rows_written, f.rows_rejected, f.rows_duplicate
+                ));
+            }
+        }
+        self.finished_at = Utc::now();
+        self.status = if !self.errors.is_empty()
+            || self.files.iter().any(|f| f.status == FileStatus::Failed)
+        {
+            RunStatus::Failed
+        } else if self.files.is_empty() && self.warehouse.is_empty() {
+            RunStatus::NothingToDo
+        } else {
+            RunStatus::Succeeded
+        };
+    }
+
+    /// Number of files with this status.
+    pub fn count(&self, status: FileStatus) -> usize {
+        self.files.iter().filter(|f| f.status == status).count()
+    }
+
+    /// A few lines for people.
+    pub fn summary(&self) -> String {
+        let secs = (self.finished_at - self.started_at).num_milliseconds() as f64 / 1000.0;
+        let status = match self.status {
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "FAILED",
+            RunStatus::NothingToDo => "nothing to do",
+        };
+        let mut out = format!("run {} {status} in {secs:.2}s\n", self.run_id);
+        if !self.files.is_empty() {
+            out.push_str(&format!(
+                "  files: {} processed, {} duplicate, {} failed\n",
+                self.count(FileStatus::Processed),
+                self.count(FileStatus::Duplicate),
+                self.count(FileStatus::Failed)
+            ));
+        }
+        for (name, t) in &self.tables {
+            out.push_str(&format!(
+                "  {name}: {} written, {} rejected, {} duplicate, {} replaced, {} partitions\n",
+                t.rows_written,
+                t.rows_rejected,
+                t.rows_duplicate,
+                t.rows_replaced,
+                t.partitions.len()
+            ));
+        }
+        for a in &self.warehouse {
+            out.push_str(&format!("  warehouse {}: {} rows\n", a.name, a.rows));
+        }
+        for f in self.files.iter().filter(|f| f.status == FileStatus::Failed) {
+            out.push_str(&format!(
+                "  failed {}: {}\n",
+                f.key,
+                f.error.as_deref().unwrap_or("unknown error")
+            ));
+        }
+        for e in &self.errors {
+            out.push_str(&format!("  error: {e}\n"));
+        }
+        out
+    }
+}
+
+/// A new run id: UTC time, then 6 hex digits.
+pub fn new_run_id() -> String {
+    let now = Utc::now();
+    let salt = crate::ledger::sha256_hex(
+        format!(
+            "{}{}{:?}",
+            now.timestamp_nanos_opt().unwrap_or(0),
+            std::process::id(),
+            std::thread::current().id()
+        )
+        .as_bytes(),
+    );
+    format!("{}-{}", now.format("%Y%m%dT%H%M%S%.3fZ"), &salt[..6])
+}

@@ -1,0 +1,180 @@
+//! CSV reader: a header matched to the schema by name, quoted fields with delimiters, doubled
+//! quotes and newlines inside, and a malformed row for a record with the wrong number of fields
+//! or invalid UTF-8.
+
+use std::borrow::Cow;
+
+use super::ReadOutput;
+use super::columns::{ReadContext, RowBuilder};
+use crate::config::CsvOptions;
+use crate::error::{Error, Result};
+
+/// Reads a whole CSV file.
+pub(super) fn read(
+    ctx: &ReadContext,
+    opts: &CsvOptions,
+    key: &str,
+    data: &[u8],
+) -> Result<ReadOutput> {
+    let fail = |message: String| Error::Read {
+        key: key.to_string(),
+        message,
+    };
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(opts.delimiter as u8)
+        .quote(opts.quote as u8)
+        .double_quote(true)
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(data);
+    let mut record = csv::ByteRecord::new();
+    // Where each file column goes in the schema (None: not in the schema).
+    let mapping: Vec<Option<usize>> = if opts.header {
+        if !reader
+            .read_byte_record(&mut record)
+            .map_err(|e| fail(format!("cannot read the header: {e}")))?
+        {
+            return Ok(ReadOutput::default());
+        }
+        let names: Vec<String> = record
+            .iter()
+            .map(|f| {
+                String::from_utf8_lossy(f)
+                    .trim()
+                    .trim_start_matches('\u{feff}')
+                    .to_string()
+            })
+            .collect();
+        for wanted in &ctx.names {
+            if !names.iter().any(|n| n == wanted) {
+                return Err(fail(format!(
+                    "the header has no column \"{wanted}\" (it has: {})",
+                    names.join(", ")
+                )));
+            }
+        }
+        names.iter().map(|n| ctx.index.get(n).copied()).collect()
+    } else {
+        (0..ctx.width()).map(Some).collect()
+    };
+    let expected = mapping.len();
+    let mut rows = RowBuilder::new(ctx, key);
+    loop {
+        let start = reader.position().byte() as usize;
+        let line = reader.position().line();
+        let more = match reader.read_byte_record(&mut record) {
+            Ok(more) => more,
+            Err(e) => return Err(fail(format!("line {line}: {e}"))),
+        };
+        if !more {
+            break;
+        }
+        let line = record.position().map(|p| p.line()).unwrap_or(line);
+        let end = reader.position().byte() as usize;
+        let raw = &data[start.min(data.len())..end.min(data.len())];
+        if record.len() == 1 && record[0].is_empty() && expected > 1 {
+            continue; // a blank line
+        }
+        if record.len() != expected {
+            rows.malformed(
+                line,
+                format!("expected {expected} fields, found {}", record.len()),
+                raw,
+            );
+            continue;
+        }
+        let mut cells: Vec<Option<Cow<'_, str>>> = vec![None; ctx.width()];
+        let mut bad = None;
+        for (field, target) in record.iter().zip(&mapping) {
+            let Some(i) = *target else { continue };
+            match std::str::from_utf8(field) {
+                Ok(v) if v == opts.null_value => {}
+                Ok(v) => cells[i] = Some(Cow::Borrowed(v)),
+                Err(e) => {
+                    bad = Some(format!(
+                        "invalid UTF-8 in column {} at byte {}",
+                        ctx.names[i],
+                        e.valid_up_to() + 1
+                    ));
+                    break;
+                }
+            }
+        }
+        let result = match bad {
+            Some(reason) => Err(reason),
+            None => rows.push(&cells, line),
+        };
+        if let Err(reason) = result {
+            rows.malformed(line, reason, raw);
+        }
+    }
+    rows.finish().map_err(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{ColumnDef, ColumnType, SourceSchema};
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::datatypes::Int64Type;
+
+    fn ctx() -> ReadContext {
+        let col = |n: &str| ColumnDef {
+            name: n.into(),
+            ty: ColumnType::String,
+        };
+        ReadContext::new(&SourceSchema {
+            columns: vec![col("id"), col("body")],
+        })
+    }
+
+    #[test]
+    fn quotes_newlines_and_bad_records() {
+        let data = b"body,id,extra\n\"a, \"\"b\"\"\nc\",1,x\nonly,two\n\xff,3,z\n,4,\n";
+        let out = read(&ctx(), &CsvOptions::default(), "t.csv", data).unwrap();
+        assert_eq!(out.good_rows(), 2);
+        let b = &out.batches[0];
+        assert_eq!(b.column(0).as_string::<i32>().value(0), "1");
+        assert_eq!(b.column(1).as_string::<i32>().value(0), "a, \"b\"\nc");
+        assert!(b.column(1).is_null(1));
+        let rows = b.column(3).as_primitive::<Int64Type>();
+        assert_eq!((rows.value(0), rows.value(1)), (2, 6));
+        assert_eq!(out.malformed.len(), 2);
+        assert_eq!(out.malformed[0].row, 4);
+        assert_eq!(out.malformed[0].raw, "only,two");
+        assert!(
+            out.malformed[0]
+                .reason
+                .contains("expected 3 fields, found 2")
+        );
+        assert_eq!(out.malformed[1].row, 5);
+        assert!(
+            out.malformed[1]
+                .reason
+                .contains("invalid UTF-8 in column body")
+        );
+    }
+
+    #[test]
+    fn header_only_and_empty_files_have_no_rows() {
+        let c = ctx();
+        assert_eq!(
+            read(&c, &CsvOptions::default(), "e", b"")
+                .unwrap()
+                .rows_read(),
+            0
+        );
+        assert_eq!(
+            read(&c, &CsvOptions::default(), "h", b"id,body\n")
+                .unwrap()
+                .rows_read(),
+            0
+        );
+    }
+
+    #[test]
+    fn missing_header_column_fails_the_file() {
+        let e = read(&ctx(), &CsvOptions::default(), "m.csv", b"id\n1\n").unwrap_err();
+        assert!(e.to_string().contains("no column \"body\""), "{e}");
+    }
+}

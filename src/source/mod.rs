@@ -1,0 +1,335 @@
+//! Sources: schema files, decompression and the readers that turn raw files into Arrow batches.
+//!
+//! Readers are permissive like Spark's PERMISSIVE mode: a record that cannot be parsed becomes a
+//! [`Malformed`] row (raw text, line number, reason) and the rest of the file goes on; only a file
+//! that cannot be read at all (truncated compression, unreadable) fails as a whole. Every row
+//! carries `_source_file` and `_source_row` (the line where its record starts).
+
+mod columns;
+mod csv;
+mod json;
+mod parquet;
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use serde::Deserialize;
+
+use crate::config::{Format, SourceConfig};
+use crate::error::{Error, Result};
+
+pub use columns::{SOURCE_FILE, SOURCE_ROW};
+
+/// Rows per batch produced by the readers.
+pub const BATCH_ROWS: usize = 65_536;
+
+/// A record the reader could not turn into a row.
+#[derive(Debug, Clone)]
+pub struct Malformed {
+    /// Line number where the record starts (1-based).
+    pub row: u64,
+    /// Why it was not read.
+    pub reason: String,
+    /// The record's text (invalid UTF-8 replaced).
+    pub raw: String,
+}
+
+/// What a reader made of one file.
+#[derive(Debug, Default)]
+pub struct ReadOutput {
+    /// Rows, with the schema's columns then `_source_file`, `_source_row`.
+    pub batches: Vec<RecordBatch>,
+    /// Records that could not be read.
+    pub malformed: Vec<Malformed>,
+}
+
+impl ReadOutput {
+    /// Rows read: good ones plus malformed ones.
+    pub fn rows_read(&self) -> u64 {
+        self.good_rows() + self.malformed.len() as u64
+    }
+
+    /// Rows that made it into batches.
+    pub fn good_rows(&self) -> u64 {
+        self.batches.iter().map(|b| b.num_rows() as u64).sum()
+    }
+
+    fn append(&mut self, other: ReadOutput) {
+        self.batches.extend(other.batches);
+        self.malformed.extend(other.malformed);
+    }
+}
+
+/// A column type in a schema file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColumnType {
+    /// UTF-8 text; any JSON value is accepted (numbers and nested values as their JSON text).
+    #[serde(alias = "text", alias = "varchar", alias = "utf8")]
+    String,
+    /// 64-bit signed integer.
+    #[serde(alias = "bigint", alias = "int", alias = "integer", alias = "long")]
+    Int64,
+    /// 64-bit float.
+    #[serde(alias = "double", alias = "float")]
+    Float64,
+    /// true / false.
+    #[serde(alias = "bool")]
+    Boolean,
+}
+
+impl ColumnType {
+    fn data_type(self) -> DataType {
+        match self {
+            ColumnType::String => DataType::Utf8,
+            ColumnType::Int64 => DataType::Int64,
+            ColumnType::Float64 => DataType::Float64,
+            ColumnType::Boolean => DataType::Boolean,
+        }
+    }
+}
+
+/// One column of a schema file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnDef {
+    /// Name in the file (CSV header, JSON key, Parquet column).
+    pub name: String,
+    /// Type it is read as.
+    #[serde(rename = "type")]
+    pub ty: ColumnType,
+}
+
+/// A schema file: `columns = [{ name = "ts", type = "string" }, ...]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSchema {
+    /// The columns, in order.
+    pub columns: Vec<ColumnDef>,
+}
+
+impl SourceSchema {
+    /// Loads a schema file.
+    pub fn load(path: &Path) -> Result<SourceSchema> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::config(path, format!("cannot read schema file: {e}")))?;
+        let schema: SourceSchema =
+            toml::from_str(&text).map_err(|e| Error::config(path, e.to_string().trim_end()))?;
+        if schema.columns.is_empty() {
+            return Err(Error::config(path, "the schema has no columns"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &schema.columns {
+            if !seen.insert(c.name.as_str()) {
+                return Err(Error::config(
+                    path,
+                    format!("column \"{}\" is listed twice", c.name),
+                ));
+            }
+            if c.name.starts_with("_source_") {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "column \"{}\": names starting with _source_ are reserved",
+                        c.name
+                    ),
+                ));
+            }
+        }
+        Ok(schema)
+    }
+
+    /// The Arrow schema of the batches readers produce (with the lineage columns).
+    pub fn arrow_schema(&self) -> SchemaRef {
+        let mut fields: Vec<Field> = self
+            .columns
+            .iter()
+            .map(|c| Field::new(&c.name, c.ty.data_type(), true))
+            .collect();
+        fields.extend(columns::lineage_fields());
+        Arc::new(Schema::new(fields))
+    }
+}
+
+/// How a file is compressed, from its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Not compressed.
+    None,
+    /// `.gz`
+    Gzip,
+    /// `.zst` / `.zstd`
+    Zstd,
+}
+
+impl Compression {
+    /// Compression and the name without the compression extension.
+    pub fn from_key(key: &str) -> (Compression, &str) {
+        if let Some(k) = key.strip_suffix(".gz") {
+            (Compression::Gzip, k)
+        } else if let Some(k) = key
+            .strip_suffix(".zst")
+            .or_else(|| key.strip_suffix(".zstd"))
+        {
+            (Compression::Zstd, k)
+        } else {
+            (Compression::None, key)
+        }
+    }
+}
+
+/// Whether a key looks like a file of this source's format.
+pub fn matches_format(key: &str, format: Format) -> bool {
+    let (_, base) = Compression::from_key(key);
+    let name = base.rsplit('/').next().unwrap_or(base);
+    if name.starts_with('.') || name.starts_with('_') {
+        return false;
+    }
+    match name.rsplit_once('.') {
+        Some((_, ext)) => format
+            .extensions()
+            .iter()
+            .any(|e| e.eq_ignore_ascii_case(ext)),
+        None => false,
+    }
+}
+
+/// Decompresses a raw file by its name.
+pub fn decompress(key: &str, data: Bytes) -> Result<Bytes> {
+    let (compression, _) = Compression::from_key(key);
+    let fail = |what: &str, e: std::io::Error| Error::Read {
+        key: key.to_string(),
+        message: format!("truncated or corrupt {what} data: {e}"),
+    };
+    match compression {
+        Compression::None => Ok(data),
+        Compression::Gzip => {
+            let mut out = Vec::with_capacity(data.len() * 4);
+            flate2::read::MultiGzDecoder::new(&data[..])
+                .read_to_end(&mut out)
+                .map_err(|e| fail("gzip", e))?;
+            Ok(Bytes::from(out))
+        }
+        Compression::Zstd => {
+            let mut out = Vec::with_capacity(data.len() * 4);
+            zstd::stream::read::Decoder::new(&data[..])
+                .and_then(|mut d| d.read_to_end(&mut out))
+                .map_err(|e| fail("zstd", e))?;
+            Ok(Bytes::from(out))
+        }
+    }
+}
+
+/// A raw file, decompressed, ready to be read.
+pub struct RawFile {
+    /// Its key in the lake.
+    pub key: String,
+    /// Its decompressed content.
+    pub data: Bytes,
+}
+
+/// A piece of work for a reader thread: a whole file or a line-aligned chunk of one.
+struct Unit {
+    file: usize,
+    start: usize,
+    end: usize,
+    first_line: u64,
+}
+
+/// Reads many files of one source on all `threads`, splitting JSON-lines files into chunks.
+/// The result has one entry per input file, in order.
+pub fn read_files(
+    source: &SourceConfig,
+    schema: &SourceSchema,
+    files: &[RawFile],
+    threads: usize,
+) -> Vec<Result<ReadOutput>> {
+    let ctx = columns::ReadContext::new(schema);
+    let mut units = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        if source.format == Format::Jsonl {
+            units.extend(json::split_lines(&f.data, i, threads));
+        } else {
+            units.push(Unit {
+                file: i,
+                start: 0,
+                end: f.data.len(),
+                first_line: 1,
+            });
+        }
+    }
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<(usize, Result<ReadOutput>)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.max(1).min(units.len().max(1)))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(u) = units.get(i) else { break };
+                        let f = &files[u.file];
+                        let out = read_unit(source, &ctx, f, u);
+                        done.push((i, out));
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| {
+                w.join().unwrap_or_else(|_| {
+                    vec![(
+                        usize::MAX,
+                        Err(Error::Read {
+                            key: String::new(),
+                            message: "a reader thread panicked".into(),
+                        }),
+                    )]
+                })
+            })
+            .collect()
+    });
+    results.sort_by_key(|(i, _)| *i);
+    let mut out: Vec<Result<ReadOutput>> =
+        files.iter().map(|_| Ok(ReadOutput::default())).collect();
+    for (i, r) in results {
+        let Some(u) = units.get(i) else {
+            // A panicked worker: fail every file, since we cannot tell which one it had.
+            for o in out.iter_mut() {
+                *o = Err(Error::Read {
+                    key: String::new(),
+                    message: "a reader thread panicked".into(),
+                });
+            }
+            continue;
+        };
+        let slot = &mut out[u.file];
+        match (slot.as_mut(), r) {
+            (Ok(acc), Ok(part)) => acc.append(part),
+            (Ok(_), Err(e)) => *slot = Err(e),
+            (Err(_), _) => {}
+        }
+    }
+    out
+}
+
+fn read_unit(
+    source: &SourceConfig,
+    ctx: &columns::ReadContext,
+    file: &RawFile,
+    unit: &Unit,
+) -> Result<ReadOutput> {
+    let data = file.data.slice(unit.start..unit.end);
+    match source.format {
+        Format::Jsonl => json::read_lines(ctx, &file.key, &data, unit.first_line),
+        Format::Json => json::read_document(ctx, &file.key, &data),
+        Format::Csv => csv::read(ctx, &source.csv, &file.key, &data),
+        Format::Parquet => parquet::read(ctx, &file.key, data),
+    }
+}

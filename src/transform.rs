@@ -1,0 +1,526 @@
+//! The transform step: DataFusion sessions, query files, and routing of a query's output into
+//! processed rows, rejected rows and duplicates, with the row accounting that proves nothing was
+//! lost or doubled.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, DictionaryArray, Int64Array,
+    RecordBatch, StringArray, new_null_array,
+};
+use datafusion::arrow::compute::{CastOptions, cast_with_options, filter_record_batch};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Int32Type, Int64Type, Schema, SchemaRef, TimeUnit,
+};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::datasource::MemTable;
+use datafusion::error::DataFusionError;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use crate::config::TableConfig;
+use crate::error::{Error, Result};
+use crate::source::{Malformed, SOURCE_FILE, SOURCE_ROW};
+
+/// The column a query sets to reject a row.
+pub const REJECT_REASON: &str = "_reject_reason";
+/// The column a query sets to drop a row as a duplicate within the batch.
+pub const DUPLICATE: &str = "_duplicate";
+/// The raw text of a record the reader could not parse (rejected tables only).
+pub const RAW_RECORD: &str = "_raw_record";
+
+/// A DataFusion session with sluice's settings.
+pub fn session(threads: usize) -> SessionContext {
+    let config = SessionConfig::new()
+        .with_target_partitions(threads.max(1))
+        .with_information_schema(true);
+    SessionContext::new_with_config(config)
+}
+
+/// A query file's text.
+pub fn load_query(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::Query {
+        file: path.to_path_buf(),
+        line: None,
+        message: format!("cannot read the query file: {e}"),
+    })
+}
+
+/// Turns a DataFusion error into a query error that names the file and, where it can, the line.
+pub fn query_error(file: &Path, sql: &str, e: DataFusionError) -> Error {
+    let message = e.to_string();
+    Error::Query {
+        file: file.to_path_buf(),
+        line: error_line(sql, &message),
+        message,
+    }
+}
+
+/// Finds the line a planner or parser message is about.
+fn error_line(sql: &str, message: &str) -> Option<usize> {
+    if let Some(pos) = message.find("Line: ") {
+        let digits: String = message[pos + 6..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        if let Ok(n) = digits.parse() {
+            return Some(n);
+        }
+    }
+    // Planner errors name the identifier: find the first line that mentions it.
+    for marker in [
+        "No field named ",
+        "table '",
+        "Invalid function '",
+        "function '",
+        "column '",
+    ] {
+        if let Some(pos) = message.find(marker) {
+            let rest = &message[pos + marker.len()..];
+            let name: String = rest
+                .trim_start_matches(['"', '\''])
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '.')
+                .collect();
+            let name = name.trim_end_matches('.');
+            let name = name.rsplit('.').next().unwrap_or(name).to_lowercase();
+            if name.is_empty() {
+                continue;
+            }
+            for (i, line) in sql.lines().enumerate() {
+                if line.to_lowercase().contains(&name) {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Names of the tables a plan reads.
+pub fn referenced_tables(plan: &LogicalPlan) -> Vec<String> {
+    let mut names = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            names.push(scan.table_name.table().to_string());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Registers batches as an in-memory table spread over `parts` partitions.
+pub fn register_batches(
+    ctx: &SessionContext,
+    name: &str,
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    parts: usize,
+) -> Result<()> {
+    let parts = parts.max(1);
+    let mut partitions: Vec<Vec<RecordBatch>> = vec![Vec::new(); parts];
+    for (i, b) in batches.into_iter().enumerate() {
+        partitions[i % parts].push(b);
+    }
+    let table = MemTable::try_new(schema, partitions)?;
+    ctx.deregister_table(name)?;
+    ctx.register_table(name, Arc::new(table))?;
+    Ok(())
+}
+
+/// Checks that a query's output can feed `table`; returns the schema of its data columns.
+pub fn check_output(table: &TableConfig, file: &Path, output: &Schema) -> Result<()> {
+    let fail = |message: String| {
+        Err(Error::Query {
+            file: file.to_path_buf(),
+            line: None,
+            message,
+        })
+    };
+    for (col, ty) in [(SOURCE_FILE, None), (SOURCE_ROW, Some(DataType::Int64))] {
+        match output.field_with_name(col) {
+            Err(_) => {
+                return fail(format!(
+                    "the query must select {col} (with {SOURCE_FILE} and {SOURCE_ROW} every \
+                     output row is traced back to its record)"
+                ));
+            }
+            Ok(f) if ty.as_ref().is_some_and(|t| t != f.data_type()) => {
+                return fail(format!("{col} must stay Int64, not {}", f.data_type()));
+            }
+            Ok(_) => {}
+        }
+    }
+    if let Ok(f) = output.field_with_name(REJECT_REASON)
+        && !matches!(
+            f.data_type(),
+            DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8
+        )
+    {
+        return fail(format!(
+            "{REJECT_REASON} must be text, not {}",
+            f.data_type()
+        ));
+    }
+    if let Ok(f) = output.field_with_name(DUPLICATE)
+        && f.data_type() != &DataType::Boolean
+    {
+        return fail(format!(
+            "{DUPLICATE} must be boolean, not {}",
+            f.data_type()
+        ));
+    }
+    let needed = table
+        .partition_by
+        .iter()
+        .chain(&table.unique_key)
+        .chain(table.order_by.iter());
+    for col in needed {
+        if output.field_with_name(col).is_err() {
+            return fail(format!(
+                "table {} needs column \"{col}\" (partition_by / unique_key / order_by), \
+                 but the query does not output it",
+                table.name
+            ));
+        }
+    }
+    if data_fields(output).is_empty() {
+        return fail("the query outputs no data columns".to_string());
+    }
+    Ok(())
+}
+
+/// The output fields that are data (not sluice's own columns).
+pub fn data_fields(output: &Schema) -> Vec<Field> {
+    output
+        .fields()
+        .iter()
+        .filter(|f| !is_meta(f.name()))
+        .map(|f| Field::new(f.name(), spectrum_type(f.data_type()), true))
+        .collect()
+}
+
+fn is_meta(name: &str) -> bool {
+    [SOURCE_FILE, SOURCE_ROW, REJECT_REASON, DUPLICATE].contains(&name)
+}
+
+/// The type a column is stored as: what Redshift Spectrum and Athena read.
+pub fn spectrum_type(t: &DataType) -> DataType {
+    match t {
+        DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+        DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
+        DataType::Timestamp(_, tz) => DataType::Timestamp(TimeUnit::Microsecond, tz.clone()),
+        DataType::Date64 => DataType::Date32,
+        DataType::UInt8 => DataType::Int16,
+        DataType::UInt16 => DataType::Int32,
+        DataType::UInt32 | DataType::UInt64 => DataType::Int64,
+        DataType::Float16 => DataType::Float32,
+        DataType::Dictionary(_, v) => spectrum_type(v),
+        other => other.clone(),
+    }
+}
+
+/// Per-file row counts of one run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Rows read (including malformed records).
+    pub read: u64,
+    /// Rows that reached the processed table.
+    pub written: u64,
+    /// Rows routed to the rejected table.
+    pub rejected: u64,
+    /// Rows dropped as duplicates.
+    pub duplicate: u64,
+}
+
+impl Counts {
+    /// Whether read = written + rejected + duplicate.
+    pub fn balanced(&self) -> bool {
+        self.read == self.written + self.rejected + self.duplicate
+    }
+}
+
+/// A query's output split by fate.
+pub struct Routed {
+    /// Valid rows: data columns plus `_source_file` (Utf8) and `_source_row`, Spectrum types.
+    pub valid: Vec<RecordBatch>,
+    /// Rejected rows in the rejected-table layout.
+    pub rejected: Vec<RecordBatch>,
+    /// Counts per raw file key (written is provisional until dedup and merge are done).
+    pub counts: HashMap<String, Counts>,
+    /// Schema of `valid`.
+    pub valid_schema: SchemaRef,
+    /// Schema of `rejected`.
+    pub rejected_schema: SchemaRef,
+}
+
+/// The layout of a rejected table: lineage, reason, raw record, then the data columns.
+pub fn rejected_schema(data: &[Field]) -> SchemaRef {
+    let mut fields = vec![
+        Field::new(SOURCE_FILE, DataType::Utf8, true),
+        Field::new(SOURCE_ROW, DataType::Int64, true),
+        Field::new(REJECT_REASON, DataType::Utf8, true),
+        Field::new(RAW_RECORD, DataType::Utf8, true),
+    ];
+    fields.extend(data.iter().cloned());
+    Arc::new(Schema::new(fields))
+}
+
+/// Splits a query's output into valid, rejected and duplicate rows, and checks that every row
+/// the readers produced comes out exactly once.
+pub fn route(
+    table: &TableConfig,
+    output: Vec<RecordBatch>,
+    output_schema: &Schema,
+    reads: &[(String, u64, Vec<Malformed>)],
+) -> Result<Routed> {
+    let data = data_fields(output_schema);
+    let mut valid_fields = data.clone();
+    valid_fields.push(Field::new(SOURCE_FILE, DataType::Utf8, false));
+    valid_fields.push(Field::new(SOURCE_ROW, DataType::Int64, false));
+    let valid_schema = Arc::new(Schema::new(valid_fields));
+    let rejected_schema = rejected_schema(&data);
+
+    let mut counts: HashMap<String, Counts> = HashMap::new();
+    let mut seen: HashMap<String, Vec<u64>> = HashMap::new();
+    for (key, good_rows, malformed) in reads {
+        let c = counts.entry(key.clone()).or_default();
+        c.read = good_rows + malformed.len() as u64;
+        c.rejected = malformed.len() as u64;
+        seen.insert(key.clone(), Vec::new());
+    }
+    let strict = CastOptions {
+        safe: false,
+        ..Default::default()
+    };
+    let mut valid = Vec::new();
+    let mut rejected = Vec::new();
+    for batch in output {
+        let n = batch.num_rows();
+        if n == 0 {
+            continue;
+        }
+        let file = file_column(&batch)?;
+        let row = batch
+            .column_by_name(SOURCE_ROW)
+            .and_then(|a| a.as_primitive_opt::<Int64Type>())
+            .ok_or_else(|| accounting("(query output)", format!("{SOURCE_ROW} is not Int64")))?
+            .clone();
+        // Casting data columns to their stored types.
+        let mut data_arrays: Vec<ArrayRef> = Vec::with_capacity(data.len());
+        for f in &data {
+            let a = batch
+                .column_by_name(f.name())
+                .ok_or_else(|| accounting("(query output)", format!("missing {}", f.name())))?;
+            let a = if a.data_type() == f.data_type() {
+                a.clone()
+            } else {
+                cast_with_options(a, f.data_type(), &strict).map_err(|e| Error::Query {
+                    file: table.query.clone(),
+                    line: None,
+                    message: format!(
+                        "column {} cannot be stored as {}: {e}",
+                        f.name(),
+                        f.data_type()
+                    ),
+                })?
+            };
+            data_arrays.push(a);
+        }
+        // Reasons: the query's, or a null partition value.
+        let mut reasons: Vec<Option<String>> = match batch.column_by_name(REJECT_REASON) {
+            Some(r) => {
+                let r = cast_with_options(r, &DataType::Utf8, &strict)?;
+                let r = r.as_string::<i32>();
+                (0..n)
+                    .map(|i| r.is_valid(i).then(|| r.value(i).to_string()))
+                    .collect()
+            }
+            None => vec![None; n],
+        };
+        for p in &table.partition_by {
+            let idx = data.iter().position(|f| f.name() == p);
+            if let Some(a) = idx.map(|i| &data_arrays[i]) {
+                for (i, reason) in reasons.iter_mut().enumerate() {
+                    if reason.is_none() && a.is_null(i) {
+                        *reason = Some(format!("partition column {p} is null"));
+                    }
+                }
+            }
+        }
+        let dup: Option<BooleanArray> = batch
+            .column_by_name(DUPLICATE)
+            .map(|d| d.as_boolean().clone());
+        let mut keep = BooleanBuilder::with_capacity(n);
+        let mut reject = BooleanBuilder::with_capacity(n);
+        for (i, reason) in reasons.iter().enumerate() {
+            let name = file.value(i);
+            let c = counts.get_mut(name).ok_or_else(|| {
+                accounting(
+                    name,
+                    "the query output a row of a file it was not given".to_string(),
+                )
+            })?;
+            seen.entry(name.to_string())
+                .or_default()
+                .push(row.value(i) as u64);
+            let is_rejected = reason.is_some();
+            let is_dup = !is_rejected && dup.as_ref().is_some_and(|d| d.is_valid(i) && d.value(i));
+            if is_rejected {
+                c.rejected += 1;
+            } else if is_dup {
+                c.duplicate += 1;
+            } else {
+                c.written += 1;
+            }
+            keep.append_value(!is_rejected && !is_dup);
+            reject.append_value(is_rejected);
+        }
+        let file_utf8: ArrayRef =
+            Arc::new(StringArray::from_iter_values((0..n).map(|i| file.value(i))));
+        let keep = keep.finish();
+        let reject = reject.finish();
+        let mut valid_arrays = data_arrays.clone();
+        valid_arrays.push(file_utf8.clone());
+        valid_arrays.push(Arc::new(row.clone()));
+        let all = RecordBatch::try_new(valid_schema.clone(), valid_arrays)?;
+        let kept = filter_record_batch(&all, &keep)?;
+        if kept.num_rows() > 0 {
+            valid.push(kept);
+        }
+        if reject.true_count() > 0 {
+            let reason_array: ArrayRef = Arc::new(StringArray::from(reasons));
+            let mut rej_arrays: Vec<ArrayRef> = vec![
+                file_utf8,
+                Arc::new(row.clone()),
+                reason_array,
+                new_null_array(&DataType::Utf8, n),
+            ];
+            rej_arrays.extend(data_arrays);
+            let all = RecordBatch::try_new(rejected_schema.clone(), rej_arrays)?;
+            rejected.push(filter_record_batch(&all, &reject)?);
+        }
+    }
+    // Reader-level rejects.
+    for (key, _, malformed) in reads {
+        if malformed.is_empty() {
+            continue;
+        }
+        let n = malformed.len();
+        let mut arrays: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                key.as_str(),
+                n,
+            ))),
+            Arc::new(Int64Array::from_iter_values(
+                malformed.iter().map(|m| m.row as i64),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                malformed.iter().map(|m| m.reason.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                malformed.iter().map(|m| m.raw.as_str()),
+            )),
+        ];
+        arrays.extend(data.iter().map(|f| new_null_array(f.data_type(), n)));
+        rejected.push(RecordBatch::try_new(rejected_schema.clone(), arrays)?);
+    }
+    // Every row the reader produced must come out exactly once.
+    for (key, good_rows, _) in reads {
+        let rows = seen.remove(key).unwrap_or_default();
+        if rows.len() as u64 != *good_rows {
+            let lost = *good_rows as i64 - rows.len() as i64;
+            let message = if lost > 0 {
+                format!(
+                    "the query of table {} dropped {lost} of its {good_rows} rows; route invalid \
+                     rows with {REJECT_REASON}, duplicates with {DUPLICATE} or unique_key, \
+                     instead of filtering them out",
+                    table.name
+                )
+            } else {
+                format!(
+                    "the query of table {} output {} rows for {good_rows} input rows (a join \
+                     that multiplies rows?)",
+                    table.name, -lost
+                )
+            };
+            return Err(accounting(key, message));
+        }
+        let mut rows = rows;
+        rows.sort_unstable();
+        if let Some(w) = rows.windows(2).find(|w| w[0] == w[1]) {
+            return Err(accounting(
+                key,
+                format!("the query output row {} twice", w[0]),
+            ));
+        }
+    }
+    Ok(Routed {
+        valid,
+        rejected,
+        counts,
+        valid_schema,
+        rejected_schema,
+    })
+}
+
+/// The `_source_file` column as strings, whatever its encoding.
+fn file_column(batch: &RecordBatch) -> Result<StringArray> {
+    let a = batch
+        .column_by_name(SOURCE_FILE)
+        .ok_or_else(|| accounting("(query output)", format!("no {SOURCE_FILE} column")))?;
+    let a = match a.as_any().downcast_ref::<DictionaryArray<Int32Type>>() {
+        Some(d) => cast_with_options(d, &DataType::Utf8, &CastOptions::default())?,
+        None => cast_with_options(a, &DataType::Utf8, &CastOptions::default())?,
+    };
+    Ok(a.as_string::<i32>().clone())
+}
+
+fn accounting(key: &str, message: String) -> Error {
+    Error::Accounting {
+        key: key.to_string(),
+        message,
+    }
+}
+
+/// The query file's path for messages.
+pub fn display_path(base: &Path, p: &Path) -> PathBuf {
+    p.strip_prefix(base)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|_| p.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_line_of_a_bad_column() {
+        let sql = "SELECT a,\n  b,\n  nope\nFROM t";
+        assert_eq!(
+            error_line(sql, "Schema error: No field named nope."),
+            Some(3)
+        );
+        assert_eq!(
+            error_line(
+                sql,
+                "SQL error: ParserError(\"Expected: end of statement at Line: 2, Column: 3\")"
+            ),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn stored_types_are_spectrum_types() {
+        assert_eq!(
+            spectrum_type(&DataType::Timestamp(TimeUnit::Nanosecond, None)),
+            DataType::Timestamp(TimeUnit::Microsecond, None)
+        );
+        assert_eq!(spectrum_type(&DataType::UInt32), DataType::Int64);
+        assert_eq!(spectrum_type(&DataType::Utf8View), DataType::Utf8);
+    }
+}

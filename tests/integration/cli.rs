@@ -1,0 +1,164 @@
+//! The other commands: status, query formats, demo, and notifications.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::mpsc;
+
+use crate::support::*;
+
+#[test]
+fn status_shows_pending_then_processed_files_and_runs() {
+    let p = Project::with_fixtures();
+    let out = p.sluice(&["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["pending"]["app_logs"].as_array().unwrap().len(), 3);
+    assert_eq!(s["processed_files"], 0);
+    assert_eq!(p.run().0, 0);
+    let out = p.sluice(&["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["pending"]["app_logs"].as_array().unwrap().len(), 0);
+    assert_eq!(s["processed_files"], 6);
+    assert_eq!(s["last_runs"][0]["status"], "succeeded");
+    assert_eq!(s["last_runs"][0]["rows_written"], 2063 + 1033);
+}
+
+#[test]
+fn query_prints_tables_csv_and_json_and_rejects_bad_sql() {
+    let p = Project::with_fixtures();
+    assert_eq!(p.run().0, 0);
+    let sql =
+        "SELECT event_date, count(*) AS n FROM support_tickets GROUP BY event_date ORDER BY 1";
+    let out = p.sluice(&["query", sql]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("| 2024-03-01 | 342 |"), "{table}");
+    let out = p.sluice(&["query", sql, "--format", "csv"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "event_date,n\n2024-03-01,342\n2024-03-02,345\n2024-03-03,346"
+    );
+    let out = p.sluice(&["query", sql, "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[2]["n"], 346);
+    let out = p.sluice(&["query", "SELECT nope FROM support_tickets"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
+}
+
+#[test]
+fn the_demo_runs_the_example_pipeline_in_a_fresh_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["demo", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("files: 6 processed, 0 duplicate, 0 failed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("app_logs: 2063 written, 44 rejected, 58 duplicate"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("daily_service_health"), "{stdout}");
+    assert!(
+        dir.join("lake/warehouse/daily_ticket_stats/daily_ticket_stats.parquet")
+            .exists()
+    );
+    // A second demo into the same folder refuses to clobber it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["demo", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// A one-shot HTTP server on loopback that answers `status` and hands over each body.
+fn webhook_server(status: u16, requests: usize) -> (String, mpsc::Receiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(requests) {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut len = 0;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            let _ = tx.send(String::from_utf8(body).unwrap());
+            let reply =
+                format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            stream.write_all(reply.as_bytes()).unwrap();
+        }
+    });
+    (url, rx)
+}
+
+#[test]
+fn webhooks_receive_the_report_on_success_and_on_failure() {
+    let (url, rx) = webhook_server(200, 2);
+    let p = Project::empty();
+    p.edit_config(
+        "on_success = [\"log\"]\non_failure = [\"log\"]",
+        &format!("on_success = [\"log\", \"webhook:{url}\"]\non_failure = [\"webhook:{url}\"]"),
+    );
+    p.add_fixture("app_logs", "2024-03-01.jsonl");
+    let (code, report) = p.run();
+    assert_eq!(code, 0);
+    let body: serde_json::Value = serde_json::from_str(&rx.recv().unwrap()).unwrap();
+    assert_eq!(body["run_id"], report["run_id"]);
+    assert_eq!(body["status"], "succeeded");
+
+    p.add_raw("app_logs", "bad.jsonl.gz", b"\x1f\x8b\x08\x00garbage");
+    let (code, _) = p.run();
+    assert_eq!(code, 1);
+    let body: serde_json::Value = serde_json::from_str(&rx.recv().unwrap()).unwrap();
+    assert_eq!(body["status"], "failed");
+    assert!(
+        body["files"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("bad.jsonl.gz")
+    );
+}
+
+#[test]
+fn an_unreachable_webhook_never_undoes_the_commit() {
+    let (url, _rx) = webhook_server(500, 2);
+    let p = Project::empty();
+    p.edit_config(
+        "on_success = [\"log\"]\non_failure = [\"log\"]",
+        &format!("on_success = [\"webhook:{url}\"]\nretries = 1\ntimeout_secs = 2"),
+    );
+    p.add_fixture("support_tickets", "2024-03-01.csv");
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report:#}");
+    assert!(
+        report["errors"][0].as_str().unwrap().contains("HTTP 500"),
+        "{report:#}"
+    );
+    let written = report["tables"]["support_tickets"]["rows_written"]
+        .as_u64()
+        .unwrap();
+    assert!(written > 300);
+    assert_eq!(p.rows("processed/support_tickets") as u64, written);
+    let (code, report) = p.run();
+    assert_eq!(
+        (code, report["status"].as_str()),
+        (0, Some("nothing_to_do"))
+    );
+}

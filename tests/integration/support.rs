@@ -1,0 +1,265 @@
+//! Test helpers: a temp project with the example pipeline, running the binary, reading tables.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde_json::Value;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A temp folder with the example project: `sluice.toml`, `queries/`, `schemas/`, `lake/`.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+impl Project {
+    /// The example pipeline with an empty lake.
+    pub fn empty() -> Project {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(repo().join("sluice.toml"), dir.path().join("sluice.toml")).unwrap();
+        copy_dir(&repo().join("queries"), &dir.path().join("queries"));
+        copy_dir(&repo().join("schemas"), &dir.path().join("schemas"));
+        std::fs::create_dir_all(dir.path().join("lake/raw")).unwrap();
+        Project { dir }
+    }
+
+    /// The example pipeline with the shipped fixtures in `raw/`.
+    pub fn with_fixtures() -> Project {
+        let p = Project::empty();
+        copy_dir(&repo().join("fixtures/raw"), &p.lake().join("raw"));
+        p
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn lake(&self) -> PathBuf {
+        self.dir.path().join("lake")
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("sluice.toml")
+    }
+
+    /// Replaces text in the config.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(self.config()).unwrap();
+        assert!(text.contains(from), "config has no {from:?}");
+        std::fs::write(self.config(), text.replace(from, to)).unwrap();
+    }
+
+    /// Writes a raw file.
+    pub fn add_raw(&self, source: &str, name: &str, data: &[u8]) {
+        let dir = self.lake().join("raw").join(source);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), data).unwrap();
+    }
+
+    /// Copies one fixture file into `raw/`.
+    pub fn add_fixture(&self, source: &str, name: &str) {
+        let data = std::fs::read(repo().join("fixtures/raw").join(source).join(name)).unwrap();
+        self.add_raw(source, name, &data);
+    }
+
+    /// A command for the binary with this project's config.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        c.arg("--config").arg(self.config()).args(args);
+        c.env_remove("RUST_LOG");
+        c
+    }
+
+    /// Runs the binary.
+    pub fn sluice(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// `sluice run --json`: exit code and the report.
+    pub fn run(&self) -> (i32, Value) {
+        self.run_with(&[])
+    }
+
+    /// `sluice run --json` with more arguments.
+    pub fn run_with(&self, extra: &[&str]) -> (i32, Value) {
+        let mut args = vec!["run", "--json"];
+        args.extend_from_slice(extra);
+        let out = self.sluice(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!(
+                "no JSON report ({e}); stdout: {stdout}\nstderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        check_accounting(&report);
+        (out.status.code().unwrap_or(-1), report)
+    }
+
+    /// Every file under a lake prefix, relative to the lake.
+    pub fn files(&self, prefix: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        walk(&self.lake().join(prefix), &mut out);
+        let mut rel: Vec<String> = out
+            .iter()
+            .map(|p| {
+                p.strip_prefix(self.lake())
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        rel.sort();
+        rel
+    }
+
+    /// All rows of the Parquet files under a lake prefix.
+    pub fn read(&self, prefix: &str) -> Vec<RecordBatch> {
+        self.files(prefix)
+            .iter()
+            .filter(|f| f.ends_with(".parquet"))
+            .flat_map(|f| {
+                let file = std::fs::File::open(self.lake().join(f)).unwrap();
+                ParquetRecordBatchReaderBuilder::try_new(file)
+                    .unwrap()
+                    .build()
+                    .unwrap()
+                    .map(|b| b.unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Number of rows under a lake prefix.
+    pub fn rows(&self, prefix: &str) -> usize {
+        self.read(prefix).iter().map(|b| b.num_rows()).sum()
+    }
+
+    /// The values of a text column under a prefix.
+    pub fn strings(&self, prefix: &str, column: &str) -> Vec<Option<String>> {
+        let mut out = Vec::new();
+        for b in self.read(prefix) {
+            let a = b
+                .column_by_name(column)
+                .unwrap_or_else(|| panic!("no column {column}"));
+            let a =
+                datafusion::arrow::compute::cast(a, &datafusion::arrow::datatypes::DataType::Utf8)
+                    .unwrap();
+            let s = a.as_string::<i32>();
+            for i in 0..s.len() {
+                out.push(s.is_valid(i).then(|| s.value(i).to_string()));
+            }
+        }
+        out
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            walk(&e.path(), out);
+        } else {
+            out.push(e.path());
+        }
+    }
+}
+
+/// Every report must balance: read = written + rejected + duplicate, per file.
+pub fn check_accounting(report: &Value) {
+    for f in report["files"].as_array().unwrap() {
+        if f["status"] == "failed" {
+            continue;
+        }
+        let n = |k: &str| f[k].as_u64().unwrap();
+        assert_eq!(
+            n("rows_read"),
+            n("rows_written") + n("rows_rejected") + n("rows_duplicate"),
+            "accounting of {f}"
+        );
+    }
+}
+
+/// The report's files by key suffix: (status, read, written, rejected, duplicate).
+pub fn file_counts(report: &Value) -> BTreeMap<String, (String, u64, u64, u64, u64)> {
+    report["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let key = f["key"].as_str().unwrap();
+            let name = key.rsplit('/').next().unwrap();
+            let source = f["source"].as_str().unwrap();
+            (
+                format!("{source}/{name}"),
+                (
+                    f["status"].as_str().unwrap().to_string(),
+                    f["rows_read"].as_u64().unwrap(),
+                    f["rows_written"].as_u64().unwrap(),
+                    f["rows_rejected"].as_u64().unwrap(),
+                    f["rows_duplicate"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Output as text, for messages.
+pub fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The expected tables of the example pipeline over all fixtures.
+pub const APP_LOGS_ROWS: usize = 2063;
+pub const APP_LOGS_REJECTED: usize = 44;
+pub const TICKETS_ROWS: usize = 1033;
+pub const TICKETS_REJECTED: usize = 19;
+
+/// Asserts the lake holds exactly the tables of one clean run over all fixtures.
+pub fn assert_example_tables(p: &Project) {
+    assert_eq!(p.rows("processed/app_logs"), APP_LOGS_ROWS);
+    assert_eq!(p.rows("processed/support_tickets"), TICKETS_ROWS);
+    assert_eq!(p.rows("rejected/app_logs"), APP_LOGS_REJECTED);
+    assert_eq!(p.rows("rejected/support_tickets"), TICKETS_REJECTED);
+    let ids = p.strings("processed/app_logs", "request_id");
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "request_id is unique");
+    let tickets = p.strings("processed/support_tickets", "ticket_id");
+    let distinct: std::collections::HashSet<_> = tickets.iter().collect();
+    assert_eq!(distinct.len(), tickets.len(), "ticket_id is unique");
+    assert!(
+        p.files("raw").is_empty(),
+        "raw/ is empty: {:?}",
+        p.files("raw")
+    );
+    assert_eq!(p.files("archive").len(), 6);
+    assert!(p.files("_sluice/staging").is_empty());
+    assert!(p.files("_sluice/pending").is_empty());
+}
