@@ -9,6 +9,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod fault;
+pub mod generate;
 pub mod inspect;
 pub mod lake;
 pub mod ledger;

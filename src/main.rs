@@ -106,6 +106,28 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             );
             Ok(0)
         }
+        Command::Generate {
+            kind,
+            out,
+            rows,
+            seed,
+        } => {
+            let rows = rows.unwrap_or_else(|| kind.default_rows());
+            let (out, kind, seed) = (out.clone(), *kind, *seed);
+            let threads = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2);
+            let bytes = tokio::task::spawn_blocking(move || {
+                sluice::generate::generate(kind, &out, rows, seed, threads)
+            })
+            .await
+            .map_err(|e| Error::State {
+                path: "generator".into(),
+                message: e.to_string(),
+            })??;
+            eprintln!("wrote {bytes} bytes");
+            Ok(0)
+        }
         Command::Demo { dir } => {
             let dir = dir
                 .clone()

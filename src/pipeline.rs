@@ -413,6 +413,7 @@ impl<'a> Runner<'a> {
                 valid,
                 &p.table.unique_key,
                 order_by,
+                &routed.files,
                 &mut routed.counts,
             )?;
         }
@@ -446,6 +447,7 @@ impl<'a> Runner<'a> {
         let mut staged: Vec<(String, bytes::Bytes)> = Vec::new();
 
         if let Some(routed) = routed {
+            let source_files = routed.files.clone();
             let processed = lake::processed_prefix(&table.name);
             // Catalog: the new output shape must be compatible with the table's.
             let data_schema = sink::schema_without(
@@ -488,12 +490,18 @@ impl<'a> Runner<'a> {
                 .await?;
                 let mut kept = Vec::new();
                 for (b, mask) in valid.iter().zip(&plan.keep_new) {
-                    let files = b
-                        .column_by_name(SOURCE_FILE)
-                        .map(|a| datafusion::arrow::array::AsArray::as_string::<i32>(a).clone());
+                    let ids = b.column_by_name(SOURCE_FILE).and_then(|a| {
+                        datafusion::arrow::array::AsArray::as_primitive_opt::<
+                            datafusion::arrow::datatypes::Int32Type,
+                        >(a)
+                        .cloned()
+                    });
                     for i in 0..b.num_rows() {
                         if !mask.value(i)
-                            && let Some(c) = files.as_ref().and_then(|f| counts.get_mut(f.value(i)))
+                            && let Some(c) = ids
+                                .as_ref()
+                                .and_then(|f| source_files.get(f.value(i) as usize))
+                                .and_then(|name| counts.get_mut(name))
                         {
                             c.written -= 1;
                             c.duplicate += 1;
@@ -651,7 +659,7 @@ fn with_lineage(schema: &Schema) -> SchemaRef {
     let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
     fields.push(Field::new(
         SOURCE_FILE,
-        datafusion::arrow::datatypes::DataType::Utf8,
+        datafusion::arrow::datatypes::DataType::Int32,
         false,
     ));
     fields.push(Field::new(

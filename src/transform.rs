@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, DictionaryArray, Int64Array,
-    RecordBatch, StringArray, new_null_array,
+    Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, DictionaryArray, Int32Array,
+    Int64Array, RecordBatch, StringArray, new_null_array,
 };
-use datafusion::arrow::compute::{CastOptions, cast_with_options, filter_record_batch};
+use datafusion::arrow::compute::{
+    CastOptions, cast_with_options, filter, filter_record_batch, take,
+};
 use datafusion::arrow::datatypes::{
     DataType, Field, Int32Type, Int64Type, Schema, SchemaRef, TimeUnit,
 };
@@ -246,10 +248,13 @@ impl Counts {
 
 /// A query's output split by fate.
 pub struct Routed {
-    /// Valid rows: data columns plus `_source_file` (Utf8) and `_source_row`, Spectrum types.
+    /// Valid rows: data columns plus `_source_file` (the file's index in `files`, Int32) and
+    /// `_source_row`, Spectrum types.
     pub valid: Vec<RecordBatch>,
     /// Rejected rows in the rejected-table layout.
     pub rejected: Vec<RecordBatch>,
+    /// Raw file keys, sorted: `_source_file` of valid rows indexes this.
+    pub files: Vec<String>,
     /// Counts per raw file key (written is provisional until dedup and merge are done).
     pub counts: HashMap<String, Counts>,
     /// Schema of `valid`.
@@ -280,23 +285,31 @@ pub fn route(
 ) -> Result<Routed> {
     let data = data_fields(output_schema);
     let mut valid_fields = data.clone();
-    valid_fields.push(Field::new(SOURCE_FILE, DataType::Utf8, false));
+    valid_fields.push(Field::new(SOURCE_FILE, DataType::Int32, false));
     valid_fields.push(Field::new(SOURCE_ROW, DataType::Int64, false));
     let valid_schema = Arc::new(Schema::new(valid_fields));
     let rejected_schema = rejected_schema(&data);
 
-    let mut counts: HashMap<String, Counts> = HashMap::new();
-    let mut seen: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut files: Vec<String> = reads.iter().map(|(k, _, _)| k.clone()).collect();
+    files.sort();
+    files.dedup();
+    let rank: HashMap<&str, usize> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.as_str(), i))
+        .collect();
+    let mut counts: Vec<Counts> = vec![Counts::default(); files.len()];
+    let mut seen: Vec<Vec<u64>> = vec![Vec::new(); files.len()];
     for (key, good_rows, malformed) in reads {
-        let c = counts.entry(key.clone()).or_default();
+        let c = &mut counts[rank[key.as_str()]];
         c.read = good_rows + malformed.len() as u64;
         c.rejected = malformed.len() as u64;
-        seen.insert(key.clone(), Vec::new());
     }
     let strict = CastOptions {
         safe: false,
         ..Default::default()
     };
+    let file_names = StringArray::from_iter_values(files.iter());
     let mut valid = Vec::new();
     let mut rejected = Vec::new();
     for batch in output {
@@ -304,7 +317,18 @@ pub fn route(
         if n == 0 {
             continue;
         }
-        let file = file_column(&batch)?;
+        // File of each row, as an index into `files`.
+        let (keys, values) = file_dictionary(&batch)?;
+        let slot_of_value = (0..values.len())
+            .map(|v| {
+                rank.get(values.value(v)).copied().ok_or_else(|| {
+                    accounting(
+                        values.value(v),
+                        "the query output a row of a file it was not given".to_string(),
+                    )
+                })
+            })
+            .collect::<Result<Vec<usize>>>()?;
         let row = batch
             .column_by_name(SOURCE_ROW)
             .and_then(|a| a.as_primitive_opt::<Int64Type>())
@@ -332,24 +356,29 @@ pub fn route(
             data_arrays.push(a);
         }
         // Reasons: the query's, or a null partition value.
-        let mut reasons: Vec<Option<String>> = match batch.column_by_name(REJECT_REASON) {
-            Some(r) => {
-                let r = cast_with_options(r, &DataType::Utf8, &strict)?;
-                let r = r.as_string::<i32>();
-                (0..n)
-                    .map(|i| r.is_valid(i).then(|| r.value(i).to_string()))
-                    .collect()
-            }
-            None => vec![None; n],
+        let mut reasons: StringArray = match batch.column_by_name(REJECT_REASON) {
+            Some(r) => cast_with_options(r, &DataType::Utf8, &strict)?
+                .as_string::<i32>()
+                .clone(),
+            None => StringArray::new_null(n),
         };
         for p in &table.partition_by {
             let idx = data.iter().position(|f| f.name() == p);
-            if let Some(a) = idx.map(|i| &data_arrays[i]) {
-                for (i, reason) in reasons.iter_mut().enumerate() {
-                    if reason.is_none() && a.is_null(i) {
-                        *reason = Some(format!("partition column {p} is null"));
-                    }
-                }
+            if let Some(a) = idx.map(|i| &data_arrays[i])
+                && a.null_count() > 0
+            {
+                let msg = format!("partition column {p} is null");
+                reasons = (0..n)
+                    .map(|i| {
+                        if reasons.is_valid(i) {
+                            Some(reasons.value(i).to_string())
+                        } else if a.is_null(i) {
+                            Some(msg.clone())
+                        } else {
+                            None
+                        }
+                    })
+                    .collect();
             }
         }
         let dup: Option<BooleanArray> = batch
@@ -357,18 +386,12 @@ pub fn route(
             .map(|d| d.as_boolean().clone());
         let mut keep = BooleanBuilder::with_capacity(n);
         let mut reject = BooleanBuilder::with_capacity(n);
-        for (i, reason) in reasons.iter().enumerate() {
-            let name = file.value(i);
-            let c = counts.get_mut(name).ok_or_else(|| {
-                accounting(
-                    name,
-                    "the query output a row of a file it was not given".to_string(),
-                )
-            })?;
-            seen.entry(name.to_string())
-                .or_default()
-                .push(row.value(i) as u64);
-            let is_rejected = reason.is_some();
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let slot = slot_of_value[keys.value(i) as usize];
+            let c = &mut counts[slot];
+            seen[slot].push(row.value(i) as u64);
+            let is_rejected = reasons.is_valid(i);
             let is_dup = !is_rejected && dup.as_ref().is_some_and(|d| d.is_valid(i) && d.value(i));
             if is_rejected {
                 c.rejected += 1;
@@ -379,30 +402,31 @@ pub fn route(
             }
             keep.append_value(!is_rejected && !is_dup);
             reject.append_value(is_rejected);
+            ids.push(slot as i32);
         }
-        let file_utf8: ArrayRef =
-            Arc::new(StringArray::from_iter_values((0..n).map(|i| file.value(i))));
+        let ids = Int32Array::from(ids);
         let keep = keep.finish();
         let reject = reject.finish();
-        let mut valid_arrays = data_arrays.clone();
-        valid_arrays.push(file_utf8.clone());
-        valid_arrays.push(Arc::new(row.clone()));
-        let all = RecordBatch::try_new(valid_schema.clone(), valid_arrays)?;
-        let kept = filter_record_batch(&all, &keep)?;
-        if kept.num_rows() > 0 {
-            valid.push(kept);
+        if keep.true_count() > 0 {
+            let mut valid_arrays = data_arrays.clone();
+            valid_arrays.push(Arc::new(ids.clone()));
+            valid_arrays.push(Arc::new(row.clone()));
+            let all = RecordBatch::try_new(valid_schema.clone(), valid_arrays)?;
+            valid.push(filter_record_batch(&all, &keep)?);
         }
         if reject.true_count() > 0 {
-            let reason_array: ArrayRef = Arc::new(StringArray::from(reasons));
+            let ids = filter(&ids, &reject)?;
+            let names = take(&file_names, ids.as_primitive::<Int32Type>(), None)?;
             let mut rej_arrays: Vec<ArrayRef> = vec![
-                file_utf8,
-                Arc::new(row.clone()),
-                reason_array,
-                new_null_array(&DataType::Utf8, n),
+                names,
+                filter(&row, &reject)?,
+                filter(&reasons, &reject)?,
+                new_null_array(&DataType::Utf8, reject.true_count()),
             ];
-            rej_arrays.extend(data_arrays);
-            let all = RecordBatch::try_new(rejected_schema.clone(), rej_arrays)?;
-            rejected.push(filter_record_batch(&all, &reject)?);
+            for a in data_arrays {
+                rej_arrays.push(filter(&a, &reject)?);
+            }
+            rejected.push(RecordBatch::try_new(rejected_schema.clone(), rej_arrays)?);
         }
     }
     // Reader-level rejects.
@@ -431,7 +455,8 @@ pub fn route(
     }
     // Every row the reader produced must come out exactly once.
     for (key, good_rows, _) in reads {
-        let rows = seen.remove(key).unwrap_or_default();
+        let slot = rank[key.as_str()];
+        let rows = std::mem::take(&mut seen[slot]);
         if rows.len() as u64 != *good_rows {
             let lost = *good_rows as i64 - rows.len() as i64;
             let message = if lost > 0 {
@@ -459,25 +484,34 @@ pub fn route(
             ));
         }
     }
+    let counts = files.iter().cloned().zip(counts).collect();
     Ok(Routed {
         valid,
         rejected,
+        files,
         counts,
         valid_schema,
         rejected_schema,
     })
 }
 
-/// The `_source_file` column as strings, whatever its encoding.
-fn file_column(batch: &RecordBatch) -> Result<StringArray> {
+/// The `_source_file` column as dictionary keys and values, whatever its encoding.
+fn file_dictionary(batch: &RecordBatch) -> Result<(Int32Array, StringArray)> {
     let a = batch
         .column_by_name(SOURCE_FILE)
         .ok_or_else(|| accounting("(query output)", format!("no {SOURCE_FILE} column")))?;
-    let a = match a.as_any().downcast_ref::<DictionaryArray<Int32Type>>() {
-        Some(d) => cast_with_options(d, &DataType::Utf8, &CastOptions::default())?,
-        None => cast_with_options(a, &DataType::Utf8, &CastOptions::default())?,
+    let dict_type = DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8));
+    let a = if a.data_type() == &dict_type {
+        a.clone()
+    } else {
+        cast_with_options(a, &dict_type, &CastOptions::default())?
     };
-    Ok(a.as_string::<i32>().clone())
+    let d = a
+        .as_any()
+        .downcast_ref::<DictionaryArray<Int32Type>>()
+        .ok_or_else(|| accounting("(query output)", format!("{SOURCE_FILE} is not text")))?;
+    let values = cast_with_options(d.values(), &DataType::Utf8, &CastOptions::default())?;
+    Ok((d.keys().clone(), values.as_string::<i32>().clone()))
 }
 
 fn accounting(key: &str, message: String) -> Error {

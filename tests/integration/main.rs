@@ -4,5 +4,6 @@ mod bad_input;
 mod cli;
 mod concurrency;
 mod crash;
+mod formats;
 mod pipeline;
 mod support;
