@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use datafusion::arrow::datatypes::{Field, Schema};
+use datafusion::arrow::datatypes::Schema;
 use datafusion::arrow::record_batch::RecordBatch;
 use serde::Serialize;
 use std::sync::Arc;
@@ -13,10 +13,9 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::lake::{Lake, STATE};
 use crate::ledger::Ledger;
-use crate::pipeline::conform;
 use crate::report::RunReport;
 use crate::source;
-use crate::transform::{self, spectrum_type};
+use crate::transform;
 
 /// The state of a lake.
 #[derive(Debug, Serialize)]
@@ -132,17 +131,7 @@ pub async fn query(lake: &Lake, sql: &str, format: OutputFormat, threads: usize)
         .collect()
         .await
         .map_err(|e| transform::query_error(std::path::Path::new("(command line)"), sql, e))?;
-    let schema = Arc::new(Schema::new(
-        out_schema
-            .fields()
-            .iter()
-            .map(|f| Field::new(f.name(), spectrum_type(f.data_type()), true))
-            .collect::<Vec<_>>(),
-    ));
-    let batches: Vec<RecordBatch> = batches
-        .iter()
-        .map(|b| conform(b, &schema))
-        .collect::<Result<_>>()?;
+    let (schema, batches) = transform::to_stored(&out_schema, &batches)?;
     format_batches(&schema, &batches, format)
 }
 

@@ -699,14 +699,19 @@ pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
             None => Ok(new_null_array(f.data_type(), n)),
         })
         .collect::<Result<Vec<ArrayRef>>>()?;
-    let schema = Arc::new(Schema::new(
+    let schema = nullable(schema);
+    Ok(RecordBatch::try_new(schema, arrays)?)
+}
+
+/// The schema with every field nullable (how files are written and read back).
+fn nullable(schema: &Schema) -> SchemaRef {
+    Arc::new(Schema::new(
         schema
             .fields()
             .iter()
             .map(|f| f.as_ref().clone().with_nullable(true))
             .collect::<Vec<_>>(),
-    ));
-    Ok(RecordBatch::try_new(schema, arrays)?)
+    ))
 }
 
 /// One partition folder's encoded file, or why it could not be encoded.
@@ -719,13 +724,7 @@ async fn encode_all(
     compression: &str,
     threads: usize,
 ) -> Result<Vec<(String, bytes::Bytes)>> {
-    let schema = Arc::new(Schema::new(
-        schema
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone().with_nullable(true))
-            .collect::<Vec<_>>(),
-    ));
+    let schema = nullable(schema);
     let compression = compression.to_string();
     let jobs: Vec<(String, Vec<RecordBatch>)> = parts
         .into_iter()

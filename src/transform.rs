@@ -226,6 +226,25 @@ pub fn spectrum_type(t: &DataType) -> DataType {
     }
 }
 
+/// Query results in their stored form: Spectrum types, every column nullable.
+pub fn to_stored(
+    output: &Schema,
+    batches: &[RecordBatch],
+) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+    let schema = Arc::new(Schema::new(
+        output
+            .fields()
+            .iter()
+            .map(|f| Field::new(f.name(), spectrum_type(f.data_type()), true))
+            .collect::<Vec<_>>(),
+    ));
+    let batches = batches
+        .iter()
+        .map(|b| crate::pipeline::conform(b, &schema))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((schema, batches))
+}
+
 /// Per-file row counts of one run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counts {

@@ -4,19 +4,16 @@
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use datafusion::arrow::datatypes::{Field, Schema};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 
 use crate::catalog;
 use crate::config::Config;
 use crate::error::Result;
 use crate::lake::{self, Lake, STATE};
 use crate::ledger::{Ledger, sha256_hex};
-use crate::pipeline::conform;
 use crate::report::AggregateReport;
 use crate::sink;
-use crate::transform::{self, spectrum_type};
+use crate::transform;
 
 /// What an aggregate was last built from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,17 +69,7 @@ pub async fn refresh(config: &Config, lake: &Lake, threads: usize) -> Result<Vec
             .collect()
             .await
             .map_err(|e| transform::query_error(&path, &sql, e))?;
-        let schema = Arc::new(Schema::new(
-            out_schema
-                .fields()
-                .iter()
-                .map(|f| Field::new(f.name(), spectrum_type(f.data_type()), true))
-                .collect::<Vec<_>>(),
-        ));
-        let batches = batches
-            .iter()
-            .map(|b| conform(b, &schema))
-            .collect::<Result<Vec<_>>>()?;
+        let (schema, batches) = transform::to_stored(&out_schema, &batches)?;
         let rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
         let data = sink::encode_parquet(&schema, &batches, "zstd")?;
         lake.put(&aggregate_key(&agg.name), data).await?;
