@@ -588,3 +588,24 @@ pub fn generate(kind: Kind, out: &Path, rows: usize, seed: u64, threads: usize) 
     w.flush().map_err(io)?;
     Ok(written)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_are_deterministic_and_dirty() {
+        let a = sample(Kind::Logs, 5_000, 1);
+        assert_eq!(a, sample(Kind::Logs, 5_000, 1));
+        assert_ne!(a, sample(Kind::Logs, 5_000, 2));
+        let lines = a.lines().count();
+        // About 3% of requests are logged twice.
+        assert!((5_050..5_300).contains(&lines), "{lines}");
+        assert!(a.contains("\"latency_ms\":\""), "string latencies");
+        assert!(a.contains("+05:30\""), "offsets");
+        let t = sample(Kind::Tickets, 2_000, 1);
+        assert!(t.starts_with("ticket_id,created_at"));
+        assert!(t.contains("\n--\n"), "newlines inside quoted bodies");
+        assert!(t.contains("\"\"quoted\"\""), "quotes inside quotes");
+    }
+}
