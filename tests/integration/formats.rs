@@ -151,3 +151,38 @@ fn the_lake_flag_overrides_the_config() {
     assert!(other.join("processed/app_logs").exists());
     assert!(p.files("processed").is_empty());
 }
+
+#[test]
+fn a_query_can_drop_duplicates_within_the_batch_with_sql() {
+    let p = Project::empty();
+    std::fs::write(
+        p.path().join("sluice.toml"),
+        "[lake]\nroot = \"lake\"\n\n[[source]]\nname = \"ev\"\nformat = \"jsonl\"\nschema = \"ev.toml\"\n\n[[table]]\nname = \"ev_clean\"\nsource = \"ev\"\nquery = \"ev.sql\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        p.path().join("ev.toml"),
+        "columns = [{ name = \"id\", type = \"string\" }, { name = \"v\", type = \"int64\" }]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        p.path().join("ev.sql"),
+        "SELECT id, v, row_number() OVER (PARTITION BY id ORDER BY v DESC) > 1 AS _duplicate, \
+         _source_file, _source_row FROM ev",
+    )
+    .unwrap();
+    p.add_raw(
+        "ev",
+        "a.jsonl",
+        b"{\"id\":\"x\",\"v\":1}\n{\"id\":\"x\",\"v\":3}\n{\"id\":\"y\",\"v\":2}\n",
+    );
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(
+        file_counts(&report)["ev/a.jsonl"],
+        ("processed".into(), 3, 2, 0, 1)
+    );
+    let mut v = p.strings("processed/ev_clean", "v");
+    v.sort();
+    assert_eq!(v, vec![Some("2".to_string()), Some("3".to_string())]);
+}
