@@ -8,9 +8,9 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sluice::config::Config;
 use sluice::generate::{Kind, sample};
-use sluice::pipeline::prepare;
+use sluice::pipeline::{prepare, transform_batch};
+use sluice::sink;
 use sluice::source::{RawFile, read_files};
-use sluice::{sink, transform};
 
 const ROWS: usize = 50_000;
 
@@ -36,44 +36,15 @@ fn bench(c: &mut Criterion) {
         });
         let outputs: Vec<_> = read_files(&p.source, &p.schema, &files, 2)
             .into_iter()
-            .map(|r| r.expect("read"))
-            .collect();
-        let batches: Vec<_> = outputs.iter().flat_map(|o| o.batches.clone()).collect();
-        let reads: Vec<_> = outputs
-            .iter()
-            .map(|o| (files[0].key.clone(), o.good_rows(), o.malformed.clone()))
+            .map(|r| (files[0].key.clone(), r.expect("read")))
             .collect();
         let transform_once = || {
-            runtime.block_on(async {
-                let ctx = transform::session(2);
-                transform::register_batches(
-                    &ctx,
-                    &p.source.name,
-                    p.schema.arrow_schema(),
-                    batches.clone(),
-                    2,
-                )
-                .expect("register");
-                let df = ctx.sql(&p.query).await.expect("plan");
-                let schema = df.schema().as_arrow().clone();
-                let out = df.collect().await.expect("run");
-                let mut routed = transform::route(&p.table, out, &schema, &reads).expect("route");
-                let valid = std::mem::take(&mut routed.valid);
-                let order_by = p.table.order_by.as_deref().unwrap_or_default();
-                let kept = sink::dedup::dedup_batch(
-                    &routed.valid_schema,
-                    valid,
-                    &p.table.unique_key,
-                    order_by,
-                    &routed.files,
-                    &mut routed.counts,
-                )
-                .expect("dedup");
-                (kept, routed.valid_schema)
-            })
+            runtime
+                .block_on(transform_batch(p, outputs.clone(), 2))
+                .expect("transform")
         };
         g.bench_function("transform", |b| b.iter(|| black_box(transform_once())));
-        let (kept, _) = transform_once();
+        let kept = transform_once().valid;
         let lineage = ["_source_file".to_string(), "_source_row".to_string()];
         let rows: Vec<_> = kept
             .iter()

@@ -261,6 +261,20 @@ pub struct EngineConfig {
     pub threads: Option<usize>,
 }
 
+impl EngineConfig {
+    /// The configured worker threads, or all cores.
+    pub fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(all_cores)
+    }
+}
+
+/// The number of cores this process may use.
+pub fn all_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
 impl Config {
     /// Loads and checks a config file.
     pub fn load(path: &Path) -> Result<Config> {

@@ -12,6 +12,9 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 
+/// The header line of the tickets CSV.
+const TICKETS_HEADER: &str =
+    "ticket_id,created_at,updated_at,status,priority,customer_email,subject,body,agent\n";
 /// Rows generated per parallel chunk.
 const CHUNK: usize = 100_000;
 /// Events are spread over this many seconds (30 days).
@@ -530,9 +533,7 @@ pub fn sample(kind: Kind, rows: usize, seed: u64) -> String {
     match kind {
         Kind::Logs => logs_chunk(seed, 0, 0, rows, rows),
         Kind::Tickets => {
-            let mut s = String::from(
-                "ticket_id,created_at,updated_at,status,priority,customer_email,subject,body,agent\n",
-            );
+            let mut s = String::from(TICKETS_HEADER);
             s.push_str(&tickets_chunk(seed, 0, 0, rows, rows));
             s
         }
@@ -546,10 +547,7 @@ pub fn generate(kind: Kind, out: &Path, rows: usize, seed: u64, threads: usize) 
     let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
     let io = |e| Error::io(format!("cannot write {}", out.display()), e);
     if kind == Kind::Tickets {
-        w.write_all(
-            b"ticket_id,created_at,updated_at,status,priority,customer_email,subject,body,agent\n",
-        )
-        .map_err(io)?;
+        w.write_all(TICKETS_HEADER.as_bytes()).map_err(io)?;
     }
     let chunks: Vec<(usize, usize)> = (0..rows)
         .step_by(CHUNK)
@@ -557,12 +555,9 @@ pub fn generate(kind: Kind, out: &Path, rows: usize, seed: u64, threads: usize) 
         .collect();
     let mut written = 0u64;
     // Generate `threads` chunks at a time, write them in order.
-    for group in chunks
-        .chunks(threads.max(1))
-        .enumerate()
-        .map(|(g, c)| (g * threads.max(1), c))
-    {
-        let (first, slice) = group;
+    let threads = threads.max(1);
+    for (g, slice) in chunks.chunks(threads).enumerate() {
+        let first = g * threads;
         let texts: Vec<String> = std::thread::scope(|s| {
             let handles: Vec<_> = slice
                 .iter()

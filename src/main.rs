@@ -60,14 +60,6 @@ fn load(cli: &Cli, config_path: &Path) -> Result<(Config, Lake)> {
     Ok((config, lake))
 }
 
-fn threads(config: &Config) -> usize {
-    config.engine.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
-    })
-}
-
 async fn dispatch(cli: Cli) -> Result<u8> {
     match &cli.command {
         Command::Run { json, crash_at } => {
@@ -102,7 +94,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             let (config, lake) = load(&cli, &cli.config)?;
             println!(
                 "{}",
-                inspect::query(&lake, sql, *format, threads(&config)).await?
+                inspect::query(&lake, sql, *format, config.engine.threads()).await?
             );
             Ok(0)
         }
@@ -114,9 +106,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         } => {
             let rows = rows.unwrap_or_else(|| kind.default_rows());
             let (out, kind, seed) = (out.clone(), *kind, *seed);
-            let threads = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2);
+            let threads = sluice::config::all_cores();
             let bytes = tokio::task::spawn_blocking(move || {
                 sluice::generate::generate(kind, &out, rows, seed, threads)
             })
@@ -146,7 +136,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
                         &lake,
                         &sql,
                         sluice::cli::OutputFormat::Table,
-                        threads(&config)
+                        config.engine.threads()
                     )
                     .await?
                 );

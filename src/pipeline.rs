@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use datafusion::arrow::array::{ArrayRef, RecordBatch, new_null_array};
-use datafusion::arrow::compute::cast;
+use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use object_store::ObjectMeta;
 
@@ -108,11 +107,7 @@ pub struct Runner<'a> {
 impl<'a> Runner<'a> {
     /// A runner over `lake` for `run_id`.
     pub fn new(config: &'a Config, lake: Lake, run_id: &str) -> Runner<'a> {
-        let threads = config.engine.threads.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2)
-        });
+        let threads = config.engine.threads();
         Runner {
             config,
             lake,
@@ -301,10 +296,10 @@ impl<'a> Runner<'a> {
         // Transform.
         progress.step(format!("{}: transforming", source.name));
         let t = Instant::now();
-        let transformed = self.transform(p, outputs).await;
+        let transformed = transform_batch(p, outputs, self.threads).await;
         report.time("transform", t);
-        let (routed, counts) = match transformed {
-            Ok(x) => x,
+        let routed = match transformed {
+            Ok(r) => Some(r),
             Err(e) => {
                 // The whole batch fails: every file that had rows.
                 let msg = e.to_string();
@@ -317,7 +312,7 @@ impl<'a> Runner<'a> {
                     }
                 }
                 records.retain(|r| r.outcome == FileOutcome::Duplicate);
-                (None, HashMap::new())
+                None
             }
         };
 
@@ -327,7 +322,7 @@ impl<'a> Runner<'a> {
         if !records.is_empty() {
             progress.step(format!("{}: committing", source.name));
             self.lock().await?;
-            let result = self.commit(p, &records, routed, &counts).await;
+            let result = self.commit(p, &records, routed).await;
             let released = self.unlock().await;
             match result {
                 Ok(c) => committed = Some(c),
@@ -385,49 +380,12 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
-    /// Runs the table's query over the batch and routes its output.
-    async fn transform(
-        &self,
-        p: &Prepared,
-        outputs: Vec<(String, ReadOutput)>,
-    ) -> Result<(Option<transform::Routed>, HashMap<String, Counts>)> {
-        let ctx = transform::session(self.threads);
-        let schema = p.schema.arrow_schema();
-        let mut batches = Vec::new();
-        let mut reads = Vec::new();
-        for (key, out) in outputs {
-            reads.push((key, out.good_rows(), out.malformed));
-            batches.extend(out.batches);
-        }
-        transform::register_batches(&ctx, &p.source.name, schema, batches, self.threads)?;
-        let qerr = |e| transform::query_error(&p.query_path, &p.query, e);
-        let df = ctx.sql(&p.query).await.map_err(qerr)?;
-        let out_schema = df.schema().as_arrow().clone();
-        transform::check_output(&p.table, &p.query_path, &out_schema)?;
-        let output = df.collect().await.map_err(qerr)?;
-        let mut routed = transform::route(&p.table, output, &out_schema, &reads)?;
-        if let Some(order_by) = &p.table.order_by {
-            let valid = std::mem::take(&mut routed.valid);
-            routed.valid = sink::dedup::dedup_batch(
-                &routed.valid_schema,
-                valid,
-                &p.table.unique_key,
-                order_by,
-                &routed.files,
-                &mut routed.counts,
-            )?;
-        }
-        let counts = routed.counts.clone();
-        Ok((Some(routed), counts))
-    }
-
     /// Writes, commits and publishes one batch. Call with the commit lock held.
     async fn commit(
         &self,
         p: &Prepared,
         records: &[FileRecord],
         routed: Option<transform::Routed>,
-        counts: &HashMap<String, Counts>,
     ) -> Result<(Commit, TableReport, HashMap<String, Counts>)> {
         let table = &p.table;
         let mut hasher_input = format!("{}\n{}\n", table.name, p.query);
@@ -442,12 +400,15 @@ impl<'a> Runner<'a> {
             ..Default::default()
         };
         let mut table_report = TableReport::default();
-        let mut counts = counts.clone();
+        // Per-file counts; a commit of duplicate files only has none.
+        let mut counts = routed
+            .as_ref()
+            .map(|r| r.counts.clone())
+            .unwrap_or_default();
         let mut catalog_update = None;
         let mut staged: Vec<(String, bytes::Bytes)> = Vec::new();
 
         if let Some(routed) = routed {
-            let source_files = routed.files.clone();
             let processed = lake::processed_prefix(&table.name);
             // Catalog: the new output shape must be compatible with the table's.
             let data_schema = sink::schema_without(
@@ -470,7 +431,7 @@ impl<'a> Runner<'a> {
             let mut valid = routed
                 .valid
                 .iter()
-                .map(|b| conform(b, &with_lineage))
+                .map(|b| sink::conform(b, &with_lineage))
                 .collect::<Result<Vec<_>>>()?;
             let partition_types = meta.partition_types()?;
             let existing = sink::table_files(&self.lake, &processed).await?;
@@ -490,23 +451,7 @@ impl<'a> Runner<'a> {
                 .await?;
                 let mut kept = Vec::new();
                 for (b, mask) in valid.iter().zip(&plan.keep_new) {
-                    let ids = b.column_by_name(SOURCE_FILE).and_then(|a| {
-                        datafusion::arrow::array::AsArray::as_primitive_opt::<
-                            datafusion::arrow::datatypes::Int32Type,
-                        >(a)
-                        .cloned()
-                    });
-                    for i in 0..b.num_rows() {
-                        if !mask.value(i)
-                            && let Some(c) = ids
-                                .as_ref()
-                                .and_then(|f| source_files.get(f.value(i) as usize))
-                                .and_then(|name| counts.get_mut(name))
-                        {
-                            c.written -= 1;
-                            c.duplicate += 1;
-                        }
-                    }
+                    transform::count_dropped_duplicates(b, mask, &routed.files, &mut counts);
                     kept.push(datafusion::arrow::compute::filter_record_batch(b, mask)?);
                 }
                 valid = kept;
@@ -555,7 +500,7 @@ impl<'a> Runner<'a> {
             let rejected: Vec<RecordBatch> = routed
                 .rejected
                 .iter()
-                .map(|b| conform(b, &rejected_schema))
+                .map(|b| sink::conform(b, &rejected_schema))
                 .collect::<Result<_>>()?;
             if rejected.iter().any(|b| b.num_rows() > 0) {
                 let data = sink::encode_parquet(&rejected_schema, &rejected, &table.compression)?;
@@ -654,6 +599,47 @@ impl<'a> Runner<'a> {
     }
 }
 
+/// Runs the table's query over the files' rows, routes its output and deduplicates by
+/// `unique_key`: everything a batch goes through before it meets the table.
+pub async fn transform_batch(
+    p: &Prepared,
+    outputs: Vec<(String, ReadOutput)>,
+    threads: usize,
+) -> Result<transform::Routed> {
+    let ctx = transform::session(threads);
+    let mut batches = Vec::new();
+    let mut reads = Vec::new();
+    for (key, out) in outputs {
+        reads.push((key, out.good_rows(), out.malformed));
+        batches.extend(out.batches);
+    }
+    transform::register_batches(
+        &ctx,
+        &p.source.name,
+        p.schema.arrow_schema(),
+        batches,
+        threads,
+    )?;
+    let qerr = |e| transform::query_error(&p.query_path, &p.query, e);
+    let df = ctx.sql(&p.query).await.map_err(qerr)?;
+    let out_schema = df.schema().as_arrow().clone();
+    transform::check_output(&p.table, &p.query_path, &out_schema)?;
+    let output = df.collect().await.map_err(qerr)?;
+    let mut routed = transform::route(&p.table, output, &out_schema, &reads)?;
+    if let Some(order_by) = &p.table.order_by {
+        let valid = std::mem::take(&mut routed.valid);
+        routed.valid = sink::dedup::dedup_batch(
+            &routed.valid_schema,
+            valid,
+            &p.table.unique_key,
+            order_by,
+            &routed.files,
+            &mut routed.counts,
+        )?;
+    }
+    Ok(routed)
+}
+
 /// The schema plus the lineage columns (as the routed valid batches have them).
 fn with_lineage(schema: &Schema) -> SchemaRef {
     let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
@@ -687,33 +673,6 @@ fn meta_rejected_schema(meta: &TableMeta) -> Result<SchemaRef> {
     Ok(Arc::new(Schema::new(fields)))
 }
 
-/// A batch with exactly `schema`'s columns, by name: missing ones null, types cast.
-pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
-    let n = batch.num_rows();
-    let arrays = schema
-        .fields()
-        .iter()
-        .map(|f| match batch.column_by_name(f.name()) {
-            Some(a) if a.data_type() == f.data_type() => Ok(a.clone()),
-            Some(a) => Ok(cast(a, f.data_type())?),
-            None => Ok(new_null_array(f.data_type(), n)),
-        })
-        .collect::<Result<Vec<ArrayRef>>>()?;
-    let schema = nullable(schema);
-    Ok(RecordBatch::try_new(schema, arrays)?)
-}
-
-/// The schema with every field nullable (how files are written and read back).
-fn nullable(schema: &Schema) -> SchemaRef {
-    Arc::new(Schema::new(
-        schema
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone().with_nullable(true))
-            .collect::<Vec<_>>(),
-    ))
-}
-
 /// One partition folder's encoded file, or why it could not be encoded.
 type EncodedPart = Result<(String, bytes::Bytes)>;
 
@@ -724,7 +683,7 @@ async fn encode_all(
     compression: &str,
     threads: usize,
 ) -> Result<Vec<(String, bytes::Bytes)>> {
-    let schema = nullable(schema);
+    let schema = sink::nullable(schema);
     let compression = compression.to_string();
     let jobs: Vec<(String, Vec<RecordBatch>)> = parts
         .into_iter()
@@ -744,7 +703,7 @@ async fn encode_all(
                         };
                         let r = batches
                             .iter()
-                            .map(|b| conform(b, &schema))
+                            .map(|b| sink::conform(b, &schema))
                             .collect::<Result<Vec<_>>>()
                             .and_then(|bs| sink::encode_parquet(&schema, &bs, &compression))
                             .map(|d| (dir.clone(), d));

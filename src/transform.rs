@@ -240,7 +240,7 @@ pub fn to_stored(
     ));
     let batches = batches
         .iter()
-        .map(|b| crate::pipeline::conform(b, &schema))
+        .map(|b| crate::sink::conform(b, &schema))
         .collect::<Result<Vec<_>>>()?;
     Ok((schema, batches))
 }
@@ -262,6 +262,32 @@ impl Counts {
     /// Whether read = written + rejected + duplicate.
     pub fn balanced(&self) -> bool {
         self.read == self.written + self.rejected + self.duplicate
+    }
+}
+
+/// Moves the rows of `batch` that `kept` drops from written to duplicate, per file.
+/// `_source_file` of the batch indexes `files`, as in [`Routed::valid`].
+pub fn count_dropped_duplicates(
+    batch: &RecordBatch,
+    kept: &BooleanArray,
+    files: &[String],
+    counts: &mut HashMap<String, Counts>,
+) {
+    let Some(ids) = batch
+        .column_by_name(SOURCE_FILE)
+        .and_then(|a| a.as_primitive_opt::<Int32Type>())
+    else {
+        return;
+    };
+    for i in 0..batch.num_rows() {
+        if !kept.value(i)
+            && let Some(c) = files
+                .get(ids.value(i) as usize)
+                .and_then(|name| counts.get_mut(name))
+        {
+            c.written -= 1;
+            c.duplicate += 1;
+        }
     }
 }
 

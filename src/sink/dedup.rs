@@ -11,7 +11,7 @@ use datafusion::common::HashMap as FastMap;
 use super::KeyEncoder;
 use crate::error::Result;
 use crate::source::{SOURCE_FILE, SOURCE_ROW};
-use crate::transform::Counts;
+use crate::transform::{Counts, count_dropped_duplicates};
 
 /// Where the best row of a key is, and how it ranks.
 #[derive(Clone, Copy)]
@@ -81,26 +81,16 @@ pub fn dedup_batch(
         }
     }
     let mut out = Vec::with_capacity(batches.len());
-    for (bi, (b, ((k, _), (file, _)))) in
-        batches.iter().zip(encoded.iter().zip(&lineage)).enumerate()
-    {
+    for (bi, (b, (k, _))) in batches.iter().zip(&encoded).enumerate() {
         let mask: BooleanArray = (0..b.num_rows())
             .map(|i| {
-                let won = best
-                    .get(k.row(i).data())
-                    .is_some_and(|w| w.batch == bi as u32 && w.row == i as u32);
-                if !won
-                    && let Some(c) = file
-                        .as_ref()
-                        .and_then(|f| files.get(f.value(i) as usize))
-                        .and_then(|name| counts.get_mut(name))
-                {
-                    c.written -= 1;
-                    c.duplicate += 1;
-                }
-                Some(won)
+                Some(
+                    best.get(k.row(i).data())
+                        .is_some_and(|w| w.batch == bi as u32 && w.row == i as u32),
+                )
             })
             .collect();
+        count_dropped_duplicates(b, &mask, files, counts);
         let kept = filter_record_batch(b, &mask)?;
         if kept.num_rows() > 0 {
             out.push(kept);

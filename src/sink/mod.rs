@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use datafusion::arrow::array::{ArrayRef, BooleanArray, RecordBatch, UInt32Array};
-use datafusion::arrow::compute::{filter_record_batch, take_record_batch};
+use datafusion::arrow::array::{ArrayRef, BooleanArray, RecordBatch, UInt32Array, new_null_array};
+use datafusion::arrow::compute::{cast, filter_record_batch, take_record_batch};
 use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
@@ -128,6 +128,33 @@ pub fn schema_without(schema: &Schema, names: &[String]) -> SchemaRef {
             .iter()
             .filter(|f| !names.iter().any(|n| n == f.name()))
             .cloned()
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// A batch with exactly `schema`'s columns, by name: missing ones null, types cast.
+pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    let n = batch.num_rows();
+    let arrays = schema
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(a) if a.data_type() == f.data_type() => Ok(a.clone()),
+            Some(a) => Ok(cast(a, f.data_type())?),
+            None => Ok(new_null_array(f.data_type(), n)),
+        })
+        .collect::<Result<Vec<ArrayRef>>>()?;
+    let schema = nullable(schema);
+    Ok(RecordBatch::try_new(schema, arrays)?)
+}
+
+/// The schema with every field nullable (how files are written and read back).
+pub fn nullable(schema: &Schema) -> SchemaRef {
+    Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
             .collect::<Vec<_>>(),
     ))
 }

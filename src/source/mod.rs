@@ -40,7 +40,7 @@ pub struct Malformed {
 }
 
 /// What a reader made of one file.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ReadOutput {
     /// Rows, with the schema's columns then `_source_file`, `_source_row`.
     pub batches: Vec<RecordBatch>,

@@ -156,35 +156,12 @@ fn empty_and_header_only_files_succeed_with_no_rows() {
 
 #[test]
 fn a_wrong_json_type_for_a_typed_column_is_a_rejected_row() {
-    let p = Project::empty();
-    std::fs::write(
-        p.path().join("sluice.toml"),
-        r#"
-[lake]
-root = "lake"
-
-[[source]]
-name = "events"
-format = "jsonl"
-schema = "events.toml"
-
-[[table]]
-name = "events_clean"
-source = "events"
-query = "events.sql"
-"#,
-    )
-    .unwrap();
-    std::fs::write(
-        p.path().join("events.toml"),
-        "columns = [{ name = \"id\", type = \"int64\" }, { name = \"payload\", type = \"string\" }, { name = \"ok\", type = \"boolean\" }]\n",
-    )
-    .unwrap();
-    std::fs::write(
-        p.path().join("events.sql"),
+    let p = Project::single_table(
+        "events",
+        "jsonl",
+        "[{ name = \"id\", type = \"int64\" }, { name = \"payload\", type = \"string\" }, { name = \"ok\", type = \"boolean\" }]",
         "SELECT id, payload, ok, _source_file, _source_row FROM events",
-    )
-    .unwrap();
+    );
     p.add_raw(
         "events",
         "e.json",

@@ -10,35 +10,12 @@ use crate::support::*;
 
 #[test]
 fn parquet_input_is_read_by_name_and_cast_to_the_schema() {
-    let p = Project::empty();
-    std::fs::write(
-        p.path().join("sluice.toml"),
-        r#"
-[lake]
-root = "lake"
-
-[[source]]
-name = "scores"
-format = "parquet"
-schema = "scores.toml"
-
-[[table]]
-name = "scores_clean"
-source = "scores"
-query = "scores.sql"
-"#,
-    )
-    .unwrap();
-    std::fs::write(
-        p.path().join("scores.toml"),
-        "columns = [{ name = \"id\", type = \"int64\" }, { name = \"name\", type = \"string\" }, { name = \"score\", type = \"float64\" }]\n",
-    )
-    .unwrap();
-    std::fs::write(
-        p.path().join("scores.sql"),
+    let p = Project::single_table(
+        "scores",
+        "parquet",
+        "[{ name = \"id\", type = \"int64\" }, { name = \"name\", type = \"string\" }, { name = \"score\", type = \"float64\" }]",
         "SELECT id, upper(name) AS name, score, CASE WHEN name IS NULL THEN 'missing name' END AS _reject_reason, _source_file, _source_row FROM scores",
-    )
-    .unwrap();
+    );
     // The file has the columns in another order, score as Int32, and an extra column.
     let schema = Arc::new(Schema::new(vec![
         Field::new("score", DataType::Int32, true),
@@ -154,23 +131,13 @@ fn the_lake_flag_overrides_the_config() {
 
 #[test]
 fn a_query_can_drop_duplicates_within_the_batch_with_sql() {
-    let p = Project::empty();
-    std::fs::write(
-        p.path().join("sluice.toml"),
-        "[lake]\nroot = \"lake\"\n\n[[source]]\nname = \"ev\"\nformat = \"jsonl\"\nschema = \"ev.toml\"\n\n[[table]]\nname = \"ev_clean\"\nsource = \"ev\"\nquery = \"ev.sql\"\n",
-    )
-    .unwrap();
-    std::fs::write(
-        p.path().join("ev.toml"),
-        "columns = [{ name = \"id\", type = \"string\" }, { name = \"v\", type = \"int64\" }]\n",
-    )
-    .unwrap();
-    std::fs::write(
-        p.path().join("ev.sql"),
+    let p = Project::single_table(
+        "ev",
+        "jsonl",
+        "[{ name = \"id\", type = \"string\" }, { name = \"v\", type = \"int64\" }]",
         "SELECT id, v, row_number() OVER (PARTITION BY id ORDER BY v DESC) > 1 AS _duplicate, \
          _source_file, _source_row FROM ev",
-    )
-    .unwrap();
+    );
     p.add_raw(
         "ev",
         "a.jsonl",

@@ -49,6 +49,28 @@ impl Project {
         p
     }
 
+    /// A pipeline of one source and one table `<source>_clean` (no partitions, no dedup):
+    /// `columns` is the schema file's `columns = [...]` value, `sql` the table's query.
+    pub fn single_table(source: &str, format: &str, columns: &str, sql: &str) -> Project {
+        let p = Project::empty();
+        std::fs::write(
+            p.config(),
+            format!(
+                "[lake]\nroot = \"lake\"\n\n[[source]]\nname = \"{source}\"\nformat = \"{format}\"\n\
+                 schema = \"{source}.toml\"\n\n[[table]]\nname = \"{source}_clean\"\n\
+                 source = \"{source}\"\nquery = \"{source}.sql\"\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            p.path().join(format!("{source}.toml")),
+            format!("columns = {columns}\n"),
+        )
+        .unwrap();
+        std::fs::write(p.path().join(format!("{source}.sql")), sql).unwrap();
+        p
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
