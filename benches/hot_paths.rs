@@ -1,16 +1,20 @@
-//! Criterion benches of the hot paths on generated workload data: reading JSON lines and CSV,
-//! the transform (query, routing, dedup), and the partitioned Parquet write.
+//! Criterion benches of the hot paths on generated workload data, one thread each: reading JSON
+//! lines and CSV (chunking, parsing, hashing), the query with routing, and the sink (dedup,
+//! partition split, Parquet write).
 
 use std::hint::black_box;
 use std::path::Path;
+use std::sync::Arc;
 
-use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::Schema;
 use sluice::config::Config;
 use sluice::generate::{Kind, sample};
-use sluice::pipeline::{prepare, transform_batch};
-use sluice::sink;
-use sluice::source::{RawFile, read_files};
+use sluice::pipeline::{Prepared, prepare};
+use sluice::sink::stream::{SinkOptions, TableSink};
+use sluice::source::feed::{Feed, FeedFile};
+use sluice::transform::{self, Router};
 
 const ROWS: usize = 50_000;
 
@@ -18,46 +22,81 @@ fn example() -> Config {
     Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("sluice.toml")).expect("config")
 }
 
+/// Reads the whole sample on this thread.
+fn read(p: &Prepared, data: &Arc<Vec<u8>>) -> Vec<RecordBatch> {
+    let file = FeedFile {
+        key: format!("raw/{}/bench", p.source.name),
+        reader: Box::new(std::io::Cursor::new(data.as_ref().clone())),
+    };
+    let feed = Feed::new(&p.source, &p.schema, vec![file], 8 << 20);
+    let mut batches = Vec::new();
+    while let Some(out) = feed.next_rows() {
+        batches.extend(out.batches);
+    }
+    batches
+}
+
+/// Runs the table's query over the rows and routes its output: the valid rows.
+async fn query(p: &Prepared, rows: Vec<RecordBatch>) -> (Router, Vec<RecordBatch>) {
+    let ctx = transform::session(1, 256 << 20);
+    transform::register_batches(&ctx, &p.source.name, p.schema.arrow_schema(), rows, 1)
+        .expect("register");
+    let df = ctx.sql(&p.query).await.expect("plan");
+    let schema = df.schema().as_arrow().clone();
+    let router = Router::new(&p.table, &schema, &[format!("raw/{}/bench", p.source.name)]);
+    let mut valid = Vec::new();
+    for b in df.collect().await.expect("query") {
+        if let (Some(v), _) = router.route(&b).expect("route") {
+            valid.push(v);
+        }
+    }
+    (router, valid)
+}
+
+/// Dedups, splits and writes the valid rows into a temp folder.
+fn write(p: &Prepared, schema: &Schema, valid: &[RecordBatch]) -> usize {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let full = Schema::new(
+        schema
+            .fields()
+            .iter()
+            .filter(|f| !f.name().starts_with("_source_"))
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
+    let opts = SinkOptions {
+        partition_by: p.table.partition_by.clone(),
+        unique_key: p.table.unique_key.clone(),
+        order_by: p.table.order_by.clone(),
+        compression: p.table.compression.clone(),
+        buffer_bytes: 128 << 20,
+        max_writers: 16,
+    };
+    let sink = TableSink::new(opts, schema, &full, 1, dir.path()).expect("sink");
+    for b in valid {
+        sink.push(b).expect("push");
+    }
+    sink.finish().expect("finish").len()
+}
+
 fn bench(c: &mut Criterion) {
     let config = example();
     let prepared = prepare(&config).expect("prepare");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     for (kind, p) in [(Kind::Logs, &prepared[0]), (Kind::Tickets, &prepared[1])] {
-        let data = Bytes::from(sample(kind, ROWS, 7));
-        let files = vec![RawFile {
-            key: format!("raw/{}/bench", p.source.name),
-            data: data.clone(),
-        }];
+        let data = Arc::new(sample(kind, ROWS, 7).into_bytes());
         let mut g = c.benchmark_group(p.table.name.as_str());
         g.throughput(Throughput::Bytes(data.len() as u64));
         g.sample_size(10);
-        g.bench_function("read", |b| {
-            b.iter(|| black_box(read_files(&p.source, &p.schema, &files, 2)))
+        g.bench_function("read", |b| b.iter(|| black_box(read(p, &data))));
+        let rows = read(p, &data);
+        g.bench_function("query_route", |b| {
+            b.iter(|| black_box(runtime.block_on(query(p, rows.clone()))))
         });
-        let outputs: Vec<_> = read_files(&p.source, &p.schema, &files, 2)
-            .into_iter()
-            .map(|r| (files[0].key.clone(), r.expect("read")))
-            .collect();
-        let transform_once = || {
-            runtime
-                .block_on(transform_batch(p, outputs.clone(), 2))
-                .expect("transform")
-        };
-        g.bench_function("transform", |b| b.iter(|| black_box(transform_once())));
-        let kept = transform_once().valid;
-        let lineage = ["_source_file".to_string(), "_source_row".to_string()];
-        let rows: Vec<_> = kept
-            .iter()
-            .map(|b| sink::drop_columns(b, &lineage).expect("drop"))
-            .collect();
-        g.bench_function("partitioned_write", |b| {
-            b.iter(|| {
-                let parts = sink::split_partitions(&rows, &p.table.partition_by).expect("split");
-                for batches in parts.values() {
-                    let schema = batches[0].schema();
-                    black_box(sink::encode_parquet(&schema, batches, "zstd").expect("encode"));
-                }
-            })
+        let (router, valid) = runtime.block_on(query(p, rows));
+        let schema = router.valid_schema.clone();
+        g.bench_function("dedup_partitioned_write", |b| {
+            b.iter(|| black_box(write(p, &schema, &valid)))
         });
         g.finish();
     }

@@ -14,6 +14,9 @@ pub struct Cli {
     /// The lake folder (overrides `lake.root` of the config).
     #[arg(long, global = true)]
     pub lake: Option<PathBuf>,
+    /// Memory the run may use, e.g. 512MiB (overrides `engine.memory_limit`).
+    #[arg(long, global = true)]
+    pub memory_limit: Option<String>,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,

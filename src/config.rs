@@ -259,6 +259,42 @@ fn default_notify_retries() -> u32 {
 pub struct EngineConfig {
     /// Worker threads for reading and querying; default: all cores.
     pub threads: Option<usize>,
+    /// Memory the run may use, e.g. `"512MiB"` or `"2GB"`; default 1 GiB. Chunk sizes, write
+    /// buffers, open writers and the query engine's pool are cut from it; sorts and joins in a
+    /// query spill to disk beyond their share.
+    pub memory_limit: Option<String>,
+}
+
+/// Default memory limit of a run.
+pub const DEFAULT_MEMORY_LIMIT: usize = 1 << 30;
+
+/// How a run spends its memory limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// The limit itself, bytes.
+    pub limit: usize,
+    /// Raw bytes a reader takes at a time.
+    pub chunk_bytes: usize,
+    /// Rows held back before they are written, bytes (dedup across the batch settles most
+    /// duplicates while they are still in memory).
+    pub buffer_bytes: usize,
+    /// Parquet files with a row group in memory at once.
+    pub max_writers: usize,
+    /// The query engine's pool for sorts, joins and windows, bytes.
+    pub pool_bytes: usize,
+}
+
+impl Budget {
+    /// The shares of `limit`.
+    pub fn new(limit: usize) -> Budget {
+        Budget {
+            limit,
+            chunk_bytes: (limit / 128).clamp(1 << 20, 8 << 20),
+            buffer_bytes: limit / 8,
+            max_writers: (limit / (128 << 20)).clamp(2, 16),
+            pool_bytes: limit / 4,
+        }
+    }
 }
 
 impl EngineConfig {
@@ -266,6 +302,50 @@ impl EngineConfig {
     pub fn threads(&self) -> usize {
         self.threads.unwrap_or_else(all_cores)
     }
+
+    /// The memory limit in bytes (checked when the config was loaded).
+    pub fn memory_limit(&self) -> usize {
+        self.memory_limit
+            .as_deref()
+            .and_then(|s| parse_size(s).ok())
+            .unwrap_or(DEFAULT_MEMORY_LIMIT)
+    }
+
+    /// How the memory limit is spent.
+    pub fn budget(&self) -> Budget {
+        Budget::new(self.memory_limit())
+    }
+}
+
+/// Parses a size such as `512MiB`, `1.5GB`, `2g` or `1048576` (bytes); K/M/G/T are powers of
+/// 1024, like Spark and DuckDB read them.
+pub fn parse_size(text: &str) -> std::result::Result<usize, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not a size (e.g. 512MiB, 2GB)"))?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let scale: f64 = match unit.trim_end_matches('b').trim_end_matches('i') {
+        "" => 1.0,
+        "k" => 1024.0,
+        "m" => 1024.0 * 1024.0,
+        "g" => 1024.0 * 1024.0 * 1024.0,
+        "t" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(format!(
+                "\"{text}\": unknown unit \"{unit}\" (use KiB, MiB, GiB)"
+            ));
+        }
+    };
+    let bytes = value * scale;
+    if bytes < (64 << 20) as f64 {
+        return Err(format!("\"{text}\" is too small: at least 64MiB"));
+    }
+    Ok(bytes as usize)
 }
 
 /// The number of cores this process may use.
@@ -349,6 +429,11 @@ impl Config {
 
     fn check(&self) -> Result<()> {
         let err = |m: String| Err(Error::config(&self.path, m));
+        if let Some(limit) = &self.engine.memory_limit
+            && let Err(e) = parse_size(limit)
+        {
+            return err(format!("engine.memory_limit: {e}"));
+        }
         if self.lake.root.starts_with("s3://") {
             return err(format!(
                 "lake.root = \"{}\": only local folders are supported in this version",
@@ -448,6 +533,23 @@ fn is_identifier(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_like_spark_and_duckdb() {
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1GB"), Ok(1 << 30));
+        assert_eq!(parse_size("1.5g"), Ok(3 << 29));
+        assert_eq!(parse_size(" 2 GiB "), Ok(2 << 30));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("10MB").unwrap_err().contains("too small"));
+        assert!(
+            parse_size("3 parsecs")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        let b = Budget::new(512 << 20);
+        assert!(b.chunk_bytes + b.buffer_bytes + b.pool_bytes < b.limit);
+    }
 
     const MINIMAL: &str = r#"
 [lake]

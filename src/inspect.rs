@@ -120,7 +120,7 @@ impl Status {
 
 /// Runs SQL over the lake's tables and formats the result.
 pub async fn query(lake: &Lake, sql: &str, format: OutputFormat, threads: usize) -> Result<String> {
-    let ctx = transform::session(threads);
+    let ctx = transform::session(threads, crate::config::DEFAULT_MEMORY_LIMIT / 2);
     catalog::register_all(&ctx, lake).await?;
     let df = ctx
         .sql(sql)

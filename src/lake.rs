@@ -3,6 +3,7 @@
 //! Everything sluice reads or writes in the lake goes through [`Lake`], so the same code serves
 //! `file://` now and `s3://` later.
 
+use std::io::Read;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 
@@ -10,7 +11,9 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{
+    GetResultPayload, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+};
 
 use crate::error::{Error, Result};
 
@@ -21,6 +24,7 @@ pub const STATE: &str = "_sluice";
 #[derive(Debug, Clone)]
 pub struct Lake {
     store: Arc<dyn ObjectStore>,
+    local: Arc<LocalFileSystem>,
     root: PathBuf,
 }
 
@@ -32,9 +36,10 @@ impl Lake {
         let root = root
             .canonicalize()
             .map_err(|e| Error::io(format!("cannot open lake folder {}", root.display()), e))?;
-        let store = LocalFileSystem::new_with_prefix(&root)?;
+        let local = Arc::new(LocalFileSystem::new_with_prefix(&root)?);
         Ok(Lake {
-            store: Arc::new(store),
+            store: local.clone(),
+            local,
             root,
         })
     }
@@ -69,6 +74,80 @@ impl Lake {
     /// The whole content of an object.
     pub async fn get(&self, key: &str) -> Result<Bytes> {
         Ok(self.store.get(&path(key)).await?.bytes().await?)
+    }
+
+    /// A reader of an object's bytes; a local file is read in place, not loaded.
+    pub async fn reader(&self, key: &str) -> Result<Box<dyn std::io::Read + Send>> {
+        let got = self.store.get(&path(key)).await?;
+        match got.payload {
+            GetResultPayload::File(file, _) => Ok(Box::new(file)),
+            GetResultPayload::Stream(s) => {
+                let parts: Vec<Bytes> = s.try_collect().await?;
+                Ok(Box::new(std::io::Cursor::new(parts.concat())))
+            }
+        }
+    }
+
+    /// SHA-256 of an object's bytes, hex, read in pieces.
+    pub async fn sha256(&self, key: &str) -> Result<String> {
+        use sha2::Digest;
+        let mut reader = self.reader(key).await?;
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut sha = sha2::Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) => return Ok(hex::encode(sha.finalize())),
+                    Ok(n) => sha.update(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(Error::io(format!("cannot read {key}"), e)),
+                }
+            }
+        })
+        .await
+        .map_err(|e| Error::State {
+            path: "hasher".into(),
+            message: e.to_string(),
+        })?
+    }
+
+    /// A local folder for a run's files in the making (on the lake's own disk, so that they
+    /// move into place without a copy).
+    pub fn scratch(&self, run_id: &str, name: &str) -> PathBuf {
+        self.root.join(STATE).join("tmp").join(run_id).join(name)
+    }
+
+    /// Removes scratch folders of runs that ended more than `age` ago (crashed runs).
+    pub fn clean_scratch(&self, age: std::time::Duration) {
+        let Ok(dirs) = std::fs::read_dir(self.root.join(STATE).join("tmp")) else {
+            return;
+        };
+        for d in dirs.flatten() {
+            let old = d
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default() > age)
+                .unwrap_or(false);
+            if old {
+                let _ = std::fs::remove_dir_all(d.path());
+            }
+        }
+    }
+
+    /// Moves a local file into the lake as `key`.
+    pub async fn put_file(&self, key: &str, file: &FsPath) -> Result<()> {
+        let target = self.local.path_to_filesystem(&path(key))?;
+        if let Some(dir) = target.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        }
+        if std::fs::rename(file, &target).is_err() {
+            let data = std::fs::read(file)
+                .map_err(|e| Error::io(format!("cannot read {}", file.display()), e))?;
+            self.put(key, data).await?;
+        }
+        Ok(())
     }
 
     /// The content of an object, or `None` if there is none.

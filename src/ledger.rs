@@ -130,6 +130,8 @@ pub struct Ledger {
     pub by_key: HashMap<String, Vec<FileRecord>>,
     /// Key of the first processed file with this content.
     pub by_sha: HashMap<String, String>,
+    /// Sizes of committed files: a new file of another size cannot repeat one's content.
+    pub sizes: std::collections::HashSet<u64>,
     /// Ids of all commits, sorted.
     pub commits: Vec<String>,
     /// Commits by id, for the tables they changed.
@@ -154,6 +156,7 @@ impl Ledger {
     /// Adds a commit to the index.
     pub fn add(&mut self, commit: &Commit) {
         for f in &commit.files {
+            self.sizes.insert(f.size);
             if f.outcome == FileOutcome::Processed {
                 self.by_sha
                     .entry(f.sha256.clone())

@@ -54,7 +54,12 @@ fn init_logging(cli: &Cli) {
 }
 
 fn load(cli: &Cli, config_path: &Path) -> Result<(Config, Lake)> {
-    let config = Config::load(config_path)?;
+    let mut config = Config::load(config_path)?;
+    if let Some(limit) = &cli.memory_limit {
+        sluice::config::parse_size(limit)
+            .map_err(|e| Error::config(config_path, format!("--memory-limit: {e}")))?;
+        config.engine.memory_limit = Some(limit.clone());
+    }
     let root = cli.lake.clone().unwrap_or_else(|| config.lake_root());
     let lake = Lake::open_local(&root)?;
     Ok((config, lake))

@@ -1,14 +1,19 @@
-//! One run of the pipeline: discover -> claim -> read -> transform -> write + commit -> warehouse
-//! -> archive -> report. Each source's new files form one batch and one commit.
+//! One run of the pipeline: discover -> claim -> stream (read, query, route, dedup, write) ->
+//! merge + commit -> warehouse -> archive -> report. Each source's new files form one batch and
+//! one commit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::compute::{filter_record_batch, not};
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::physical_plan::ExecutionPlanProperties;
+use datafusion::physical_plan::streaming::PartitionStream;
+use futures::StreamExt;
 use object_store::ObjectMeta;
 
 use crate::catalog::{REJECTED_PARTITION, TableMeta};
@@ -22,9 +27,11 @@ use crate::ledger::{
 };
 use crate::lock::{self, Holder};
 use crate::report::{FileReport, FileStatus, RunReport, TableReport};
-use crate::sink::{self, TableFile};
-use crate::source::{self, RawFile, ReadOutput, SOURCE_FILE, SOURCE_ROW, SourceSchema};
-use crate::transform::{self, Counts};
+use crate::sink;
+use crate::sink::stream::{RowFile, SinkOptions, TableSink};
+use crate::source::feed::{Feed, FeedFile, FeedPartition};
+use crate::source::{self, SOURCE_FILE, SOURCE_ROW, SourceSchema};
+use crate::transform::{self, Counts, Router};
 use crate::warehouse;
 
 /// A table with everything it needs, loaded before any work starts.
@@ -133,6 +140,7 @@ impl<'a> Runner<'a> {
         let t = Instant::now();
         self.lock().await?;
         let recovered = ledger::recover(&self.lake).await;
+        self.lake.clean_scratch(self.ttl);
         self.unlock().await?;
         recovered?;
         report.time("recover", t);
@@ -205,116 +213,87 @@ impl<'a> Runner<'a> {
             return Ok(());
         }
         fault::point("claimed");
-        let today = Utc::now().date_naive();
-        let prefix = source.raw_prefix();
 
-        // Read contents, spot duplicate files, decompress.
-        progress.step(format!("{}: reading {} files", source.name, claimed.len()));
+        // A file can only repeat the content of a file of the same size: those are hashed
+        // first; every other file is hashed on the way through the reader.
         let t = Instant::now();
-        let mut records: Vec<FileRecord> = Vec::new();
-        let mut raw_files: Vec<RawFile> = Vec::new();
         let mut failures: Vec<(ObjectMeta, String)> = Vec::new();
+        let mut records: Vec<FileRecord> = Vec::new();
+        let mut fresh: Vec<ObjectMeta> = Vec::new();
+        let mut known: HashMap<String, String> = HashMap::new();
         let mut run_shas: HashMap<String, String> = HashMap::new();
+        let mut sizes: HashMap<u64, usize> = HashMap::new();
+        for m in &claimed {
+            *sizes.entry(m.size).or_default() += 1;
+        }
         for meta in &claimed {
             let key = meta.location.to_string();
-            let data = match self.lake.get(&key).await {
-                Ok(d) => d,
+            if !ledger.sizes.contains(&meta.size) && sizes[&meta.size] == 1 {
+                fresh.push(meta.clone());
+                continue;
+            }
+            let sha = match self.lake.sha256(&key).await {
+                Ok(s) => s,
                 Err(e) => {
                     failures.push((meta.clone(), e.to_string()));
                     continue;
                 }
             };
-            let sha = ledger::sha256_hex(&data);
-            let rel = lake::relative(&key, &prefix);
-            let mut archive_to =
-                format!("archive/{}/{}/{rel}", source.name, today.format("%Y/%m/%d"));
-            if self.lake.exists(&archive_to).await? {
-                archive_to = format!("{archive_to}.{}", &sha[..8]);
-            }
             let duplicate_of = ledger
                 .by_sha
                 .get(&sha)
                 .or_else(|| run_shas.get(&sha))
                 .cloned()
                 .or_else(|| ledger.committed_content(&key, &sha).then(|| key.clone()));
-            records.push(FileRecord {
-                source: source.name.clone(),
-                key: key.clone(),
-                size: meta.size,
-                last_modified: meta.last_modified,
-                sha256: sha.clone(),
-                outcome: if duplicate_of.is_some() {
-                    FileOutcome::Duplicate
-                } else {
-                    FileOutcome::Processed
-                },
-                duplicate_of: duplicate_of.clone(),
-                archive_to,
-            });
             if duplicate_of.is_some() {
+                records.push(self.record(source, meta, &sha, duplicate_of).await?);
                 continue;
             }
-            run_shas.insert(sha, key.clone());
-            match source::decompress(&key, data) {
-                Ok(data) => raw_files.push(RawFile { key, data }),
-                Err(e) => {
-                    records.pop();
-                    failures.push((meta.clone(), e.to_string()));
-                }
-            }
+            run_shas.insert(sha.clone(), key.clone());
+            known.insert(key, sha);
+            fresh.push(meta.clone());
         }
-        let reads = {
-            let src = source.clone();
-            let schema = p.schema.clone();
-            let threads = self.threads;
-            let files = raw_files;
-            tokio::task::spawn_blocking(move || {
-                let out = source::read_files(&src, &schema, &files, threads);
-                (files.into_iter().map(|f| f.key).collect::<Vec<_>>(), out)
-            })
-            .await
-            .map_err(|e| Error::Read {
-                key: source.name.clone(),
-                message: format!("reader task failed: {e}"),
-            })?
-        };
-        let mut outputs: Vec<(String, ReadOutput)> = Vec::new();
-        for (key, out) in reads.0.into_iter().zip(reads.1) {
-            match out {
-                Ok(o) => outputs.push((key, o)),
-                Err(e) => {
-                    records.retain(|r| r.key != key);
-                    if let Some(meta) = claimed.iter().find(|m| m.location.as_ref() == key) {
-                        failures.push((meta.clone(), e.to_string()));
-                    }
-                }
-            }
-        }
-        report.time("read", t);
-        fault::point("read");
+        report.time("hash", t);
 
-        // Transform.
-        progress.step(format!("{}: transforming", source.name));
+        // Read, query, route and write in one stream. A file that breaks half-way is left out
+        // and the batch runs again without it.
+        progress.step(format!("{}: reading {} files", source.name, fresh.len()));
         let t = Instant::now();
-        let transformed = transform_batch(p, outputs, self.threads).await;
-        report.time("transform", t);
-        let routed = match transformed {
-            Ok(r) => Some(r),
-            Err(e) => {
-                // The whole batch fails: every file that had rows.
-                let msg = e.to_string();
-                for r in records
-                    .iter()
-                    .filter(|r| r.outcome == FileOutcome::Processed)
-                {
-                    if let Some(meta) = claimed.iter().find(|m| m.location.as_ref() == r.key) {
-                        failures.push((meta.clone(), msg.clone()));
-                    }
+        let scratch = self.lake.scratch(&self.me.run_id, &source.name);
+        let mut streamed = None;
+        while !fresh.is_empty() {
+            let _ = std::fs::remove_dir_all(&scratch);
+            match self.stream(p, &fresh, &scratch).await {
+                Ok(s) => {
+                    streamed = Some(s);
+                    break;
                 }
-                records.retain(|r| r.outcome == FileOutcome::Duplicate);
-                None
+                Err(Failure::File(i, e)) => failures.push((fresh.remove(i), e.to_string())),
+                Err(Failure::Batch(e)) => {
+                    let msg = e.to_string();
+                    failures.extend(fresh.drain(..).map(|m| (m, msg.clone())));
+                }
             }
-        };
+        }
+        report.time("stream", t);
+        fault::point("read");
+        if let Some(s) = &mut streamed {
+            for (i, meta) in fresh.iter().enumerate() {
+                let key = meta.location.to_string();
+                if let Some(e) = s.unreadable.remove(&i) {
+                    failures.push((meta.clone(), e.to_string()));
+                    continue;
+                }
+                let sha = match known.get(&key).or(s.shas[i].as_ref()) {
+                    Some(sha) => sha.clone(),
+                    None => {
+                        failures.push((meta.clone(), "the file was not read to its end".into()));
+                        continue;
+                    }
+                };
+                records.push(self.record(source, meta, &sha, None).await?);
+            }
+        }
 
         // Commit under the lock.
         let t = Instant::now();
@@ -322,7 +301,7 @@ impl<'a> Runner<'a> {
         if !records.is_empty() {
             progress.step(format!("{}: committing", source.name));
             self.lock().await?;
-            let result = self.commit(p, &records, routed).await;
+            let result = self.commit(p, &records, streamed).await;
             let released = self.unlock().await;
             match result {
                 Ok(c) => committed = Some(c),
@@ -337,6 +316,7 @@ impl<'a> Runner<'a> {
             }
             released?;
         }
+        let _ = std::fs::remove_dir_all(&scratch);
         report.time("commit", t);
 
         // Report.
@@ -380,12 +360,188 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
-    /// Writes, commits and publishes one batch. Call with the commit lock held.
+    /// The ledger record of a raw file about to be committed.
+    async fn record(
+        &self,
+        source: &SourceConfig,
+        meta: &ObjectMeta,
+        sha: &str,
+        duplicate_of: Option<String>,
+    ) -> Result<FileRecord> {
+        let key = meta.location.to_string();
+        let rel = lake::relative(&key, &source.raw_prefix());
+        let today = Utc::now().date_naive();
+        let mut archive_to = format!("archive/{}/{}/{rel}", source.name, today.format("%Y/%m/%d"));
+        if self.lake.exists(&archive_to).await? {
+            archive_to = format!("{archive_to}.{}", &sha[..8]);
+        }
+        Ok(FileRecord {
+            source: source.name.clone(),
+            key,
+            size: meta.size,
+            last_modified: meta.last_modified,
+            sha256: sha.to_string(),
+            outcome: if duplicate_of.is_some() {
+                FileOutcome::Duplicate
+            } else {
+                FileOutcome::Processed
+            },
+            duplicate_of,
+            archive_to,
+        })
+    }
+
+    /// Streams `files` through the table's query into its sink: reading, the query, routing,
+    /// dedup and the partitioned write run on every thread at once, a few chunks at a time.
+    async fn stream(
+        &self,
+        p: &Prepared,
+        files: &[ObjectMeta],
+        scratch: &std::path::Path,
+    ) -> std::result::Result<Streamed, Failure> {
+        let budget = self.config.engine.budget();
+        let mut feed_files = Vec::with_capacity(files.len());
+        for (i, m) in files.iter().enumerate() {
+            let key = m.location.to_string();
+            match self.lake.reader(&key).await {
+                Ok(reader) => feed_files.push(FeedFile { key, reader }),
+                Err(e) => return Err(Failure::File(i, e)),
+            }
+        }
+        let keys: Vec<String> = files.iter().map(|m| m.location.to_string()).collect();
+        let feed = Arc::new(Feed::new(
+            &p.source,
+            &p.schema,
+            feed_files,
+            budget.chunk_bytes,
+        ));
+        let ctx = transform::session(self.threads, budget.pool_bytes);
+        let partitions: Vec<Arc<dyn PartitionStream>> = (0..self.threads.max(1))
+            .map(|_| Arc::new(FeedPartition::new(feed.clone())) as Arc<dyn PartitionStream>)
+            .collect();
+        let table = StreamingTable::try_new(p.schema.arrow_schema(), partitions)
+            .map_err(|e| Failure::Batch(e.into()))?;
+        ctx.register_table(p.source.name.as_str(), Arc::new(table))
+            .map_err(|e| Failure::Batch(e.into()))?;
+        let qerr = |e| Failure::Batch(transform::query_error(&p.query_path, &p.query, e));
+        let df = ctx.sql(&p.query).await.map_err(qerr)?;
+        let out_schema = df.schema().as_arrow().clone();
+        transform::check_output(&p.table, &p.query_path, &out_schema)?;
+        let router = Arc::new(Router::new(&p.table, &out_schema, &keys));
+
+        // The catalog: the new output shape must be compatible with the table's.
+        let data_schema = sink::schema_without(
+            &router.valid_schema,
+            &[SOURCE_FILE.into(), SOURCE_ROW.into()],
+        );
+        let proposed = TableMeta::new(
+            &p.table.name,
+            &data_schema,
+            &p.table.partition_by,
+            &router.rejected_schema,
+        );
+        let meta = match TableMeta::load(&self.lake, &p.table.name).await? {
+            Some(old) => old.evolve(&proposed)?,
+            None => proposed.clone(),
+        };
+        let full = meta.full_schema()?;
+        let opts = SinkOptions {
+            partition_by: p.table.partition_by.clone(),
+            unique_key: p.table.unique_key.clone(),
+            order_by: p.table.order_by.clone(),
+            compression: p.table.compression.clone(),
+            buffer_bytes: budget.buffer_bytes,
+            max_writers: budget.max_writers,
+        };
+        let sink = Arc::new(TableSink::new(
+            opts,
+            &router.valid_schema,
+            &full,
+            keys.len(),
+            &scratch.join("table"),
+        )?);
+        let rejects = Arc::new(RowFile::new(
+            scratch.join("rejected.parquet"),
+            meta_rejected_schema(&meta)?.as_ref(),
+            &p.table.compression,
+        ));
+
+        let plan = df.create_physical_plan().await.map_err(qerr)?;
+        let task_ctx = ctx.task_ctx();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..plan.output_partitioning().partition_count() {
+            let mut stream = plan.execute(i, task_ctx.clone()).map_err(qerr)?;
+            let (router, sink, rejects) = (router.clone(), sink.clone(), rejects.clone());
+            let (path, query) = (p.query_path.clone(), p.query.clone());
+            tasks.spawn(async move {
+                while let Some(batch) = stream.next().await {
+                    let batch = batch.map_err(|e| transform::query_error(&path, &query, e))?;
+                    let (valid, rejected) = router.route(&batch)?;
+                    if let Some(v) = valid {
+                        sink.push(&v)?;
+                    }
+                    if let Some(r) = rejected {
+                        rejects.write(&r)?;
+                    }
+                }
+                Ok::<(), Error>(())
+            });
+        }
+        let mut first_error = None;
+        while let Some(done) = tasks.join_next().await {
+            let result = done.unwrap_or_else(|e| {
+                Err(Error::State {
+                    path: "query task".into(),
+                    message: e.to_string(),
+                })
+            });
+            if let Err(e) = result
+                && first_error.is_none()
+            {
+                first_error = Some(e);
+                tasks.abort_all();
+            }
+        }
+        let (mut reads, broken) = feed.finish();
+        if let Some(b) = broken {
+            return Err(Failure::File(b.file, b.error));
+        }
+        if let Some(e) = first_error {
+            return Err(Failure::Batch(e));
+        }
+        for (i, r) in reads.iter().enumerate() {
+            if let Some(b) = router.malformed(i, &r.malformed)? {
+                rejects.write(&b)?;
+            }
+        }
+        let totals: Vec<(u64, u64)> = reads
+            .iter()
+            .map(|r| (r.good_rows, r.malformed.len() as u64))
+            .collect();
+        let counts = router.finish(&totals)?;
+        let unreadable = reads
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, r)| r.error.take().map(|e| (i, e)))
+            .collect();
+        Ok(Streamed {
+            sink,
+            rejects,
+            counts: keys.iter().cloned().zip(counts).collect(),
+            keys,
+            shas: reads.into_iter().map(|r| r.sha256).collect(),
+            unreadable,
+            proposed,
+            full,
+        })
+    }
+
+    /// Merges, writes, commits and publishes one batch. Call with the commit lock held.
     async fn commit(
         &self,
         p: &Prepared,
         records: &[FileRecord],
-        routed: Option<transform::Routed>,
+        streamed: Option<Streamed>,
     ) -> Result<(Commit, TableReport, HashMap<String, Counts>)> {
         let table = &p.table;
         let mut hasher_input = format!("{}\n{}\n", table.name, p.query);
@@ -400,118 +556,90 @@ impl<'a> Runner<'a> {
             ..Default::default()
         };
         let mut table_report = TableReport::default();
-        // Per-file counts; a commit of duplicate files only has none.
-        let mut counts = routed
-            .as_ref()
-            .map(|r| r.counts.clone())
-            .unwrap_or_default();
+        let mut counts: HashMap<String, Counts> = HashMap::new();
         let mut catalog_update = None;
-        let mut staged: Vec<(String, bytes::Bytes)> = Vec::new();
+        let mut staged: Vec<(PathBuf, String)> = Vec::new();
 
-        if let Some(routed) = routed {
+        if let Some(s) = streamed {
             let processed = lake::processed_prefix(&table.name);
-            // Catalog: the new output shape must be compatible with the table's.
-            let data_schema = sink::schema_without(
-                &routed.valid_schema,
-                &[SOURCE_FILE.into(), SOURCE_ROW.into()],
-            );
-            let rejected_file_schema = sink::schema_without(&routed.rejected_schema, &[]);
-            let proposed = TableMeta::new(
-                &table.name,
-                &data_schema,
-                &table.partition_by,
-                &rejected_file_schema,
-            );
+            // Another run may have changed the catalog since this batch started.
             let meta = match TableMeta::load(&self.lake, &table.name).await? {
-                Some(old) => old.evolve(&proposed)?,
-                None => proposed,
+                Some(old) => old.evolve(&s.proposed)?,
+                None => s.proposed.clone(),
             };
-            let full = meta.full_schema()?;
-            let with_lineage = with_lineage(&full);
-            let mut valid = routed
-                .valid
-                .iter()
-                .map(|b| sink::conform(b, &with_lineage))
-                .collect::<Result<Vec<_>>>()?;
+            if meta.full_schema()?.as_ref() != s.full.as_ref() {
+                return Err(Error::Schema {
+                    table: table.name.clone(),
+                    message: "the table's columns changed while this batch ran; it runs again \
+                              next time"
+                        .into(),
+                });
+            }
             let partition_types = meta.partition_types()?;
             let existing = sink::table_files(&self.lake, &processed).await?;
-            let mut rewrite = BTreeMap::new();
-            if let Some(order_by) = &table.order_by
-                && !existing.is_empty()
-            {
-                let plan = sink::plan_merge(
-                    &self.lake,
-                    &existing,
-                    &partition_types,
-                    &full,
-                    &valid,
-                    &table.unique_key,
-                    order_by,
-                )
-                .await?;
-                let mut kept = Vec::new();
-                for (b, mask) in valid.iter().zip(&plan.keep_new) {
-                    transform::count_dropped_duplicates(b, mask, &routed.files, &mut counts);
-                    kept.push(datafusion::arrow::compute::filter_record_batch(b, mask)?);
+            if table.order_by.is_some() && !existing.is_empty() {
+                // Which partitions hold rows that new rows replace (a new row older than the
+                // held one is dropped instead)...
+                let mut rewrite = BTreeSet::new();
+                for f in &existing {
+                    for b in sink::read_table_file(&self.lake, f, &partition_types, &s.full).await?
+                    {
+                        if s.sink.against_existing(&b)?.true_count() > 0 {
+                            rewrite.insert(f.dir.clone());
+                        }
+                    }
                 }
-                valid = kept;
-                rewrite = plan.rewrite;
+                // ...whose other rows are carried over into the new files.
+                for dir in &rewrite {
+                    for f in existing.iter().filter(|f| &f.dir == dir) {
+                        for b in
+                            sink::read_table_file(&self.lake, f, &partition_types, &s.full).await?
+                        {
+                            let replaced = s.sink.against_existing(&b)?;
+                            table_report.rows_replaced += replaced.true_count() as u64;
+                            let kept = filter_record_batch(&b, &not(&replaced)?)?;
+                            s.sink.carry_over(dir, &kept)?;
+                        }
+                        change.removed.push(f.key.clone());
+                    }
+                    change.partitions.push(dir.clone());
+                }
             }
-            // Rows per partition: the new rows, plus the survivors of rewritten partitions.
-            let new_rows: Vec<RecordBatch> = valid
-                .iter()
-                .map(|b| sink::drop_columns(b, &[SOURCE_FILE.into(), SOURCE_ROW.into()]))
-                .collect::<Result<_>>()?;
-            let mut parts = sink::split_partitions(&new_rows, &table.partition_by)?;
-            let file_schema = meta.file_schema()?;
-            for (dir, drop) in &rewrite {
-                let files: Vec<TableFile> =
-                    existing.iter().filter(|f| &f.dir == dir).cloned().collect();
-                let survivors = sink::surviving_rows(
-                    &self.lake,
-                    &files,
-                    &partition_types,
-                    &full,
-                    &table.unique_key,
-                    drop,
-                )
-                .await?;
-                table_report.rows_replaced += drop.len() as u64;
-                let survivors: Vec<RecordBatch> = survivors
-                    .iter()
-                    .map(|b| sink::drop_columns(b, &table.partition_by))
-                    .collect::<Result<_>>()?;
-                parts.entry(dir.clone()).or_default().extend(survivors);
-                change.removed.extend(files.into_iter().map(|f| f.key));
-                change.partitions.push(dir.clone());
-            }
-            let encoded = encode_all(&file_schema, parts, &table.compression, self.threads).await?;
-            for (dir, data) in encoded {
-                let name = format!("{dir}/part-{id}.parquet");
-                let name = name.trim_start_matches('/');
-                let to = format!("{processed}/{name}");
+            let files = s.sink.finish()?;
+            let mut per_dir: HashMap<&str, usize> = HashMap::new();
+            for f in &files {
+                let n = per_dir.entry(f.dir.as_str()).or_default();
+                let name = match *n {
+                    0 => format!("part-{id}.parquet"),
+                    k => format!("part-{id}-{k}.parquet"),
+                };
+                *n += 1;
+                let to = if f.dir.is_empty() {
+                    format!("{processed}/{name}")
+                } else {
+                    format!("{processed}/{}/{name}", f.dir)
+                };
                 let from = format!("{}/{to}", ledger::staging_prefix(&id));
-                staged.push((from.clone(), data));
+                staged.push((f.path.clone(), from.clone()));
                 change.added.push(Move { from, to });
-                change.partitions.push(dir);
+                change.partitions.push(f.dir.clone());
             }
-            // Rejected rows.
-            let rejected_schema = meta_rejected_schema(&meta)?;
-            let rejected: Vec<RecordBatch> = routed
-                .rejected
-                .iter()
-                .map(|b| sink::conform(b, &rejected_schema))
-                .collect::<Result<_>>()?;
-            if rejected.iter().any(|b| b.num_rows() > 0) {
-                let data = sink::encode_parquet(&rejected_schema, &rejected, &table.compression)?;
+            if let Some((path, _rows)) = s.rejects.finish()? {
                 let to = format!(
                     "{}/{}/part-{id}.parquet",
                     lake::rejected_prefix(&table.name),
                     lake::segment(&format!("{REJECTED_PARTITION}={}", Utc::now().date_naive()))
                 );
                 let from = format!("{}/{to}", ledger::staging_prefix(&id));
-                staged.push((from.clone(), data));
+                staged.push((path, from.clone()));
                 change.added.push(Move { from, to });
+            }
+            counts = s.counts;
+            for (key, d) in s.keys.iter().zip(s.sink.duplicates()) {
+                if let Some(c) = counts.get_mut(key) {
+                    c.written -= d;
+                    c.duplicate += d;
+                }
             }
             change.partitions.sort();
             change.partitions.dedup();
@@ -533,8 +661,8 @@ impl<'a> Runner<'a> {
         self.lake
             .put_json(&ledger::pending_key(&id), &commit)
             .await?;
-        for (key, data) in staged {
-            self.lake.put(&key, data).await?;
+        for (path, key) in staged {
+            self.lake.put_file(&key, &path).await?;
         }
         fault::point("staged");
         if let Some(meta) = catalog_update {
@@ -599,61 +727,31 @@ impl<'a> Runner<'a> {
     }
 }
 
-/// Runs the table's query over the files' rows, routes its output and deduplicates by
-/// `unique_key`: everything a batch goes through before it meets the table.
-pub async fn transform_batch(
-    p: &Prepared,
-    outputs: Vec<(String, ReadOutput)>,
-    threads: usize,
-) -> Result<transform::Routed> {
-    let ctx = transform::session(threads);
-    let mut batches = Vec::new();
-    let mut reads = Vec::new();
-    for (key, out) in outputs {
-        reads.push((key, out.good_rows(), out.malformed));
-        batches.extend(out.batches);
-    }
-    transform::register_batches(
-        &ctx,
-        &p.source.name,
-        p.schema.arrow_schema(),
-        batches,
-        threads,
-    )?;
-    let qerr = |e| transform::query_error(&p.query_path, &p.query, e);
-    let df = ctx.sql(&p.query).await.map_err(qerr)?;
-    let out_schema = df.schema().as_arrow().clone();
-    transform::check_output(&p.table, &p.query_path, &out_schema)?;
-    let output = df.collect().await.map_err(qerr)?;
-    let mut routed = transform::route(&p.table, output, &out_schema, &reads)?;
-    if let Some(order_by) = &p.table.order_by {
-        let valid = std::mem::take(&mut routed.valid);
-        routed.valid = sink::dedup::dedup_batch(
-            &routed.valid_schema,
-            valid,
-            &p.table.unique_key,
-            order_by,
-            &routed.files,
-            &mut routed.counts,
-        )?;
-    }
-    Ok(routed)
+/// Why a streamed batch failed.
+enum Failure {
+    /// One file broke (index into the batch's files); the rest can run again without it.
+    File(usize, Error),
+    /// The batch as a whole (the query, the catalog, the accounting).
+    Batch(Error),
 }
 
-/// The schema plus the lineage columns (as the routed valid batches have them).
-fn with_lineage(schema: &Schema) -> SchemaRef {
-    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-    fields.push(Field::new(
-        SOURCE_FILE,
-        datafusion::arrow::datatypes::DataType::Int32,
-        false,
-    ));
-    fields.push(Field::new(
-        SOURCE_ROW,
-        datafusion::arrow::datatypes::DataType::Int64,
-        false,
-    ));
-    Arc::new(Schema::new(fields))
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        Failure::Batch(e)
+    }
+}
+
+/// A batch that went through the query and its sink, waiting for its commit.
+struct Streamed {
+    sink: Arc<TableSink>,
+    rejects: Arc<RowFile>,
+    counts: HashMap<String, Counts>,
+    keys: Vec<String>,
+    shas: Vec<Option<String>>,
+    /// Files that could not be read at all (none of their rows went out), by index.
+    unreadable: HashMap<usize, Error>,
+    proposed: TableMeta,
+    full: SchemaRef,
 }
 
 fn meta_rejected_schema(meta: &TableMeta) -> Result<SchemaRef> {
@@ -671,62 +769,4 @@ fn meta_rejected_schema(meta: &TableMeta) -> Result<SchemaRef> {
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Arc::new(Schema::new(fields)))
-}
-
-/// One partition folder's encoded file, or why it could not be encoded.
-type EncodedPart = Result<(String, bytes::Bytes)>;
-
-/// Encodes every partition's rows as Parquet on `threads` threads.
-async fn encode_all(
-    schema: &SchemaRef,
-    parts: BTreeMap<String, Vec<RecordBatch>>,
-    compression: &str,
-    threads: usize,
-) -> Result<Vec<(String, bytes::Bytes)>> {
-    let schema = sink::nullable(schema);
-    let compression = compression.to_string();
-    let jobs: Vec<(String, Vec<RecordBatch>)> = parts
-        .into_iter()
-        .filter(|(_, b)| b.iter().any(|b| b.num_rows() > 0))
-        .collect();
-    tokio::task::spawn_blocking(move || {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let results: std::sync::Mutex<Vec<(usize, EncodedPart)>> =
-            std::sync::Mutex::new(Vec::new());
-        std::thread::scope(|s| {
-            for _ in 0..threads.max(1).min(jobs.len().max(1)) {
-                s.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some((dir, batches)) = jobs.get(i) else {
-                            break;
-                        };
-                        let r = batches
-                            .iter()
-                            .map(|b| sink::conform(b, &schema))
-                            .collect::<Result<Vec<_>>>()
-                            .and_then(|bs| sink::encode_parquet(&schema, &bs, &compression))
-                            .map(|d| (dir.clone(), d));
-                        if let Ok(mut v) = results.lock() {
-                            v.push((i, r));
-                        }
-                    }
-                });
-            }
-        });
-        let mut results = results.into_inner().unwrap_or_default();
-        results.sort_by_key(|(i, _)| *i);
-        if results.len() != jobs.len() {
-            return Err(Error::State {
-                path: "parquet encoder".into(),
-                message: "an encoder thread failed".into(),
-            });
-        }
-        results.into_iter().map(|(_, r)| r).collect()
-    })
-    .await
-    .map_err(|e| Error::State {
-        path: "parquet encoder".into(),
-        message: e.to_string(),
-    })?
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, DictionaryArray, Int32Array,
@@ -19,6 +19,8 @@ use datafusion::arrow::datatypes::{
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
@@ -33,12 +35,20 @@ pub const DUPLICATE: &str = "_duplicate";
 /// The raw text of a record the reader could not parse (rejected tables only).
 pub const RAW_RECORD: &str = "_raw_record";
 
-/// A DataFusion session with sluice's settings.
-pub fn session(threads: usize) -> SessionContext {
+/// A DataFusion session with sluice's settings: `threads` partitions, and operators that
+/// buffer (sorts, joins, windows) limited to `pool_bytes`, spilling to a temp folder beyond it.
+pub fn session(threads: usize, pool_bytes: usize) -> SessionContext {
     let config = SessionConfig::new()
         .with_target_partitions(threads.max(1))
         .with_information_schema(true);
-    SessionContext::new_with_config(config)
+    let pool = Arc::new(FairSpillPool::new(pool_bytes.max(16 << 20)));
+    match RuntimeEnvBuilder::new().with_memory_pool(pool).build_arc() {
+        Ok(runtime) => SessionContext::new_with_config_rt(config, runtime),
+        Err(e) => {
+            tracing::warn!(error = %e, "no memory pool; running without a memory limit");
+            SessionContext::new_with_config(config)
+        }
+    }
 }
 
 /// A query file's text.
@@ -265,49 +275,6 @@ impl Counts {
     }
 }
 
-/// Moves the rows of `batch` that `kept` drops from written to duplicate, per file.
-/// `_source_file` of the batch indexes `files`, as in [`Routed::valid`].
-pub fn count_dropped_duplicates(
-    batch: &RecordBatch,
-    kept: &BooleanArray,
-    files: &[String],
-    counts: &mut HashMap<String, Counts>,
-) {
-    let Some(ids) = batch
-        .column_by_name(SOURCE_FILE)
-        .and_then(|a| a.as_primitive_opt::<Int32Type>())
-    else {
-        return;
-    };
-    for i in 0..batch.num_rows() {
-        if !kept.value(i)
-            && let Some(c) = files
-                .get(ids.value(i) as usize)
-                .and_then(|name| counts.get_mut(name))
-        {
-            c.written -= 1;
-            c.duplicate += 1;
-        }
-    }
-}
-
-/// A query's output split by fate.
-pub struct Routed {
-    /// Valid rows: data columns plus `_source_file` (the file's index in `files`, Int32) and
-    /// `_source_row`, Spectrum types.
-    pub valid: Vec<RecordBatch>,
-    /// Rejected rows in the rejected-table layout.
-    pub rejected: Vec<RecordBatch>,
-    /// Raw file keys, sorted: `_source_file` of valid rows indexes this.
-    pub files: Vec<String>,
-    /// Counts per raw file key (written is provisional until dedup and merge are done).
-    pub counts: HashMap<String, Counts>,
-    /// Schema of `valid`.
-    pub valid_schema: SchemaRef,
-    /// Schema of `rejected`.
-    pub rejected_schema: SchemaRef,
-}
-
 /// The layout of a rejected table: lineage, reason, raw record, then the data columns.
 pub fn rejected_schema(data: &[Field]) -> SchemaRef {
     let mut fields = vec![
@@ -320,53 +287,79 @@ pub fn rejected_schema(data: &[Field]) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-/// Splits a query's output into valid, rejected and duplicate rows, and checks that every row
-/// the readers produced comes out exactly once.
-pub fn route(
-    table: &TableConfig,
-    output: Vec<RecordBatch>,
-    output_schema: &Schema,
-    reads: &[(String, u64, Vec<Malformed>)],
-) -> Result<Routed> {
-    let data = data_fields(output_schema);
-    let mut valid_fields = data.clone();
-    valid_fields.push(Field::new(SOURCE_FILE, DataType::Int32, false));
-    valid_fields.push(Field::new(SOURCE_ROW, DataType::Int64, false));
-    let valid_schema = Arc::new(Schema::new(valid_fields));
-    let rejected_schema = rejected_schema(&data);
+/// Splits a query's output, batch by batch, into valid and rejected rows, and checks that every
+/// row the readers produced comes out exactly once.
+pub struct Router {
+    table: TableConfig,
+    data: Vec<Field>,
+    /// Valid rows: data columns plus `_source_file` (the file's index in `files`, Int32) and
+    /// `_source_row`, Spectrum types.
+    pub valid_schema: SchemaRef,
+    /// Rejected rows in the rejected-table layout.
+    pub rejected_schema: SchemaRef,
+    files: Vec<String>,
+    rank: HashMap<String, usize>,
+    file_names: StringArray,
+    state: Mutex<RouteState>,
+}
 
-    let mut files: Vec<String> = reads.iter().map(|(k, _, _)| k.clone()).collect();
-    files.sort();
-    files.dedup();
-    let rank: HashMap<&str, usize> = files
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (f.as_str(), i))
-        .collect();
-    let mut counts: Vec<Counts> = vec![Counts::default(); files.len()];
-    let mut seen: Vec<Vec<u64>> = vec![Vec::new(); files.len()];
-    for (key, good_rows, malformed) in reads {
-        let c = &mut counts[rank[key.as_str()]];
-        c.read = good_rows + malformed.len() as u64;
-        c.rejected = malformed.len() as u64;
+#[derive(Default)]
+struct RouteState {
+    counts: Vec<Counts>,
+    /// Per file, a bit per line: which records came out of the query.
+    seen: Vec<Vec<u64>>,
+    out: Vec<u64>,
+}
+
+impl Router {
+    /// A router for `table`'s query output; `files` are the batch's raw keys (`_source_file` of
+    /// valid rows indexes them).
+    pub fn new(table: &TableConfig, output_schema: &Schema, files: &[String]) -> Router {
+        let data = data_fields(output_schema);
+        let mut valid_fields = data.clone();
+        valid_fields.push(Field::new(SOURCE_FILE, DataType::Int32, false));
+        valid_fields.push(Field::new(SOURCE_ROW, DataType::Int64, false));
+        let rank = files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.clone(), i))
+            .collect();
+        Router {
+            table: table.clone(),
+            valid_schema: Arc::new(Schema::new(valid_fields)),
+            rejected_schema: rejected_schema(&data),
+            data,
+            files: files.to_vec(),
+            rank,
+            file_names: StringArray::from_iter_values(files.iter()),
+            state: Mutex::new(RouteState {
+                counts: vec![Counts::default(); files.len()],
+                seen: vec![Vec::new(); files.len()],
+                out: vec![0; files.len()],
+            }),
+        }
     }
-    let strict = CastOptions {
-        safe: false,
-        ..Default::default()
-    };
-    let file_names = StringArray::from_iter_values(files.iter());
-    let mut valid = Vec::new();
-    let mut rejected = Vec::new();
-    for batch in output {
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RouteState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Routes one output batch: its valid rows and its rejected rows.
+    pub fn route(&self, batch: &RecordBatch) -> Result<(Option<RecordBatch>, Option<RecordBatch>)> {
         let n = batch.num_rows();
         if n == 0 {
-            continue;
+            return Ok((None, None));
         }
+        let table = &self.table;
+        let strict = CastOptions {
+            safe: false,
+            ..Default::default()
+        };
         // File of each row, as an index into `files`.
-        let (keys, values) = file_dictionary(&batch)?;
+        let (keys, values) = file_dictionary(batch)?;
         let slot_of_value = (0..values.len())
             .map(|v| {
-                rank.get(values.value(v)).copied().ok_or_else(|| {
+                self.rank.get(values.value(v)).copied().ok_or_else(|| {
                     accounting(
                         values.value(v),
                         "the query output a row of a file it was not given".to_string(),
@@ -379,9 +372,9 @@ pub fn route(
             .and_then(|a| a.as_primitive_opt::<Int64Type>())
             .ok_or_else(|| accounting("(query output)", format!("{SOURCE_ROW} is not Int64")))?
             .clone();
-        // Casting data columns to their stored types.
-        let mut data_arrays: Vec<ArrayRef> = Vec::with_capacity(data.len());
-        for f in &data {
+        // Data columns in their stored types.
+        let mut data_arrays: Vec<ArrayRef> = Vec::with_capacity(self.data.len());
+        for f in &self.data {
             let a = batch
                 .column_by_name(f.name())
                 .ok_or_else(|| accounting("(query output)", format!("missing {}", f.name())))?;
@@ -408,7 +401,7 @@ pub fn route(
             None => StringArray::new_null(n),
         };
         for p in &table.partition_by {
-            let idx = data.iter().position(|f| f.name() == p);
+            let idx = self.data.iter().position(|f| f.name() == p);
             if let Some(a) = idx.map(|i| &data_arrays[i])
                 && a.null_count() > 0
             {
@@ -432,10 +425,10 @@ pub fn route(
         let mut keep = BooleanBuilder::with_capacity(n);
         let mut reject = BooleanBuilder::with_capacity(n);
         let mut ids = Vec::with_capacity(n);
+        let mut local = vec![Counts::default(); self.files.len()];
         for i in 0..n {
             let slot = slot_of_value[keys.value(i) as usize];
-            let c = &mut counts[slot];
-            seen[slot].push(row.value(i) as u64);
+            let c = &mut local[slot];
             let is_rejected = reasons.is_valid(i);
             let is_dup = !is_rejected && dup.as_ref().is_some_and(|d| d.is_valid(i) && d.value(i));
             if is_rejected {
@@ -449,19 +442,49 @@ pub fn route(
             reject.append_value(is_rejected);
             ids.push(slot as i32);
         }
+        {
+            let mut state = self.lock();
+            for (&slot, &r) in ids.iter().zip(row.values()) {
+                let r = r.max(0) as u64;
+                let (word, bit) = ((r / 64) as usize, r % 64);
+                let seen = &mut state.seen[slot as usize];
+                if seen.len() <= word {
+                    seen.resize(word + 1 + word / 2, 0);
+                }
+                if seen[word] & (1 << bit) != 0 {
+                    return Err(accounting(
+                        &self.files[slot as usize],
+                        format!("the query output row {r} twice"),
+                    ));
+                }
+                seen[word] |= 1 << bit;
+                state.out[slot as usize] += 1;
+            }
+            for (c, l) in state.counts.iter_mut().zip(&local) {
+                c.written += l.written;
+                c.rejected += l.rejected;
+                c.duplicate += l.duplicate;
+            }
+        }
         let ids = Int32Array::from(ids);
         let keep = keep.finish();
         let reject = reject.finish();
+        let mut valid = None;
         if keep.true_count() > 0 {
             let mut valid_arrays = data_arrays.clone();
             valid_arrays.push(Arc::new(ids.clone()));
             valid_arrays.push(Arc::new(row.clone()));
-            let all = RecordBatch::try_new(valid_schema.clone(), valid_arrays)?;
-            valid.push(filter_record_batch(&all, &keep)?);
+            let all = RecordBatch::try_new(self.valid_schema.clone(), valid_arrays)?;
+            valid = Some(if keep.true_count() == n {
+                all
+            } else {
+                filter_record_batch(&all, &keep)?
+            });
         }
+        let mut rejected = None;
         if reject.true_count() > 0 {
             let ids = filter(&ids, &reject)?;
-            let names = take(&file_names, ids.as_primitive::<Int32Type>(), None)?;
+            let names = take(&self.file_names, ids.as_primitive::<Int32Type>(), None)?;
             let mut rej_arrays: Vec<ArrayRef> = vec![
                 names,
                 filter(&row, &reject)?,
@@ -471,20 +494,23 @@ pub fn route(
             for a in data_arrays {
                 rej_arrays.push(filter(&a, &reject)?);
             }
-            rejected.push(RecordBatch::try_new(rejected_schema.clone(), rej_arrays)?);
+            rejected = Some(RecordBatch::try_new(
+                self.rejected_schema.clone(),
+                rej_arrays,
+            )?);
         }
+        Ok((valid, rejected))
     }
-    // Reader-level rejects.
-    for (key, _, malformed) in reads {
+
+    /// The rejected rows for records a reader could not parse.
+    pub fn malformed(&self, file: usize, malformed: &[Malformed]) -> Result<Option<RecordBatch>> {
         if malformed.is_empty() {
-            continue;
+            return Ok(None);
         }
         let n = malformed.len();
+        let key = self.files.get(file).map(String::as_str).unwrap_or_default();
         let mut arrays: Vec<ArrayRef> = vec![
-            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
-                key.as_str(),
-                n,
-            ))),
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(key, n))),
             Arc::new(Int64Array::from_iter_values(
                 malformed.iter().map(|m| m.row as i64),
             )),
@@ -495,49 +521,43 @@ pub fn route(
                 malformed.iter().map(|m| m.raw.as_str()),
             )),
         ];
-        arrays.extend(data.iter().map(|f| new_null_array(f.data_type(), n)));
-        rejected.push(RecordBatch::try_new(rejected_schema.clone(), arrays)?);
+        arrays.extend(self.data.iter().map(|f| new_null_array(f.data_type(), n)));
+        Ok(Some(RecordBatch::try_new(
+            self.rejected_schema.clone(),
+            arrays,
+        )?))
     }
-    // Every row the reader produced must come out exactly once.
-    for (key, good_rows, _) in reads {
-        let slot = rank[key.as_str()];
-        let rows = std::mem::take(&mut seen[slot]);
-        if rows.len() as u64 != *good_rows {
-            let lost = *good_rows as i64 - rows.len() as i64;
-            let message = if lost > 0 {
-                format!(
-                    "the query of table {} dropped {lost} of its {good_rows} rows; route invalid \
-                     rows with {REJECT_REASON}, duplicates with {DUPLICATE} or unique_key, \
-                     instead of filtering them out",
-                    table.name
-                )
-            } else {
-                format!(
-                    "the query of table {} output {} rows for {good_rows} input rows (a join \
-                     that multiplies rows?)",
-                    table.name, -lost
-                )
-            };
-            return Err(accounting(key, message));
+
+    /// Per-file counts once the query is done; fails unless every row the readers produced
+    /// (`good_rows`, `malformed`, per file) came out exactly once.
+    pub fn finish(&self, reads: &[(u64, u64)]) -> Result<Vec<Counts>> {
+        let mut state = self.lock();
+        for (i, &(good_rows, malformed)) in reads.iter().enumerate() {
+            let out = state.out[i];
+            if out != good_rows {
+                let lost = good_rows as i64 - out as i64;
+                let message = if lost > 0 {
+                    format!(
+                        "the query of table {} dropped {lost} of its {good_rows} rows; route \
+                         invalid rows with {REJECT_REASON}, duplicates with {DUPLICATE} or \
+                         unique_key, instead of filtering them out",
+                        self.table.name
+                    )
+                } else {
+                    format!(
+                        "the query of table {} output {} rows for {good_rows} input rows (a \
+                         join that multiplies rows?)",
+                        self.table.name, -lost
+                    )
+                };
+                return Err(accounting(&self.files[i], message));
+            }
+            let c = &mut state.counts[i];
+            c.read = good_rows + malformed;
+            c.rejected += malformed;
         }
-        let mut rows = rows;
-        rows.sort_unstable();
-        if let Some(w) = rows.windows(2).find(|w| w[0] == w[1]) {
-            return Err(accounting(
-                key,
-                format!("the query output row {} twice", w[0]),
-            ));
-        }
+        Ok(std::mem::take(&mut state.counts))
     }
-    let counts = files.iter().cloned().zip(counts).collect();
-    Ok(Routed {
-        valid,
-        rejected,
-        files,
-        counts,
-        valid_schema,
-        rejected_schema,
-    })
 }
 
 /// The `_source_file` column as dictionary keys and values, whatever its encoding.

@@ -14,10 +14,10 @@ use crate::warehouse;
 /// Checks everything; returns a short description of each table's output.
 pub async fn validate(config: &Config) -> Result<String> {
     let prepared = prepare(config)?;
-    let tables_ctx = transform::session(1);
+    let tables_ctx = transform::session(1, crate::config::DEFAULT_MEMORY_LIMIT);
     let mut out = String::new();
     for p in &prepared {
-        let ctx = transform::session(1);
+        let ctx = transform::session(1, crate::config::DEFAULT_MEMORY_LIMIT);
         let schema = p.schema.arrow_schema();
         transform::register_batches(&ctx, &p.source.name, schema, Vec::new(), 1)?;
         let df = ctx

@@ -35,7 +35,7 @@ pub async fn refresh(config: &Config, lake: &Lake, threads: usize) -> Result<Vec
         return Ok(built);
     }
     let ledger = Ledger::load(lake).await?;
-    let ctx = transform::session(threads);
+    let ctx = transform::session(threads, config.engine.budget().limit / 2);
     let registered = catalog::register_all(&ctx, lake).await?;
     for agg in &config.aggregates {
         let path = config.resolve(&agg.query);

@@ -1,14 +1,13 @@
 //! The sink: dedup by `unique_key`, Hive-partitioned Parquet files, and the merge with rows a
 //! table already holds (only partitions holding affected keys are rewritten).
 
-pub mod dedup;
+pub mod stream;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use datafusion::arrow::array::{ArrayRef, BooleanArray, RecordBatch, UInt32Array, new_null_array};
-use datafusion::arrow::compute::{cast, filter_record_batch, take_record_batch};
+use datafusion::arrow::array::{ArrayRef, RecordBatch, new_null_array};
+use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
@@ -21,24 +20,33 @@ use parquet::file::properties::WriterProperties;
 use crate::error::{Error, Result};
 use crate::lake::{self, Lake};
 
-/// Encodes batches as one Parquet file.
-pub fn encode_parquet(
-    schema: &SchemaRef,
-    batches: &[RecordBatch],
-    compression: &str,
-) -> Result<Bytes> {
+/// How sluice writes Parquet: the table's compression (zstd level 1 unless told otherwise) and
+/// row groups of 128Ki rows.
+pub fn writer_properties(compression: &str) -> Result<WriterProperties> {
     let codec = match compression {
         "snappy" => Compression::SNAPPY,
         "gzip" => Compression::GZIP(GzipLevel::default()),
         "none" => Compression::UNCOMPRESSED,
         _ => Compression::ZSTD(ZstdLevel::try_new(1)?),
     };
-    let props = WriterProperties::builder()
+    Ok(WriterProperties::builder()
         .set_compression(codec)
-        .set_max_row_group_row_count(Some(256 * 1024))
-        .build();
+        .set_max_row_group_row_count(Some(128 * 1024))
+        .build())
+}
+
+/// Encodes batches as one Parquet file.
+pub fn encode_parquet(
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    compression: &str,
+) -> Result<Bytes> {
     let mut buf = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut buf, schema.clone(), Some(props))?;
+    let mut writer = ArrowWriter::try_new(
+        &mut buf,
+        schema.clone(),
+        Some(writer_properties(compression)?),
+    )?;
     for b in batches {
         writer.write(b)?;
     }
@@ -59,7 +67,7 @@ pub fn decode_parquet(key: &str, data: Bytes) -> Result<Vec<RecordBatch>> {
 }
 
 /// The Hive folder of each row, e.g. `event_date=2024-03-01` (encoded as a lake path).
-fn partition_dirs(batch: &RecordBatch, partition_by: &[String]) -> Result<Vec<String>> {
+pub(crate) fn partition_dirs(batch: &RecordBatch, partition_by: &[String]) -> Result<Vec<String>> {
     let n = batch.num_rows();
     let mut dirs = vec![String::new(); n];
     let opts = FormatOptions::default();
@@ -77,34 +85,6 @@ fn partition_dirs(batch: &RecordBatch, partition_by: &[String]) -> Result<Vec<St
         }
     }
     Ok(dirs)
-}
-
-/// Splits batches by partition folder; the partition columns are dropped from the rows.
-pub fn split_partitions(
-    batches: &[RecordBatch],
-    partition_by: &[String],
-) -> Result<BTreeMap<String, Vec<RecordBatch>>> {
-    let mut out: BTreeMap<String, Vec<RecordBatch>> = BTreeMap::new();
-    for batch in batches {
-        if batch.num_rows() == 0 {
-            continue;
-        }
-        let file_batch = drop_columns(batch, partition_by)?;
-        if partition_by.is_empty() {
-            out.entry(String::new()).or_default().push(file_batch);
-            continue;
-        }
-        let dirs = partition_dirs(batch, partition_by)?;
-        let mut groups: HashMap<&str, Vec<u32>> = HashMap::new();
-        for (i, d) in dirs.iter().enumerate() {
-            groups.entry(d.as_str()).or_default().push(i as u32);
-        }
-        for (dir, idx) in groups {
-            let part = take_record_batch(&file_batch, &UInt32Array::from(idx))?;
-            out.entry(dir.to_string()).or_default().push(part);
-        }
-    }
-    Ok(out)
 }
 
 /// The batch without the named columns.
@@ -256,7 +236,7 @@ pub async fn read_table_file(
 /// Row-comparable encodings of some columns of a batch.
 pub struct KeyEncoder {
     converter: RowConverter,
-    columns: Vec<String>,
+    pub(crate) columns: Vec<String>,
 }
 
 impl KeyEncoder {
@@ -292,99 +272,6 @@ impl KeyEncoder {
             .collect::<Result<Vec<_>>>()?;
         Ok(self.converter.convert_columns(&cols)?)
     }
-}
-
-/// Rows of a table that a batch of new rows supersedes, and new rows that lose to older ones.
-pub struct MergePlan {
-    /// Partition folders to rewrite, with the keys to drop from each.
-    pub rewrite: BTreeMap<String, HashSet<Vec<u8>>>,
-    /// For each new batch, which rows survive (false: an existing row is newer).
-    pub keep_new: Vec<BooleanArray>,
-}
-
-/// Compares new rows (already deduplicated) with the rows a table holds.
-pub async fn plan_merge(
-    lake: &Lake,
-    files: &[TableFile],
-    partition_types: &[(String, DataType)],
-    full_schema: &SchemaRef,
-    new_batches: &[RecordBatch],
-    unique_key: &[String],
-    order_by: &str,
-) -> Result<MergePlan> {
-    let keys = KeyEncoder::new(full_schema, unique_key)?;
-    let order = KeyEncoder::new(full_schema, &[order_by.to_string()])?;
-    // The newest version of each key among the new rows.
-    let mut incoming: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
-    let mut encoded = Vec::with_capacity(new_batches.len());
-    for b in new_batches {
-        let k = keys.encode(b)?;
-        let o = order.encode(b)?;
-        for i in 0..b.num_rows() {
-            incoming.insert(k.row(i).as_ref().to_vec(), o.row(i).as_ref().to_vec());
-        }
-        encoded.push((k, o));
-    }
-    let mut rewrite: BTreeMap<String, HashSet<Vec<u8>>> = BTreeMap::new();
-    // The existing version of keys that are newer than the incoming one.
-    let mut existing_newer: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
-    if !incoming.is_empty() {
-        for f in files {
-            for b in read_table_file(lake, f, partition_types, full_schema).await? {
-                let k = keys.encode(&b)?;
-                let o = order.encode(&b)?;
-                for i in 0..b.num_rows() {
-                    let key = k.row(i);
-                    if let Some(new_order) = incoming.get(key.as_ref()) {
-                        if new_order.as_slice() >= o.row(i).as_ref() {
-                            rewrite
-                                .entry(f.dir.clone())
-                                .or_default()
-                                .insert(key.as_ref().to_vec());
-                        } else {
-                            existing_newer
-                                .insert(key.as_ref().to_vec(), o.row(i).as_ref().to_vec());
-                        }
-                    }
-                }
-            }
-        }
-    }
-    let keep_new = encoded
-        .iter()
-        .map(|(k, _)| {
-            (0..k.num_rows())
-                .map(|i| Some(!existing_newer.contains_key(k.row(i).as_ref())))
-                .collect::<BooleanArray>()
-        })
-        .collect();
-    Ok(MergePlan { rewrite, keep_new })
-}
-
-/// The rows of a partition's existing files minus the superseded keys.
-pub async fn surviving_rows(
-    lake: &Lake,
-    files: &[TableFile],
-    partition_types: &[(String, DataType)],
-    full_schema: &SchemaRef,
-    unique_key: &[String],
-    drop: &HashSet<Vec<u8>>,
-) -> Result<Vec<RecordBatch>> {
-    let keys = KeyEncoder::new(full_schema, unique_key)?;
-    let mut out = Vec::new();
-    for f in files {
-        for b in read_table_file(lake, f, partition_types, full_schema).await? {
-            let k = keys.encode(&b)?;
-            let mask: BooleanArray = (0..b.num_rows())
-                .map(|i| Some(!drop.contains(k.row(i).as_ref())))
-                .collect();
-            let kept = filter_record_batch(&b, &mask)?;
-            if kept.num_rows() > 0 {
-                out.push(kept);
-            }
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -9,59 +9,107 @@ use super::columns::{ReadContext, RowBuilder};
 use crate::config::CsvOptions;
 use crate::error::{Error, Result};
 
-/// Reads a whole CSV file.
+/// Reads a whole CSV file (header included).
+#[cfg(test)]
 pub(super) fn read(
     ctx: &ReadContext,
     opts: &CsvOptions,
     key: &str,
     data: &[u8],
 ) -> Result<ReadOutput> {
-    let fail = |message: String| Error::Read {
-        key: key.to_string(),
-        message,
-    };
-    let mut reader = csv::ReaderBuilder::new()
+    match read_header(ctx, opts, key, data, true)? {
+        None => Ok(ReadOutput::default()),
+        Some((mapping, end)) => {
+            let line = 1 + memchr::memchr_iter(b'\n', &data[..end]).count() as u64;
+            read_records(ctx, opts, key, &data[end..], line, &mapping)
+        }
+    }
+}
+
+fn reader<'d>(opts: &CsvOptions, data: &'d [u8]) -> csv::Reader<&'d [u8]> {
+    csv::ReaderBuilder::new()
         .delimiter(opts.delimiter as u8)
         .quote(opts.quote as u8)
         .double_quote(true)
         .has_headers(false)
         .flexible(true)
-        .from_reader(data);
-    let mut record = csv::ByteRecord::new();
-    // Where each file column goes in the schema (None: not in the schema).
-    let mapping: Vec<Option<usize>> = if opts.header {
-        if !reader
-            .read_byte_record(&mut record)
-            .map_err(|e| fail(format!("cannot read the header: {e}")))?
-        {
-            return Ok(ReadOutput::default());
-        }
-        let names: Vec<String> = record
-            .iter()
-            .map(|f| {
-                String::from_utf8_lossy(f)
-                    .trim()
-                    .trim_start_matches('\u{feff}')
-                    .to_string()
-            })
-            .collect();
-        for wanted in &ctx.names {
-            if !names.iter().any(|n| n == wanted) {
-                return Err(fail(format!(
-                    "the header has no column \"{wanted}\" (it has: {})",
-                    names.join(", ")
-                )));
-            }
-        }
-        names.iter().map(|n| ctx.index.get(n).copied()).collect()
-    } else {
-        (0..ctx.width()).map(Some).collect()
+        .from_reader(data)
+}
+
+/// Where each file column goes in the schema (`None`: not in the schema), and where the rows
+/// start. With `header = false`, the columns are the schema's, in order. `None` if `data` does
+/// not hold the whole header yet (or, when `complete`, if the file is empty).
+pub(super) fn read_header(
+    ctx: &ReadContext,
+    opts: &CsvOptions,
+    key: &str,
+    data: &[u8],
+    complete: bool,
+) -> Result<Option<(Vec<Option<usize>>, usize)>> {
+    if !opts.header {
+        return Ok(Some(((0..ctx.width()).map(Some).collect(), 0)));
+    }
+    let fail = |message: String| Error::Read {
+        key: key.to_string(),
+        message,
     };
+    let mut reader = reader(opts, data);
+    let mut record = csv::ByteRecord::new();
+    if !reader
+        .read_byte_record(&mut record)
+        .map_err(|e| fail(format!("cannot read the header: {e}")))?
+    {
+        return Ok(None);
+    }
+    let end = reader.position().byte() as usize;
+    if !complete && (end >= data.len() || !data[..end].ends_with(b"\n")) {
+        return Ok(None);
+    }
+    let names: Vec<String> = record
+        .iter()
+        .map(|f| {
+            String::from_utf8_lossy(f)
+                .trim()
+                .trim_start_matches('\u{feff}')
+                .to_string()
+        })
+        .collect();
+    for wanted in &ctx.names {
+        if !names.iter().any(|n| n == wanted) {
+            return Err(fail(format!(
+                "the header has no column \"{wanted}\" (it has: {})",
+                names.join(", ")
+            )));
+        }
+    }
+    Ok(Some((
+        names.iter().map(|n| ctx.index.get(n).copied()).collect(),
+        end,
+    )))
+}
+
+/// Reads CSV records (no header); `first_line` is the line `data` starts at, `mapping` from
+/// [`read_header`].
+pub(super) fn read_records(
+    ctx: &ReadContext,
+    opts: &CsvOptions,
+    key: &str,
+    data: &[u8],
+    first_line: u64,
+    mapping: &[Option<usize>],
+) -> Result<ReadOutput> {
+    let fail = |message: String| Error::Read {
+        key: key.to_string(),
+        message,
+    };
+    let mut reader = reader(opts, data);
+    let mut record = csv::ByteRecord::new();
     let expected = mapping.len();
     let mut rows = RowBuilder::new(ctx, key);
+    let offset = first_line - 1;
     loop {
         let start = reader.position().byte() as usize;
-        let line = reader.position().line();
+        let line = reader.position().line() + offset;
         let more = match reader.read_byte_record(&mut record) {
             Ok(more) => more,
             Err(e) => return Err(fail(format!("line {line}: {e}"))),
@@ -69,7 +117,7 @@ pub(super) fn read(
         if !more {
             break;
         }
-        let line = record.position().map(|p| p.line()).unwrap_or(line);
+        let line = record.position().map(|p| p.line() + offset).unwrap_or(line);
         let end = reader.position().byte() as usize;
         let raw = &data[start.min(data.len())..end.min(data.len())];
         if record.len() == 1 && record[0].is_empty() && expected > 1 {
@@ -85,7 +133,7 @@ pub(super) fn read(
         }
         let mut cells: Vec<Option<Cow<'_, str>>> = vec![None; ctx.width()];
         let mut bad = None;
-        for (field, target) in record.iter().zip(&mapping) {
+        for (field, target) in record.iter().zip(mapping) {
             let Some(i) = *target else { continue };
             match std::str::from_utf8(field) {
                 Ok(v) if v == opts.null_value => {}

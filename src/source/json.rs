@@ -11,52 +11,8 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use super::ReadOutput;
-use super::Unit;
 use super::columns::{ReadContext, RowBuilder, truncate};
 use crate::error::{Error, Result};
-
-/// Chunk size below which a file is not split.
-const MIN_CHUNK: usize = 8 << 20;
-
-/// Splits a JSON-lines file into line-aligned chunks, one unit each.
-pub(super) fn split_lines(data: &[u8], file: usize, threads: usize) -> Vec<Unit> {
-    let pieces = (data.len() / MIN_CHUNK).clamp(1, threads.max(1) * 4);
-    split_into(data, file, pieces)
-}
-
-/// Splits `data` into about `pieces` line-aligned chunks.
-fn split_into(data: &[u8], file: usize, pieces: usize) -> Vec<Unit> {
-    let target = data.len().div_ceil(pieces).max(1);
-    let mut units = Vec::with_capacity(pieces);
-    let mut start = 0;
-    let mut line = 1u64;
-    while start < data.len() {
-        let mut end = (start + target).min(data.len());
-        if end < data.len() {
-            end = match memchr::memchr(b'\n', &data[end..]) {
-                Some(p) => end + p + 1,
-                None => data.len(),
-            };
-        }
-        units.push(Unit {
-            file,
-            start,
-            end,
-            first_line: line,
-        });
-        line += memchr::memchr_iter(b'\n', &data[start..end]).count() as u64;
-        start = end;
-    }
-    if units.is_empty() {
-        units.push(Unit {
-            file,
-            start: 0,
-            end: 0,
-            first_line: 1,
-        });
-    }
-    units
-}
 
 /// Reads JSON lines; `first_line` is the line number of the first line of `data`.
 pub(super) fn read_lines(
@@ -280,33 +236,5 @@ mod tests {
         assert!(out.malformed[2].reason.contains("UTF-8"));
         assert!(out.malformed[3].reason.contains("column n"));
         assert_eq!(out.rows_read(), 7);
-    }
-
-    #[test]
-    fn chunks_keep_line_numbers() {
-        let mut data = Vec::new();
-        for i in 0..100_000 {
-            data.extend_from_slice(format!("{{\"a\":\"{i}\"}}\n").as_bytes());
-        }
-        let units = split_into(&data, 0, 7);
-        assert_eq!(units.len(), 7);
-        let c = ctx();
-        let mut total = 0;
-        for u in &units {
-            let out = read_lines(&c, "f", &data[u.start..u.end], u.first_line).unwrap();
-            let b = &out.batches[0];
-            let first = b
-                .column(0)
-                .as_string::<i32>()
-                .value(0)
-                .parse::<u64>()
-                .unwrap();
-            let row = b
-                .column(3)
-                .as_primitive::<datafusion::arrow::datatypes::Int64Type>();
-            assert_eq!(row.value(0) as u64, first + 1);
-            total += out.good_rows();
-        }
-        assert_eq!(total, 100_000);
     }
 }

@@ -7,20 +7,18 @@
 
 mod columns;
 mod csv;
+pub mod feed;
 mod json;
 mod parquet;
 
-use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use bytes::Bytes;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use serde::Deserialize;
 
-use crate::config::{Format, SourceConfig};
+use crate::config::Format;
 use crate::error::{Error, Result};
 
 pub use columns::{SOURCE_FILE, SOURCE_ROW};
@@ -57,11 +55,6 @@ impl ReadOutput {
     /// Rows that made it into batches.
     pub fn good_rows(&self) -> u64 {
         self.batches.iter().map(|b| b.num_rows() as u64).sum()
-    }
-
-    fn append(&mut self, other: ReadOutput) {
-        self.batches.extend(other.batches);
-        self.malformed.extend(other.malformed);
     }
 }
 
@@ -196,140 +189,5 @@ pub fn matches_format(key: &str, format: Format) -> bool {
             .iter()
             .any(|e| e.eq_ignore_ascii_case(ext)),
         None => false,
-    }
-}
-
-/// Decompresses a raw file by its name.
-pub fn decompress(key: &str, data: Bytes) -> Result<Bytes> {
-    let (compression, _) = Compression::from_key(key);
-    let fail = |what: &str, e: std::io::Error| Error::Read {
-        key: key.to_string(),
-        message: format!("truncated or corrupt {what} data: {e}"),
-    };
-    match compression {
-        Compression::None => Ok(data),
-        Compression::Gzip => {
-            let mut out = Vec::with_capacity(data.len() * 4);
-            flate2::read::MultiGzDecoder::new(&data[..])
-                .read_to_end(&mut out)
-                .map_err(|e| fail("gzip", e))?;
-            Ok(Bytes::from(out))
-        }
-        Compression::Zstd => {
-            let mut out = Vec::with_capacity(data.len() * 4);
-            zstd::stream::read::Decoder::new(&data[..])
-                .and_then(|mut d| d.read_to_end(&mut out))
-                .map_err(|e| fail("zstd", e))?;
-            Ok(Bytes::from(out))
-        }
-    }
-}
-
-/// A raw file, decompressed, ready to be read.
-pub struct RawFile {
-    /// Its key in the lake.
-    pub key: String,
-    /// Its decompressed content.
-    pub data: Bytes,
-}
-
-/// A piece of work for a reader thread: a whole file or a line-aligned chunk of one.
-struct Unit {
-    file: usize,
-    start: usize,
-    end: usize,
-    first_line: u64,
-}
-
-/// Reads many files of one source on all `threads`, splitting JSON-lines files into chunks.
-/// The result has one entry per input file, in order.
-pub fn read_files(
-    source: &SourceConfig,
-    schema: &SourceSchema,
-    files: &[RawFile],
-    threads: usize,
-) -> Vec<Result<ReadOutput>> {
-    let ctx = columns::ReadContext::new(schema);
-    let mut units = Vec::new();
-    for (i, f) in files.iter().enumerate() {
-        if source.format == Format::Jsonl {
-            units.extend(json::split_lines(&f.data, i, threads));
-        } else {
-            units.push(Unit {
-                file: i,
-                start: 0,
-                end: f.data.len(),
-                first_line: 1,
-            });
-        }
-    }
-    let next = AtomicUsize::new(0);
-    let mut results: Vec<(usize, Result<ReadOutput>)> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads.max(1).min(units.len().max(1)))
-            .map(|_| {
-                s.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(u) = units.get(i) else { break };
-                        let f = &files[u.file];
-                        let out = read_unit(source, &ctx, f, u);
-                        done.push((i, out));
-                    }
-                    done
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| {
-                w.join().unwrap_or_else(|_| {
-                    vec![(
-                        usize::MAX,
-                        Err(Error::Read {
-                            key: String::new(),
-                            message: "a reader thread panicked".into(),
-                        }),
-                    )]
-                })
-            })
-            .collect()
-    });
-    results.sort_by_key(|(i, _)| *i);
-    let mut out: Vec<Result<ReadOutput>> =
-        files.iter().map(|_| Ok(ReadOutput::default())).collect();
-    for (i, r) in results {
-        let Some(u) = units.get(i) else {
-            // A panicked worker: fail every file, since we cannot tell which one it had.
-            for o in out.iter_mut() {
-                *o = Err(Error::Read {
-                    key: String::new(),
-                    message: "a reader thread panicked".into(),
-                });
-            }
-            continue;
-        };
-        let slot = &mut out[u.file];
-        match (slot.as_mut(), r) {
-            (Ok(acc), Ok(part)) => acc.append(part),
-            (Ok(_), Err(e)) => *slot = Err(e),
-            (Err(_), _) => {}
-        }
-    }
-    out
-}
-
-fn read_unit(
-    source: &SourceConfig,
-    ctx: &columns::ReadContext,
-    file: &RawFile,
-    unit: &Unit,
-) -> Result<ReadOutput> {
-    let data = file.data.slice(unit.start..unit.end);
-    match source.format {
-        Format::Jsonl => json::read_lines(ctx, &file.key, &data, unit.first_line),
-        Format::Json => json::read_document(ctx, &file.key, &data),
-        Format::Csv => csv::read(ctx, &source.csv, &file.key, &data),
-        Format::Parquet => parquet::read(ctx, &file.key, data),
     }
 }

@@ -1,0 +1,876 @@
+//! The streaming table writer: valid rows come in batch by batch from the query threads, are
+//! deduplicated by `unique_key` against everything seen so far, split by partition without a
+//! sort, and written as Parquet with a bound on open files.
+//!
+//! Rows wait in memory for a while (a byte budget) before they are written, so a later version of
+//! a key that arrives soon after (the usual case: retries, replays, status updates) replaces the
+//! earlier one before it ever reaches a file. A row that loses after it was written is a late
+//! loser: the few files holding one are rewritten without it when the batch ends. The dedup index
+//! keeps, per key, its order value and where its winning row is: about 40 bytes plus the key.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::hash::BuildHasher;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use datafusion::arrow::array::{
+    Array, AsArray, BooleanArray, RecordBatch, StringArray, UInt32Array,
+};
+use datafusion::arrow::buffer::BooleanBuffer;
+use datafusion::arrow::compute::{filter_record_batch, take_record_batch};
+use datafusion::arrow::datatypes::{DataType, Int32Type, Int64Type, Schema, SchemaRef};
+use datafusion::arrow::row::Rows;
+use hashbrown::{DefaultHashBuilder, HashTable};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use super::{KeyEncoder, conform, nullable, partition_dirs, writer_properties};
+use crate::error::{Error, Result};
+use crate::source::{SOURCE_FILE, SOURCE_ROW};
+
+/// How a table is written.
+#[derive(Debug, Clone)]
+pub struct SinkOptions {
+    /// Hive partition columns.
+    pub partition_by: Vec<String>,
+    /// Columns identifying a row; with `order_by`, one row per key is kept.
+    pub unique_key: Vec<String>,
+    /// The column whose greatest value wins among rows of one key.
+    pub order_by: Option<String>,
+    /// Parquet compression.
+    pub compression: String,
+    /// Bytes of rows held back before writing.
+    pub buffer_bytes: usize,
+    /// Files open for writing at once.
+    pub max_writers: usize,
+}
+
+/// A Parquet file the sink wrote.
+#[derive(Debug, Clone)]
+pub struct OutFile {
+    /// Its partition folder (`a=1/b=x`, encoded), empty without partitions.
+    pub dir: String,
+    /// Where it is on local disk.
+    pub path: PathBuf,
+    /// Rows in it.
+    pub rows: u64,
+}
+
+/// Partitions beyond which files are closed, not kept open, when they go idle.
+const MAX_OPEN_FILES: usize = 256;
+
+/// Marks an index entry whose new row lost to a row the table already held.
+const LOST: u64 = u64::MAX;
+
+/// One key's best row: its key and order bytes in the arena, its lineage (file index << 40 |
+/// source row) and its location (segment << 32 | row in segment).
+#[derive(Clone, Copy)]
+struct Entry {
+    off: u64,
+    key_len: u32,
+    order_len: u32,
+    lineage: u64,
+    loc: u64,
+}
+
+/// Key -> best row.
+#[derive(Default)]
+struct DedupIndex {
+    table: HashTable<Entry>,
+    arena: Vec<u8>,
+    hasher: DefaultHashBuilder,
+}
+
+impl DedupIndex {
+    /// Offers a row; returns the location and lineage of the row that lost, if any.
+    fn offer(&mut self, key: &[u8], order: &[u8], lineage: u64, loc: u64) -> Option<(u64, u64)> {
+        let h = self.hasher.hash_one(key);
+        let DedupIndex {
+            table,
+            arena,
+            hasher,
+        } = self;
+        match table.find_mut(h, |e| {
+            &arena[e.off as usize..e.off as usize + e.key_len as usize] == key
+        }) {
+            Some(e) => {
+                let at = (e.off + e.key_len as u64) as usize;
+                let old = &arena[at..at + e.order_len as usize];
+                if (order, lineage) <= (old, e.lineage) {
+                    return Some((loc, lineage));
+                }
+                let lost = (e.loc, e.lineage);
+                if order.len() == e.order_len as usize {
+                    arena[at..at + order.len()].copy_from_slice(order);
+                } else {
+                    e.off = arena.len() as u64;
+                    e.order_len = order.len() as u32;
+                    arena.extend_from_slice(key);
+                    arena.extend_from_slice(order);
+                }
+                e.lineage = lineage;
+                e.loc = loc;
+                Some(lost)
+            }
+            None => {
+                let off = arena.len() as u64;
+                arena.extend_from_slice(key);
+                arena.extend_from_slice(order);
+                let entry = Entry {
+                    off,
+                    key_len: key.len() as u32,
+                    order_len: order.len() as u32,
+                    lineage,
+                    loc,
+                };
+                table.insert_unique(h, entry, |e| {
+                    hasher.hash_one(&arena[e.off as usize..e.off as usize + e.key_len as usize])
+                });
+                None
+            }
+        }
+    }
+
+    /// Compares a row the table already holds with the new row of its key: `true` if the new
+    /// row replaces it. A new row that is older loses: its location and lineage are returned.
+    fn against_existing(&mut self, key: &[u8], order: &[u8]) -> (bool, Option<(u64, u64)>) {
+        let h = self.hasher.hash_one(key);
+        let DedupIndex { table, arena, .. } = self;
+        let Some(e) = table.find_mut(h, |e| {
+            &arena[e.off as usize..e.off as usize + e.key_len as usize] == key
+        }) else {
+            return (false, None);
+        };
+        if e.loc == LOST {
+            return (false, None);
+        }
+        let at = (e.off + e.key_len as u64) as usize;
+        if &arena[at..at + e.order_len as usize] >= order {
+            return (true, None);
+        }
+        let lost = (e.loc, e.lineage);
+        e.loc = LOST;
+        (false, Some(lost))
+    }
+}
+
+/// Key bytes of each row: the raw text of a single string column, or the row format.
+enum KeyBytes {
+    Text(StringArray),
+    Rows(Rows),
+}
+
+impl KeyBytes {
+    fn new(enc: &KeyEncoder, batch: &RecordBatch) -> Result<KeyBytes> {
+        if let [col] = enc.columns.as_slice()
+            && let Some(a) = batch.column_by_name(col)
+            && a.data_type() == &DataType::Utf8
+        {
+            return Ok(KeyBytes::Text(a.as_string::<i32>().clone()));
+        }
+        Ok(KeyBytes::Rows(enc.encode(batch)?))
+    }
+
+    /// The bytes of row `i`; `buf` holds them when they need a null marker.
+    fn get<'a>(&'a self, i: usize, buf: &'a mut Vec<u8>) -> &'a [u8] {
+        match self {
+            KeyBytes::Rows(r) => r.row(i).data(),
+            KeyBytes::Text(a) => {
+                buf.clear();
+                if a.is_valid(i) {
+                    buf.push(1);
+                    buf.extend_from_slice(a.value(i).as_bytes());
+                } else {
+                    buf.push(0);
+                }
+                buf
+            }
+        }
+    }
+}
+
+/// A slice of one incoming batch that belongs to one partition.
+struct Segment {
+    part: u32,
+    /// Rows in the file layout and which of them lost, while buffered; `None` once sealed.
+    body: Option<(RecordBatch, Vec<bool>)>,
+    bytes: usize,
+}
+
+/// Where a sealed segment's rows went.
+struct Placed {
+    seg: u32,
+    file: usize,
+    start: u64,
+    kept: BooleanBuffer,
+}
+
+/// The open file (if any) and the finished files of one partition.
+struct PartWriter {
+    part: usize,
+    dir: String,
+    writer: Option<ArrowWriter<File>>,
+    files: Vec<(PathBuf, u64)>,
+    placed: Vec<Placed>,
+}
+
+impl PartWriter {
+    fn write(&mut self, sink: &TableSink, batch: &RecordBatch) -> Result<(usize, u64)> {
+        if self.writer.is_none() {
+            let path = sink
+                .scratch
+                .join(format!("p{}-{}.parquet", self.part, self.files.len()));
+            let file = File::create(&path)
+                .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
+            self.writer = Some(ArrowWriter::try_new(
+                file,
+                sink.file_schema.clone(),
+                Some(writer_properties(&sink.opts.compression)?),
+            )?);
+            self.files.push((path, 0));
+        }
+        let file = self.files.len() - 1;
+        let start = self.files[file].1;
+        if let Some(w) = self.writer.as_mut() {
+            w.write(batch)?;
+        }
+        self.files[file].1 += batch.num_rows() as u64;
+        Ok((file, start))
+    }
+
+    fn close(&mut self) -> Result<()> {
+        if let Some(w) = self.writer.take() {
+            w.close()?;
+        }
+        Ok(())
+    }
+}
+
+/// A sealed segment on its way to a file: its id, rows and which of them to keep.
+type Sealed = (u32, RecordBatch, BooleanArray);
+
+/// Work to do outside the sink's lock: end the row group of some files (or close them), write
+/// sealed segments.
+#[derive(Default)]
+struct Jobs {
+    flush: Vec<Arc<Mutex<PartWriter>>>,
+    close: Vec<Arc<Mutex<PartWriter>>>,
+    write: Vec<(Arc<Mutex<PartWriter>>, Vec<Sealed>)>,
+}
+
+struct State {
+    parts: HashMap<Vec<u8>, u32>,
+    by_dir: HashMap<String, u32>,
+    writers: Vec<Arc<Mutex<PartWriter>>>,
+    index: DedupIndex,
+    segments: Vec<Segment>,
+    queue: VecDeque<u32>,
+    buffered: usize,
+    late: Vec<u64>,
+    duplicates: Vec<u64>,
+    open: VecDeque<usize>,
+}
+
+/// Writes one table's new rows: dedup, partitions, Parquet files in a scratch folder.
+pub struct TableSink {
+    opts: SinkOptions,
+    scratch: PathBuf,
+    file_schema: SchemaRef,
+    parts: Option<KeyEncoder>,
+    keys: Option<(KeyEncoder, KeyEncoder)>,
+    state: Mutex<State>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lineage_of(file: i32, row: i64) -> u64 {
+    ((file.max(0) as u64) << 40) | (row.max(0) as u64 & ((1 << 40) - 1))
+}
+
+impl TableSink {
+    /// A sink for rows shaped like `valid` (data columns, `_source_file` as an index into the
+    /// batch's `files`, `_source_row`); files are written with `full`'s columns minus the
+    /// partition columns, into `scratch`.
+    pub fn new(
+        opts: SinkOptions,
+        valid: &Schema,
+        full: &Schema,
+        files: usize,
+        scratch: &Path,
+    ) -> Result<TableSink> {
+        std::fs::create_dir_all(scratch)
+            .map_err(|e| Error::io(format!("cannot create {}", scratch.display()), e))?;
+        let file_schema = nullable(&Schema::new(
+            full.fields()
+                .iter()
+                .filter(|f| !opts.partition_by.contains(f.name()))
+                .cloned()
+                .collect::<Vec<_>>(),
+        ));
+        let parts = if opts.partition_by.is_empty() {
+            None
+        } else {
+            Some(KeyEncoder::new(valid, &opts.partition_by)?)
+        };
+        let keys = match &opts.order_by {
+            Some(order) if !opts.unique_key.is_empty() => Some((
+                KeyEncoder::new(valid, &opts.unique_key)?,
+                KeyEncoder::new(valid, std::slice::from_ref(order))?,
+            )),
+            _ => None,
+        };
+        Ok(TableSink {
+            opts,
+            scratch: scratch.to_path_buf(),
+            file_schema,
+            parts,
+            keys,
+            state: Mutex::new(State {
+                parts: HashMap::new(),
+                by_dir: HashMap::new(),
+                writers: Vec::new(),
+                index: DedupIndex::default(),
+                segments: Vec::new(),
+                queue: VecDeque::new(),
+                buffered: 0,
+                late: Vec::new(),
+                duplicates: vec![0; files],
+                open: VecDeque::new(),
+            }),
+        })
+    }
+
+    fn partition(&self, state: &mut State, dir: &str) -> u32 {
+        if let Some(&p) = state.by_dir.get(dir) {
+            return p;
+        }
+        let p = state.writers.len() as u32;
+        state.writers.push(Arc::new(Mutex::new(PartWriter {
+            part: p as usize,
+            dir: dir.to_string(),
+            writer: None,
+            files: Vec::new(),
+            placed: Vec::new(),
+        })));
+        state.by_dir.insert(dir.to_string(), p);
+        p
+    }
+
+    /// Takes a batch of valid rows.
+    pub fn push(&self, batch: &RecordBatch) -> Result<()> {
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        // Partition of each row: the row-format bytes of the partition columns, looked up once
+        // per run of equal values.
+        let mut part_of = vec![0u32; n];
+        if let Some(enc) = &self.parts {
+            let rows = enc.encode(batch)?;
+            let mut state = lock(&self.state);
+            let mut prev: Option<(&[u8], u32)> = None;
+            for (i, slot) in part_of.iter_mut().enumerate() {
+                let bytes = rows.row(i).data();
+                if let Some((b, p)) = prev
+                    && b == bytes
+                {
+                    *slot = p;
+                    continue;
+                }
+                let p = match state.parts.get(bytes) {
+                    Some(&p) => p,
+                    None => {
+                        let dir = partition_dirs(&batch.slice(i, 1), &self.opts.partition_by)?
+                            .pop()
+                            .unwrap_or_default();
+                        let p = self.partition(&mut state, &dir);
+                        state.parts.insert(bytes.to_vec(), p);
+                        p
+                    }
+                };
+                *slot = p;
+                prev = Some((bytes, p));
+            }
+        } else {
+            let mut state = lock(&self.state);
+            self.partition(&mut state, "");
+        }
+        // Split into one segment per partition, in the file layout.
+        let rows = conform(batch, &self.file_schema)?;
+        let mut groups: Vec<(u32, Vec<u32>)> = Vec::new();
+        let mut pos_in_group = vec![0u32; n];
+        let uniform = part_of.iter().all(|&p| p == part_of[0]);
+        let pieces: Vec<(u32, RecordBatch)> = if uniform {
+            for (i, p) in pos_in_group.iter_mut().enumerate() {
+                *p = i as u32;
+            }
+            groups.push((part_of[0], Vec::new()));
+            vec![(part_of[0], rows)]
+        } else {
+            let mut slot: HashMap<u32, usize> = HashMap::new();
+            for (i, &p) in part_of.iter().enumerate() {
+                let g = *slot.entry(p).or_insert_with(|| {
+                    groups.push((p, Vec::new()));
+                    groups.len() - 1
+                });
+                pos_in_group[i] = groups[g].1.len() as u32;
+                groups[g].1.push(i as u32);
+            }
+            groups
+                .iter()
+                .map(|(p, idx)| {
+                    Ok((
+                        *p,
+                        take_record_batch(&rows, &UInt32Array::from(idx.clone()))?,
+                    ))
+                })
+                .collect::<Result<_>>()?
+        };
+        let keyed = match &self.keys {
+            Some((k, o)) => Some((KeyBytes::new(k, batch)?, KeyBytes::new(o, batch)?)),
+            None => None,
+        };
+        let file = batch
+            .column_by_name(SOURCE_FILE)
+            .and_then(|a| a.as_primitive_opt::<Int32Type>())
+            .cloned();
+        let source_row = batch
+            .column_by_name(SOURCE_ROW)
+            .and_then(|a| a.as_primitive_opt::<Int64Type>())
+            .cloned();
+
+        let jobs = {
+            let mut state = lock(&self.state);
+            let first = state.segments.len() as u32;
+            let mut seg_of_part: HashMap<u32, u32> = HashMap::new();
+            for (i, (p, b)) in pieces.into_iter().enumerate() {
+                seg_of_part.insert(p, first + i as u32);
+                let bytes = b.get_array_memory_size();
+                state.buffered += bytes;
+                state.queue.push_back(first + i as u32);
+                let rows = b.num_rows();
+                state.segments.push(Segment {
+                    part: p,
+                    body: Some((b, vec![false; rows])),
+                    bytes,
+                });
+            }
+            if let Some((keys, orders)) = &keyed {
+                let (mut kb, mut ob) = (Vec::new(), Vec::new());
+                for i in 0..n {
+                    let seg = seg_of_part[&part_of[i]];
+                    let loc = ((seg as u64) << 32) | pos_in_group[i] as u64;
+                    let lineage = lineage_of(
+                        file.as_ref().map(|f| f.value(i)).unwrap_or(0),
+                        source_row.as_ref().map(|r| r.value(i)).unwrap_or(0),
+                    );
+                    let key = keys.get(i, &mut kb);
+                    let order = orders.get(i, &mut ob);
+                    if let Some((loc, lineage)) = state.index.offer(key, order, lineage, loc) {
+                        Self::lose(&mut state, loc, lineage);
+                    }
+                }
+            }
+            self.seal(&mut state, false)
+        };
+        self.run(jobs)
+    }
+
+    /// Marks a row as a loser: dropped while buffered, a late loser once written.
+    fn lose(state: &mut State, loc: u64, lineage: u64) {
+        let file = (lineage >> 40) as usize;
+        if let Some(d) = state.duplicates.get_mut(file) {
+            *d += 1;
+        }
+        let (seg, row) = ((loc >> 32) as usize, (loc & 0xffff_ffff) as usize);
+        match state.segments.get_mut(seg).and_then(|s| s.body.as_mut()) {
+            Some((_, dead)) => dead[row] = true,
+            None => state.late.push(loc),
+        }
+    }
+
+    /// Seals the oldest buffered segments beyond the budget (all of them with `all`).
+    fn seal(&self, state: &mut State, all: bool) -> Jobs {
+        let mut jobs = Jobs::default();
+        let mut by_part: HashMap<u32, usize> = HashMap::new();
+        while all || state.buffered > self.opts.buffer_bytes {
+            let Some(seg) = state.queue.pop_front() else {
+                break;
+            };
+            let s = &mut state.segments[seg as usize];
+            let part = s.part;
+            state.buffered -= s.bytes;
+            let Some((batch, dead)) = s.body.take() else {
+                continue;
+            };
+            let keep: BooleanArray = dead.iter().map(|d| Some(!d)).collect();
+            let slot = match by_part.get(&part) {
+                Some(&j) => j,
+                None => {
+                    self.touch(state, part as usize, &mut jobs);
+                    jobs.write
+                        .push((state.writers[part as usize].clone(), Vec::new()));
+                    by_part.insert(part, jobs.write.len() - 1);
+                    jobs.write.len() - 1
+                }
+            };
+            jobs.write[slot].1.push((seg, batch, keep));
+        }
+        jobs
+    }
+
+    /// Notes that `part` is written to. Beyond `max_writers` files with rows in memory, the
+    /// least recently written one ends its row group (and is closed when there are too many
+    /// partitions to keep every file open).
+    fn touch(&self, state: &mut State, part: usize, jobs: &mut Jobs) {
+        if let Some(i) = state.open.iter().position(|&p| p == part) {
+            state.open.remove(i);
+        }
+        state.open.push_back(part);
+        while state.open.len() > self.opts.max_writers.max(1) {
+            if let Some(old) = state.open.pop_front() {
+                if state.writers.len() > MAX_OPEN_FILES {
+                    jobs.close.push(state.writers[old].clone());
+                } else {
+                    jobs.flush.push(state.writers[old].clone());
+                }
+            }
+        }
+    }
+
+    fn run(&self, jobs: Jobs) -> Result<()> {
+        for w in jobs.close {
+            lock(&w).close()?;
+        }
+        for w in jobs.flush {
+            if let Some(w) = lock(&w).writer.as_mut() {
+                w.flush()?;
+            }
+        }
+        for (w, segs) in jobs.write {
+            let mut w = lock(&w);
+            for (seg, batch, keep) in segs {
+                let kept = if keep.true_count() == keep.len() {
+                    batch
+                } else {
+                    filter_record_batch(&batch, &keep)?
+                };
+                let (file, start) = if kept.num_rows() > 0 {
+                    w.write(self, &kept)?
+                } else {
+                    (w.files.len().saturating_sub(1), 0)
+                };
+                w.placed.push(Placed {
+                    seg,
+                    file,
+                    start,
+                    kept: keep.values().clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows a table already holds (all its columns, partition columns included) meet the new
+    /// ones: returns which of them a new row replaces. A new row older than the held one is
+    /// dropped instead, as a duplicate of its file. Asking twice gives the same answer.
+    pub fn against_existing(&self, batch: &RecordBatch) -> Result<BooleanArray> {
+        let n = batch.num_rows();
+        let Some((k, o)) = &self.keys else {
+            return Ok(BooleanArray::from(vec![false; n]));
+        };
+        let keys = KeyBytes::new(k, batch)?;
+        let orders = KeyBytes::new(o, batch)?;
+        let (mut kb, mut ob) = (Vec::new(), Vec::new());
+        let mut state = lock(&self.state);
+        let mut replaced = Vec::with_capacity(n);
+        for i in 0..n {
+            let (r, lost) = state
+                .index
+                .against_existing(keys.get(i, &mut kb), orders.get(i, &mut ob));
+            if let Some((loc, lineage)) = lost {
+                Self::lose(&mut state, loc, lineage);
+            }
+            replaced.push(r);
+        }
+        Ok(BooleanArray::from(replaced))
+    }
+
+    /// Writes rows a table already holds (its file layout) back into partition `dir`.
+    pub fn carry_over(&self, dir: &str, batch: &RecordBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let rows = conform(batch, &self.file_schema)?;
+        let (writer, jobs) = {
+            let mut state = lock(&self.state);
+            let p = self.partition(&mut state, dir) as usize;
+            let mut jobs = Jobs::default();
+            self.touch(&mut state, p, &mut jobs);
+            (state.writers[p].clone(), jobs)
+        };
+        self.run(jobs)?;
+        lock(&writer).write(self, &rows)?;
+        Ok(())
+    }
+
+    /// Rows dropped as duplicates, per source file index.
+    pub fn duplicates(&self) -> Vec<u64> {
+        lock(&self.state).duplicates.clone()
+    }
+
+    /// Writes what is still buffered, closes every file and rewrites the files that hold late
+    /// losers. Returns the non-empty files.
+    pub fn finish(&self) -> Result<Vec<OutFile>> {
+        let jobs = {
+            let mut state = lock(&self.state);
+            self.seal(&mut state, true)
+        };
+        self.run(jobs)?;
+        let (writers, late) = {
+            let mut state = lock(&self.state);
+            (state.writers.clone(), std::mem::take(&mut state.late))
+        };
+        for w in &writers {
+            lock(w).close()?;
+        }
+        if !late.is_empty() {
+            self.drop_late(&writers, &late)?;
+        }
+        let mut out = Vec::new();
+        for w in &writers {
+            let w = lock(w);
+            for (path, rows) in &w.files {
+                if *rows == 0 {
+                    let _ = std::fs::remove_file(path);
+                    continue;
+                }
+                out.push(OutFile {
+                    dir: w.dir.clone(),
+                    path: path.clone(),
+                    rows: *rows,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rewrites the files that hold rows which lost after they were written.
+    fn drop_late(&self, writers: &[Arc<Mutex<PartWriter>>], late: &[u64]) -> Result<()> {
+        let mut placed: HashMap<u32, (usize, usize, u64, BooleanBuffer)> = HashMap::new();
+        for (p, w) in writers.iter().enumerate() {
+            for pl in &lock(w).placed {
+                placed.insert(pl.seg, (p, pl.file, pl.start, pl.kept.clone()));
+            }
+        }
+        let mut drops: HashMap<(usize, usize), Vec<u64>> = HashMap::new();
+        for &loc in late {
+            let (seg, row) = ((loc >> 32) as u32, (loc & 0xffff_ffff) as usize);
+            if let Some((p, file, start, kept)) = placed.get(&seg) {
+                let pos = start + kept.slice(0, row).count_set_bits() as u64;
+                drops.entry((*p, *file)).or_default().push(pos);
+            }
+        }
+        tracing::debug!(
+            files = drops.len(),
+            rows = late.len(),
+            "rewriting files with late duplicates"
+        );
+        for ((p, file), mut positions) in drops {
+            positions.sort_unstable();
+            let mut w = lock(&writers[p]);
+            let (path, rows) = w.files[file].clone();
+            let kept =
+                rewrite_without(&path, &positions, &self.file_schema, &self.opts.compression)?;
+            debug_assert_eq!(kept + positions.len() as u64, rows);
+            w.files[file].1 = kept;
+        }
+        Ok(())
+    }
+}
+
+/// Rewrites a Parquet file without the rows at `drop` (sorted positions); returns rows kept.
+fn rewrite_without(
+    path: &Path,
+    drop: &[u64],
+    schema: &SchemaRef,
+    compression: &str,
+) -> Result<u64> {
+    let fail = |e: std::io::Error| Error::io(format!("cannot rewrite {}", path.display()), e);
+    let tmp = path.with_extension("rewrite");
+    let input = File::open(path).map_err(fail)?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(input)?
+        .with_batch_size(65_536)
+        .build()?;
+    let out = File::create(&tmp).map_err(fail)?;
+    let mut writer =
+        ArrowWriter::try_new(out, schema.clone(), Some(writer_properties(compression)?))?;
+    let mut offset = 0u64;
+    let mut next = 0usize;
+    let mut kept = 0u64;
+    for batch in reader {
+        let batch = batch?;
+        let n = batch.num_rows() as u64;
+        let mut keep = vec![true; n as usize];
+        while next < drop.len() && drop[next] < offset + n {
+            keep[(drop[next] - offset) as usize] = false;
+            next += 1;
+        }
+        let b = filter_record_batch(&batch, &BooleanArray::from(keep))?;
+        kept += b.num_rows() as u64;
+        writer.write(&b)?;
+        offset += n;
+    }
+    writer.close()?;
+    std::fs::rename(&tmp, path).map_err(fail)?;
+    Ok(kept)
+}
+
+/// Writes rows to one Parquet file from many threads (the rejected rows of a batch).
+pub struct RowFile {
+    schema: SchemaRef,
+    path: PathBuf,
+    compression: String,
+    writer: Mutex<(Option<ArrowWriter<File>>, u64)>,
+}
+
+impl RowFile {
+    /// A file at `path`, created on the first rows.
+    pub fn new(path: PathBuf, schema: &Schema, compression: &str) -> RowFile {
+        RowFile {
+            schema: nullable(schema),
+            path,
+            compression: compression.to_string(),
+            writer: Mutex::new((None, 0)),
+        }
+    }
+
+    /// Appends rows (conformed to the file's schema by name).
+    pub fn write(&self, batch: &RecordBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let rows = conform(batch, &self.schema)?;
+        let mut w = lock(&self.writer);
+        if w.0.is_none() {
+            let file = File::create(&self.path)
+                .map_err(|e| Error::io(format!("cannot create {}", self.path.display()), e))?;
+            w.0 = Some(ArrowWriter::try_new(
+                file,
+                self.schema.clone(),
+                Some(writer_properties(&self.compression)?),
+            )?);
+        }
+        if let Some(writer) = w.0.as_mut() {
+            writer.write(&rows)?;
+        }
+        w.1 += rows.num_rows() as u64;
+        Ok(())
+    }
+
+    /// Closes the file; its path if it has rows.
+    pub fn finish(&self) -> Result<Option<(PathBuf, u64)>> {
+        let mut w = lock(&self.writer);
+        match w.0.take() {
+            Some(writer) => {
+                writer.close()?;
+                Ok(Some((self.path.clone(), w.1)))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Date32Array, Int32Array, Int64Array};
+    use datafusion::arrow::datatypes::Field;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, true),
+            Field::new("v", DataType::Int64, true),
+            Field::new("day", DataType::Date32, true),
+            Field::new(SOURCE_FILE, DataType::Int32, false),
+            Field::new(SOURCE_ROW, DataType::Int64, false),
+        ]))
+    }
+
+    fn batch(rows: &[(&str, i64, i32)], first_row: i64) -> RecordBatch {
+        RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(Date32Array::from_iter_values(rows.iter().map(|r| r.2))),
+                Arc::new(Int32Array::from(vec![0; rows.len()])),
+                Arc::new(Int64Array::from_iter_values(
+                    (0..rows.len() as i64).map(|i| first_row + i),
+                )),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn read(files: &[OutFile]) -> Vec<(String, String, i64)> {
+        let mut out = Vec::new();
+        for f in files {
+            let r = ParquetRecordBatchReaderBuilder::try_new(File::open(&f.path).unwrap())
+                .unwrap()
+                .build()
+                .unwrap();
+            for b in r {
+                let b = b.unwrap();
+                let ids = b.column(0).as_string::<i32>();
+                let vs = b.column(1).as_primitive::<Int64Type>();
+                for i in 0..b.num_rows() {
+                    out.push((f.dir.clone(), ids.value(i).to_string(), vs.value(i)));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// With no buffer at all every loser is late: the files are rewritten without them, and
+    /// the result is the same as with a buffer that holds everything.
+    #[test]
+    fn late_losers_are_rewritten_out() {
+        let input = [
+            vec![("a", 1, 0), ("b", 5, 0), ("c", 1, 1)],
+            vec![("a", 3, 0), ("b", 2, 1), ("d", 1, 1)],
+            vec![("c", 9, 0), ("a", 2, 1), ("e", 1, 0)],
+        ];
+        let mut results = Vec::new();
+        for (buffer, writers) in [(0, 1), (1 << 30, 16)] {
+            let dir = tempfile::tempdir().unwrap();
+            let opts = SinkOptions {
+                partition_by: vec!["day".into()],
+                unique_key: vec!["id".into()],
+                order_by: Some("v".into()),
+                compression: "zstd".into(),
+                buffer_bytes: buffer,
+                max_writers: writers,
+            };
+            let s = schema();
+            let full = Schema::new(s.fields()[..3].to_vec());
+            let sink = TableSink::new(opts, &s, &full, 1, dir.path()).unwrap();
+            for (i, rows) in input.iter().enumerate() {
+                sink.push(&batch(rows, 1 + 3 * i as i64)).unwrap();
+            }
+            let files = sink.finish().unwrap();
+            assert_eq!(sink.duplicates(), vec![4]);
+            results.push(read(&files));
+        }
+        assert_eq!(results[0], results[1]);
+        let ids: Vec<(&str, i64)> = results[0]
+            .iter()
+            .map(|(_, id, v)| (id.as_str(), *v))
+            .collect();
+        assert_eq!(ids, vec![("a", 3), ("b", 5), ("c", 9), ("e", 1), ("d", 1)]);
+    }
+}

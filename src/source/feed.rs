@@ -1,0 +1,445 @@
+//! The feed: a batch of raw files read one after the other in record-aligned chunks, hashed on
+//! the way in, and parsed by whichever thread asks next. Memory stays at a few chunks however
+//! large the files are.
+//!
+//! JSON lines are cut at a newline; CSV at a newline outside quotes (quote parity from the start
+//! of the chunk, which always starts at a record); JSON documents and Parquet files are one chunk.
+//! A file that cannot be opened (say a CSV header without a schema column) fails before any of
+//! its rows are out; a file that breaks half-way (a truncated gzip) stops the feed, and the caller
+//! runs the batch again without it.
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
+use sha2::{Digest, Sha256};
+
+use super::columns::ReadContext;
+use super::{Compression, Malformed, ReadOutput, SourceSchema, csv, json, parquet};
+use crate::config::{Format, SourceConfig};
+use crate::error::{Error, Result};
+
+/// A raw file to feed: its key and a reader of its stored (maybe compressed) bytes.
+pub struct FeedFile {
+    /// Key in the lake.
+    pub key: String,
+    /// The stored bytes.
+    pub reader: Box<dyn Read + Send>,
+}
+
+/// What the feed learned about one file.
+#[derive(Debug, Default)]
+pub struct FileRead {
+    /// SHA-256 of the stored bytes, hex (once the whole file was read).
+    pub sha256: Option<String>,
+    /// Rows handed to the query.
+    pub good_rows: u64,
+    /// Records that could not be read.
+    pub malformed: Vec<Malformed>,
+    /// Why the file could not be read at all (none of its rows went out).
+    pub error: Option<Error>,
+}
+
+/// A file that broke after some of its rows went out: the batch must run again without it.
+#[derive(Debug)]
+pub struct Broken {
+    /// Index of the file in the feed.
+    pub file: usize,
+    /// What went wrong.
+    pub error: Error,
+}
+
+/// A piece of one file, ready to parse.
+struct Chunk {
+    file: usize,
+    key: Arc<str>,
+    data: Vec<u8>,
+    first_line: u64,
+    mapping: Option<Arc<Vec<Option<usize>>>>,
+}
+
+/// The file being read.
+struct Open {
+    file: usize,
+    key: Arc<str>,
+    reader: Box<dyn Read + Send>,
+    sha: Arc<Mutex<Sha256>>,
+    carry: Vec<u8>,
+    line: u64,
+    eof: bool,
+    mapping: Option<Arc<Vec<Option<usize>>>>,
+    emitted: bool,
+}
+
+struct State {
+    pending: Vec<Option<FeedFile>>,
+    next: usize,
+    open: Option<Open>,
+    reads: Vec<FileRead>,
+    broken: Option<Broken>,
+}
+
+/// Raw files of one source, handed out chunk by chunk.
+pub struct Feed {
+    source: SourceConfig,
+    ctx: ReadContext,
+    chunk_bytes: usize,
+    state: Mutex<State>,
+}
+
+/// Hashes what passes through.
+struct HashRead<R> {
+    inner: R,
+    sha: Arc<Mutex<Sha256>>,
+}
+
+impl<R: Read> Read for HashRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Ok(mut sha) = self.sha.lock() {
+            sha.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
+impl Feed {
+    /// A feed over `files`, in order; chunks of about `chunk_bytes`.
+    pub fn new(
+        source: &SourceConfig,
+        schema: &SourceSchema,
+        files: Vec<FeedFile>,
+        chunk_bytes: usize,
+    ) -> Feed {
+        let reads = files.iter().map(|_| FileRead::default()).collect();
+        Feed {
+            source: source.clone(),
+            ctx: ReadContext::new(schema),
+            chunk_bytes: chunk_bytes.max(64 << 10),
+            state: Mutex::new(State {
+                pending: files.into_iter().map(Some).collect(),
+                next: 0,
+                open: None,
+                reads,
+                broken: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next rows, parsed on the calling thread; `None` when every file is read (or one
+    /// broke).
+    pub fn next_rows(&self) -> Option<ReadOutput> {
+        loop {
+            let chunk = self.next_chunk()?;
+            let parsed = match self.source.format {
+                Format::Jsonl => {
+                    json::read_lines(&self.ctx, &chunk.key, &chunk.data, chunk.first_line)
+                }
+                Format::Json => json::read_document(&self.ctx, &chunk.key, &chunk.data),
+                Format::Csv => csv::read_records(
+                    &self.ctx,
+                    &self.source.csv,
+                    &chunk.key,
+                    &chunk.data,
+                    chunk.first_line,
+                    chunk.mapping.as_deref().map(Vec::as_slice).unwrap_or(&[]),
+                ),
+                Format::Parquet => parquet::read(&self.ctx, &chunk.key, Bytes::from(chunk.data)),
+            };
+            let mut state = self.lock();
+            match parsed {
+                Ok(mut out) => {
+                    let read = &mut state.reads[chunk.file];
+                    read.good_rows += out.good_rows();
+                    read.malformed.append(&mut out.malformed);
+                    if out.batches.is_empty() {
+                        continue;
+                    }
+                    return Some(out);
+                }
+                Err(error) => {
+                    if state.broken.is_none() {
+                        state.broken = Some(Broken {
+                            file: chunk.file,
+                            error,
+                        });
+                    }
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Per-file results and the file that broke, if one did. Call once the feed is drained.
+    pub fn finish(&self) -> (Vec<FileRead>, Option<Broken>) {
+        let mut state = self.lock();
+        (std::mem::take(&mut state.reads), state.broken.take())
+    }
+
+    fn next_chunk(&self) -> Option<Chunk> {
+        let mut state = self.lock();
+        loop {
+            if state.broken.is_some() {
+                return None;
+            }
+            if state.open.is_none() {
+                let i = state.next;
+                let file = state.pending.get_mut(i)?.take()?;
+                state.next += 1;
+                match self.open(i, file) {
+                    Ok(open) => state.open = Some(open),
+                    Err(e) => state.reads[i].error = Some(e),
+                }
+                continue;
+            }
+            let Some(open) = state.open.as_mut() else {
+                continue;
+            };
+            match self.cut(open) {
+                Ok(Some(chunk)) => {
+                    open.emitted = true;
+                    return Some(chunk);
+                }
+                Ok(None) => {
+                    let open = state.open.take()?;
+                    let sha = open.sha.lock().map(|s| hex::encode(s.clone().finalize()));
+                    state.reads[open.file].sha256 = sha.ok();
+                }
+                Err(error) => {
+                    let open = state.open.take()?;
+                    if open.emitted {
+                        state.broken = Some(Broken {
+                            file: open.file,
+                            error,
+                        });
+                        return None;
+                    }
+                    state.reads[open.file].error = Some(error);
+                }
+            }
+        }
+    }
+
+    /// Opens a file: decompression, and the header of a CSV file.
+    fn open(&self, file: usize, f: FeedFile) -> Result<Open> {
+        let sha = Arc::new(Mutex::new(Sha256::new()));
+        let raw = HashRead {
+            inner: f.reader,
+            sha: sha.clone(),
+        };
+        let reader: Box<dyn Read + Send> =
+            match Compression::from_key(&f.key).0 {
+                Compression::None => Box::new(raw),
+                Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(raw)),
+                Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(raw).map_err(
+                    |e| Error::Read {
+                        key: f.key.clone(),
+                        message: format!("cannot start zstd decoding: {e}"),
+                    },
+                )?),
+            };
+        let mut open = Open {
+            file,
+            key: f.key.into(),
+            reader,
+            sha,
+            carry: Vec::new(),
+            line: 1,
+            eof: false,
+            mapping: None,
+            emitted: false,
+        };
+        if self.source.format == Format::Csv {
+            let fill = self.chunk_bytes.min(1 << 20);
+            loop {
+                let want = fill.max(open.carry.len() * 2);
+                self.fill(&mut open, want)?;
+                let Some((mapping, end)) = csv::read_header(
+                    &self.ctx,
+                    &self.source.csv,
+                    &open.key,
+                    &open.carry,
+                    open.eof,
+                )?
+                else {
+                    if open.eof {
+                        // No header at all: an empty file.
+                        open.carry.clear();
+                        break;
+                    }
+                    continue;
+                };
+                open.line += memchr::memchr_iter(b'\n', &open.carry[..end]).count() as u64;
+                open.carry.drain(..end);
+                open.mapping = Some(Arc::new(mapping));
+                break;
+            }
+        }
+        Ok(open)
+    }
+
+    /// Reads until `carry` holds at least `want` bytes or the file ends.
+    fn fill(&self, open: &mut Open, want: usize) -> Result<()> {
+        if open.carry.capacity() < want {
+            open.carry.reserve(want - open.carry.len());
+        }
+        while open.carry.len() < want && !open.eof {
+            let len = open.carry.len();
+            open.carry.resize(want, 0);
+            match open.reader.read(&mut open.carry[len..]) {
+                Ok(0) => {
+                    open.carry.truncate(len);
+                    open.eof = true;
+                }
+                Ok(n) => open.carry.truncate(len + n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => open.carry.truncate(len),
+                Err(e) => {
+                    open.carry.truncate(len);
+                    return Err(Error::Read {
+                        key: open.key.to_string(),
+                        message: match Compression::from_key(&open.key).0 {
+                            Compression::None => format!("cannot read: {e}"),
+                            Compression::Gzip => format!("truncated or corrupt gzip data: {e}"),
+                            Compression::Zstd => format!("truncated or corrupt zstd data: {e}"),
+                        },
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the rest of the file.
+    fn fill_all(&self, open: &mut Open) -> Result<()> {
+        while !open.eof {
+            let want = (open.carry.len() * 2).max(self.chunk_bytes);
+            self.fill(open, want)?;
+        }
+        Ok(())
+    }
+
+    /// The next chunk of the open file, or `None` at its end.
+    fn cut(&self, open: &mut Open) -> Result<Option<Chunk>> {
+        let whole = matches!(self.source.format, Format::Json | Format::Parquet);
+        let mut want = self.chunk_bytes;
+        let end = loop {
+            if whole {
+                self.fill_all(open)?;
+            } else {
+                self.fill(open, want)?;
+            }
+            if open.eof {
+                break open.carry.len();
+            }
+            let found = match self.source.format {
+                Format::Jsonl => memchr::memrchr(b'\n', &open.carry).map(|p| p + 1),
+                Format::Csv => last_record_end(&open.carry, self.source.csv.quote as u8),
+                Format::Json | Format::Parquet => None,
+            };
+            match found {
+                Some(end) if end > 0 => break end,
+                // One record longer than a chunk: read more.
+                _ => want = open.carry.len() * 2,
+            }
+        };
+        if end == 0 {
+            return Ok(None);
+        }
+        let rest = open.carry[end..].to_vec();
+        let mut data = std::mem::replace(&mut open.carry, rest);
+        data.truncate(end);
+        let first_line = open.line;
+        if !whole {
+            open.line += memchr::memchr_iter(b'\n', &data).count() as u64;
+        }
+        Ok(Some(Chunk {
+            file: open.file,
+            key: open.key.clone(),
+            data,
+            first_line,
+            mapping: open.mapping.clone(),
+        }))
+    }
+}
+
+/// One partition of the source table the query reads: it pulls chunks from the shared feed and
+/// parses them on the thread that polls it, so every query thread also reads.
+pub struct FeedPartition {
+    feed: Arc<Feed>,
+    schema: SchemaRef,
+}
+
+impl FeedPartition {
+    /// A partition of `feed`'s rows.
+    pub fn new(feed: Arc<Feed>) -> FeedPartition {
+        let schema = feed.ctx.schema.clone();
+        FeedPartition { feed, schema }
+    }
+}
+
+impl std::fmt::Debug for FeedPartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FeedPartition({})", self.feed.source.name)
+    }
+}
+
+impl PartitionStream for FeedPartition {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let feed = self.feed.clone();
+        let mut pending: VecDeque<RecordBatch> = VecDeque::new();
+        let batches = std::iter::from_fn(move || {
+            loop {
+                if let Some(b) = pending.pop_front() {
+                    return Some(Ok(b));
+                }
+                pending.extend(feed.next_rows()?.batches);
+            }
+        });
+        Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            futures::stream::iter(batches),
+        ))
+    }
+}
+
+/// The end of the last complete CSV record in `data` (which starts at a record): just after
+/// the last newline outside quotes.
+fn last_record_end(data: &[u8], quote: u8) -> Option<usize> {
+    let mut inside = false;
+    let mut last = None;
+    for p in memchr::memchr2_iter(quote, b'\n', data) {
+        if data[p] == quote {
+            inside = !inside;
+        } else if !inside {
+            last = Some(p + 1);
+        }
+    }
+    last
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_records_end_outside_quotes() {
+        let data = b"a,\"x\ny\",1\nb,\"\"\"q\"\"\n\",2\nc,\"open\n";
+        let end = last_record_end(data, b'"').unwrap();
+        assert_eq!(&data[..end], b"a,\"x\ny\",1\nb,\"\"\"q\"\"\n\",2\n");
+        assert_eq!(last_record_end(b"\"no end\n", b'"'), None);
+    }
+}
