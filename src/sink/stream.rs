@@ -74,23 +74,34 @@ struct Entry {
     loc: u64,
 }
 
-/// Key -> best row.
+/// Key -> best row, for the keys of one shard (keys are spread over shards by hash, so that
+/// threads rarely wait for each other).
 #[derive(Default)]
 struct DedupIndex {
     table: HashTable<Entry>,
     arena: Vec<u8>,
-    hasher: DefaultHashBuilder,
+}
+
+/// Number of index shards.
+const SHARDS: usize = 16;
+
+fn shard_of(hash: u64) -> usize {
+    (hash >> 60) as usize % SHARDS
 }
 
 impl DedupIndex {
-    /// Offers a row; returns the location and lineage of the row that lost, if any.
-    fn offer(&mut self, key: &[u8], order: &[u8], lineage: u64, loc: u64) -> Option<(u64, u64)> {
-        let h = self.hasher.hash_one(key);
-        let DedupIndex {
-            table,
-            arena,
-            hasher,
-        } = self;
+    /// Offers a row (`h` is `hasher`'s hash of `key`); returns the location and lineage of the
+    /// row that lost, if any.
+    fn offer(
+        &mut self,
+        hasher: &DefaultHashBuilder,
+        h: u64,
+        key: &[u8],
+        order: &[u8],
+        lineage: u64,
+        loc: u64,
+    ) -> Option<(u64, u64)> {
+        let DedupIndex { table, arena } = self;
         match table.find_mut(h, |e| {
             &arena[e.off as usize..e.off as usize + e.key_len as usize] == key
         }) {
@@ -134,9 +145,8 @@ impl DedupIndex {
 
     /// Compares a row the table already holds with the new row of its key: `true` if the new
     /// row replaces it. A new row that is older loses: its location and lineage are returned.
-    fn against_existing(&mut self, key: &[u8], order: &[u8]) -> (bool, Option<(u64, u64)>) {
-        let h = self.hasher.hash_one(key);
-        let DedupIndex { table, arena, .. } = self;
+    fn against_existing(&mut self, h: u64, key: &[u8], order: &[u8]) -> (bool, Option<(u64, u64)>) {
+        let DedupIndex { table, arena } = self;
         let Some(e) = table.find_mut(h, |e| {
             &arena[e.off as usize..e.off as usize + e.key_len as usize] == key
         }) else {
@@ -172,20 +182,12 @@ impl KeyBytes {
         Ok(KeyBytes::Rows(enc.encode(batch)?))
     }
 
-    /// The bytes of row `i`; `buf` holds them when they need a null marker.
-    fn get<'a>(&'a self, i: usize, buf: &'a mut Vec<u8>) -> &'a [u8] {
+    /// The bytes of row `i` (a null text is bytes no UTF-8 text can be).
+    fn get(&self, i: usize) -> &[u8] {
         match self {
             KeyBytes::Rows(r) => r.row(i).data(),
-            KeyBytes::Text(a) => {
-                buf.clear();
-                if a.is_valid(i) {
-                    buf.push(1);
-                    buf.extend_from_slice(a.value(i).as_bytes());
-                } else {
-                    buf.push(0);
-                }
-                buf
-            }
+            KeyBytes::Text(a) if a.is_valid(i) => a.value(i).as_bytes(),
+            KeyBytes::Text(_) => b"\xff\xff",
         }
     }
 }
@@ -263,7 +265,6 @@ struct State {
     parts: HashMap<Vec<u8>, u32>,
     by_dir: HashMap<String, u32>,
     writers: Vec<Arc<Mutex<PartWriter>>>,
-    index: DedupIndex,
     segments: Vec<Segment>,
     queue: VecDeque<u32>,
     buffered: usize,
@@ -279,6 +280,8 @@ pub struct TableSink {
     file_schema: SchemaRef,
     parts: Option<KeyEncoder>,
     keys: Option<(KeyEncoder, KeyEncoder)>,
+    hasher: DefaultHashBuilder,
+    index: Vec<Mutex<DedupIndex>>,
     state: Mutex<State>,
 }
 
@@ -328,11 +331,12 @@ impl TableSink {
             file_schema,
             parts,
             keys,
+            hasher: DefaultHashBuilder::default(),
+            index: (0..SHARDS).map(|_| Mutex::default()).collect(),
             state: Mutex::new(State {
                 parts: HashMap::new(),
                 by_dir: HashMap::new(),
                 writers: Vec::new(),
-                index: DedupIndex::default(),
                 segments: Vec::new(),
                 queue: VecDeque::new(),
                 buffered: 0,
@@ -402,6 +406,7 @@ impl TableSink {
         let rows = conform(batch, &self.file_schema)?;
         let mut groups: Vec<(u32, Vec<u32>)> = Vec::new();
         let mut pos_in_group = vec![0u32; n];
+        let mut group_of = vec![0u32; n];
         let uniform = part_of.iter().all(|&p| p == part_of[0]);
         let pieces: Vec<(u32, RecordBatch)> = if uniform {
             for (i, p) in pos_in_group.iter_mut().enumerate() {
@@ -417,6 +422,7 @@ impl TableSink {
                     groups.len() - 1
                 });
                 pos_in_group[i] = groups[g].1.len() as u32;
+                group_of[i] = g as u32;
                 groups[g].1.push(i as u32);
             }
             groups
@@ -442,15 +448,14 @@ impl TableSink {
             .and_then(|a| a.as_primitive_opt::<Int64Type>())
             .cloned();
 
-        let jobs = {
+        let first = {
             let mut state = lock(&self.state);
             let first = state.segments.len() as u32;
-            let mut seg_of_part: HashMap<u32, u32> = HashMap::new();
-            for (i, (p, b)) in pieces.into_iter().enumerate() {
-                seg_of_part.insert(p, first + i as u32);
+            for (p, b) in pieces {
                 let bytes = b.get_array_memory_size();
                 state.buffered += bytes;
-                state.queue.push_back(first + i as u32);
+                let id = state.segments.len() as u32;
+                state.queue.push_back(id);
                 let rows = b.num_rows();
                 state.segments.push(Segment {
                     part: p,
@@ -458,21 +463,45 @@ impl TableSink {
                     bytes,
                 });
             }
-            if let Some((keys, orders)) = &keyed {
-                let (mut kb, mut ob) = (Vec::new(), Vec::new());
-                for i in 0..n {
-                    let seg = seg_of_part[&part_of[i]];
+            first
+        };
+        let mut losers = Vec::new();
+        if let Some((keys, orders)) = &keyed {
+            let hashes: Vec<u64> = (0..n).map(|i| self.hasher.hash_one(keys.get(i))).collect();
+            let mut by_shard: Vec<Vec<u32>> = vec![Vec::new(); SHARDS];
+            for (i, h) in hashes.iter().enumerate() {
+                by_shard[shard_of(*h)].push(i as u32);
+            }
+            for (shard, rows) in by_shard.iter().enumerate() {
+                if rows.is_empty() {
+                    continue;
+                }
+                let mut index = lock(&self.index[shard]);
+                for &i in rows {
+                    let i = i as usize;
+                    let seg = first + group_of[i];
                     let loc = ((seg as u64) << 32) | pos_in_group[i] as u64;
                     let lineage = lineage_of(
                         file.as_ref().map(|f| f.value(i)).unwrap_or(0),
                         source_row.as_ref().map(|r| r.value(i)).unwrap_or(0),
                     );
-                    let key = keys.get(i, &mut kb);
-                    let order = orders.get(i, &mut ob);
-                    if let Some((loc, lineage)) = state.index.offer(key, order, lineage, loc) {
-                        Self::lose(&mut state, loc, lineage);
+                    if let Some(lost) = index.offer(
+                        &self.hasher,
+                        hashes[i],
+                        keys.get(i),
+                        orders.get(i),
+                        lineage,
+                        loc,
+                    ) {
+                        losers.push(lost);
                     }
                 }
+            }
+        }
+        let jobs = {
+            let mut state = lock(&self.state);
+            for (loc, lineage) in losers {
+                Self::lose(&mut state, loc, lineage);
             }
             self.seal(&mut state, false)
         };
@@ -584,17 +613,18 @@ impl TableSink {
         };
         let keys = KeyBytes::new(k, batch)?;
         let orders = KeyBytes::new(o, batch)?;
-        let (mut kb, mut ob) = (Vec::new(), Vec::new());
-        let mut state = lock(&self.state);
         let mut replaced = Vec::with_capacity(n);
+        let mut losers = Vec::new();
         for i in 0..n {
-            let (r, lost) = state
-                .index
-                .against_existing(keys.get(i, &mut kb), orders.get(i, &mut ob));
-            if let Some((loc, lineage)) = lost {
-                Self::lose(&mut state, loc, lineage);
-            }
+            let key = keys.get(i);
+            let h = self.hasher.hash_one(key);
+            let (r, lost) = lock(&self.index[shard_of(h)]).against_existing(h, key, orders.get(i));
+            losers.extend(lost);
             replaced.push(r);
+        }
+        let mut state = lock(&self.state);
+        for (loc, lineage) in losers {
+            Self::lose(&mut state, loc, lineage);
         }
         Ok(BooleanArray::from(replaced))
     }

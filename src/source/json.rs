@@ -41,7 +41,13 @@ pub(super) fn read_lines(
         };
         cells.clear();
         cells.resize(ctx.width(), None);
-        match parse_object(ctx, text, &mut cells) {
+        let parsed = if scan_flat(ctx, text, &mut cells) {
+            Ok(())
+        } else {
+            cells.iter_mut().for_each(|c| *c = None);
+            parse_object(ctx, text, &mut cells)
+        };
+        match parsed {
             Ok(()) => {
                 if let Err(reason) = rows.push(&cells, this) {
                     rows.malformed(this, reason, line);
@@ -93,6 +99,119 @@ pub(super) fn read_document(ctx: &ReadContext, key: &str, data: &[u8]) -> Result
         key: key.to_string(),
         message,
     })
+}
+
+/// The fast path for the common line: a flat object whose strings have no escapes. Fills
+/// `cells` and returns `true`, or returns `false` for anything else (nested values, escapes,
+/// bad JSON), which the full parser then reads, with its error messages.
+fn scan_flat<'a>(ctx: &ReadContext, text: &'a str, cells: &mut [Option<Cow<'a, str>>]) -> bool {
+    let b = text.as_bytes();
+    let ws = |mut i: usize| {
+        while i < b.len() && matches!(b[i], b' ' | b'\t' | b'\r' | b'\n') {
+            i += 1;
+        }
+        i
+    };
+    // The end of a string whose opening quote is at `i - 1`, if it has no escapes or controls.
+    let string_end = |i: usize| -> Option<usize> {
+        let end = i + memchr::memchr2(b'"', b'\\', &b[i..])?;
+        let controls = b[i..end].iter().fold(false, |acc, &c| acc | (c < 0x20));
+        (b[end] == b'"' && !controls).then_some(end)
+    };
+    let mut i = ws(0);
+    if b.get(i) != Some(&b'{') {
+        return false;
+    }
+    i = ws(i + 1);
+    if b.get(i) == Some(&b'}') {
+        return ws(i + 1) == b.len();
+    }
+    let mut guess = 0;
+    loop {
+        if b.get(i) != Some(&b'"') {
+            return false;
+        }
+        let Some(kend) = string_end(i + 1) else {
+            return false;
+        };
+        let key = &text[i + 1..kend];
+        i = ws(kend + 1);
+        if b.get(i) != Some(&b':') {
+            return false;
+        }
+        i = ws(i + 1);
+        let (value, next): (Option<&'a str>, usize) = match b.get(i) {
+            Some(b'"') => {
+                let Some(end) = string_end(i + 1) else {
+                    return false;
+                };
+                (Some(&text[i + 1..end]), end + 1)
+            }
+            Some(b'n') if b[i..].starts_with(b"null") => (None, i + 4),
+            Some(b't') if b[i..].starts_with(b"true") => (Some("true"), i + 4),
+            Some(b'f') if b[i..].starts_with(b"false") => (Some("false"), i + 5),
+            Some(b'-' | b'0'..=b'9') => {
+                let end = i + b[i..]
+                    .iter()
+                    .position(|c| !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                    .unwrap_or(b.len() - i);
+                if !is_json_number(&b[i..end]) {
+                    return false;
+                }
+                (Some(&text[i..end]), end)
+            }
+            _ => return false,
+        };
+        let names = &ctx.names;
+        let slot = if names.get(guess).is_some_and(|n| n == key) {
+            Some(guess)
+        } else {
+            names.iter().position(|n| n == key)
+        };
+        if let Some(slot) = slot {
+            cells[slot] = value.map(Cow::Borrowed);
+            guess = slot + 1;
+        }
+        i = ws(next);
+        match b.get(i) {
+            Some(b',') => i = ws(i + 1),
+            Some(b'}') => return ws(i + 1) == b.len(),
+            _ => return false,
+        }
+    }
+}
+
+/// Whether `n` follows JSON's number grammar: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
+fn is_json_number(n: &[u8]) -> bool {
+    let mut i = usize::from(n.first() == Some(&b'-'));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while *i < n.len() && n[*i].is_ascii_digit() {
+            *i += 1;
+        }
+        *i - start
+    };
+    let int_start = i;
+    let int = digits(&mut i);
+    if int == 0 || (int > 1 && n[int_start] == b'0') {
+        return false;
+    }
+    if n.get(i) == Some(&b'.') {
+        i += 1;
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    if matches!(n.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(n.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    i == n.len()
 }
 
 /// Parses one JSON object into `cells` (indexed like the schema's columns).
@@ -211,6 +330,46 @@ mod tests {
                 },
             ],
         })
+    }
+
+    /// The fast path and the full parser read every line the same way.
+    #[test]
+    fn fast_path_agrees_with_the_full_parser() {
+        let c = ctx();
+        let lines = [
+            r#"{"a":"x","n":1}"#,
+            r#" { "n" : -1.5e3 , "a" : "y z" } "#,
+            r#"{"a":null,"n":true,"zz":"ignored"}"#,
+            r#"{"n":"2","a":"x","a":"last wins"}"#,
+            r#"{}"#,
+            r#"{"a":"é ünïcode"}"#,
+            r#"{"a":"esc\"aped"}"#,
+            r#"{"a":{"k":1}}"#,
+            r#"{"a":01}"#,
+            r#"{"a":1.}"#,
+            r#"{"a":"x",}"#,
+            r#"{"a":"x"} trailing"#,
+            r#"{"a":"x""#,
+            r#"{"a":tru}"#,
+            "{\"a\":\"tab\there\"}",
+        ];
+        for line in lines {
+            let mut fast = vec![None; 2];
+            let mut full = vec![None; 2];
+            let ok = scan_flat(&c, line, &mut fast);
+            let want = parse_object(&c, line, &mut full);
+            if ok {
+                assert!(want.is_ok(), "fast path accepted {line}");
+                assert_eq!(fast, full, "{line}");
+            }
+        }
+        let mut cells = vec![None; 2];
+        assert!(scan_flat(&c, lines[1], &mut cells));
+        assert_eq!(cells[0].as_deref(), Some("y z"));
+        assert_eq!(cells[1].as_deref(), Some("-1.5e3"));
+        for bad in &lines[6..] {
+            assert!(!scan_flat(&c, bad, &mut vec![None; 2]), "{bad}");
+        }
     }
 
     #[test]
