@@ -76,7 +76,7 @@ fn write(p: &Prepared, schema: &Schema, valid: &[RecordBatch]) -> usize {
     for b in valid {
         sink.push(b).expect("push");
     }
-    sink.finish().expect("finish").len()
+    sink.finish(1).expect("finish").len()
 }
 
 fn bench(c: &mut Criterion) {

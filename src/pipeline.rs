@@ -605,7 +605,7 @@ impl<'a> Runner<'a> {
                     change.partitions.push(dir.clone());
                 }
             }
-            let files = s.sink.finish()?;
+            let files = s.sink.finish(self.threads)?;
             let mut per_dir: HashMap<&str, usize> = HashMap::new();
             for f in &files {
                 let n = per_dir.entry(f.dir.as_str()).or_default();

@@ -20,14 +20,14 @@ use parquet::file::properties::WriterProperties;
 use crate::error::{Error, Result};
 use crate::lake::{self, Lake};
 
-/// How sluice writes Parquet: the table's compression (zstd level 1 unless told otherwise) and
-/// row groups of 128Ki rows.
+/// How sluice writes Parquet: the table's compression (zstd at level 1) and row groups of
+/// 128Ki rows.
 pub fn writer_properties(compression: &str) -> Result<WriterProperties> {
     let codec = match compression {
-        "snappy" => Compression::SNAPPY,
+        "zstd" => Compression::ZSTD(ZstdLevel::try_new(1)?),
         "gzip" => Compression::GZIP(GzipLevel::default()),
         "none" => Compression::UNCOMPRESSED,
-        _ => Compression::ZSTD(ZstdLevel::try_new(1)?),
+        _ => Compression::SNAPPY,
     };
     Ok(WriterProperties::builder()
         .set_compression(codec)

@@ -252,13 +252,16 @@ impl PartWriter {
 /// A sealed segment on its way to a file: its id, rows and which of them to keep.
 type Sealed = (u32, RecordBatch, BooleanArray);
 
+/// A partition's writer and the sealed segments it is to write.
+type WriteJob = (Arc<Mutex<PartWriter>>, Vec<Sealed>);
+
 /// Work to do outside the sink's lock: end the row group of some files (or close them), write
 /// sealed segments.
 #[derive(Default)]
 struct Jobs {
     flush: Vec<Arc<Mutex<PartWriter>>>,
     close: Vec<Arc<Mutex<PartWriter>>>,
-    write: Vec<(Arc<Mutex<PartWriter>>, Vec<Sealed>)>,
+    write: Vec<WriteJob>,
 }
 
 struct State {
@@ -580,25 +583,29 @@ impl TableSink {
             }
         }
         for (w, segs) in jobs.write {
-            let mut w = lock(&w);
-            for (seg, batch, keep) in segs {
-                let kept = if keep.true_count() == keep.len() {
-                    batch
-                } else {
-                    filter_record_batch(&batch, &keep)?
-                };
-                let (file, start) = if kept.num_rows() > 0 {
-                    w.write(self, &kept)?
-                } else {
-                    (w.files.len().saturating_sub(1), 0)
-                };
-                w.placed.push(Placed {
-                    seg,
-                    file,
-                    start,
-                    kept: keep.values().clone(),
-                });
-            }
+            self.write_sealed(&mut lock(&w), segs)?;
+        }
+        Ok(())
+    }
+
+    fn write_sealed(&self, w: &mut PartWriter, segs: Vec<Sealed>) -> Result<()> {
+        for (seg, batch, keep) in segs {
+            let kept = if keep.true_count() == keep.len() {
+                batch
+            } else {
+                filter_record_batch(&batch, &keep)?
+            };
+            let (file, start) = if kept.num_rows() > 0 {
+                w.write(self, &kept)?
+            } else {
+                (w.files.len().saturating_sub(1), 0)
+            };
+            w.placed.push(Placed {
+                seg,
+                file,
+                start,
+                kept: keep.values().clone(),
+            });
         }
         Ok(())
     }
@@ -654,18 +661,44 @@ impl TableSink {
 
     /// Writes what is still buffered, closes every file and rewrites the files that hold late
     /// losers. Returns the non-empty files.
-    pub fn finish(&self) -> Result<Vec<OutFile>> {
-        let jobs = {
+    pub fn finish(&self, threads: usize) -> Result<Vec<OutFile>> {
+        let (jobs, writers, late) = {
             let mut state = lock(&self.state);
-            self.seal(&mut state, true)
+            let jobs = self.seal(&mut state, true);
+            (jobs, state.writers.clone(), std::mem::take(&mut state.late))
         };
-        self.run(jobs)?;
-        let (writers, late) = {
-            let mut state = lock(&self.state);
-            (state.writers.clone(), std::mem::take(&mut state.late))
-        };
-        for w in &writers {
-            lock(w).close()?;
+        // Every partition writes what it still holds and closes its file, on all threads.
+        let mut sealed: HashMap<usize, Vec<Sealed>> = HashMap::new();
+        for (w, segs) in jobs.write {
+            let part = lock(&w).part;
+            sealed.entry(part).or_default().extend(segs);
+        }
+        let work: Mutex<Vec<WriteJob>> = Mutex::new(
+            writers
+                .iter()
+                .enumerate()
+                .map(|(p, w)| (w.clone(), sealed.remove(&p).unwrap_or_default()))
+                .collect(),
+        );
+        let errors: Mutex<Vec<Error>> = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..threads.max(1) {
+                s.spawn(|| {
+                    loop {
+                        let Some((w, segs)) = lock(&work).pop() else {
+                            break;
+                        };
+                        let mut w = lock(&w);
+                        let done = self.write_sealed(&mut w, segs).and_then(|()| w.close());
+                        if let Err(e) = done {
+                            lock(&errors).push(e);
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = lock(&errors).pop() {
+            return Err(e);
         }
         if !late.is_empty() {
             self.drop_late(&writers, &late)?;
@@ -892,7 +925,7 @@ mod tests {
             for (i, rows) in input.iter().enumerate() {
                 sink.push(&batch(rows, 1 + 3 * i as i64)).unwrap();
             }
-            let files = sink.finish().unwrap();
+            let files = sink.finish(2).unwrap();
             assert_eq!(sink.duplicates(), vec![4]);
             results.push(read(&files));
         }
