@@ -70,6 +70,7 @@ fn write(p: &Prepared, schema: &Schema, valid: &[RecordBatch]) -> usize {
         order_by: p.table.order_by.clone(),
         compression: p.table.compression.clone(),
         buffer_bytes: 128 << 20,
+        memory_limit: 1 << 30,
         max_writers: 16,
     };
     let sink = TableSink::new(opts, schema, &full, 1, dir.path()).expect("sink");

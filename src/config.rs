@@ -292,8 +292,8 @@ impl Budget {
         Budget {
             limit,
             chunk_bytes: (limit / 128).clamp(1 << 20, 8 << 20),
-            buffer_bytes: limit / 8,
-            max_writers: (limit / (128 << 20)).clamp(2, 16),
+            buffer_bytes: limit / 16,
+            max_writers: (limit / (256 << 20)).clamp(2, 16),
             pool_bytes: limit / 4,
         }
     }

@@ -451,6 +451,7 @@ impl<'a> Runner<'a> {
             order_by: p.table.order_by.clone(),
             compression: p.table.compression.clone(),
             buffer_bytes: budget.buffer_bytes,
+            memory_limit: budget.limit,
             max_writers: budget.max_writers,
         };
         let sink = Arc::new(TableSink::new(

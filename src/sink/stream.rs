@@ -6,24 +6,26 @@
 //! a key that arrives soon after (the usual case: retries, replays, status updates) replaces the
 //! earlier one before it ever reaches a file. A row that loses after it was written is a late
 //! loser: the few files holding one are rewritten without it when the batch ends. The dedup index
-//! keeps, per key, its order value and where its winning row is: about 40 bytes plus the key.
+//! keeps, per key, a 128-bit fingerprint, its order value and where its winning row is: 40 bytes
+//! in a table, whatever the key.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use datafusion::arrow::array::{
     Array, AsArray, BooleanArray, RecordBatch, StringArray, UInt32Array,
 };
 use datafusion::arrow::buffer::BooleanBuffer;
-use datafusion::arrow::compute::{filter_record_batch, take_record_batch};
+use datafusion::arrow::compute::{cast, filter_record_batch, take_record_batch};
 use datafusion::arrow::datatypes::{DataType, Int32Type, Int64Type, Schema, SchemaRef};
 use datafusion::arrow::row::Rows;
-use hashbrown::{DefaultHashBuilder, HashTable};
+use hashbrown::HashTable;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use siphasher::sip128::SipHasher13;
 
 use super::{KeyEncoder, conform, nullable, partition_dirs, writer_properties};
 use crate::error::{Error, Result};
@@ -40,8 +42,10 @@ pub struct SinkOptions {
     pub order_by: Option<String>,
     /// Parquet compression.
     pub compression: String,
-    /// Bytes of rows held back before writing.
+    /// Bytes of rows held back before writing, at most.
     pub buffer_bytes: usize,
+    /// The run's memory limit: the buffer shrinks as the dedup index grows into it.
+    pub memory_limit: usize,
     /// Files open for writing at once.
     pub max_writers: usize,
 }
@@ -63,105 +67,149 @@ const MAX_OPEN_FILES: usize = 256;
 /// Marks an index entry whose new row lost to a row the table already held.
 const LOST: u64 = u64::MAX;
 
-/// One key's best row: its key and order bytes in the arena, its lineage (file index << 40 |
-/// source row) and its location (segment << 32 | row in segment).
+/// One key's best row: the key's fingerprint, its order value (or, for orders that are not
+/// numbers, dates or timestamps, where its bytes are in the arena), its lineage (file index << 40
+/// | source row) and its location (segment << 32 | row in segment). 40 bytes, whatever the key.
 #[derive(Clone, Copy)]
 struct Entry {
-    off: u64,
-    key_len: u32,
-    order_len: u32,
+    fp: u128,
+    order: u64,
     lineage: u64,
     loc: u64,
 }
 
-/// Key -> best row, for the keys of one shard (keys are spread over shards by hash, so that
-/// threads rarely wait for each other).
+/// Key -> best row, for the keys of one shard (keys are spread over shards by fingerprint, so
+/// that threads rarely wait for each other).
 #[derive(Default)]
 struct DedupIndex {
     table: HashTable<Entry>,
+    /// Order values that do not fit in 64 bits: a u32 length, then the bytes.
     arena: Vec<u8>,
 }
 
 /// Number of index shards.
 const SHARDS: usize = 16;
 
-fn shard_of(hash: u64) -> usize {
-    (hash >> 60) as usize % SHARDS
+/// A key's fingerprint: 128-bit SipHash-1-3 under a per-run random key. Two different keys
+/// share one with odds of about n^2 / 2^129 (1e-26 for ten million keys), the same argument as
+/// telling files apart by SHA-256; ClickHouse's exact distinct counts rest on it too.
+#[derive(Clone, Copy)]
+struct Fingerprinter(u64, u64);
+
+impl Fingerprinter {
+    fn new() -> Fingerprinter {
+        Fingerprinter(rand::random(), rand::random())
+    }
+
+    fn of(&self, key: &[u8]) -> u128 {
+        SipHasher13::new_with_keys(self.0, self.1)
+            .hash(key)
+            .as_u128()
+    }
+}
+
+/// The table position of a fingerprint and its shard: different bits of it.
+fn slot(fp: u128) -> (u64, usize) {
+    (fp as u64, (fp >> 64) as usize % SHARDS)
+}
+
+/// An order value: a number compared as such, or bytes compared as bytes.
+#[derive(Clone, Copy)]
+enum OrderValue<'a> {
+    Int(u64),
+    Bytes(&'a [u8]),
 }
 
 impl DedupIndex {
-    /// Offers a row (`h` is `hasher`'s hash of `key`); returns the location and lineage of the
-    /// row that lost, if any.
-    fn offer(
-        &mut self,
-        hasher: &DefaultHashBuilder,
-        h: u64,
-        key: &[u8],
-        order: &[u8],
-        lineage: u64,
-        loc: u64,
-    ) -> Option<(u64, u64)> {
-        let DedupIndex { table, arena } = self;
-        match table.find_mut(h, |e| {
-            &arena[e.off as usize..e.off as usize + e.key_len as usize] == key
-        }) {
-            Some(e) => {
-                let at = (e.off + e.key_len as u64) as usize;
-                let old = &arena[at..at + e.order_len as usize];
-                if (order, lineage) <= (old, e.lineage) {
-                    return Some((loc, lineage));
-                }
-                let lost = (e.loc, e.lineage);
-                if order.len() == e.order_len as usize {
-                    arena[at..at + order.len()].copy_from_slice(order);
-                } else {
-                    e.off = arena.len() as u64;
-                    e.order_len = order.len() as u32;
-                    arena.extend_from_slice(key);
-                    arena.extend_from_slice(order);
-                }
-                e.lineage = lineage;
-                e.loc = loc;
-                Some(lost)
-            }
-            None => {
-                let off = arena.len() as u64;
-                arena.extend_from_slice(key);
-                arena.extend_from_slice(order);
-                let entry = Entry {
-                    off,
-                    key_len: key.len() as u32,
-                    order_len: order.len() as u32,
-                    lineage,
-                    loc,
-                };
-                table.insert_unique(h, entry, |e| {
-                    hasher.hash_one(&arena[e.off as usize..e.off as usize + e.key_len as usize])
-                });
-                None
+    fn order_of(&self, e: &Entry, bytes: bool) -> OrderValue<'_> {
+        if !bytes {
+            return OrderValue::Int(e.order);
+        }
+        let at = e.order as usize;
+        let len = u32::from_le_bytes([
+            self.arena[at],
+            self.arena[at + 1],
+            self.arena[at + 2],
+            self.arena[at + 3],
+        ]) as usize;
+        OrderValue::Bytes(&self.arena[at + 4..at + 4 + len])
+    }
+
+    fn store(&mut self, order: OrderValue<'_>) -> u64 {
+        match order {
+            OrderValue::Int(v) => v,
+            OrderValue::Bytes(b) => {
+                let at = self.arena.len() as u64;
+                self.arena
+                    .extend_from_slice(&(b.len() as u32).to_le_bytes());
+                self.arena.extend_from_slice(b);
+                at
             }
         }
     }
 
+    /// Whether (a, la) ranks above (b, lb).
+    fn beats(a: OrderValue<'_>, la: u64, b: OrderValue<'_>, lb: u64) -> bool {
+        let by_order = match (a, b) {
+            (OrderValue::Int(x), OrderValue::Int(y)) => x.cmp(&y),
+            (OrderValue::Bytes(x), OrderValue::Bytes(y)) => x.cmp(y),
+            _ => std::cmp::Ordering::Equal,
+        };
+        by_order.then(la.cmp(&lb)).is_gt()
+    }
+
+    /// Offers a row; returns the location and lineage of the row that lost, if any.
+    fn offer(
+        &mut self,
+        fp: u128,
+        order: OrderValue<'_>,
+        lineage: u64,
+        loc: u64,
+    ) -> Option<(u64, u64)> {
+        let bytes = matches!(order, OrderValue::Bytes(_));
+        let (h, _) = slot(fp);
+        if let Some(e) = self.table.find(h, |e| e.fp == fp).copied() {
+            if !Self::beats(order, lineage, self.order_of(&e, bytes), e.lineage) {
+                return Some((loc, lineage));
+            }
+            let stored = self.store(order);
+            if let Some(e) = self.table.find_mut(h, |e| e.fp == fp) {
+                e.order = stored;
+                e.lineage = lineage;
+                e.loc = loc;
+            }
+            return Some((e.loc, e.lineage));
+        }
+        let stored = self.store(order);
+        let entry = Entry {
+            fp,
+            order: stored,
+            lineage,
+            loc,
+        };
+        self.table.insert_unique(h, entry, |e| slot(e.fp).0);
+        None
+    }
+
     /// Compares a row the table already holds with the new row of its key: `true` if the new
     /// row replaces it. A new row that is older loses: its location and lineage are returned.
-    fn against_existing(&mut self, h: u64, key: &[u8], order: &[u8]) -> (bool, Option<(u64, u64)>) {
-        let DedupIndex { table, arena } = self;
-        let Some(e) = table.find_mut(h, |e| {
-            &arena[e.off as usize..e.off as usize + e.key_len as usize] == key
-        }) else {
+    fn against_existing(&mut self, fp: u128, order: OrderValue<'_>) -> (bool, Option<(u64, u64)>) {
+        let bytes = matches!(order, OrderValue::Bytes(_));
+        let (h, _) = slot(fp);
+        let Some(e) = self.table.find(h, |e| e.fp == fp).copied() else {
             return (false, None);
         };
         if e.loc == LOST {
             return (false, None);
         }
-        let at = (e.off + e.key_len as u64) as usize;
-        if &arena[at..at + e.order_len as usize] >= order {
+        // Ties go to the new row.
+        if !Self::beats(order, 0, self.order_of(&e, bytes), 1) {
             return (true, None);
         }
-        let lost = (e.loc, e.lineage);
-        e.loc = LOST;
-        (false, Some(lost))
+        if let Some(e) = self.table.find_mut(h, |e| e.fp == fp) {
+            e.loc = LOST;
+        }
+        (false, Some((e.loc, e.lineage)))
     }
 }
 
@@ -188,6 +236,47 @@ impl KeyBytes {
             KeyBytes::Rows(r) => r.row(i).data(),
             KeyBytes::Text(a) if a.is_valid(i) => a.value(i).as_bytes(),
             KeyBytes::Text(_) => b"\xff\xff",
+        }
+    }
+}
+
+/// Order values of a batch: numbers, dates and timestamps as order-preserving u64 (null lowest),
+/// anything else in the row format.
+enum Orders {
+    Int(Vec<u64>),
+    Rows(Rows),
+}
+
+impl Orders {
+    fn new(enc: &KeyEncoder, batch: &RecordBatch) -> Result<Orders> {
+        let col = enc.columns.first().and_then(|c| batch.column_by_name(c));
+        if let Some(a) = col
+            && (a.data_type().is_integer()
+                || matches!(
+                    a.data_type(),
+                    DataType::Date32 | DataType::Date64 | DataType::Timestamp(_, _)
+                ))
+            && let Ok(v) = cast(a, &DataType::Int64)
+        {
+            let v = v.as_primitive::<Int64Type>();
+            let ranks = (0..v.len())
+                .map(|i| {
+                    if v.is_null(i) {
+                        0
+                    } else {
+                        (v.value(i) as u64 ^ (1 << 63)).max(1)
+                    }
+                })
+                .collect();
+            return Ok(Orders::Int(ranks));
+        }
+        Ok(Orders::Rows(enc.encode(batch)?))
+    }
+
+    fn get(&self, i: usize) -> OrderValue<'_> {
+        match self {
+            Orders::Int(v) => OrderValue::Int(v[i]),
+            Orders::Rows(r) => OrderValue::Bytes(r.row(i).data()),
         }
     }
 }
@@ -283,8 +372,10 @@ pub struct TableSink {
     file_schema: SchemaRef,
     parts: Option<KeyEncoder>,
     keys: Option<(KeyEncoder, KeyEncoder)>,
-    hasher: DefaultHashBuilder,
+    fingerprints: Fingerprinter,
     index: Vec<Mutex<DedupIndex>>,
+    /// Keys in the index (about 48 bytes each with the table's slack).
+    keys_held: AtomicUsize,
     state: Mutex<State>,
 }
 
@@ -334,7 +425,8 @@ impl TableSink {
             file_schema,
             parts,
             keys,
-            hasher: DefaultHashBuilder::default(),
+            fingerprints: Fingerprinter::new(),
+            keys_held: AtomicUsize::new(0),
             index: (0..SHARDS).map(|_| Mutex::default()).collect(),
             state: Mutex::new(State {
                 parts: HashMap::new(),
@@ -439,7 +531,7 @@ impl TableSink {
                 .collect::<Result<_>>()?
         };
         let keyed = match &self.keys {
-            Some((k, o)) => Some((KeyBytes::new(k, batch)?, KeyBytes::new(o, batch)?)),
+            Some((k, o)) => Some((KeyBytes::new(k, batch)?, Orders::new(o, batch)?)),
             None => None,
         };
         let file = batch
@@ -469,18 +561,31 @@ impl TableSink {
             first
         };
         let mut losers = Vec::new();
+        let mut new_keys = 0;
         if let Some((keys, orders)) = &keyed {
-            let hashes: Vec<u64> = (0..n).map(|i| self.hasher.hash_one(keys.get(i))).collect();
+            let fps: Vec<u128> = (0..n).map(|i| self.fingerprints.of(keys.get(i))).collect();
             let mut by_shard: Vec<Vec<u32>> = vec![Vec::new(); SHARDS];
-            for (i, h) in hashes.iter().enumerate() {
-                by_shard[shard_of(*h)].push(i as u32);
+            for (i, fp) in fps.iter().enumerate() {
+                by_shard[slot(*fp).1].push(i as u32);
             }
-            for (shard, rows) in by_shard.iter().enumerate() {
-                if rows.is_empty() {
-                    continue;
-                }
-                let mut index = lock(&self.index[shard]);
-                for &i in rows {
+            // Shards another thread holds are left for later, so threads do not queue behind
+            // each other.
+            let mut todo: VecDeque<usize> = (0..SHARDS)
+                .map(|k| (k + first as usize) % SHARDS)
+                .filter(|&k| !by_shard[k].is_empty())
+                .collect();
+            let mut waits = 0;
+            while let Some(shard) = todo.pop_front() {
+                let mut index = match self.index[shard].try_lock() {
+                    Ok(index) => index,
+                    Err(std::sync::TryLockError::WouldBlock) if waits < SHARDS => {
+                        waits += 1;
+                        todo.push_back(shard);
+                        continue;
+                    }
+                    Err(_) => lock(&self.index[shard]),
+                };
+                for &i in &by_shard[shard] {
                     let i = i as usize;
                     let seg = first + group_of[i];
                     let loc = ((seg as u64) << 32) | pos_in_group[i] as u64;
@@ -488,19 +593,14 @@ impl TableSink {
                         file.as_ref().map(|f| f.value(i)).unwrap_or(0),
                         source_row.as_ref().map(|r| r.value(i)).unwrap_or(0),
                     );
-                    if let Some(lost) = index.offer(
-                        &self.hasher,
-                        hashes[i],
-                        keys.get(i),
-                        orders.get(i),
-                        lineage,
-                        loc,
-                    ) {
-                        losers.push(lost);
+                    match index.offer(fps[i], orders.get(i), lineage, loc) {
+                        Some(lost) => losers.push(lost),
+                        None => new_keys += 1,
                     }
                 }
             }
         }
+        self.keys_held.fetch_add(new_keys, Ordering::Relaxed);
         let jobs = {
             let mut state = lock(&self.state);
             for (loc, lineage) in losers {
@@ -509,6 +609,14 @@ impl TableSink {
             self.seal(&mut state, false)
         };
         self.run(jobs)
+    }
+
+    /// Bytes of rows to hold back now: the buffer's share, less what the dedup index has
+    /// grown into beyond its own share (half the limit).
+    fn buffer_now(&self) -> usize {
+        let index = self.keys_held.load(Ordering::Relaxed) * 48;
+        let room = (self.opts.memory_limit / 2).saturating_sub(index);
+        self.opts.buffer_bytes.min(room.max(1 << 20))
     }
 
     /// Marks a row as a loser: dropped while buffered, a late loser once written.
@@ -528,7 +636,8 @@ impl TableSink {
     fn seal(&self, state: &mut State, all: bool) -> Jobs {
         let mut jobs = Jobs::default();
         let mut by_part: HashMap<u32, usize> = HashMap::new();
-        while all || state.buffered > self.opts.buffer_bytes {
+        let buffer = self.buffer_now();
+        while all || state.buffered > buffer {
             let Some(seg) = state.queue.pop_front() else {
                 break;
             };
@@ -619,13 +728,12 @@ impl TableSink {
             return Ok(BooleanArray::from(vec![false; n]));
         };
         let keys = KeyBytes::new(k, batch)?;
-        let orders = KeyBytes::new(o, batch)?;
+        let orders = Orders::new(o, batch)?;
         let mut replaced = Vec::with_capacity(n);
         let mut losers = Vec::new();
         for i in 0..n {
-            let key = keys.get(i);
-            let h = self.hasher.hash_one(key);
-            let (r, lost) = lock(&self.index[shard_of(h)]).against_existing(h, key, orders.get(i));
+            let fp = self.fingerprints.of(keys.get(i));
+            let (r, lost) = lock(&self.index[slot(fp).1]).against_existing(fp, orders.get(i));
             losers.extend(lost);
             replaced.push(r);
         }
@@ -917,6 +1025,7 @@ mod tests {
                 order_by: Some("v".into()),
                 compression: "zstd".into(),
                 buffer_bytes: buffer,
+                memory_limit: 1 << 30,
                 max_writers: writers,
             };
             let s = schema();
