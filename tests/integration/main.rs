@@ -5,5 +5,6 @@ mod cli;
 mod concurrency;
 mod crash;
 mod formats;
+mod memory;
 mod pipeline;
 mod support;
