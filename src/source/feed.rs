@@ -447,7 +447,9 @@ mod tests {
     }
 
     /// (first column, line) of every row and (line, reason) of every malformed record.
-    fn drain(feed: &Feed) -> (Vec<(String, i64)>, Vec<(u64, String)>) {
+    type Drained = (Vec<(String, i64)>, Vec<(u64, String)>);
+
+    fn drain(feed: &Feed) -> Drained {
         let mut rows = Vec::new();
         while let Some(out) = feed.next_rows() {
             for b in out.batches {
