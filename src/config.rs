@@ -292,7 +292,7 @@ impl Budget {
         Budget {
             limit,
             chunk_bytes: (limit / 128).clamp(1 << 20, 8 << 20),
-            buffer_bytes: limit / 16,
+            buffer_bytes: limit / 64,
             max_writers: (limit / (256 << 20)).clamp(2, 16),
             pool_bytes: limit / 4,
         }

@@ -23,9 +23,18 @@ pub(super) fn read_lines(
 ) -> Result<ReadOutput> {
     let mut rows = RowBuilder::new(ctx, key);
     let mut cells: Vec<Option<Cow<'_, str>>> = Vec::with_capacity(ctx.width());
-    for (this, raw) in (first_line..).zip(data.split(|b| *b == b'\n')) {
+    let mut start = 0;
+    let ends = memchr::memchr_iter(b'\n', data).chain(std::iter::once(data.len()));
+    for (this, end) in (first_line..).zip(ends) {
+        let raw = &data[start.min(end)..end];
+        start = end + 1;
         let line = raw.strip_suffix(b"\r").unwrap_or(raw);
-        if line.iter().all(u8::is_ascii_whitespace) {
+        let blank = match line.first() {
+            None => true,
+            Some(b) if b.is_ascii_whitespace() => line.iter().all(u8::is_ascii_whitespace),
+            Some(_) => false,
+        };
+        if blank {
             continue;
         }
         let text = match std::str::from_utf8(line) {
