@@ -409,11 +409,15 @@ impl<'a> Runner<'a> {
             }
         }
         let keys: Vec<String> = files.iter().map(|m| m.location.to_string()).collect();
+        // Small batches get smaller chunks, so that every thread has work from the start to the
+        // end.
+        let total: u64 = files.iter().map(|m| m.size).sum();
+        let chunk = (total / (16 * self.threads.max(1) as u64)).max(1 << 20) as usize;
         let feed = Arc::new(Feed::new(
             &p.source,
             &p.schema,
             feed_files,
-            budget.chunk_bytes,
+            budget.chunk_bytes.min(chunk),
         ));
         let ctx = transform::session(self.threads, budget.pool_bytes);
         let partitions: Vec<Arc<dyn PartitionStream>> = (0..self.threads.max(1))
