@@ -14,7 +14,7 @@ use sluice::generate::{Kind, sample};
 use sluice::pipeline::{Prepared, prepare};
 use sluice::sink::stream::{SinkOptions, TableSink};
 use sluice::source::feed::{Feed, FeedFile};
-use sluice::transform::{self, Router};
+use sluice::transform::{self, Router, Valid};
 
 const ROWS: usize = 50_000;
 
@@ -37,7 +37,7 @@ fn read(p: &Prepared, data: &Arc<Vec<u8>>) -> Vec<RecordBatch> {
 }
 
 /// Runs the table's query over the rows and routes its output: the valid rows.
-async fn query(p: &Prepared, rows: Vec<RecordBatch>) -> (Router, Vec<RecordBatch>) {
+async fn query(p: &Prepared, rows: Vec<RecordBatch>) -> (Router, Vec<Valid>) {
     let ctx = transform::session(1, 256 << 20);
     transform::register_batches(&ctx, &p.source.name, p.schema.arrow_schema(), rows, 1)
         .expect("register");
@@ -54,7 +54,7 @@ async fn query(p: &Prepared, rows: Vec<RecordBatch>) -> (Router, Vec<RecordBatch
 }
 
 /// Dedups, splits and writes the valid rows into a temp folder.
-fn write(p: &Prepared, schema: &Schema, valid: &[RecordBatch]) -> usize {
+fn write(p: &Prepared, schema: &Schema, valid: &[Valid]) -> usize {
     let dir = tempfile::tempdir().expect("tempdir");
     let full = Schema::new(
         schema
@@ -74,8 +74,8 @@ fn write(p: &Prepared, schema: &Schema, valid: &[RecordBatch]) -> usize {
         max_writers: 16,
     };
     let sink = TableSink::new(opts, schema, &full, 1, dir.path()).expect("sink");
-    for b in valid {
-        sink.push(b).expect("push");
+    for (b, keep) in valid {
+        sink.push(b, keep.as_ref()).expect("push");
     }
     sink.finish(1).expect("finish").len()
 }

@@ -482,8 +482,8 @@ impl<'a> Runner<'a> {
                 while let Some(batch) = stream.next().await {
                     let batch = batch.map_err(|e| transform::query_error(&path, &query, e))?;
                     let (valid, rejected) = router.route(&batch)?;
-                    if let Some(v) = valid {
-                        sink.push(&v)?;
+                    if let Some((v, keep)) = valid {
+                        sink.push(&v, keep.as_ref())?;
                     }
                     if let Some(r) = rejected {
                         rejects.write(&r)?;

@@ -10,9 +10,7 @@ use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, DictionaryArray, Int32Array,
     Int64Array, RecordBatch, StringArray, new_null_array,
 };
-use datafusion::arrow::compute::{
-    CastOptions, cast_with_options, filter, filter_record_batch, take,
-};
+use datafusion::arrow::compute::{CastOptions, cast_with_options, filter, take};
 use datafusion::arrow::datatypes::{
     DataType, Field, Int32Type, Int64Type, Schema, SchemaRef, TimeUnit,
 };
@@ -287,6 +285,9 @@ pub fn rejected_schema(data: &[Field]) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
+/// A routed batch in the valid layout, and which of its rows are valid (`None`: all).
+pub type Valid = (RecordBatch, Option<BooleanArray>);
+
 /// Splits a query's output, batch by batch, into valid and rejected rows, and checks that every
 /// row the readers produced comes out exactly once.
 pub struct Router {
@@ -344,8 +345,9 @@ impl Router {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Routes one output batch: its valid rows and its rejected rows.
-    pub fn route(&self, batch: &RecordBatch) -> Result<(Option<RecordBatch>, Option<RecordBatch>)> {
+    /// Routes one output batch: its valid rows (the batch in the valid layout, and which of its
+    /// rows are valid unless all are) and its rejected rows.
+    pub fn route(&self, batch: &RecordBatch) -> Result<(Option<Valid>, Option<RecordBatch>)> {
         let n = batch.num_rows();
         if n == 0 {
             return Ok((None, None));
@@ -475,11 +477,7 @@ impl Router {
             valid_arrays.push(Arc::new(ids.clone()));
             valid_arrays.push(Arc::new(row.clone()));
             let all = RecordBatch::try_new(self.valid_schema.clone(), valid_arrays)?;
-            valid = Some(if keep.true_count() == n {
-                all
-            } else {
-                filter_record_batch(&all, &keep)?
-            });
+            valid = Some((all, (keep.true_count() < n).then(|| keep.clone())));
         }
         let mut rejected = None;
         if reject.true_count() > 0 {

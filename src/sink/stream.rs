@@ -458,12 +458,14 @@ impl TableSink {
         p
     }
 
-    /// Takes a batch of valid rows.
-    pub fn push(&self, batch: &RecordBatch) -> Result<()> {
+    /// Takes a batch of valid rows; with `keep`, only the rows it selects (the others ride along
+    /// as dropped rows, which saves copying the batch).
+    pub fn push(&self, batch: &RecordBatch, keep: Option<&BooleanArray>) -> Result<()> {
         let n = batch.num_rows();
         if n == 0 {
             return Ok(());
         }
+        let kept = |i: usize| keep.is_none_or(|k| k.value(i));
         // Partition of each row: the row-format bytes of the partition columns, looked up once
         // per run of equal values.
         let mut part_of = vec![0u32; n];
@@ -472,6 +474,10 @@ impl TableSink {
             let mut state = lock(&self.state);
             let mut prev: Option<(&[u8], u32)> = None;
             for (i, slot) in part_of.iter_mut().enumerate() {
+                if !kept(i) {
+                    *slot = u32::MAX;
+                    continue;
+                }
                 let bytes = rows.row(i).data();
                 if let Some((b, p)) = prev
                     && b == bytes
@@ -493,6 +499,20 @@ impl TableSink {
                 *slot = p;
                 prev = Some((bytes, p));
             }
+            // Dropped rows go with a neighbour's partition (they are never written).
+            let first = part_of
+                .iter()
+                .copied()
+                .find(|&p| p != u32::MAX)
+                .unwrap_or(0);
+            let mut last = first;
+            for p in part_of.iter_mut() {
+                if *p == u32::MAX {
+                    *p = last;
+                } else {
+                    last = *p;
+                }
+            }
         } else {
             let mut state = lock(&self.state);
             self.partition(&mut state, "");
@@ -503,12 +523,12 @@ impl TableSink {
         let mut pos_in_group = vec![0u32; n];
         let mut group_of = vec![0u32; n];
         let uniform = part_of.iter().all(|&p| p == part_of[0]);
-        let pieces: Vec<(u32, RecordBatch)> = if uniform {
+        let pieces: Vec<(u32, RecordBatch, Vec<bool>)> = if uniform {
             for (i, p) in pos_in_group.iter_mut().enumerate() {
                 *p = i as u32;
             }
             groups.push((part_of[0], Vec::new()));
-            vec![(part_of[0], rows)]
+            vec![(part_of[0], rows, (0..n).map(|i| !kept(i)).collect())]
         } else {
             let mut slot: HashMap<u32, usize> = HashMap::new();
             for (i, &p) in part_of.iter().enumerate() {
@@ -526,6 +546,7 @@ impl TableSink {
                     Ok((
                         *p,
                         take_record_batch(&rows, &UInt32Array::from(idx.clone()))?,
+                        idx.iter().map(|&i| !kept(i as usize)).collect(),
                     ))
                 })
                 .collect::<Result<_>>()?
@@ -546,15 +567,14 @@ impl TableSink {
         let first = {
             let mut state = lock(&self.state);
             let first = state.segments.len() as u32;
-            for (p, b) in pieces {
+            for (p, b, dead) in pieces {
                 let bytes = b.get_array_memory_size();
                 state.buffered += bytes;
                 let id = state.segments.len() as u32;
                 state.queue.push_back(id);
-                let rows = b.num_rows();
                 state.segments.push(Segment {
                     part: p,
-                    body: Some((b, vec![false; rows])),
+                    body: Some((b, dead)),
                     bytes,
                 });
             }
@@ -566,7 +586,9 @@ impl TableSink {
             let fps: Vec<u128> = (0..n).map(|i| self.fingerprints.of(keys.get(i))).collect();
             let mut by_shard: Vec<Vec<u32>> = vec![Vec::new(); SHARDS];
             for (i, fp) in fps.iter().enumerate() {
-                by_shard[slot(*fp).1].push(i as u32);
+                if kept(i) {
+                    by_shard[slot(*fp).1].push(i as u32);
+                }
             }
             // Shards another thread holds are left for later, so threads do not queue behind
             // each other.
@@ -1032,7 +1054,7 @@ mod tests {
             let full = Schema::new(s.fields()[..3].to_vec());
             let sink = TableSink::new(opts, &s, &full, 1, dir.path()).unwrap();
             for (i, rows) in input.iter().enumerate() {
-                sink.push(&batch(rows, 1 + 3 * i as i64)).unwrap();
+                sink.push(&batch(rows, 1 + 3 * i as i64), None).unwrap();
             }
             let files = sink.finish(2).unwrap();
             assert_eq!(sink.duplicates(), vec![4]);
