@@ -91,6 +91,7 @@ pub struct Feed {
     ctx: ReadContext,
     chunk_bytes: usize,
     state: Mutex<State>,
+    free: Mutex<Vec<Vec<u8>>>,
 }
 
 /// Hashes what passes through.
@@ -129,6 +130,7 @@ impl Feed {
                 reads,
                 broken: None,
             }),
+            free: Mutex::new(Vec::new()),
         }
     }
 
@@ -140,7 +142,7 @@ impl Feed {
     /// broke).
     pub fn next_rows(&self) -> Option<ReadOutput> {
         loop {
-            let chunk = self.next_chunk()?;
+            let mut chunk = self.next_chunk()?;
             let parsed = match self.source.format {
                 Format::Jsonl => {
                     json::read_lines(&self.ctx, &chunk.key, &chunk.data, chunk.first_line)
@@ -154,8 +156,13 @@ impl Feed {
                     chunk.first_line,
                     chunk.mapping.as_deref().map(Vec::as_slice).unwrap_or(&[]),
                 ),
-                Format::Parquet => parquet::read(&self.ctx, &chunk.key, Bytes::from(chunk.data)),
+                Format::Parquet => parquet::read(
+                    &self.ctx,
+                    &chunk.key,
+                    Bytes::from(std::mem::take(&mut chunk.data)),
+                ),
             };
+            self.recycle(std::mem::take(&mut chunk.data));
             let mut state = self.lock();
             match parsed {
                 Ok(mut out) => {
@@ -291,17 +298,16 @@ impl Feed {
     /// Reads until `carry` holds at least `want` bytes or the file ends.
     fn fill(&self, open: &mut Open, want: usize) -> Result<()> {
         while open.carry.len() < want && !open.eof {
-            let len = open.carry.len();
-            open.carry.resize(want.min(len + (8 << 20)), 0);
-            match open.reader.read(&mut open.carry[len..]) {
-                Ok(0) => {
-                    open.carry.truncate(len);
-                    open.eof = true;
-                }
-                Ok(n) => open.carry.truncate(len + n),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => open.carry.truncate(len),
+            // Into the buffer's spare room, without zeroing it first.
+            let step = (want - open.carry.len()).min(8 << 20);
+            open.carry.reserve(step);
+            match (&mut open.reader)
+                .take(step as u64)
+                .read_to_end(&mut open.carry)
+            {
+                Ok(n) if n < step => open.eof = true,
+                Ok(_) => {}
                 Err(e) => {
-                    open.carry.truncate(len);
                     return Err(Error::Read {
                         key: open.key.to_string(),
                         message: match Compression::from_key(&open.key).0 {
@@ -314,6 +320,27 @@ impl Feed {
             }
         }
         Ok(())
+    }
+
+    /// An empty buffer, reused from a parsed chunk when there is one: its pages are already
+    /// mapped, so reading into it does not fault fresh zeroed pages in.
+    fn buffer(&self) -> Vec<u8> {
+        self.free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.pop())
+            .unwrap_or_else(|| Vec::with_capacity(self.chunk_bytes + (64 << 10)))
+    }
+
+    /// Gives a parsed chunk's buffer back.
+    fn recycle(&self, mut data: Vec<u8>) {
+        if let Ok(mut free) = self.free.lock()
+            && free.len() < 8
+            && data.capacity() <= 2 * self.chunk_bytes + (64 << 10)
+        {
+            data.clear();
+            free.push(data);
+        }
     }
 
     /// Reads the rest of the file.
@@ -352,7 +379,8 @@ impl Feed {
         if end == 0 {
             return Ok(None);
         }
-        let rest = open.carry[end..].to_vec();
+        let mut rest = self.buffer();
+        rest.extend_from_slice(&open.carry[end..]);
         let mut data = std::mem::replace(&mut open.carry, rest);
         data.truncate(end);
         let first_line = open.line;
