@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::io::Read;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use datafusion::arrow::array::RecordBatch;
@@ -62,6 +62,35 @@ struct Chunk {
     data: Vec<u8>,
     first_line: u64,
     mapping: Option<Arc<Vec<Option<usize>>>>,
+    /// For a plain file: its hash and this chunk's turn in it.
+    turn: Option<(Arc<OrderedSha>, u64)>,
+}
+
+/// SHA-256 of a plain file, fed chunk by chunk in file order by whichever thread holds each
+/// chunk, outside the feed's lock.
+#[derive(Default)]
+struct OrderedSha {
+    state: Mutex<(u64, Sha256)>,
+    turn: Condvar,
+}
+
+impl OrderedSha {
+    /// Adds the bytes of chunk `seq` once chunks `0..seq` are in.
+    fn update(&self, seq: u64, data: &[u8]) {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while g.0 != seq {
+            g = self.turn.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.1.update(data);
+        g.0 += 1;
+        drop(g);
+        self.turn.notify_all();
+    }
+
+    fn hex(&self) -> String {
+        let g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        hex::encode(g.1.clone().finalize())
+    }
 }
 
 /// The file being read.
@@ -69,7 +98,11 @@ struct Open {
     file: usize,
     key: Arc<str>,
     reader: Box<dyn Read + Send>,
+    /// The hash of a compressed file (taken by the reader, under the feed's lock).
     sha: Arc<Mutex<Sha256>>,
+    /// The hash of a plain file (taken chunk by chunk) and the next chunk's turn.
+    plain: Option<Arc<OrderedSha>>,
+    seq: u64,
     carry: Vec<u8>,
     line: u64,
     eof: bool,
@@ -83,6 +116,8 @@ struct State {
     open: Option<Open>,
     reads: Vec<FileRead>,
     broken: Option<Broken>,
+    /// Hashes of plain files, finished once every chunk is in.
+    plain: Vec<Option<Arc<OrderedSha>>>,
 }
 
 /// Raw files of one source, handed out chunk by chunk.
@@ -92,6 +127,16 @@ pub struct Feed {
     chunk_bytes: usize,
     state: Mutex<State>,
     free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Open {
+    /// Hashes bytes of a plain file that no chunk carries (a CSV header), in their turn.
+    fn hash_now(&mut self, data: &[u8]) {
+        if let Some(h) = &self.plain {
+            h.update(self.seq, data);
+            self.seq += 1;
+        }
+    }
 }
 
 /// Hashes what passes through.
@@ -118,7 +163,7 @@ impl Feed {
         files: Vec<FeedFile>,
         chunk_bytes: usize,
     ) -> Feed {
-        let reads = files.iter().map(|_| FileRead::default()).collect();
+        let reads: Vec<FileRead> = files.iter().map(|_| FileRead::default()).collect();
         Feed {
             source: source.clone(),
             ctx: ReadContext::new(schema),
@@ -127,6 +172,7 @@ impl Feed {
                 pending: files.into_iter().map(Some).collect(),
                 next: 0,
                 open: None,
+                plain: reads.iter().map(|_| None).collect(),
                 reads,
                 broken: None,
             }),
@@ -143,6 +189,9 @@ impl Feed {
     pub fn next_rows(&self) -> Option<ReadOutput> {
         loop {
             let mut chunk = self.next_chunk()?;
+            if let Some((h, seq)) = &chunk.turn {
+                h.update(*seq, &chunk.data);
+            }
             let parsed = match self.source.format {
                 Format::Jsonl => {
                     json::read_lines(&self.ctx, &chunk.key, &chunk.data, chunk.first_line)
@@ -190,6 +239,14 @@ impl Feed {
     /// Per-file results and the file that broke, if one did. Call once the feed is drained.
     pub fn finish(&self) -> (Vec<FileRead>, Option<Broken>) {
         let mut state = self.lock();
+        let hashes = std::mem::take(&mut state.plain);
+        for (read, h) in state.reads.iter_mut().zip(hashes) {
+            if let Some(h) = h
+                && read.error.is_none()
+            {
+                read.sha256 = Some(h.hex());
+            }
+        }
         (std::mem::take(&mut state.reads), state.broken.take())
     }
 
@@ -219,8 +276,13 @@ impl Feed {
                 }
                 Ok(None) => {
                     let open = state.open.take()?;
-                    let sha = open.sha.lock().map(|s| hex::encode(s.clone().finalize()));
-                    state.reads[open.file].sha256 = sha.ok();
+                    match open.plain {
+                        Some(h) => state.plain[open.file] = Some(h),
+                        None => {
+                            let sha = open.sha.lock().map(|s| hex::encode(s.clone().finalize()));
+                            state.reads[open.file].sha256 = sha.ok();
+                        }
+                    }
                 }
                 Err(error) => {
                     let open = state.open.take()?;
@@ -240,26 +302,34 @@ impl Feed {
     /// Opens a file: decompression, and the header of a CSV file.
     fn open(&self, file: usize, f: FeedFile) -> Result<Open> {
         let sha = Arc::new(Mutex::new(Sha256::new()));
-        let raw = HashRead {
-            inner: f.reader,
-            sha: sha.clone(),
-        };
-        let reader: Box<dyn Read + Send> =
-            match Compression::from_key(&f.key).0 {
-                Compression::None => Box::new(raw),
-                Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(raw)),
-                Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(raw).map_err(
-                    |e| Error::Read {
+        let compression = Compression::from_key(&f.key).0;
+        let plain = (compression == Compression::None).then(|| Arc::new(OrderedSha::default()));
+        // A plain file is hashed chunk by chunk; a compressed one as its bytes are read.
+        let reader: Box<dyn Read + Send> = if compression == Compression::None {
+            f.reader
+        } else {
+            let raw = HashRead {
+                inner: f.reader,
+                sha: sha.clone(),
+            };
+            if compression == Compression::Gzip {
+                Box::new(flate2::read::MultiGzDecoder::new(raw))
+            } else {
+                Box::new(
+                    zstd::stream::read::Decoder::new(raw).map_err(|e| Error::Read {
                         key: f.key.clone(),
                         message: format!("cannot start zstd decoding: {e}"),
-                    },
-                )?),
-            };
+                    })?,
+                )
+            }
+        };
         let mut open = Open {
             file,
             key: f.key.into(),
             reader,
             sha,
+            plain,
+            seq: 0,
             carry: Vec::new(),
             line: 1,
             eof: false,
@@ -281,12 +351,15 @@ impl Feed {
                 else {
                     if open.eof {
                         // No header at all: an empty file.
+                        open.hash_now(&open.carry.clone());
                         open.carry.clear();
                         break;
                     }
                     continue;
                 };
                 open.line += memchr::memchr_iter(b'\n', &open.carry[..end]).count() as u64;
+                let header = open.carry[..end].to_vec();
+                open.hash_now(&header);
                 open.carry.drain(..end);
                 open.mapping = Some(Arc::new(mapping));
                 break;
@@ -393,6 +466,10 @@ impl Feed {
             data,
             first_line,
             mapping: open.mapping.clone(),
+            turn: open.plain.clone().map(|h| {
+                open.seq += 1;
+                (h, open.seq - 1)
+            }),
         }))
     }
 }
@@ -475,7 +552,7 @@ mod tests {
     }
 
     /// (first column, line) of every row and (line, reason) of every malformed record.
-    type Drained = (Vec<(String, i64)>, Vec<(u64, String)>);
+    type Drained = (Vec<(String, i64)>, Vec<(u64, String)>, Option<String>);
 
     fn drain(feed: &Feed) -> Drained {
         let mut rows = Vec::new();
@@ -493,12 +570,13 @@ mod tests {
         }
         let (reads, broken) = feed.finish();
         assert!(broken.is_none());
+        let sha = reads[0].sha256.clone();
         let bad = reads
             .into_iter()
             .flat_map(|r| r.malformed)
             .map(|m| (m.row, m.reason))
             .collect();
-        (rows, bad)
+        (rows, bad, sha)
     }
 
     fn value(a: &StringArray, i: usize) -> String {
@@ -540,6 +618,18 @@ mod tests {
             assert!(data.len() > 5 * (64 << 10));
             assert!(whole.0.len() > 2900, "{}", whole.0.len());
             assert_eq!(whole, chunked);
+            assert_eq!(whole.2, Some(hex::encode(Sha256::digest(&data))));
+            // A compressed file: the same rows, and the hash of its stored bytes.
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut gz, &data).unwrap();
+            let gz = gz.finish().unwrap();
+            let file = FeedFile {
+                key: "raw/s/f.gz".into(),
+                reader: Box::new(std::io::Cursor::new(gz.clone())),
+            };
+            let unzipped = drain(&Feed::new(&source(format), schema, vec![file], 64 << 10));
+            assert_eq!((&unzipped.0, &unzipped.1), (&whole.0, &whole.1));
+            assert_eq!(unzipped.2, Some(hex::encode(Sha256::digest(&gz))));
         }
     }
 
