@@ -3,7 +3,7 @@
 //! lost or doubled.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::array::{
@@ -582,13 +582,6 @@ fn accounting(key: &str, message: String) -> Error {
         key: key.to_string(),
         message,
     }
-}
-
-/// The query file's path for messages.
-pub fn display_path(base: &Path, p: &Path) -> PathBuf {
-    p.strip_prefix(base)
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|_| p.to_path_buf())
 }
 
 #[cfg(test)]

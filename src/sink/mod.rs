@@ -87,19 +87,6 @@ pub(crate) fn partition_dirs(batch: &RecordBatch, partition_by: &[String]) -> Re
     Ok(dirs)
 }
 
-/// The batch without the named columns.
-pub fn drop_columns(batch: &RecordBatch, names: &[String]) -> Result<RecordBatch> {
-    let keep: Vec<usize> = batch
-        .schema()
-        .fields()
-        .iter()
-        .enumerate()
-        .filter(|(_, f)| !names.iter().any(|n| n == f.name()))
-        .map(|(i, _)| i)
-        .collect();
-    Ok(batch.project(&keep)?)
-}
-
 /// The schema without the named columns.
 pub fn schema_without(schema: &Schema, names: &[String]) -> SchemaRef {
     Arc::new(Schema::new(

@@ -527,7 +527,6 @@ impl TableSink {
             for (i, p) in pos_in_group.iter_mut().enumerate() {
                 *p = i as u32;
             }
-            groups.push((part_of[0], Vec::new()));
             vec![(part_of[0], rows, (0..n).map(|i| !kept(i)).collect())]
         } else {
             let mut slot: HashMap<u32, usize> = HashMap::new();
