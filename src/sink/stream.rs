@@ -458,6 +458,64 @@ impl TableSink {
         p
     }
 
+    /// The partition of each row: the row-format bytes of the partition columns, looked up once
+    /// per run of equal values. Dropped rows go with a neighbour's partition (they are never
+    /// written).
+    fn partition_rows(
+        &self,
+        batch: &RecordBatch,
+        kept: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<u32>> {
+        let n = batch.num_rows();
+        let mut part_of = vec![0u32; n];
+        let Some(enc) = &self.parts else {
+            self.partition(&mut lock(&self.state), "");
+            return Ok(part_of);
+        };
+        let rows = enc.encode(batch)?;
+        let mut state = lock(&self.state);
+        let mut prev: Option<(&[u8], u32)> = None;
+        for (i, slot) in part_of.iter_mut().enumerate() {
+            if !kept(i) {
+                *slot = u32::MAX;
+                continue;
+            }
+            let bytes = rows.row(i).data();
+            if let Some((b, p)) = prev
+                && b == bytes
+            {
+                *slot = p;
+                continue;
+            }
+            let p = match state.parts.get(bytes) {
+                Some(&p) => p,
+                None => {
+                    let dir = partition_dirs(&batch.slice(i, 1), &self.opts.partition_by)?
+                        .pop()
+                        .unwrap_or_default();
+                    let p = self.partition(&mut state, &dir);
+                    state.parts.insert(bytes.to_vec(), p);
+                    p
+                }
+            };
+            *slot = p;
+            prev = Some((bytes, p));
+        }
+        let mut last = part_of
+            .iter()
+            .copied()
+            .find(|&p| p != u32::MAX)
+            .unwrap_or(0);
+        for p in part_of.iter_mut() {
+            if *p == u32::MAX {
+                *p = last;
+            } else {
+                last = *p;
+            }
+        }
+        Ok(part_of)
+    }
+
     /// Takes a batch of valid rows; with `keep`, only the rows it selects (the others ride along
     /// as dropped rows, which saves copying the batch).
     pub fn push(&self, batch: &RecordBatch, keep: Option<&BooleanArray>) -> Result<()> {
@@ -466,57 +524,7 @@ impl TableSink {
             return Ok(());
         }
         let kept = |i: usize| keep.is_none_or(|k| k.value(i));
-        // Partition of each row: the row-format bytes of the partition columns, looked up once
-        // per run of equal values.
-        let mut part_of = vec![0u32; n];
-        if let Some(enc) = &self.parts {
-            let rows = enc.encode(batch)?;
-            let mut state = lock(&self.state);
-            let mut prev: Option<(&[u8], u32)> = None;
-            for (i, slot) in part_of.iter_mut().enumerate() {
-                if !kept(i) {
-                    *slot = u32::MAX;
-                    continue;
-                }
-                let bytes = rows.row(i).data();
-                if let Some((b, p)) = prev
-                    && b == bytes
-                {
-                    *slot = p;
-                    continue;
-                }
-                let p = match state.parts.get(bytes) {
-                    Some(&p) => p,
-                    None => {
-                        let dir = partition_dirs(&batch.slice(i, 1), &self.opts.partition_by)?
-                            .pop()
-                            .unwrap_or_default();
-                        let p = self.partition(&mut state, &dir);
-                        state.parts.insert(bytes.to_vec(), p);
-                        p
-                    }
-                };
-                *slot = p;
-                prev = Some((bytes, p));
-            }
-            // Dropped rows go with a neighbour's partition (they are never written).
-            let first = part_of
-                .iter()
-                .copied()
-                .find(|&p| p != u32::MAX)
-                .unwrap_or(0);
-            let mut last = first;
-            for p in part_of.iter_mut() {
-                if *p == u32::MAX {
-                    *p = last;
-                } else {
-                    last = *p;
-                }
-            }
-        } else {
-            let mut state = lock(&self.state);
-            self.partition(&mut state, "");
-        }
+        let part_of = self.partition_rows(batch, &kept)?;
         // Split into one segment per partition, in the file layout.
         let rows = conform(batch, &self.file_schema)?;
         let mut groups: Vec<(u32, Vec<u32>)> = Vec::new();
@@ -582,10 +590,12 @@ impl TableSink {
         let mut losers = Vec::new();
         let mut new_keys = 0;
         if let Some((keys, orders)) = &keyed {
-            let fps: Vec<u128> = (0..n).map(|i| self.fingerprints.of(keys.get(i))).collect();
+            // Fingerprints of the rows offered (dropped rows are not).
+            let mut fps = vec![0u128; n];
             let mut by_shard: Vec<Vec<u32>> = vec![Vec::new(); SHARDS];
-            for (i, fp) in fps.iter().enumerate() {
+            for (i, fp) in fps.iter_mut().enumerate() {
                 if kept(i) {
+                    *fp = self.fingerprints.of(keys.get(i));
                     by_shard[slot(*fp).1].push(i as u32);
                 }
             }
