@@ -66,8 +66,9 @@ struct Chunk {
     turn: Option<(Arc<OrderedSha>, u64)>,
 }
 
-/// SHA-256 of a plain file, fed chunk by chunk in file order by whichever thread holds each
-/// chunk, outside the feed's lock.
+/// SHA-256 of a file's stored bytes, fed piece by piece in file order: for a plain file, chunk by
+/// chunk by whichever thread holds each chunk, outside the feed's lock; for a compressed file, by
+/// its reader as it reads.
 #[derive(Default)]
 struct OrderedSha {
     state: Mutex<(u64, Sha256)>,
@@ -98,10 +99,9 @@ struct Open {
     file: usize,
     key: Arc<str>,
     reader: Box<dyn Read + Send>,
-    /// The hash of a compressed file (taken by the reader, under the feed's lock).
-    sha: Arc<Mutex<Sha256>>,
-    /// The hash of a plain file (taken chunk by chunk) and the next chunk's turn.
-    plain: Option<Arc<OrderedSha>>,
+    hash: Arc<OrderedSha>,
+    /// A plain file: its chunks are hashed in turn (`seq`: the next one's).
+    plain: bool,
     seq: u64,
     carry: Vec<u8>,
     line: u64,
@@ -116,8 +116,8 @@ struct State {
     open: Option<Open>,
     reads: Vec<FileRead>,
     broken: Option<Broken>,
-    /// Hashes of plain files, finished once every chunk is in.
-    plain: Vec<Option<Arc<OrderedSha>>>,
+    /// Hashes of files read to their end, finished once every chunk is in.
+    hashes: Vec<Option<Arc<OrderedSha>>>,
 }
 
 /// Raw files of one source, handed out chunk by chunk.
@@ -132,8 +132,8 @@ pub struct Feed {
 impl Open {
     /// Hashes bytes of a plain file that no chunk carries (a CSV header), in their turn.
     fn hash_now(&mut self, data: &[u8]) {
-        if let Some(h) = &self.plain {
-            h.update(self.seq, data);
+        if self.plain {
+            self.hash.update(self.seq, data);
             self.seq += 1;
         }
     }
@@ -142,15 +142,15 @@ impl Open {
 /// Hashes what passes through.
 struct HashRead<R> {
     inner: R,
-    sha: Arc<Mutex<Sha256>>,
+    hash: Arc<OrderedSha>,
+    seq: u64,
 }
 
 impl<R: Read> Read for HashRead<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        if let Ok(mut sha) = self.sha.lock() {
-            sha.update(&buf[..n]);
-        }
+        self.hash.update(self.seq, &buf[..n]);
+        self.seq += 1;
         Ok(n)
     }
 }
@@ -172,7 +172,7 @@ impl Feed {
                 pending: files.into_iter().map(Some).collect(),
                 next: 0,
                 open: None,
-                plain: reads.iter().map(|_| None).collect(),
+                hashes: reads.iter().map(|_| None).collect(),
                 reads,
                 broken: None,
             }),
@@ -239,7 +239,7 @@ impl Feed {
     /// Per-file results and the file that broke, if one did. Call once the feed is drained.
     pub fn finish(&self) -> (Vec<FileRead>, Option<Broken>) {
         let mut state = self.lock();
-        let hashes = std::mem::take(&mut state.plain);
+        let hashes = std::mem::take(&mut state.hashes);
         for (read, h) in state.reads.iter_mut().zip(hashes) {
             if let Some(h) = h
                 && read.error.is_none()
@@ -276,13 +276,7 @@ impl Feed {
                 }
                 Ok(None) => {
                     let open = state.open.take()?;
-                    match open.plain {
-                        Some(h) => state.plain[open.file] = Some(h),
-                        None => {
-                            let sha = open.sha.lock().map(|s| hex::encode(s.clone().finalize()));
-                            state.reads[open.file].sha256 = sha.ok();
-                        }
-                    }
+                    state.hashes[open.file] = Some(open.hash);
                 }
                 Err(error) => {
                     let open = state.open.take()?;
@@ -301,16 +295,17 @@ impl Feed {
 
     /// Opens a file: decompression, and the header of a CSV file.
     fn open(&self, file: usize, f: FeedFile) -> Result<Open> {
-        let sha = Arc::new(Mutex::new(Sha256::new()));
+        let hash = Arc::new(OrderedSha::default());
         let compression = Compression::from_key(&f.key).0;
-        let plain = (compression == Compression::None).then(|| Arc::new(OrderedSha::default()));
+        let plain = compression == Compression::None;
         // A plain file is hashed chunk by chunk; a compressed one as its bytes are read.
-        let reader: Box<dyn Read + Send> = if compression == Compression::None {
+        let reader: Box<dyn Read + Send> = if plain {
             f.reader
         } else {
             let raw = HashRead {
                 inner: f.reader,
-                sha: sha.clone(),
+                hash: hash.clone(),
+                seq: 0,
             };
             if compression == Compression::Gzip {
                 Box::new(flate2::read::MultiGzDecoder::new(raw))
@@ -327,7 +322,7 @@ impl Feed {
             file,
             key: f.key.into(),
             reader,
-            sha,
+            hash,
             plain,
             seq: 0,
             carry: Vec::new(),
@@ -466,9 +461,9 @@ impl Feed {
             data,
             first_line,
             mapping: open.mapping.clone(),
-            turn: open.plain.clone().map(|h| {
+            turn: open.plain.then(|| {
                 open.seq += 1;
-                (h, open.seq - 1)
+                (open.hash.clone(), open.seq - 1)
             }),
         }))
     }
