@@ -400,15 +400,17 @@ impl<'a> Runner<'a> {
         scratch: &std::path::Path,
     ) -> std::result::Result<Streamed, Failure> {
         let budget = self.config.engine.budget();
+        let keys: Vec<String> = files.iter().map(|m| m.location.to_string()).collect();
         let mut feed_files = Vec::with_capacity(files.len());
-        for (i, m) in files.iter().enumerate() {
-            let key = m.location.to_string();
-            match self.lake.reader(&key).await {
-                Ok(reader) => feed_files.push(FeedFile { key, reader }),
+        for (i, key) in keys.iter().enumerate() {
+            match self.lake.reader(key).await {
+                Ok(reader) => feed_files.push(FeedFile {
+                    key: key.clone(),
+                    reader,
+                }),
                 Err(e) => return Err(Failure::File(i, e)),
             }
         }
-        let keys: Vec<String> = files.iter().map(|m| m.location.to_string()).collect();
         // Small batches get smaller chunks, so that every thread has work from the start to the
         // end.
         let total: u64 = files.iter().map(|m| m.size).sum();
