@@ -3,10 +3,11 @@
 
 pub mod stream;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use datafusion::arrow::array::{ArrayRef, RecordBatch, new_null_array};
+use datafusion::arrow::array::{ArrayRef, AsArray, RecordBatch, new_null_array};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
@@ -16,23 +17,72 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, GzipLevel, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 
 use crate::error::{Error, Result};
 use crate::lake::{self, Lake};
 
 /// How sluice writes Parquet: the table's compression (zstd at level 1) and row groups of
 /// 128Ki rows.
-pub fn writer_properties(compression: &str) -> Result<WriterProperties> {
+/// `plain` names columns written without dictionary encoding (see [`mostly_distinct`]).
+pub fn writer_properties(compression: &str, plain: &[String]) -> Result<WriterProperties> {
     let codec = match compression {
         "zstd" => Compression::ZSTD(ZstdLevel::try_new(1)?),
         "gzip" => Compression::GZIP(GzipLevel::default()),
         "none" => Compression::UNCOMPRESSED,
         _ => Compression::SNAPPY,
     };
-    Ok(WriterProperties::builder()
+    let mut props = WriterProperties::builder()
         .set_compression(codec)
-        .set_max_row_group_row_count(Some(128 * 1024))
-        .build())
+        .set_max_row_group_row_count(Some(128 * 1024));
+    for column in plain {
+        props = props.set_column_dictionary_enabled(ColumnPath::from(column.as_str()), false);
+    }
+    Ok(props.build())
+}
+
+/// The string columns of `batch` whose values are mostly different from each other (over half
+/// of the first 8192 rows, with at least 1024 rows to judge from): a dictionary would overflow
+/// and fall back to plain pages anyway, after hashing every value. As DuckDB does, such columns
+/// are written plain from the start. `None` when the batch is too small to tell.
+pub fn mostly_distinct(batch: &RecordBatch) -> Option<Vec<String>> {
+    const SAMPLE: usize = 8192;
+    let n = batch.num_rows().min(SAMPLE);
+    if n < 1024 {
+        return None;
+    }
+    let mut plain = Vec::new();
+    let mut seen: HashSet<&[u8]> = HashSet::with_capacity(n);
+    for (field, column) in batch.schema_ref().fields().iter().zip(batch.columns()) {
+        seen.clear();
+        let values: Box<dyn Iterator<Item = Option<&[u8]>>> = match field.data_type() {
+            DataType::Utf8 => Box::new(
+                column
+                    .as_string::<i32>()
+                    .iter()
+                    .map(|v| v.map(str::as_bytes)),
+            ),
+            DataType::LargeUtf8 => Box::new(
+                column
+                    .as_string::<i64>()
+                    .iter()
+                    .map(|v| v.map(str::as_bytes)),
+            ),
+            DataType::Utf8View => {
+                Box::new(column.as_string_view().iter().map(|v| v.map(str::as_bytes)))
+            }
+            _ => continue,
+        };
+        let mut present = 0;
+        for v in values.take(n).flatten() {
+            present += 1;
+            seen.insert(v);
+        }
+        if present >= 1024 && seen.len() * 2 > present {
+            plain.push(field.name().clone());
+        }
+    }
+    Some(plain)
 }
 
 /// Encodes batches as one Parquet file.
@@ -45,7 +95,7 @@ pub fn encode_parquet(
     let mut writer = ArrowWriter::try_new(
         &mut buf,
         schema.clone(),
-        Some(writer_properties(compression)?),
+        Some(writer_properties(compression, &[])?),
     )?;
     for b in batches {
         writer.write(b)?;
@@ -270,5 +320,46 @@ mod tests {
         let seg = lake::segment("k=a/b%c");
         let parsed = parse_partition_dir(&seg);
         assert_eq!(parsed, vec![("k".to_string(), "a/b%c".to_string())]);
+    }
+
+    #[test]
+    fn mostly_distinct_columns_are_written_plain() {
+        use datafusion::arrow::array::StringArray;
+        use datafusion::arrow::datatypes::Field;
+        use parquet::basic::Encoding;
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, false),
+            Field::new("level", DataType::Utf8, true),
+        ]));
+        let rows = |n: usize| {
+            let id = StringArray::from_iter_values((0..n).map(|i| format!("req-{i}")));
+            let level = StringArray::from_iter(
+                (0..n).map(|i| (i % 7 != 0).then(|| ["info", "warn"][i % 2])),
+            );
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(id), Arc::new(level)]).unwrap()
+        };
+        assert_eq!(mostly_distinct(&rows(100)), None, "too few rows to judge");
+        let batch = rows(5000);
+        let plain = mostly_distinct(&batch).unwrap();
+        assert_eq!(plain, vec!["id".to_string()]);
+
+        let mut buf = Vec::new();
+        let props = writer_properties("snappy", &plain).unwrap();
+        let mut writer = ArrowWriter::try_new(&mut buf, schema.clone(), Some(props)).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let reader = SerializedFileReader::new(Bytes::from(buf)).unwrap();
+        let group = reader.metadata().row_group(0);
+        let dictionary = |c: usize| {
+            group
+                .column(c)
+                .encodings()
+                .any(|e| e == Encoding::RLE_DICTIONARY)
+                || group.column(c).dictionary_page_offset().is_some()
+        };
+        assert!(!dictionary(0), "the distinct column has no dictionary");
+        assert!(dictionary(1), "the repetitive column keeps its dictionary");
     }
 }

@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use datafusion::arrow::array::{
     Array, AsArray, BooleanArray, RecordBatch, StringArray, UInt32Array,
@@ -25,9 +25,10 @@ use datafusion::arrow::row::Rows;
 use hashbrown::HashTable;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::properties::WriterProperties;
 use siphasher::sip128::SipHasher13;
 
-use super::{KeyEncoder, conform, nullable, partition_dirs, writer_properties};
+use super::{KeyEncoder, conform, mostly_distinct, nullable, partition_dirs, writer_properties};
 use crate::error::{Error, Result};
 use crate::source::{SOURCE_FILE, SOURCE_ROW};
 
@@ -317,7 +318,7 @@ impl PartWriter {
             self.writer = Some(ArrowWriter::try_new(
                 file,
                 sink.file_schema.clone(),
-                Some(writer_properties(&sink.opts.compression)?),
+                Some(sink.props(batch)?),
             )?);
             self.files.push((path, 0));
         }
@@ -368,6 +369,8 @@ struct State {
 /// Writes one table's new rows: dedup, partitions, Parquet files in a scratch folder.
 pub struct TableSink {
     opts: SinkOptions,
+    /// Settled by the first batch written (which columns are written plain).
+    props: OnceLock<WriterProperties>,
     scratch: PathBuf,
     file_schema: SchemaRef,
     parts: Option<KeyEncoder>,
@@ -420,6 +423,7 @@ impl TableSink {
             _ => None,
         };
         Ok(TableSink {
+            props: OnceLock::new(),
             opts,
             scratch: scratch.to_path_buf(),
             file_schema,
@@ -440,6 +444,21 @@ impl TableSink {
                 open: VecDeque::new(),
             }),
         })
+    }
+
+    /// The Parquet settings for files of this table, settled by the first batch big enough to
+    /// judge which columns are worth a dictionary.
+    fn props(&self, batch: &RecordBatch) -> Result<WriterProperties> {
+        if let Some(props) = self.props.get() {
+            return Ok(props.clone());
+        }
+        match mostly_distinct(batch) {
+            Some(plain) => {
+                let props = writer_properties(&self.opts.compression, &plain)?;
+                Ok(self.props.get_or_init(|| props).clone())
+            }
+            None => writer_properties(&self.opts.compression, &[]),
+        }
     }
 
     fn partition(&self, state: &mut State, dir: &str) -> u32 {
@@ -885,8 +904,12 @@ impl TableSink {
             positions.sort_unstable();
             let mut w = lock(&writers[p]);
             let (path, rows) = w.files[file].clone();
-            let kept =
-                rewrite_without(&path, &positions, &self.file_schema, &self.opts.compression)?;
+            let kept = rewrite_without(
+                &path,
+                &positions,
+                &self.file_schema,
+                &self.props(&RecordBatch::new_empty(self.file_schema.clone()))?,
+            )?;
             debug_assert_eq!(kept + positions.len() as u64, rows);
             w.files[file].1 = kept;
         }
@@ -899,7 +922,7 @@ fn rewrite_without(
     path: &Path,
     drop: &[u64],
     schema: &SchemaRef,
-    compression: &str,
+    props: &WriterProperties,
 ) -> Result<u64> {
     let fail = |e: std::io::Error| Error::io(format!("cannot rewrite {}", path.display()), e);
     let tmp = path.with_extension("rewrite");
@@ -908,8 +931,7 @@ fn rewrite_without(
         .with_batch_size(65_536)
         .build()?;
     let out = File::create(&tmp).map_err(fail)?;
-    let mut writer =
-        ArrowWriter::try_new(out, schema.clone(), Some(writer_properties(compression)?))?;
+    let mut writer = ArrowWriter::try_new(out, schema.clone(), Some(props.clone()))?;
     let mut offset = 0u64;
     let mut next = 0usize;
     let mut kept = 0u64;
@@ -963,7 +985,7 @@ impl RowFile {
             w.0 = Some(ArrowWriter::try_new(
                 file,
                 self.schema.clone(),
-                Some(writer_properties(&self.compression)?),
+                Some(writer_properties(&self.compression, &[])?),
             )?);
         }
         if let Some(writer) = w.0.as_mut() {
