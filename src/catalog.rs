@@ -34,7 +34,8 @@ impl Column {
         }
     }
 
-    fn data_type(&self) -> Result<DataType> {
+    /// The column's Arrow type.
+    pub fn data_type(&self) -> Result<DataType> {
         DataType::from_str(&self.ty).map_err(|e| Error::State {
             path: format!("catalog column {}", self.name),
             message: e.to_string(),
@@ -210,8 +211,9 @@ pub async fn all_tables(lake: &Lake) -> Result<Vec<TableMeta>> {
 
 /// Registers a processed table (`name`) and its rejected table (`name_rejected`).
 pub async fn register_table(ctx: &SessionContext, lake: &Lake, meta: &TableMeta) -> Result<()> {
+    lake.attach(ctx)?;
     let processed = lake::processed_prefix(&meta.name);
-    ensure_dir(lake, &processed)?;
+    lake.ensure_prefix(&processed)?;
     let schema = meta.file_schema()?;
     let opts = ParquetReadOptions {
         schema: Some(&schema),
@@ -221,7 +223,7 @@ pub async fn register_table(ctx: &SessionContext, lake: &Lake, meta: &TableMeta)
     ctx.register_parquet(meta.name.as_str(), lake.url(&processed), opts)
         .await?;
     let rejected = lake::rejected_prefix(&meta.name);
-    ensure_dir(lake, &rejected)?;
+    lake.ensure_prefix(&rejected)?;
     let rschema = to_schema(&meta.rejected_columns)?;
     let opts = ParquetReadOptions {
         schema: Some(&rschema),
@@ -239,6 +241,7 @@ pub async fn register_table(ctx: &SessionContext, lake: &Lake, meta: &TableMeta)
 
 /// Registers every catalogued table and every materialised aggregate.
 pub async fn register_all(ctx: &SessionContext, lake: &Lake) -> Result<Vec<String>> {
+    lake.attach(ctx)?;
     let mut names = Vec::new();
     for meta in all_tables(lake).await? {
         register_table(ctx, lake, &meta).await?;
@@ -267,12 +270,6 @@ pub async fn register_all(ctx: &SessionContext, lake: &Lake) -> Result<Vec<Strin
         names.push(name);
     }
     Ok(names)
-}
-
-fn ensure_dir(lake: &Lake, prefix: &str) -> Result<()> {
-    let dir = lake.root().join(prefix);
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))
 }
 
 #[cfg(test)]

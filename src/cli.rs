@@ -11,9 +11,9 @@ pub struct Cli {
     /// The pipeline's config file.
     #[arg(long, global = true, default_value = "sluice.toml")]
     pub config: PathBuf,
-    /// The lake folder (overrides `lake.root` of the config).
+    /// The lake: a folder or `s3://bucket/prefix` (overrides `lake.root` of the config).
     #[arg(long, global = true)]
-    pub lake: Option<PathBuf>,
+    pub lake: Option<String>,
     /// Memory the run may use, e.g. 512MiB (overrides `engine.memory_limit`).
     #[arg(long, global = true)]
     pub memory_limit: Option<String>,
@@ -90,10 +90,50 @@ pub enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Process exactly the objects an S3 event names (S3 notification, SQS message, SNS
+    /// envelope or EventBridge event); the same event twice does nothing the second time.
+    HandleEvent {
+        /// The event's JSON file, or `-` for standard input.
+        #[arg(default_value = "-")]
+        event: String,
+        /// Print the run report as JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keep processing: S3 events from an SQS queue (`--queue`), or the raw prefixes polled on
+    /// an interval. SIGTERM or Ctrl-C finish the current run, then exit.
+    Watch {
+        /// The SQS queue URL that S3 event notifications arrive on.
+        #[arg(long)]
+        queue: Option<String>,
+        /// Seconds between polls of the raw prefixes (without `--queue`).
+        #[arg(long, default_value_t = 60)]
+        interval: u64,
+        /// Seconds a received message stays invisible to other workers; extended while its
+        /// objects are processed.
+        #[arg(long, default_value_t = 300)]
+        visibility: i32,
+        /// Seconds one receive call waits for messages (long polling, at most 20).
+        #[arg(long, default_value_t = 20)]
+        wait: i32,
+    },
+    /// The Glue Data Catalog.
+    Catalog {
+        /// What to do.
+        #[command(subcommand)]
+        action: CatalogAction,
+    },
     /// Copy the shipped fixtures into a fresh lake, run the pipeline and show the results.
     Demo {
         /// Folder for the demo project (must be empty or absent); default: a new temp folder.
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+/// `sluice catalog` commands.
+#[derive(Debug, Subcommand)]
+pub enum CatalogAction {
+    /// Register every table and partition found in the lake in Glue (idempotent).
+    Sync,
 }

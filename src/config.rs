@@ -1,7 +1,9 @@
 //! `sluice.toml`: the pipeline's configuration as serde structs, loaded and checked.
 //!
 //! Unknown keys are rejected (with the key's name and line), paths are resolved relative to the
-//! config file, and `env:VAR` values are resolved from the environment when the config loads.
+//! config file, `env:VAR` values are resolved from the environment when the config loads, and
+//! `secret:<name or arn>[#<json key>]` values from AWS Secrets Manager when a run starts
+//! ([`Config::resolve_secrets`]).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -14,8 +16,13 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The pipeline's name (notifications, logs); default: the config folder's name.
+    pub name: Option<String>,
     /// Where the lake lives.
     pub lake: LakeConfig,
+    /// Where tables are registered besides the lake's own catalog.
+    #[serde(default)]
+    pub catalog: CatalogConfig,
     /// Raw inputs.
     #[serde(default, rename = "source")]
     pub sources: Vec<SourceConfig>,
@@ -40,6 +47,29 @@ pub struct Config {
     /// The config file itself, for error messages.
     #[serde(skip)]
     pub path: PathBuf,
+}
+
+/// `[catalog]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogConfig {
+    /// `lake` (default: the lake's own catalog, `_sluice/catalog/`) or `glue` (also the AWS
+    /// Glue Data Catalog, for Redshift Spectrum and Athena).
+    #[serde(default)]
+    pub kind: CatalogKind,
+    /// The Glue database (created if missing); required with `kind = "glue"`.
+    pub database: Option<String>,
+}
+
+/// Catalog kinds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CatalogKind {
+    /// Only the lake's own catalog.
+    #[default]
+    Lake,
+    /// The Glue Data Catalog as well.
+    Glue,
 }
 
 /// `[lake]`
@@ -216,7 +246,7 @@ fn default_attempts() -> u32 {
     3
 }
 
-/// `[notify]`: targets are `log` or `webhook:<url>`.
+/// `[notify]`: targets are `log`, `webhook:<url>` or `sns:<topic arn>`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NotifyConfig {
@@ -389,9 +419,25 @@ impl Config {
         }
     }
 
-    /// The lake root as a local folder.
-    pub fn lake_root(&self) -> PathBuf {
-        self.resolve(Path::new(&self.lake.root))
+    /// The lake root: `s3://bucket/prefix`, or a folder relative to the config file.
+    pub fn lake_root(&self) -> String {
+        if self.lake.root.starts_with("s3://") {
+            self.lake.root.clone()
+        } else {
+            self.resolve(Path::new(&self.lake.root))
+                .to_string_lossy()
+                .into_owned()
+        }
+    }
+
+    /// The pipeline's name: `name`, or the config folder's name.
+    pub fn pipeline_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            std::path::absolute(&self.base_dir)
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "sluice".to_string())
+        })
     }
 
     /// The source of this name.
@@ -404,9 +450,30 @@ impl Config {
         self.tables.iter().find(|t| t.source == source)
     }
 
+    /// The settings that may be given as `env:` or `secret:` references, with their keys.
+    fn referable(&mut self) -> Vec<(&'static str, &mut String)> {
+        let mut out: Vec<(&'static str, &mut String)> = vec![("lake.root", &mut self.lake.root)];
+        if let Some(db) = self.catalog.database.as_mut() {
+            out.push(("catalog.database", db));
+        }
+        out.extend(
+            self.notify
+                .on_success
+                .iter_mut()
+                .map(|t| ("notify.on_success", t)),
+        );
+        out.extend(
+            self.notify
+                .on_failure
+                .iter_mut()
+                .map(|t| ("notify.on_failure", t)),
+        );
+        out
+    }
+
     fn resolve_env(&mut self) -> Result<()> {
         let path = self.path.clone();
-        let resolve = |v: &mut String, key: &str| -> Result<()> {
+        for (key, v) in self.referable() {
             if let Some(var) = v.strip_prefix("env:") {
                 *v = std::env::var(var).map_err(|_| {
                     Error::config(
@@ -417,14 +484,26 @@ impl Config {
                     )
                 })?;
             }
-            Ok(())
-        };
-        resolve(&mut self.lake.root, "lake.root")?;
-        for t in self.notify.on_success.iter_mut() {
-            resolve(t, "notify.on_success")?;
         }
-        for t in self.notify.on_failure.iter_mut() {
-            resolve(t, "notify.on_failure")?;
+        Ok(())
+    }
+
+    /// Resolves `secret:` references through Secrets Manager (each secret fetched once), then
+    /// checks the config again with the values. The values are remembered only to be redacted
+    /// from messages ([`crate::secrets::redact`]).
+    pub async fn resolve_secrets(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        let mut resolved = false;
+        for (key, v) in self.referable() {
+            if let Some(reference) = v.strip_prefix("secret:") {
+                *v = crate::secrets::fetch(reference)
+                    .await
+                    .map_err(|e| Error::config(&path, format!("{key}: {e}")))?;
+                resolved = true;
+            }
+        }
+        if resolved {
+            self.check()?;
         }
         Ok(())
     }
@@ -436,9 +515,11 @@ impl Config {
         {
             return err(format!("engine.memory_limit: {e}"));
         }
-        if self.lake.root.starts_with("s3://") {
+        if let Some(rest) = self.lake.root.strip_prefix("s3://")
+            && rest.split('/').next().is_none_or(str::is_empty)
+        {
             return err(format!(
-                "lake.root = \"{}\": only local folders are supported in this version",
+                "lake.root = \"{}\" names no bucket (s3://bucket/prefix)",
                 self.lake.root
             ));
         }
@@ -512,11 +593,21 @@ impl Config {
             }
         }
         for target in self.notify.on_success.iter().chain(&self.notify.on_failure) {
-            if target != "log" && !target.starts_with("webhook:") {
+            if !(target == "log"
+                || target.starts_with("webhook:")
+                || target.starts_with("sns:arn:")
+                || target.starts_with("secret:"))
+            {
                 return err(format!(
-                    "notify target \"{target}\" is not \"log\" or \"webhook:<url>\""
+                    "notify target \"{}\" is not \"log\", \"webhook:<url>\" or \"sns:<topic arn>\"",
+                    crate::secrets::redact(target)
                 ));
             }
+        }
+        if self.catalog.kind == CatalogKind::Glue
+            && self.catalog.database.as_deref().is_none_or(str::is_empty)
+        {
+            return err("catalog.kind = \"glue\" needs catalog.database".to_string());
         }
         if self.retry.max_attempts == 0 {
             return err("retry.max_attempts must be at least 1".to_string());
@@ -573,7 +664,7 @@ partition_by = ["event_date"]
     fn parses_minimal_config() {
         let c = Config::parse(MINIMAL, Path::new("/x/sluice.toml")).unwrap();
         assert_eq!(c.sources[0].raw_prefix(), "raw/logs");
-        assert_eq!(c.lake_root(), PathBuf::from("/x/lake"));
+        assert_eq!(c.lake_root(), "/x/lake");
         assert_eq!(c.retry.max_attempts, 3);
     }
 

@@ -61,6 +61,10 @@ pub enum Error {
     #[error("notification to {target} failed: {message}")]
     Notify { target: String, message: String },
 
+    /// An AWS service call failed (Glue, SNS, SQS, Secrets Manager).
+    #[error("{service}: {message}")]
+    Aws { service: String, message: String },
+
     /// Plain I/O outside the lake (config files, local output).
     #[error("{context}: {source}")]
     Io {

@@ -82,7 +82,7 @@ pub async fn status(config: &Config, lake: &Lake) -> Result<Status> {
         }
     }
     Ok(Status {
-        lake: lake.root().display().to_string(),
+        lake: lake.location(),
         processed_files: ledger.file_count(),
         pending,
         failed,

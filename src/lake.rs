@@ -1,34 +1,64 @@
-//! The lake: an object store (a local folder today) and the layout of its prefixes.
+//! The lake: an object store (a local folder or an S3 bucket and prefix) and the layout of its
+//! prefixes.
 //!
 //! Everything sluice reads or writes in the lake goes through [`Lake`], so the same code serves
-//! `file://` now and `s3://` later.
+//! a folder and `s3://bucket/prefix`. Files in the making live in a local scratch folder (on the
+//! lake's own disk for a folder lake, so they move into place without a copy; in the OS temp
+//! folder for S3, uploaded in parts).
 
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::buffered::BufWriter;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
+use object_store::prefix::PrefixStore;
 use object_store::{
     GetResultPayload, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 };
+use tokio::io::AsyncWriteExt;
 
 use crate::error::{Error, Result};
 
 /// Where the pipeline keeps its own state.
 pub const STATE: &str = "_sluice";
 
+/// Where a lake is.
+#[derive(Debug, Clone)]
+enum Root {
+    /// A local folder (canonical path).
+    Folder(PathBuf, Arc<LocalFileSystem>),
+    /// An S3 bucket, a key prefix (no slashes at either end; may be empty) and the
+    /// bucket-wide store that DataFusion reads through.
+    S3 {
+        bucket: String,
+        prefix: String,
+        bucket_store: Arc<dyn ObjectStore>,
+    },
+}
+
 /// A lake root and the store behind it.
 #[derive(Debug, Clone)]
 pub struct Lake {
+    /// The store, rooted at the lake root: keys are relative to it.
     store: Arc<dyn ObjectStore>,
-    local: Arc<LocalFileSystem>,
-    root: PathBuf,
+    root: Root,
+    scratch: PathBuf,
 }
 
 impl Lake {
+    /// Opens a lake: `s3://bucket/prefix` or a local folder (created if needed).
+    pub async fn open(location: &str) -> Result<Lake> {
+        match location.strip_prefix("s3://") {
+            Some(rest) => Lake::open_s3(rest).await,
+            None => Lake::open_local(FsPath::new(location)),
+        }
+    }
+
     /// Opens (creating if needed) a lake in a local folder.
     pub fn open_local(root: &FsPath) -> Result<Lake> {
         std::fs::create_dir_all(root)
@@ -39,23 +69,125 @@ impl Lake {
         let local = Arc::new(LocalFileSystem::new_with_prefix(&root)?);
         Ok(Lake {
             store: local.clone(),
-            local,
-            root,
+            scratch: root.join(STATE).join("tmp"),
+            root: Root::Folder(root, local),
         })
     }
 
-    /// The local folder of the lake.
-    pub fn root(&self) -> &FsPath {
-        &self.root
+    /// Opens a lake in S3 (`bucket/prefix` after `s3://`), with the SDK's credentials, region
+    /// and endpoint (`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`).
+    async fn open_s3(rest: &str) -> Result<Lake> {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let prefix = prefix.trim_matches('/').to_string();
+        if bucket.is_empty() {
+            return Err(Error::Store(object_store::Error::Generic {
+                store: "S3",
+                source: format!("\"s3://{rest}\" names no bucket").into(),
+            }));
+        }
+        let region = crate::aws::region()
+            .await
+            .unwrap_or_else(|_| "us-east-1".to_string());
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region(region)
+            .with_credentials(Arc::new(crate::aws::S3Credentials));
+        if let Some(endpoint) = crate::aws::endpoint_url("s3") {
+            builder = builder
+                .with_allow_http(endpoint.starts_with("http://"))
+                .with_endpoint(endpoint);
+        }
+        let bucket_store: Arc<dyn ObjectStore> = Arc::new(builder.build()?);
+        let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            bucket_store.clone()
+        } else {
+            Arc::new(PrefixStore::new(bucket_store.clone(), prefix.as_str()))
+        };
+        Ok(Lake {
+            store,
+            scratch: std::env::temp_dir().join("sluice-scratch"),
+            root: Root::S3 {
+                bucket: bucket.to_string(),
+                prefix,
+                bucket_store,
+            },
+        })
     }
 
-    /// A `file://` URL for a prefix, for DataFusion's listing tables (ends with `/`).
-    pub fn url(&self, prefix: &str) -> String {
-        let mut p = self.root.join(prefix).to_string_lossy().into_owned();
-        if !p.ends_with('/') {
-            p.push('/');
+    /// Where the lake is, for people: a folder or `s3://bucket/prefix`.
+    pub fn location(&self) -> String {
+        match &self.root {
+            Root::Folder(p, _) => p.display().to_string(),
+            Root::S3 { bucket, prefix, .. } => format!("s3://{bucket}/{prefix}")
+                .trim_end_matches('/')
+                .to_string(),
         }
-        format!("file://{p}")
+    }
+
+    /// The lake key of an object named by bucket and key: `None` when it is outside the lake
+    /// (another bucket, or not under the lake's prefix). A folder lake takes keys as relative.
+    pub fn key_of(&self, bucket: &str, key: &str) -> Option<String> {
+        match &self.root {
+            Root::Folder(..) => Some(key.trim_start_matches('/').to_string()),
+            Root::S3 { bucket: b, .. } if b != bucket => None,
+            Root::S3 { prefix, .. } if prefix.is_empty() => Some(key.to_string()),
+            Root::S3 { prefix, .. } => key
+                .strip_prefix(prefix.as_str())
+                .and_then(|k| k.strip_prefix('/'))
+                .map(str::to_string),
+        }
+    }
+
+    /// Whether the lake is in S3.
+    pub fn is_s3(&self) -> bool {
+        matches!(self.root, Root::S3 { .. })
+    }
+
+    /// A URL for a prefix (ends with `/`): `file:///...` or `s3://bucket/...`, for DataFusion's
+    /// listing tables and for catalog locations.
+    pub fn url(&self, prefix: &str) -> String {
+        let mut url = match &self.root {
+            Root::Folder(root, _) => {
+                format!("file://{}", root.join(prefix).to_string_lossy())
+            }
+            Root::S3 {
+                bucket, prefix: p, ..
+            } if p.is_empty() => format!("s3://{bucket}/{prefix}"),
+            Root::S3 {
+                bucket, prefix: p, ..
+            } => format!("s3://{bucket}/{p}/{prefix}"),
+        };
+        if !url.ends_with('/') {
+            url.push('/');
+        }
+        url
+    }
+
+    /// Lets a DataFusion session read the lake's URLs (a folder needs nothing).
+    pub fn attach(&self, ctx: &datafusion::prelude::SessionContext) -> Result<()> {
+        if let Root::S3 {
+            bucket,
+            bucket_store,
+            ..
+        } = &self.root
+        {
+            let url = url::Url::parse(&format!("s3://{bucket}")).map_err(|e| Error::State {
+                path: format!("s3://{bucket}"),
+                message: e.to_string(),
+            })?;
+            ctx.register_object_store(&url, bucket_store.clone());
+        }
+        Ok(())
+    }
+
+    /// Makes sure a prefix can be listed as a table (a folder lake needs the folder).
+    pub fn ensure_prefix(&self, prefix: &str) -> Result<()> {
+        if let Root::Folder(root, _) = &self.root {
+            let dir = root.join(prefix);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        }
+        Ok(())
     }
 
     /// The object store itself.
@@ -76,14 +208,21 @@ impl Lake {
         Ok(self.store.get(&path(key)).await?.bytes().await?)
     }
 
-    /// A reader of an object's bytes; a local file is read in place, not loaded.
+    /// A reader of an object's bytes: a local file is read in place; a remote object is
+    /// downloaded into an unnamed scratch file first (bounded memory, whatever its size).
     pub async fn reader(&self, key: &str) -> Result<Box<dyn std::io::Read + Send>> {
         let got = self.store.get(&path(key)).await?;
         match got.payload {
             GetResultPayload::File(file, _) => Ok(Box::new(file)),
-            GetResultPayload::Stream(s) => {
-                let parts: Vec<Bytes> = s.try_collect().await?;
-                Ok(Box::new(std::io::Cursor::new(parts.concat())))
+            GetResultPayload::Stream(mut stream) => {
+                let fail = |e| Error::io(format!("cannot download {key} to scratch"), e);
+                std::fs::create_dir_all(&self.scratch).map_err(fail)?;
+                let mut file = tempfile::tempfile_in(&self.scratch).map_err(fail)?;
+                while let Some(part) = stream.try_next().await? {
+                    file.write_all(&part).map_err(fail)?;
+                }
+                file.seek(SeekFrom::Start(0)).map_err(fail)?;
+                Ok(Box::new(file))
             }
         }
     }
@@ -115,12 +254,12 @@ impl Lake {
     /// A local folder for a run's files in the making (on the lake's own disk, so that they
     /// move into place without a copy).
     pub fn scratch(&self, run_id: &str, name: &str) -> PathBuf {
-        self.root.join(STATE).join("tmp").join(run_id).join(name)
+        self.scratch.join(run_id).join(name)
     }
 
     /// Removes scratch folders of runs that ended more than `age` ago (crashed runs).
     pub fn clean_scratch(&self, age: std::time::Duration) {
-        let Ok(dirs) = std::fs::read_dir(self.root.join(STATE).join("tmp")) else {
+        let Ok(dirs) = std::fs::read_dir(&self.scratch) else {
             return;
         };
         for d in dirs.flatten() {
@@ -135,18 +274,30 @@ impl Lake {
         }
     }
 
-    /// Moves a local file into the lake as `key`.
+    /// Moves a local file into the lake as `key`: a rename on the lake's own disk, else an
+    /// upload (in 8 MiB parts when it is larger than that), then the local file is removed.
     pub async fn put_file(&self, key: &str, file: &FsPath) -> Result<()> {
-        let target = self.local.path_to_filesystem(&path(key))?;
-        if let Some(dir) = target.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        if let Root::Folder(_, local) = &self.root {
+            let target = local.path_to_filesystem(&path(key))?;
+            if let Some(dir) = target.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+            }
+            if std::fs::rename(file, &target).is_ok() {
+                return Ok(());
+            }
         }
-        if std::fs::rename(file, &target).is_err() {
-            let data = std::fs::read(file)
-                .map_err(|e| Error::io(format!("cannot read {}", file.display()), e))?;
-            self.put(key, data).await?;
+        let fail = |e| Error::io(format!("cannot upload {} to {key}", file.display()), e);
+        let mut input = tokio::fs::File::open(file).await.map_err(fail)?;
+        let mut upload = BufWriter::with_capacity(self.store.clone(), path(key), 8 << 20);
+        tokio::io::copy(&mut input, &mut upload)
+            .await
+            .map_err(fail)?;
+        if let Err(e) = upload.shutdown().await {
+            upload.abort().await.ok();
+            return Err(fail(e));
         }
+        tokio::fs::remove_file(file).await.ok();
         Ok(())
     }
 
@@ -162,7 +313,11 @@ impl Lake {
     /// Metadata of an object, or `None` if there is none.
     pub async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
         match self.store.head(&path(key)).await {
-            Ok(m) => Ok(Some(m)),
+            // Keyed as in a listing (a prefixed store's head answers with the full path).
+            Ok(m) => Ok(Some(ObjectMeta {
+                location: path(key),
+                ..m
+            })),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
@@ -201,9 +356,27 @@ impl Lake {
         }
     }
 
-    /// Moves an object; the target is replaced if it exists.
+    /// Moves an object; the target is replaced if it exists. In S3 that is a copy, a check
+    /// that the copy is whole (same size), then the delete of the original.
     pub async fn rename(&self, from: &str, to: &str) -> Result<()> {
-        self.store.rename(&path(from), &path(to)).await?;
+        let (from, to) = (path(from), path(to));
+        if !self.is_s3() {
+            self.store.rename(&from, &to).await?;
+            return Ok(());
+        }
+        self.store.copy(&from, &to).await?;
+        let (source, copy) = (self.store.head(&from).await?, self.store.head(&to).await?);
+        if source.size != copy.size {
+            return Err(Error::Store(object_store::Error::Generic {
+                store: "S3",
+                source: format!(
+                    "the copy of {from} at {to} has {} bytes, the original {}; the original is kept",
+                    copy.size, source.size
+                )
+                .into(),
+            }));
+        }
+        self.store.delete(&from).await?;
         Ok(())
     }
 

@@ -3,23 +3,30 @@
 //! Parquet with every rejected row kept, committed exactly once, aggregated into an embedded
 //! warehouse, archived and reported.
 
+pub mod aws;
 pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod events;
 pub mod fault;
 pub mod generate;
+pub mod glue;
 pub mod inspect;
 pub mod lake;
+#[cfg(feature = "lambda")]
+pub mod lambda;
 pub mod ledger;
 pub mod lock;
 pub mod notify;
 pub mod pipeline;
 pub mod report;
+pub mod secrets;
 pub mod sink;
 pub mod source;
 pub mod transform;
+pub mod trigger;
 pub mod validate;
 pub mod warehouse;
 

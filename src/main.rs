@@ -1,21 +1,25 @@
 //! The `sluice` binary: parses arguments, calls the library, maps outcomes to exit codes
 //! (0 success or nothing to do, 1 a file or step failed, 2 usage or config error).
 
-use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use sluice::cli::{Cli, Command, LogFormat};
-use sluice::config::Config;
+use sluice::cli::{CatalogAction, Cli, Command, LogFormat};
+use sluice::config::{CatalogKind, Config};
+use sluice::glue::Glue;
 use sluice::lake::Lake;
-use sluice::pipeline::{Progress, Runner};
 use sluice::report::{RunReport, RunStatus};
-use sluice::{Error, Result, demo, fault, inspect, notify, report, validate};
+use sluice::{Error, Result, demo, fault, inspect, report, trigger, validate};
 
 fn main() -> ExitCode {
+    #[cfg(feature = "lambda")]
+    if sluice::lambda::in_lambda() {
+        return serve_lambda();
+    }
     let cli = Cli::parse();
     init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -37,6 +41,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs as a Lambda custom runtime, logging JSON lines for CloudWatch.
+#[cfg(feature = "lambda")]
+fn serve_lambda() -> ExitCode {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_span_list(true)
+        .init();
+    let served = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("cannot start the runtime", e))
+        .and_then(|rt| rt.block_on(sluice::lambda::serve()));
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn init_logging(cli: &Cli) {
     let default = match cli.verbose {
         0 => "warn",
@@ -48,20 +78,28 @@ fn init_logging(cli: &Cli) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match cli.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        // One object a line, with the fields of the enclosing spans (run id, source, table,
+        // file, step) on every line.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .init(),
         LogFormat::Text => builder.init(),
     }
 }
 
-fn load(cli: &Cli, config_path: &Path) -> Result<(Config, Lake)> {
+async fn load(cli: &Cli, config_path: &Path) -> Result<(Config, Lake)> {
     let mut config = Config::load(config_path)?;
+    config.resolve_secrets().await?;
     if let Some(limit) = &cli.memory_limit {
         sluice::config::parse_size(limit)
             .map_err(|e| Error::config(config_path, format!("--memory-limit: {e}")))?;
         config.engine.memory_limit = Some(limit.clone());
     }
     let root = cli.lake.clone().unwrap_or_else(|| config.lake_root());
-    let lake = Lake::open_local(&root)?;
+    let lake = Lake::open(&root).await?;
     Ok((config, lake))
 }
 
@@ -71,8 +109,8 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             if let Some(step) = crash_at {
                 fault::arm(step);
             }
-            let (config, lake) = load(&cli, &cli.config)?;
-            let report = run(&config, lake, !json).await?;
+            let (config, lake) = load(&cli, &cli.config).await?;
+            let report = trigger::run(&config, lake, None, !json).await?;
             if *json {
                 println!("{}", to_json(&report)?);
             } else {
@@ -86,7 +124,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Status { json } => {
-            let (config, lake) = load(&cli, &cli.config)?;
+            let (config, lake) = load(&cli, &cli.config).await?;
             let status = inspect::status(&config, &lake).await?;
             if *json {
                 println!("{}", to_json(&status)?);
@@ -96,7 +134,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Query { sql, format } => {
-            let (config, lake) = load(&cli, &cli.config)?;
+            let (config, lake) = load(&cli, &cli.config).await?;
             println!(
                 "{}",
                 inspect::query(&lake, sql, *format, config.engine.threads()).await?
@@ -123,14 +161,74 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             eprintln!("wrote {bytes} bytes");
             Ok(0)
         }
+        Command::HandleEvent { event, json } => {
+            let text = if event == "-" {
+                std::io::read_to_string(std::io::stdin())
+                    .map_err(|e| Error::io("cannot read the event from standard input", e))?
+            } else {
+                std::fs::read_to_string(event)
+                    .map_err(|e| Error::io(format!("cannot read the event {event}"), e))?
+            };
+            let (config, lake) = load(&cli, &cli.config).await?;
+            match trigger::handle_event(&config, lake, &text, !json).await? {
+                None => {
+                    eprintln!("the event names no object of the lake; nothing to do");
+                    Ok(0)
+                }
+                Some(report) => {
+                    if *json {
+                        println!("{}", to_json(&report)?);
+                    } else {
+                        print!("{}", report.summary());
+                    }
+                    Ok(exit_code(&report))
+                }
+            }
+        }
+        Command::Watch {
+            queue,
+            interval,
+            visibility,
+            wait,
+        } => {
+            let (config, lake) = load(&cli, &cli.config).await?;
+            match queue {
+                Some(q) => trigger::watch_queue(&config, lake, q, *visibility, *wait).await?,
+                None => {
+                    trigger::watch_prefixes(&config, lake, Duration::from_secs(*interval)).await?
+                }
+            }
+            Ok(0)
+        }
+        Command::Catalog {
+            action: CatalogAction::Sync,
+        } => {
+            let (config, lake) = load(&cli, &cli.config).await?;
+            let Some(db) = config
+                .catalog
+                .database
+                .as_deref()
+                .filter(|_| config.catalog.kind == CatalogKind::Glue)
+            else {
+                return Err(Error::config(
+                    &config.path,
+                    "catalog sync needs [catalog] kind = \"glue\" and a database",
+                ));
+            };
+            let glue = Glue::new(db).await;
+            for (table, found, added) in glue.sync(&lake).await? {
+                println!("{db}.{table}: {found} partitions in the lake, {added} newly registered");
+            }
+            Ok(0)
+        }
         Command::Demo { dir } => {
             let dir = dir
                 .clone()
                 .unwrap_or_else(|| demo::default_dir(&report::new_run_id()));
             let config_path = demo::scaffold(&dir)?;
             println!("demo project in {}", dir.display());
-            let (config, lake) = load(&cli, &config_path)?;
-            let report = run(&config, lake.clone(), true).await?;
+            let (config, lake) = load(&cli, &config_path).await?;
+            let report = trigger::run(&config, lake.clone(), None, true).await?;
             print!("{}", report.summary());
             for agg in &config.aggregates {
                 let sql = format!("SELECT * FROM {} ORDER BY 1, 2 LIMIT 6", agg.name);
@@ -153,19 +251,6 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             Ok(exit_code(&report))
         }
     }
-}
-
-async fn run(config: &Config, lake: Lake, human: bool) -> Result<RunReport> {
-    let run_id = report::new_run_id();
-    let runner = Runner::new(config, lake, &run_id);
-    let progress = Progress::new(human && std::io::stderr().is_terminal());
-    let result = runner.run(&progress).await;
-    progress.finish();
-    let mut report = result?;
-    for e in notify::notify(&config.notify, &report).await {
-        report.errors.push(e.to_string());
-    }
-    Ok(report)
 }
 
 fn exit_code(report: &RunReport) -> u8 {

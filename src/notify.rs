@@ -1,11 +1,13 @@
-//! Notifications after a run: the log, and webhooks (an HTTP POST of the report, with a timeout
-//! and retries). A notification that cannot be delivered is logged; it never undoes data.
+//! Notifications after a run: the log, webhooks (an HTTP POST of the report) and SNS topics (a
+//! subject, the run summary, and `status` / `pipeline` / `run_id` message attributes), each with
+//! retries. A notification that cannot be delivered is logged; it never undoes data.
 
 use std::time::Duration;
 
 use crate::config::NotifyConfig;
 use crate::error::{Error, Result};
 use crate::report::{FileStatus, RunReport, RunStatus};
+use crate::secrets::redact;
 
 /// Where a notification goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,13 +16,17 @@ pub enum Target {
     Log,
     /// An HTTP POST of the report as JSON.
     Webhook(String),
+    /// A message to an SNS topic (its ARN).
+    Sns(String),
 }
 
 impl Target {
-    /// Parses `log` or `webhook:<url>`.
+    /// Parses `log`, `webhook:<url>` or `sns:<topic arn>`.
     pub fn parse(s: &str) -> Option<Target> {
         if s == "log" {
             Some(Target::Log)
+        } else if let Some(arn) = s.strip_prefix("sns:") {
+            Some(Target::Sns(arn.to_string()))
         } else {
             s.strip_prefix("webhook:")
                 .map(|u| Target::Webhook(u.to_string()))
@@ -29,7 +35,7 @@ impl Target {
 }
 
 /// Sends the report to the targets for its status; returns the delivery errors.
-pub async fn notify(config: &NotifyConfig, report: &RunReport) -> Vec<Error> {
+pub async fn notify(config: &NotifyConfig, pipeline: &str, report: &RunReport) -> Vec<Error> {
     let targets = match report.status {
         RunStatus::Failed => &config.on_failure,
         RunStatus::Succeeded => &config.on_success,
@@ -50,7 +56,13 @@ pub async fn notify(config: &NotifyConfig, report: &RunReport) -> Vec<Error> {
             }
             Target::Webhook(url) => {
                 if let Err(e) = post(&url, report, config).await {
-                    tracing::warn!(target = %url, error = %e, "notification not delivered");
+                    tracing::warn!(target = %redact(&url), error = %e, "notification not delivered");
+                    errors.push(e);
+                }
+            }
+            Target::Sns(arn) => {
+                if let Err(e) = publish(&arn, pipeline, report, config).await {
+                    tracing::warn!(target = %redact(&arn), error = %e, "notification not delivered");
                     errors.push(e);
                 }
             }
@@ -59,10 +71,78 @@ pub async fn notify(config: &NotifyConfig, report: &RunReport) -> Vec<Error> {
     errors
 }
 
+/// The subject line of a run's message (SNS allows 100 characters).
+pub fn subject(pipeline: &str, report: &RunReport) -> String {
+    let status = match report.status {
+        RunStatus::Failed => "FAILED",
+        RunStatus::Succeeded => "succeeded",
+        RunStatus::NothingToDo => "nothing to do",
+    };
+    let mut s: String = format!("sluice {pipeline}: run {status}")
+        .chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .collect();
+    s.truncate(100);
+    s
+}
+
+fn status_name(report: &RunReport) -> &'static str {
+    match report.status {
+        RunStatus::Failed => "failed",
+        RunStatus::Succeeded => "succeeded",
+        RunStatus::NothingToDo => "nothing_to_do",
+    }
+}
+
+async fn publish(
+    arn: &str,
+    pipeline: &str,
+    report: &RunReport,
+    config: &NotifyConfig,
+) -> Result<()> {
+    use aws_sdk_sns::types::MessageAttributeValue;
+    let fail = |message: String| Error::Notify {
+        target: redact(arn),
+        message,
+    };
+    let attr = |v: &str| {
+        MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(v)
+            .build()
+            .map_err(|e| fail(e.to_string()))
+    };
+    let client = aws_sdk_sns::Client::new(crate::aws::config().await);
+    let mut last = String::new();
+    for attempt in 0..=config.retries {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt.min(6)))).await;
+        }
+        let sent = client
+            .publish()
+            .topic_arn(arn)
+            .subject(subject(pipeline, report))
+            .message(redact(&report.summary()))
+            .message_attributes("status", attr(status_name(report))?)
+            .message_attributes("pipeline", attr(pipeline)?)
+            .message_attributes("run_id", attr(&report.run_id)?)
+            .send();
+        match tokio::time::timeout(Duration::from_secs(config.timeout_secs), sent).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => last = crate::aws::describe(&e),
+            Err(_) => last = format!("no answer in {}s", config.timeout_secs),
+        }
+    }
+    Err(fail(format!(
+        "{last} (after {} attempts)",
+        config.retries + 1
+    )))
+}
+
 async fn post(url: &str, report: &RunReport, config: &NotifyConfig) -> Result<()> {
     let fail = |message: String| Error::Notify {
-        target: url.to_string(),
-        message,
+        target: redact(url),
+        message: redact(&message),
     };
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(config.timeout_secs))

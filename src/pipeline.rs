@@ -17,9 +17,10 @@ use futures::StreamExt;
 use object_store::ObjectMeta;
 
 use crate::catalog::{REJECTED_PARTITION, TableMeta};
-use crate::config::{Config, SourceConfig, TableConfig};
+use crate::config::{CatalogKind, Config, SourceConfig, TableConfig};
 use crate::error::{Error, Result};
 use crate::fault;
+use crate::glue::{self, Glue};
 use crate::lake::{self, Lake, STATE};
 use crate::ledger::{
     self, AttemptError, Attempts, COMMIT_LOCK, Commit, FileOutcome, FileRecord, Ledger, Move,
@@ -33,6 +34,7 @@ use crate::source::feed::{Feed, FeedFile, FeedPartition};
 use crate::source::{self, SOURCE_FILE, SOURCE_ROW, SourceSchema};
 use crate::transform::{self, Counts, Router};
 use crate::warehouse;
+use tracing::Instrument;
 
 /// A table with everything it needs, loaded before any work starts.
 #[derive(Debug, Clone)]
@@ -109,6 +111,8 @@ pub struct Runner<'a> {
     threads: usize,
     ttl: Duration,
     wait: Duration,
+    glue: tokio::sync::OnceCell<Option<Glue>>,
+    only: Option<BTreeSet<String>>,
 }
 
 impl<'a> Runner<'a> {
@@ -122,7 +126,29 @@ impl<'a> Runner<'a> {
             threads,
             ttl: Duration::from_secs(config.lake.lock_ttl_secs),
             wait: Duration::from_secs(config.lake.lock_wait_secs),
+            glue: tokio::sync::OnceCell::new(),
+            only: None,
         }
+    }
+
+    /// Processes only these objects (keys in the lake), as named by an event, instead of
+    /// listing the sources' prefixes.
+    pub fn only(mut self, keys: BTreeSet<String>) -> Runner<'a> {
+        self.only = Some(keys);
+        self
+    }
+
+    /// The Glue catalog, if the config asks for it.
+    async fn glue(&self) -> Option<&Glue> {
+        self.glue
+            .get_or_init(|| async {
+                match (&self.config.catalog.kind, &self.config.catalog.database) {
+                    (CatalogKind::Glue, Some(db)) => Some(Glue::new(db).await),
+                    _ => None,
+                }
+            })
+            .await
+            .as_ref()
     }
 
     async fn lock(&self) -> Result<()> {
@@ -139,14 +165,28 @@ impl<'a> Runner<'a> {
         let prepared = prepare(self.config)?;
         let t = Instant::now();
         self.lock().await?;
-        let recovered = ledger::recover(&self.lake).await;
+        let recovered = ledger::recover(&self.lake)
+            .instrument(tracing::info_span!("step", step = "recover"))
+            .await;
         self.lake.clean_scratch(self.ttl);
         self.unlock().await?;
         recovered?;
+        if let Some(glue) = self.glue().await
+            && let Err(e) = glue.repair(&self.lake).await
+        {
+            tracing::error!(error = %e, "catalog repair failed");
+            report.errors.push(format!("catalog: {e}"));
+        }
         report.time("recover", t);
         for p in &prepared {
             progress.step(format!("{}: discovering files", p.source.name));
-            if let Err(e) = self.process_source(p, &mut report, progress).await {
+            if let Err(e) = self
+                .process_source(p, &mut report, progress)
+                .instrument(
+                    tracing::info_span!("table", source = %p.source.name, table = %p.table.name),
+                )
+                .await
+            {
                 tracing::error!(source = %p.source.name, error = %e, "source failed");
                 report.errors.push(format!("source {}: {e}", p.source.name));
             }
@@ -154,7 +194,9 @@ impl<'a> Runner<'a> {
         progress.step("warehouse");
         let t = Instant::now();
         self.lock().await?;
-        let built = warehouse::refresh(self.config, &self.lake, self.threads).await;
+        let built = warehouse::refresh(self.config, &self.lake, self.threads)
+            .instrument(tracing::info_span!("step", step = "warehouse"))
+            .await;
         self.unlock().await?;
         match built {
             Ok(aggs) => report.warehouse = aggs,
@@ -172,11 +214,26 @@ impl<'a> Runner<'a> {
         Ok(report)
     }
 
-    /// Finds the new files of a source and claims them.
+    /// Finds the new files of a source (all under its prefix, or the ones named by
+    /// [`Runner::only`]) and claims them.
     async fn discover(&self, source: &SourceConfig, ledger: &Ledger) -> Result<Vec<ObjectMeta>> {
         let prefix = source.raw_prefix();
         let mut claimed = Vec::new();
-        for meta in self.lake.list(&prefix).await? {
+        let found = match &self.only {
+            None => self.lake.list(&prefix).await?,
+            Some(keys) => {
+                let mut found = Vec::new();
+                for key in keys.iter().filter(|k| k.starts_with(&format!("{prefix}/"))) {
+                    match self.lake.head(key).await? {
+                        Some(m) => found.push(m),
+                        // Processed and archived already (a repeated event), or deleted.
+                        None => tracing::info!(key = %key, "named object is gone; nothing to do"),
+                    }
+                }
+                found
+            }
+        };
+        for meta in found {
             let key = meta.location.to_string();
             if !source::matches_format(&key, source.format) {
                 if !lake::relative(&key, &prefix).starts_with(['.', '_']) {
@@ -263,7 +320,11 @@ impl<'a> Runner<'a> {
         let mut streamed = None;
         while !fresh.is_empty() {
             let _ = std::fs::remove_dir_all(&scratch);
-            match self.stream(p, &fresh, &scratch).await {
+            match self
+                .stream(p, &fresh, &scratch)
+                .instrument(tracing::info_span!("step", step = "stream"))
+                .await
+            {
                 Ok(s) => {
                     streamed = Some(s);
                     break;
@@ -301,7 +362,10 @@ impl<'a> Runner<'a> {
         if !records.is_empty() {
             progress.step(format!("{}: committing", source.name));
             self.lock().await?;
-            let result = self.commit(p, &records, streamed).await;
+            let result = self
+                .commit(p, &records, streamed)
+                .instrument(tracing::info_span!("step", step = "commit"))
+                .await;
             let released = self.unlock().await;
             match result {
                 Ok(c) => committed = Some(c),
@@ -318,6 +382,23 @@ impl<'a> Runner<'a> {
         }
         let _ = std::fs::remove_dir_all(&scratch);
         report.time("commit", t);
+        if let (Some(glue), Some((commit, ..))) = (self.glue().await, &committed) {
+            let t = Instant::now();
+            match glue
+                .register_commit(&self.lake, commit)
+                .instrument(tracing::info_span!("step", step = "catalog"))
+                .await
+            {
+                Ok(()) => self.lake.delete(&glue::marker_key(&commit.id)).await?,
+                Err(e) => {
+                    tracing::error!(error = %e, "catalog registration failed; the next run retries it");
+                    report.errors.push(format!(
+                        "catalog: {e} (the data is committed; the next run registers it)"
+                    ));
+                }
+            }
+            report.time("catalog", t);
+        }
 
         // Report.
         if let Some((commit, table_report, final_counts)) = committed {
@@ -450,6 +531,9 @@ impl<'a> Runner<'a> {
             Some(old) => old.evolve(&proposed)?,
             None => proposed.clone(),
         };
+        if let Some(glue) = self.glue().await {
+            glue.check(&meta).await?;
+        }
         let full = meta.full_schema()?;
         let opts = SinkOptions {
             partition_by: p.table.partition_by.clone(),
@@ -668,6 +752,10 @@ impl<'a> Runner<'a> {
         self.lake
             .put_json(&ledger::pending_key(&id), &commit)
             .await?;
+        if self.glue().await.is_some() {
+            // Removed once the commit's partitions are registered.
+            self.lake.put(&glue::marker_key(&id), Vec::new()).await?;
+        }
         for (path, key) in staged {
             self.lake.put_file(&key, &path).await?;
         }

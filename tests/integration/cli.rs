@@ -162,3 +162,39 @@ fn an_unreachable_webhook_never_undoes_the_commit() {
         (0, Some("nothing_to_do"))
     );
 }
+
+#[test]
+fn watch_polls_the_raw_prefixes_until_sigterm() {
+    let p = Project::empty();
+    let mut child = p
+        .cmd(&["watch", "--interval", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Files that land while it watches are picked up on a later poll.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    p.add_fixture("support_tickets", "2024-03-01.csv");
+    let start = std::time::Instant::now();
+    while !p.files("raw/support_tickets").is_empty() {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("not picked up: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(p.rows("processed/support_tickets") > 0);
+}

@@ -1,10 +1,13 @@
 //! Integration tests: the real `sluice` binary on temp lakes, with the Parquet read back.
 
+mod aws;
 mod bad_input;
 mod cli;
 mod concurrency;
 mod crash;
 mod formats;
+#[cfg(feature = "lambda")]
+mod lambda;
 mod memory;
 mod pipeline;
 mod support;

@@ -1,0 +1,444 @@
+//! The AWS Glue Data Catalog in place of a crawler: each processed table and its rejected table
+//! become external Parquet tables that Redshift Spectrum and Athena read, and each partition a
+//! commit writes is added to them.
+//!
+//! Registration is part of exactly-once: a commit leaves a marker
+//! (`_sluice/catalog/unregistered/<commit>`) before its commit point and removes it once its
+//! partitions are registered, so a crash in between is repaired by the next run.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aws_sdk_glue::Client;
+use aws_sdk_glue::types::{
+    Column, DatabaseInput, PartitionInput, SerDeInfo, StorageDescriptor, TableInput,
+};
+use datafusion::arrow::datatypes::DataType;
+
+use crate::catalog::{self, REJECTED_PARTITION, TableMeta};
+use crate::error::{Error, Result};
+use crate::lake::{self, Lake, STATE};
+use crate::ledger::{self, Commit};
+use crate::sink::parse_partition_dir;
+
+const INPUT_FORMAT: &str = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat";
+const OUTPUT_FORMAT: &str = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat";
+const SERDE: &str = "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe";
+/// `BatchCreatePartition` takes at most this many partitions a call.
+const BATCH: usize = 100;
+
+/// A Glue database the lake's tables are registered in.
+#[derive(Debug, Clone)]
+pub struct Glue {
+    client: Client,
+    database: String,
+}
+
+fn fail(message: impl Into<String>) -> Error {
+    Error::Aws {
+        service: "glue".into(),
+        message: message.into(),
+    }
+}
+
+/// The key of the marker of a commit whose partitions are not registered yet.
+pub fn marker_key(commit_id: &str) -> String {
+    format!("{STATE}/catalog/unregistered/{commit_id}")
+}
+
+/// The Hive type Spectrum and Athena read for an Arrow type.
+pub fn hive_type(ty: &DataType) -> Result<String> {
+    Ok(match ty {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "string".into(),
+        DataType::Boolean => "boolean".into(),
+        DataType::Int8 => "tinyint".into(),
+        DataType::Int16 | DataType::UInt8 => "smallint".into(),
+        DataType::Int32 | DataType::UInt16 => "int".into(),
+        DataType::Int64 | DataType::UInt32 => "bigint".into(),
+        DataType::UInt64 => "decimal(20,0)".into(),
+        DataType::Float16 | DataType::Float32 => "float".into(),
+        DataType::Float64 => "double".into(),
+        DataType::Date32 | DataType::Date64 => "date".into(),
+        DataType::Timestamp(_, _) => "timestamp".into(),
+        DataType::Decimal32(p, s)
+        | DataType::Decimal64(p, s)
+        | DataType::Decimal128(p, s)
+        | DataType::Decimal256(p, s) => format!("decimal({p},{s})"),
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView => "binary".into(),
+        DataType::FixedSizeBinary(_) => "binary".into(),
+        DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => {
+            format!("array<{}>", hive_type(f.data_type())?)
+        }
+        DataType::Struct(fields) => {
+            let inner = fields
+                .iter()
+                .map(|f| Ok(format!("{}:{}", f.name(), hive_type(f.data_type())?)))
+                .collect::<Result<Vec<_>>>()?;
+            format!("struct<{}>", inner.join(","))
+        }
+        DataType::Map(entries, _) => match entries.data_type() {
+            DataType::Struct(kv) if kv.len() == 2 => format!(
+                "map<{},{}>",
+                hive_type(kv[0].data_type())?,
+                hive_type(kv[1].data_type())?
+            ),
+            other => return Err(fail(format!("no Hive type for map entries {other}"))),
+        },
+        other => return Err(fail(format!("no Hive type for the Arrow type {other}"))),
+    })
+}
+
+fn columns(cols: &[catalog::Column]) -> Result<Vec<Column>> {
+    cols.iter()
+        .map(|c| {
+            Column::builder()
+                .name(&c.name)
+                .r#type(hive_type(&c.data_type()?)?)
+                .build()
+                .map_err(|e| fail(e.to_string()))
+        })
+        .collect()
+}
+
+fn storage(location: String, cols: Vec<Column>) -> StorageDescriptor {
+    StorageDescriptor::builder()
+        .set_columns(Some(cols))
+        .location(location)
+        .input_format(INPUT_FORMAT)
+        .output_format(OUTPUT_FORMAT)
+        .serde_info(
+            SerDeInfo::builder()
+                .serialization_library(SERDE)
+                .parameters("serialization.format", "1")
+                .build(),
+        )
+        .build()
+}
+
+/// One table as Glue should hold it: its name, data columns, partition columns and prefix.
+struct Shape {
+    name: String,
+    columns: Vec<Column>,
+    partitions: Vec<Column>,
+    prefix: String,
+}
+
+fn shapes(meta: &TableMeta) -> Result<[Shape; 2]> {
+    Ok([
+        Shape {
+            name: meta.name.clone(),
+            columns: columns(&meta.columns)?,
+            partitions: columns(&meta.partition_columns)?,
+            prefix: lake::processed_prefix(&meta.name),
+        },
+        Shape {
+            name: format!("{}_rejected", meta.name),
+            columns: columns(&meta.rejected_columns)?,
+            partitions: vec![
+                Column::builder()
+                    .name(REJECTED_PARTITION)
+                    .r#type("date")
+                    .build()
+                    .map_err(|e| fail(e.to_string()))?,
+            ],
+            prefix: lake::rejected_prefix(&meta.name),
+        },
+    ])
+}
+
+impl Glue {
+    /// A client for `database` (created on first use if missing).
+    pub async fn new(database: &str) -> Glue {
+        Glue {
+            client: Client::new(crate::aws::config().await),
+            database: database.to_string(),
+        }
+    }
+
+    async fn ensure_database(&self) -> Result<()> {
+        let input = DatabaseInput::builder()
+            .name(&self.database)
+            .description("Tables written by sluice")
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        match self
+            .client
+            .create_database()
+            .database_input(input)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if crate::aws::code(&e) == Some("AlreadyExistsException") => Ok(()),
+            Err(e) => Err(fail(format!(
+                "cannot create database {}: {}",
+                self.database,
+                crate::aws::describe(&e)
+            ))),
+        }
+    }
+
+    async fn get_table(&self, name: &str) -> Result<Option<aws_sdk_glue::types::Table>> {
+        match self
+            .client
+            .get_table()
+            .database_name(&self.database)
+            .name(name)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out.table),
+            Err(e) if crate::aws::code(&e) == Some("EntityNotFoundException") => Ok(None),
+            Err(e) => Err(fail(format!(
+                "cannot read table {}.{name}: {}",
+                self.database,
+                crate::aws::describe(&e)
+            ))),
+        }
+    }
+
+    /// Checks, before anything is written, that the Glue tables can take `meta`'s shape: a
+    /// column Glue has must keep its type and stay; new columns are fine.
+    pub async fn check(&self, meta: &TableMeta) -> Result<()> {
+        for shape in shapes(meta)? {
+            let Some(table) = self.get_table(&shape.name).await? else {
+                continue;
+            };
+            let held = table
+                .storage_descriptor()
+                .map(|sd| sd.columns())
+                .unwrap_or_default();
+            for old in held {
+                match shape.columns.iter().find(|c| c.name() == old.name()) {
+                    None => {
+                        return Err(Error::Schema {
+                            table: meta.name.clone(),
+                            message: format!(
+                                "Glue table {}.{} has column {} ({}), which the output no \
+                                 longer has",
+                                self.database,
+                                shape.name,
+                                old.name(),
+                                old.r#type().unwrap_or("?")
+                            ),
+                        });
+                    }
+                    Some(new) if new.r#type() != old.r#type() => {
+                        return Err(Error::Schema {
+                            table: meta.name.clone(),
+                            message: format!(
+                                "Glue table {}.{} has column {} as {}, the output gives {}",
+                                self.database,
+                                shape.name,
+                                old.name(),
+                                old.r#type().unwrap_or("?"),
+                                new.r#type().unwrap_or("?")
+                            ),
+                        });
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates or updates the processed and rejected tables of `meta` in Glue.
+    pub async fn ensure_tables(&self, lake: &Lake, meta: &TableMeta) -> Result<()> {
+        self.ensure_database().await?;
+        for shape in shapes(meta)? {
+            let input = TableInput::builder()
+                .name(&shape.name)
+                .description(format!("{} (sluice)", shape.prefix))
+                .table_type("EXTERNAL_TABLE")
+                .parameters("classification", "parquet")
+                .parameters("EXTERNAL", "TRUE")
+                .parameters("parquet.compression", "SNAPPY")
+                .storage_descriptor(storage(lake.url(&shape.prefix), shape.columns.clone()))
+                .set_partition_keys(Some(shape.partitions.clone()))
+                .build()
+                .map_err(|e| fail(e.to_string()))?;
+            let existing = self.get_table(&shape.name).await?;
+            let result = match existing {
+                None => self
+                    .client
+                    .create_table()
+                    .database_name(&self.database)
+                    .table_input(input)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .or_else(|e| match crate::aws::code(&e) {
+                        // Another worker created it in between: fine.
+                        Some("AlreadyExistsException") => Ok(()),
+                        _ => Err(crate::aws::describe(&e)),
+                    }),
+                Some(t) if same_columns(&t, &shape) => Ok(()),
+                Some(_) => {
+                    tracing::info!(table = %shape.name, "updating the Glue table's columns");
+                    self.client
+                        .update_table()
+                        .database_name(&self.database)
+                        .table_input(input)
+                        .send()
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| crate::aws::describe(&e))
+                }
+            };
+            result.map_err(|e| {
+                fail(format!(
+                    "cannot register table {}.{}: {e}",
+                    self.database, shape.name
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Adds partitions (folders under the table's prefix, e.g. `event_date=2024-03-01`) to a
+    /// table, 100 a call; partitions that exist already are left as they are.
+    pub async fn add_partitions(
+        &self,
+        lake: &Lake,
+        table: &str,
+        prefix: &str,
+        cols: &[Column],
+        dirs: &BTreeSet<String>,
+    ) -> Result<usize> {
+        let mut added = 0;
+        let dirs: Vec<&String> = dirs.iter().filter(|d| !d.is_empty()).collect();
+        for chunk in dirs.chunks(BATCH) {
+            let inputs = chunk
+                .iter()
+                .map(|dir| {
+                    let values = parse_partition_dir(dir)
+                        .into_iter()
+                        .map(|(_, v)| v)
+                        .collect::<Vec<_>>();
+                    PartitionInput::builder()
+                        .set_values(Some(values))
+                        .storage_descriptor(storage(
+                            lake.url(&format!("{prefix}/{dir}")),
+                            cols.to_vec(),
+                        ))
+                        .build()
+                })
+                .collect::<Vec<_>>();
+            let out = self
+                .client
+                .batch_create_partition()
+                .database_name(&self.database)
+                .table_name(table)
+                .set_partition_input_list(Some(inputs))
+                .send()
+                .await
+                .map_err(|e| {
+                    fail(format!(
+                        "cannot add partitions to {}.{table}: {}",
+                        self.database,
+                        crate::aws::describe(&e)
+                    ))
+                })?;
+            let mut existed = 0;
+            for e in out.errors() {
+                let detail = e.error_detail();
+                let code = detail.and_then(|d| d.error_code()).unwrap_or_default();
+                if code == "AlreadyExistsException" {
+                    existed += 1;
+                    continue;
+                }
+                return Err(fail(format!(
+                    "cannot add partition {:?} to {}.{table}: {code}: {}",
+                    e.partition_values(),
+                    self.database,
+                    detail.and_then(|d| d.error_message()).unwrap_or_default()
+                )));
+            }
+            added += chunk.len() - existed;
+        }
+        Ok(added)
+    }
+
+    /// Registers what a commit wrote: its tables (created or updated) and their new
+    /// partitions, processed and rejected.
+    pub async fn register_commit(&self, lake: &Lake, commit: &Commit) -> Result<()> {
+        for change in &commit.tables {
+            let Some(meta) = TableMeta::load(lake, &change.table).await? else {
+                continue;
+            };
+            self.ensure_tables(lake, &meta).await?;
+            let [processed, rejected] = shapes(&meta)?;
+            let mut dirs: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+            for m in &change.added {
+                for shape in [&processed, &rejected] {
+                    if let Some(rel) = m.to.strip_prefix(&format!("{}/", shape.prefix)) {
+                        let dir = rel.rsplit_once('/').map(|(d, _)| d).unwrap_or_default();
+                        dirs.entry(shape.name.as_str())
+                            .or_default()
+                            .insert(dir.to_string());
+                    }
+                }
+            }
+            for shape in [&processed, &rejected] {
+                if let Some(d) = dirs.get(shape.name.as_str()) {
+                    let n = self
+                        .add_partitions(lake, &shape.name, &shape.prefix, &shape.columns, d)
+                        .await?;
+                    tracing::info!(table = %shape.name, new = n, of = d.len(), "Glue partitions registered");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers the commits a crash left unregistered (their markers); a marker whose commit
+    /// never reached its commit point is dropped.
+    pub async fn repair(&self, lake: &Lake) -> Result<usize> {
+        let mut repaired = 0;
+        for m in lake.list(&format!("{STATE}/catalog/unregistered")).await? {
+            let key = m.location.to_string();
+            let id = key.rsplit('/').next().unwrap_or_default().to_string();
+            if let Some(commit) = lake.get_json::<Commit>(&ledger::ledger_key(&id)).await? {
+                tracing::warn!(commit = %id, "registering a commit a crashed run left unregistered");
+                self.register_commit(lake, &commit).await?;
+                repaired += 1;
+            }
+            lake.delete(&key).await?;
+        }
+        Ok(repaired)
+    }
+
+    /// Registers every table of the lake's catalog and every partition found under its
+    /// prefixes (recovery, backfill, or moving from a crawler). Safe to run again.
+    pub async fn sync(&self, lake: &Lake) -> Result<Vec<(String, usize, usize)>> {
+        let mut out = Vec::new();
+        for meta in catalog::all_tables(lake).await? {
+            self.ensure_tables(lake, &meta).await?;
+            for shape in shapes(&meta)? {
+                let dirs: BTreeSet<String> = crate::sink::table_files(lake, &shape.prefix)
+                    .await?
+                    .into_iter()
+                    .map(|f| f.dir)
+                    .collect();
+                let n = self
+                    .add_partitions(lake, &shape.name, &shape.prefix, &shape.columns, &dirs)
+                    .await?;
+                out.push((shape.name.clone(), dirs.len(), n));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn same_columns(table: &aws_sdk_glue::types::Table, shape: &Shape) -> bool {
+    let held = table
+        .storage_descriptor()
+        .map(|sd| sd.columns())
+        .unwrap_or_default();
+    held.len() == shape.columns.len()
+        && held
+            .iter()
+            .zip(&shape.columns)
+            .all(|(a, b)| a.name() == b.name() && a.r#type() == b.r#type())
+        && table.partition_keys().len() == shape.partitions.len()
+}

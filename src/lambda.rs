@@ -1,0 +1,64 @@
+//! The AWS Lambda custom runtime (cargo feature `lambda`): the binary, started by Lambda (it
+//! sets `AWS_LAMBDA_RUNTIME_API`), handles each invocation's S3, SQS, SNS or EventBridge event
+//! like `sluice handle-event`. The config is `SLUICE_CONFIG` (default `sluice.toml` beside the
+//! function's code). A failed run is returned as an error, so Lambda retries it or returns the
+//! SQS messages to their queue; the ledger makes a retry of committed files a no-op.
+
+use std::path::PathBuf;
+
+use lambda_runtime::{LambdaEvent, service_fn};
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::lake::Lake;
+use crate::report::RunStatus;
+use crate::trigger;
+
+/// Whether this process was started by Lambda.
+pub fn in_lambda() -> bool {
+    std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some()
+}
+
+fn config_path() -> PathBuf {
+    match std::env::var_os("SLUICE_CONFIG") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::var_os("LAMBDA_TASK_ROOT")
+            .map(PathBuf::from)
+            .unwrap_or_default()
+            .join("sluice.toml"),
+    }
+}
+
+async fn handle(event: LambdaEvent<Value>) -> Result<Value> {
+    let path = config_path();
+    let mut config = Config::load(&path)?;
+    config.resolve_secrets().await?;
+    let lake = Lake::open(&config.lake_root()).await?;
+    match trigger::handle_event(&config, lake, &event.payload.to_string(), false).await? {
+        None => Ok(serde_json::json!({ "status": "nothing_to_do" })),
+        Some(report) if report.status == RunStatus::Failed => Err(Error::State {
+            path: format!("run {}", report.run_id),
+            message: format!("the run failed: {}", report.errors.join("; ")),
+        }),
+        Some(report) => serde_json::to_value(&report).map_err(|e| Error::State {
+            path: "report".into(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// Serves invocations until Lambda stops the process.
+pub async fn serve() -> Result<()> {
+    let handler = |event| async move {
+        handle(event)
+            .await
+            .map_err(|e| lambda_runtime::Error::from(e.to_string()))
+    };
+    lambda_runtime::run(service_fn(handler))
+        .await
+        .map_err(|e| Error::State {
+            path: "lambda runtime".into(),
+            message: e.to_string(),
+        })
+}

@@ -1,0 +1,251 @@
+//! What starts a run: the CLI (`run`), an S3 event (`handle-event`, the Lambda handler), an SQS
+//! queue of S3 events (`watch --queue`) or a timer over the raw prefixes (`watch`).
+
+use std::collections::BTreeSet;
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use aws_sdk_sqs::Client as Sqs;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::events::{self, Named};
+use crate::lake::Lake;
+use crate::notify;
+use crate::pipeline::{Progress, Runner};
+use crate::report::{self, FileStatus, RunReport, RunStatus};
+
+/// Runs the pipeline once (over `only`, when given) and sends the notifications.
+pub async fn run(
+    config: &Config,
+    lake: Lake,
+    only: Option<BTreeSet<String>>,
+    human: bool,
+) -> Result<RunReport> {
+    let run_id = report::new_run_id();
+    let span = tracing::info_span!("run", run_id = %run_id);
+    run_as(config, lake, only, human, &run_id)
+        .instrument(span)
+        .await
+}
+
+async fn run_as(
+    config: &Config,
+    lake: Lake,
+    only: Option<BTreeSet<String>>,
+    human: bool,
+    run_id: &str,
+) -> Result<RunReport> {
+    let mut runner = Runner::new(config, lake, run_id);
+    if let Some(keys) = only {
+        runner = runner.only(keys);
+    }
+    let progress = Progress::new(human && std::io::stderr().is_terminal());
+    let result = runner.run(&progress).await;
+    progress.finish();
+    let mut report = result?;
+    for e in notify::notify(&config.notify, &config.pipeline_name(), &report).await {
+        report.errors.push(e.to_string());
+    }
+    Ok(report)
+}
+
+/// The lake keys of the named objects: those in the lake's bucket, under its prefix.
+pub fn keys_in_lake(lake: &Lake, named: &[Named]) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    for n in named {
+        match lake.key_of(&n.bucket, &n.key) {
+            Some(k) => {
+                keys.insert(k);
+            }
+            None => {
+                tracing::info!(bucket = %n.bucket, key = %n.key, "object is outside the lake; ignored")
+            }
+        }
+    }
+    keys
+}
+
+/// Processes the objects an event names; `None` when it names none of the lake's.
+pub async fn handle_event(
+    config: &Config,
+    lake: Lake,
+    event: &str,
+    human: bool,
+) -> Result<Option<RunReport>> {
+    let keys = keys_in_lake(&lake, &events::parse(event)?);
+    if keys.is_empty() {
+        return Ok(None);
+    }
+    run(config, lake, Some(keys), human).await.map(Some)
+}
+
+/// Set by SIGTERM or Ctrl-C: finish the current run, then stop.
+fn stop_flag() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("stopping after the current run");
+        flag.store(true, Ordering::SeqCst);
+    });
+    stop
+}
+
+/// Waits `d`, or less if asked to stop.
+async fn pause(d: Duration, stop: &AtomicBool) {
+    let step = Duration::from_millis(100);
+    let mut waited = Duration::ZERO;
+    while waited < d && !stop.load(Ordering::SeqCst) {
+        tokio::time::sleep(step).await;
+        waited += step;
+    }
+}
+
+/// Runs over the raw prefixes every `interval` until stopped.
+pub async fn watch_prefixes(config: &Config, lake: Lake, interval: Duration) -> Result<()> {
+    let stop = stop_flag();
+    while !stop.load(Ordering::SeqCst) {
+        match run(config, lake.clone(), None, false).await {
+            Ok(r) if r.status == RunStatus::NothingToDo => {}
+            Ok(r) => eprint!("{}", r.summary()),
+            Err(e) => tracing::error!(error = %e, "run failed"),
+        }
+        pause(interval, &stop).await;
+    }
+    Ok(())
+}
+
+fn sqs_error(message: String) -> Error {
+    Error::Aws {
+        service: "sqs".into(),
+        message,
+    }
+}
+
+/// Long-polls an SQS queue of S3 events until stopped. A message is deleted only once every
+/// object it names is committed (or gone: processed before); while its objects are processed
+/// its visibility is extended, so no other worker takes it.
+pub async fn watch_queue(
+    config: &Config,
+    lake: Lake,
+    queue: &str,
+    visibility: i32,
+    wait: i32,
+) -> Result<()> {
+    let sqs = Sqs::new(crate::aws::config().await);
+    let stop = stop_flag();
+    while !stop.load(Ordering::SeqCst) {
+        let received = sqs
+            .receive_message()
+            .queue_url(queue)
+            .max_number_of_messages(10)
+            .wait_time_seconds(wait.clamp(0, 20))
+            .visibility_timeout(visibility)
+            .send();
+        let out = tokio::select! {
+            r = received => r.map_err(|e| sqs_error(format!("cannot receive from {queue}: {}", crate::aws::describe(&e))))?,
+            _ = async { while !stop.load(Ordering::SeqCst) { tokio::time::sleep(Duration::from_millis(100)).await } } => break,
+        };
+        let messages = out.messages();
+        if messages.is_empty() {
+            continue;
+        }
+        // Each message's keys; a message that is not an event stays for the queue's redrive.
+        let mut batch: Vec<(String, BTreeSet<String>)> = Vec::new();
+        for m in messages {
+            let (Some(receipt), Some(body)) = (m.receipt_handle(), m.body()) else {
+                continue;
+            };
+            match events::parse(body) {
+                Ok(named) => batch.push((receipt.to_string(), keys_in_lake(&lake, &named))),
+                Err(e) => {
+                    tracing::error!(message = ?m.message_id(), error = %e, "not an S3 event; left on the queue")
+                }
+            }
+        }
+        let all: BTreeSet<String> = batch.iter().flat_map(|(_, k)| k.iter().cloned()).collect();
+        let report = if all.is_empty() {
+            None
+        } else {
+            let keeper = extend_visibility(&sqs, queue, &batch, visibility);
+            let result = run(config, lake.clone(), Some(all), false).await;
+            keeper.abort();
+            match result {
+                Ok(r) => {
+                    eprint!("{}", r.summary());
+                    Some(r)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "run failed; its messages come back later");
+                    continue;
+                }
+            }
+        };
+        for (receipt, keys) in &batch {
+            let done = keys.iter().all(|k| {
+                report.as_ref().is_none_or(|r| {
+                    !r.files
+                        .iter()
+                        .any(|f| &f.key == k && f.status == FileStatus::Failed)
+                })
+            });
+            if !done {
+                continue;
+            }
+            if let Err(e) = sqs
+                .delete_message()
+                .queue_url(queue)
+                .receipt_handle(receipt)
+                .send()
+                .await
+            {
+                tracing::warn!(error = %crate::aws::describe(&e), "cannot delete a handled message; it comes back and does nothing");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Keeps a batch's messages invisible while its run lasts (every half visibility timeout).
+fn extend_visibility(
+    sqs: &Sqs,
+    queue: &str,
+    batch: &[(String, BTreeSet<String>)],
+    visibility: i32,
+) -> tokio::task::JoinHandle<()> {
+    let (sqs, queue) = (sqs.clone(), queue.to_string());
+    let receipts: Vec<String> = batch.iter().map(|(r, _)| r.clone()).collect();
+    let every = Duration::from_secs((visibility.max(2) / 2) as u64);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            for r in &receipts {
+                if let Err(e) = sqs
+                    .change_message_visibility()
+                    .queue_url(&queue)
+                    .receipt_handle(r)
+                    .visibility_timeout(visibility)
+                    .send()
+                    .await
+                {
+                    tracing::warn!(error = %crate::aws::describe(&e), "cannot extend a message's visibility");
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,970 @@
+//! sluice on AWS, end to end against moto (`moto_server` on a loopback port, one per test):
+//! an S3 lake, the Glue Data Catalog, SNS notifications, Secrets Manager references, S3 events
+//! in every envelope, and the SQS worker.
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_credential_types::Credentials;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde_json::Value;
+
+use crate::support::{Project, repo};
+
+/// A moto server of this test's own.
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+    rt: tokio::runtime::Runtime,
+    sdk: SdkConfig,
+}
+
+fn moto_server() -> PathBuf {
+    if let Ok(p) = std::env::var("SLUICE_MOTO_SERVER") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let p = PathBuf::from(home).join(".cache/sluice-moto/bin/moto_server");
+    assert!(
+        p.exists(),
+        "moto_server not found at {}: `bash .ci/run` installs it (or set SLUICE_MOTO_SERVER)",
+        p.display()
+    );
+    p
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(moto_server())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let sdk = SdkConfig::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(&endpoint)
+            .credentials_provider(
+                aws_credential_types::provider::SharedCredentialsProvider::new(Credentials::new(
+                    "testing", "testing", None, None, "test",
+                )),
+            )
+            .http_client(sluice::aws::http_client())
+            .build();
+        let moto = Moto {
+            child,
+            endpoint,
+            rt,
+            sdk,
+        };
+        let start = Instant::now();
+        loop {
+            let up = moto.rt.block_on(async {
+                reqwest::get(format!("{}/moto-api/", moto.endpoint))
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            });
+            if up {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "moto did not start"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        moto
+    }
+
+    /// Points a sluice command at moto, with fake credentials and nothing else from the host.
+    pub fn env(&self, cmd: &mut Command) {
+        for (k, _) in std::env::vars() {
+            if k.starts_with("AWS_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    }
+
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    pub fn create_bucket(&self, bucket: &str) {
+        self.block_on(async {
+            let r = reqwest::Client::new()
+                .put(format!("{}/{bucket}", self.endpoint))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "create bucket: {}", r.status());
+        });
+    }
+
+    pub fn s3(&self, bucket: &str) -> Arc<dyn ObjectStore> {
+        Arc::new(
+            AmazonS3Builder::new()
+                .with_bucket_name(bucket)
+                .with_region("us-east-1")
+                .with_endpoint(&self.endpoint)
+                .with_allow_http(true)
+                .with_access_key_id("testing")
+                .with_secret_access_key("testing")
+                .build()
+                .unwrap(),
+        )
+    }
+
+    /// Every key in a bucket under a prefix, sorted.
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let store = self.s3(bucket);
+        let mut keys: Vec<String> = self.block_on(async {
+            store
+                .list(Some(&ObjPath::from(prefix)))
+                .map_ok(|m| m.location.to_string())
+                .try_collect()
+                .await
+                .unwrap()
+        });
+        keys.sort();
+        keys
+    }
+
+    pub fn put(&self, bucket: &str, key: &str, data: Vec<u8>) {
+        let store = self.s3(bucket);
+        self.block_on(async {
+            store
+                .put(&ObjPath::parse(key).unwrap(), PutPayload::from(data))
+                .await
+                .unwrap();
+        });
+    }
+
+    pub fn glue(&self) -> aws_sdk_glue::Client {
+        aws_sdk_glue::Client::new(&self.sdk)
+    }
+
+    pub fn sqs(&self) -> aws_sdk_sqs::Client {
+        aws_sdk_sqs::Client::new(&self.sdk)
+    }
+
+    pub fn sns(&self) -> aws_sdk_sns::Client {
+        aws_sdk_sns::Client::new(&self.sdk)
+    }
+
+    pub fn create_queue(&self, name: &str) -> String {
+        self.block_on(async {
+            self.sqs()
+                .create_queue()
+                .queue_name(name)
+                .send()
+                .await
+                .unwrap()
+                .queue_url()
+                .unwrap()
+                .to_string()
+        })
+    }
+
+    /// A topic whose messages land on a new queue (the way to read what was published).
+    pub fn topic_with_queue(&self, name: &str) -> (String, String) {
+        let queue = self.create_queue(&format!("{name}-inbox"));
+        self.block_on(async {
+            let arn = self
+                .sns()
+                .create_topic()
+                .name(name)
+                .send()
+                .await
+                .unwrap()
+                .topic_arn()
+                .unwrap()
+                .to_string();
+            let queue_arn = format!("arn:aws:sqs:us-east-1:123456789012:{name}-inbox");
+            self.sns()
+                .subscribe()
+                .topic_arn(&arn)
+                .protocol("sqs")
+                .endpoint(queue_arn)
+                .send()
+                .await
+                .unwrap();
+            (arn, queue)
+        })
+    }
+
+    /// The bodies of the messages waiting on a queue (received and deleted).
+    pub fn drain(&self, queue: &str) -> Vec<Value> {
+        self.block_on(async {
+            let mut out = Vec::new();
+            loop {
+                let got = self
+                    .sqs()
+                    .receive_message()
+                    .queue_url(queue)
+                    .max_number_of_messages(10)
+                    .wait_time_seconds(1)
+                    .send()
+                    .await
+                    .unwrap();
+                if got.messages().is_empty() {
+                    return out;
+                }
+                for m in got.messages() {
+                    out.push(serde_json::from_str(m.body().unwrap()).unwrap());
+                    self.sqs()
+                        .delete_message()
+                        .queue_url(queue)
+                        .receipt_handle(m.receipt_handle().unwrap())
+                        .send()
+                        .await
+                        .unwrap();
+                }
+            }
+        })
+    }
+
+    pub fn secret(&self, name: &str, value: &str) {
+        self.block_on(async {
+            aws_sdk_secretsmanager::Client::new(&self.sdk)
+                .create_secret()
+                .name(name)
+                .secret_string(value)
+                .send()
+                .await
+                .unwrap();
+        });
+    }
+
+    /// A Glue table, if it exists.
+    pub fn glue_table(&self, db: &str, name: &str) -> Option<aws_sdk_glue::types::Table> {
+        self.block_on(async {
+            self.glue()
+                .get_table()
+                .database_name(db)
+                .name(name)
+                .send()
+                .await
+                .ok()
+                .and_then(|t| t.table)
+        })
+    }
+
+    /// The partition values of a Glue table, sorted.
+    pub fn partitions(&self, db: &str, table: &str) -> Vec<Vec<String>> {
+        self.block_on(async {
+            let mut pages = self
+                .glue()
+                .get_partitions()
+                .database_name(db)
+                .table_name(table)
+                .into_paginator()
+                .send();
+            let mut out: Vec<Vec<String>> = Vec::new();
+            while let Some(page) = pages.next().await {
+                for p in page.unwrap().partitions() {
+                    out.push(p.values().to_vec());
+                }
+            }
+            out.sort();
+            out
+        })
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The example project with its lake in `s3://<bucket>/data` and the fixtures uploaded there.
+fn s3_project(moto: &Moto, bucket: &str, catalog: &str) -> Project {
+    moto.create_bucket(bucket);
+    let p = Project::empty();
+    p.edit_config(
+        "root = \"lake\"",
+        &format!("root = \"s3://{bucket}/data\"\n\n[catalog]\n{catalog}"),
+    );
+    for source in ["app_logs", "support_tickets"] {
+        for e in std::fs::read_dir(repo().join("fixtures/raw").join(source)).unwrap() {
+            let e = e.unwrap();
+            let key = format!("data/raw/{source}/{}", e.file_name().to_string_lossy());
+            moto.put(bucket, &key, std::fs::read(e.path()).unwrap());
+        }
+    }
+    p
+}
+
+fn sluice(moto: &Moto, p: &Project, args: &[&str]) -> (i32, String, String) {
+    let mut c = p.cmd(args);
+    moto.env(&mut c);
+    let out = c.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn run_json(moto: &Moto, p: &Project, extra: &[&str]) -> (i32, Value) {
+    let mut args = vec!["run", "--json"];
+    args.extend_from_slice(extra);
+    let (code, out, err) = sluice(moto, p, &args);
+    let report = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("no JSON report ({e}); stdout: {out}\nstderr: {err}"));
+    (code, report)
+}
+
+fn table_counts(report: &Value) -> Vec<(String, u64, u64, u64)> {
+    let mut out: Vec<_> = report["tables"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                t["rows_written"].as_u64().unwrap(),
+                t["rows_rejected"].as_u64().unwrap(),
+                t["rows_duplicate"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn s3_lake_glue_catalog_sns_and_secrets_end_to_end() {
+    let moto = Moto::start();
+    let (ok_topic, ok_inbox) = moto.topic_with_queue("pipeline-ok");
+    let (_fail_topic, fail_inbox) = moto.topic_with_queue("pipeline-failed");
+    moto.secret(
+        "sluice/notify",
+        &serde_json::json!({ "success": format!("sns:{ok_topic}") }).to_string(),
+    );
+    let p = s3_project(&moto, "lake", "kind = \"glue\"\ndatabase = \"analytics\"");
+    p.edit_config(
+        "on_success = [\"log\"]\non_failure = [\"log\"]",
+        &format!(
+            "on_success = [\"log\", \"secret:sluice/notify#success\"]\non_failure = [\"sns:{}\"]",
+            _fail_topic
+        ),
+    );
+    p.edit_config("[lake]", "name = \"tickets-and-logs\"\n\n[lake]");
+
+    let (code, report) = run_json(&moto, &p, &[]);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["status"], "succeeded");
+
+    // The same counts as the same fixtures in a folder lake.
+    let local = Project::with_fixtures();
+    let (lcode, lreport) = local.run();
+    assert_eq!(lcode, 0);
+    assert_eq!(table_counts(&report), table_counts(&lreport));
+    assert!(!table_counts(&report).is_empty());
+
+    // Raw files archived (copied, then deleted), tables and rejects written in S3.
+    assert!(moto.keys("lake", "data/raw").is_empty());
+    assert_eq!(moto.keys("lake", "data/archive").len(), 6);
+    let processed = moto.keys("lake", "data/processed/app_logs");
+    assert!(processed.iter().all(|k| k.contains("/event_date=")));
+    let dirs: BTreeSet<String> = processed
+        .iter()
+        .map(|k| {
+            k.rsplit_once('/')
+                .unwrap()
+                .0
+                .rsplit_once('=')
+                .unwrap()
+                .1
+                .to_string()
+        })
+        .collect();
+    assert!(!moto.keys("lake", "data/rejected/app_logs").is_empty());
+    assert!(!moto.keys("lake", "data/_sluice/ledger").is_empty());
+    assert!(moto.keys("lake", "data/_sluice/claims").is_empty());
+
+    // Glue: external Parquet tables Spectrum reads, with every partition.
+    let t = moto
+        .glue_table("analytics", "app_logs")
+        .expect("app_logs in Glue");
+    assert_eq!(t.table_type(), Some("EXTERNAL_TABLE"));
+    assert_eq!(
+        t.parameters()
+            .unwrap()
+            .get("classification")
+            .map(String::as_str),
+        Some("parquet")
+    );
+    let sd = t.storage_descriptor().unwrap();
+    assert_eq!(sd.location(), Some("s3://lake/data/processed/app_logs/"));
+    assert_eq!(
+        sd.input_format(),
+        Some("org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat")
+    );
+    assert_eq!(
+        sd.serde_info().unwrap().serialization_library(),
+        Some("org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe")
+    );
+    let types: Vec<(String, String)> = sd
+        .columns()
+        .iter()
+        .map(|c| (c.name().to_string(), c.r#type().unwrap().to_string()))
+        .collect();
+    assert!(
+        types.contains(&("event_ts".into(), "timestamp".into())),
+        "{types:?}"
+    );
+    assert!(
+        types.contains(&("latency_ms".into(), "double".into())),
+        "{types:?}"
+    );
+    assert!(
+        types.contains(&("request_id".into(), "string".into())),
+        "{types:?}"
+    );
+    let keys: Vec<(String, String)> = t
+        .partition_keys()
+        .iter()
+        .map(|c| (c.name().to_string(), c.r#type().unwrap().to_string()))
+        .collect();
+    assert_eq!(keys, vec![("event_date".to_string(), "date".to_string())]);
+    let parts = moto.partitions("analytics", "app_logs");
+    let want: Vec<Vec<String>> = dirs.iter().map(|d| vec![d.clone()]).collect();
+    assert_eq!(parts, want);
+    assert!(moto.glue_table("analytics", "support_tickets").is_some());
+    let rejected = moto
+        .glue_table("analytics", "app_logs_rejected")
+        .expect("rejected table in Glue");
+    assert_eq!(
+        rejected.storage_descriptor().unwrap().location(),
+        Some("s3://lake/data/rejected/app_logs/")
+    );
+    assert_eq!(moto.partitions("analytics", "app_logs_rejected").len(), 1);
+
+    // One success message through the topic named by the secret; no failure message.
+    let ok = moto.drain(&ok_inbox);
+    assert_eq!(ok.len(), 1, "{ok:?}");
+    assert_eq!(ok[0]["Subject"], "sluice tickets-and-logs: run succeeded");
+    assert!(ok[0]["Message"].as_str().unwrap().contains("app_logs"));
+    assert_eq!(ok[0]["MessageAttributes"]["status"]["Value"], "succeeded");
+    assert_eq!(
+        ok[0]["MessageAttributes"]["pipeline"]["Value"],
+        "tickets-and-logs"
+    );
+    assert!(moto.drain(&fail_inbox).is_empty());
+
+    // The secret's value never shows in validate's output.
+    let (_, out, err) = sluice(&moto, &p, &["validate"]);
+    assert!(!out.contains(&ok_topic) && !err.contains(&ok_topic));
+
+    // A rerun has nothing to do; sync finds every partition registered already.
+    let (code, again) = run_json(&moto, &p, &[]);
+    assert_eq!(code, 0);
+    assert_eq!(again["status"], "nothing_to_do", "{again:#}");
+    let (code, out, err) = sluice(&moto, &p, &["catalog", "sync"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("analytics.app_logs: "), "{out}");
+    assert!(
+        out.lines().all(|l| l.ends_with(" 0 newly registered")),
+        "{out}"
+    );
+    assert_eq!(moto.partitions("analytics", "app_logs"), want);
+
+    // Queries read the S3 lake.
+    let (code, out, err) = sluice(
+        &moto,
+        &p,
+        &[
+            "query",
+            "SELECT count(*) AS n FROM app_logs",
+            "--format",
+            "csv",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let written = table_counts(&report)
+        .into_iter()
+        .find(|t| t.0 == "app_logs")
+        .unwrap()
+        .1;
+    assert_eq!(out.lines().nth(1), Some(written.to_string().as_str()));
+}
+
+#[test]
+fn catalog_sync_registers_a_lake_written_without_glue() {
+    let moto = Moto::start();
+    let p = s3_project(&moto, "plain", "kind = \"lake\"");
+    let (code, report) = run_json(&moto, &p, &[]);
+    assert_eq!(code, 0, "{report:#}");
+    assert!(moto.glue_table("backfill", "app_logs").is_none());
+    p.edit_config(
+        "kind = \"lake\"",
+        "kind = \"glue\"\ndatabase = \"backfill\"",
+    );
+    let (code, out, err) = sluice(&moto, &p, &["catalog", "sync"]);
+    assert_eq!(code, 0, "{err}");
+    let dirs: BTreeSet<String> = moto
+        .keys("plain", "data/processed/support_tickets")
+        .iter()
+        .map(|k| k.rsplit_once('/').unwrap().0.to_string())
+        .collect();
+    let line = format!(
+        "backfill.support_tickets: {n} partitions in the lake, {n} newly registered",
+        n = dirs.len()
+    );
+    assert!(out.contains(&line), "{out}");
+    assert_eq!(
+        moto.partitions("backfill", "support_tickets").len(),
+        dirs.len()
+    );
+    let (_, again, _) = sluice(&moto, &p, &["catalog", "sync"]);
+    assert!(
+        again.lines().all(|l| l.ends_with(" 0 newly registered")),
+        "{again}"
+    );
+}
+
+fn s3_record(bucket: &str, key: &str) -> Value {
+    serde_json::json!({
+        "eventVersion": "2.1", "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+        "s3": {"bucket": {"name": bucket}, "object": {"key": key}}
+    })
+}
+
+fn handle(moto: &Moto, p: &Project, event: &Value) -> (i32, String, String) {
+    let file = p.path().join("event.json");
+    std::fs::write(&file, event.to_string()).unwrap();
+    sluice(moto, p, &["handle-event", file.to_str().unwrap(), "--json"])
+}
+
+#[test]
+fn handle_event_takes_every_envelope_and_ignores_repeats() {
+    let moto = Moto::start();
+    let p = s3_project(&moto, "events", "kind = \"lake\"");
+    // A key with a space: S3 notifications encode it as '+'.
+    let data = std::fs::read(repo().join("fixtures/raw/support_tickets/2024-03-01.csv")).unwrap();
+    moto.put("events", "data/raw/support_tickets/march 1st.csv", data);
+
+    // Plain S3 notification, URL-encoded key: only that object is processed.
+    let plain = serde_json::json!({"Records": [s3_record("events", "data/raw/support_tickets/march+1st.csv")]});
+    let (code, out, err) = handle(&moto, &p, &plain);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let files: Vec<&str> = report["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(files, vec!["raw/support_tickets/march 1st.csv"]);
+    assert_eq!(moto.keys("events", "data/raw").len(), 6, "the others wait");
+
+    // The same event again: nothing to do.
+    let (code, out, err) = handle(&moto, &p, &plain);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["status"], "nothing_to_do", "{report:#}");
+
+    // Inside an SQS body, inside an SNS envelope inside SQS, as EventBridge; a test event.
+    let inner = |k: &str| serde_json::json!({"Records": [s3_record("events", k)]}).to_string();
+    let sqs = serde_json::json!({"Records": [{"eventSource": "aws:sqs", "body": inner("data/raw/app_logs/2024-03-01.jsonl")}]});
+    let sns_sqs = serde_json::json!({"Records": [{"eventSource": "aws:sqs", "body":
+        serde_json::json!({"Type": "Notification", "Message": inner("data/raw/app_logs/2024-03-02.jsonl.gz")}).to_string()}]});
+    let bridge = serde_json::json!({"source": "aws.s3", "detail-type": "Object Created",
+        "detail": {"bucket": {"name": "events"}, "object": {"key": "data/raw/support_tickets/2024-03-02.csv"}}});
+    for (event, key) in [
+        (&sqs, "raw/app_logs/2024-03-01.jsonl"),
+        (&sns_sqs, "raw/app_logs/2024-03-02.jsonl.gz"),
+        (&bridge, "raw/support_tickets/2024-03-02.csv"),
+    ] {
+        let (code, out, err) = handle(&moto, &p, event);
+        assert_eq!(code, 0, "{err}");
+        let report: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(report["files"][0]["key"], key, "{report:#}");
+        assert_eq!(report["files"][0]["status"], "processed", "{report:#}");
+        assert_eq!(report["files"].as_array().unwrap().len(), 1);
+    }
+    let test_event =
+        serde_json::json!({"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "events"});
+    let (code, _, err) = handle(&moto, &p, &test_event);
+    assert_eq!(code, 0);
+    assert!(err.contains("nothing to do"), "{err}");
+    // Another bucket's object is not the lake's.
+    let other =
+        serde_json::json!({"Records": [s3_record("elsewhere", "data/raw/app_logs/x.jsonl")]});
+    let (code, _, err) = handle(&moto, &p, &other);
+    assert_eq!(code, 0);
+    assert!(err.contains("nothing to do"), "{err}");
+    assert_eq!(moto.keys("events", "data/raw").len(), 3);
+}
+
+#[test]
+fn sqs_worker_processes_events_and_deletes_messages_after_commit() {
+    let moto = Moto::start();
+    let p = s3_project(&moto, "worker", "kind = \"lake\"");
+    let queue = moto.create_queue("lake-events");
+    let keys = moto.keys("worker", "data/raw");
+    moto.block_on(async {
+        for k in &keys {
+            let body = serde_json::json!({"Records": [s3_record("worker", k)]}).to_string();
+            moto.sqs()
+                .send_message()
+                .queue_url(&queue)
+                .message_body(body)
+                .send()
+                .await
+                .unwrap();
+        }
+        // A message that is no event stays for the queue's redrive policy.
+        moto.sqs()
+            .send_message()
+            .queue_url(&queue)
+            .message_body("not an event")
+            .send()
+            .await
+            .unwrap();
+    });
+    let mut c = p.cmd(&[
+        "watch",
+        "--queue",
+        &queue,
+        "--wait",
+        "1",
+        "--visibility",
+        "30",
+    ]);
+    moto.env(&mut c);
+    let mut child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !moto.keys("worker", "data/raw").is_empty() {
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the worker did not process the raw files: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Give it a moment to delete the last messages, then stop it with SIGTERM.
+    std::thread::sleep(Duration::from_secs(2));
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "exit {status:?}: {err}");
+    assert_eq!(moto.keys("worker", "data/archive").len(), 6);
+    // Only the junk message is left (visible again after its timeout).
+    let left = moto.block_on(async {
+        moto.sqs()
+            .get_queue_attributes()
+            .queue_url(&queue)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+            .send()
+            .await
+            .unwrap()
+    });
+    let attrs = left.attributes().unwrap();
+    let n = |a: aws_sdk_sqs::types::QueueAttributeName| -> u64 {
+        attrs.get(&a).unwrap().parse().unwrap()
+    };
+    assert_eq!(
+        n(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+            + n(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        1,
+        "{err}"
+    );
+}
+
+#[test]
+fn glue_schema_evolution_adds_columns_and_refuses_type_changes() {
+    let moto = Moto::start();
+    let p = s3_project(&moto, "evolve", "kind = \"glue\"\ndatabase = \"evo\"");
+    // Only the tickets: keep the logs out.
+    for k in moto.keys("evolve", "data/raw/app_logs") {
+        let store = moto.s3("evolve");
+        moto.block_on(async { store.delete(&ObjPath::parse(&k).unwrap()).await.unwrap() });
+    }
+    let first = moto.keys("evolve", "data/raw/support_tickets");
+    let later: Vec<(String, Vec<u8>)> = first[1..]
+        .iter()
+        .map(|k| {
+            let store = moto.s3("evolve");
+            let data = moto.block_on(async {
+                store
+                    .get(&ObjPath::parse(k).unwrap())
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap()
+            });
+            moto.block_on(async { store.delete(&ObjPath::parse(k).unwrap()).await.unwrap() });
+            (k.clone(), data.to_vec())
+        })
+        .collect();
+    let (code, report) = run_json(&moto, &p, &[]);
+    assert_eq!(code, 0, "{report:#}");
+    let cols = |t: &str| -> Vec<(String, String)> {
+        moto.glue_table("evo", t)
+            .unwrap()
+            .storage_descriptor()
+            .unwrap()
+            .columns()
+            .iter()
+            .map(|c| (c.name().to_string(), c.r#type().unwrap().to_string()))
+            .collect()
+    };
+    let before = cols("support_tickets");
+    assert!(!before.iter().any(|c| c.0 == "source_system"));
+
+    // A new nullable column: the Glue table gains it.
+    let query = p.path().join("queries/support_tickets.sql");
+    let sql = std::fs::read_to_string(&query).unwrap();
+    // The outer SELECT (the query's output) gains a column.
+    let at = sql.rfind("\nSELECT").unwrap() + "\nSELECT".len();
+    let widened = format!("{}\n  'crm' AS source_system,{}", &sql[..at], &sql[at..]);
+    assert_ne!(widened, sql);
+    std::fs::write(&query, &widened).unwrap();
+    let (k, d) = &later[0];
+    moto.put("evolve", k, d.clone());
+    let (code, report) = run_json(&moto, &p, &[]);
+    assert_eq!(code, 0, "{report:#}");
+    let after = cols("support_tickets");
+    assert!(
+        after.contains(&("source_system".into(), "string".into())),
+        "{after:?}"
+    );
+    assert_eq!(after.len(), before.len() + 1);
+
+    // A type change stops the run before anything is written; Glue keeps its columns.
+    std::fs::write(
+        &query,
+        widened.replace("'crm' AS source_system", "42 AS source_system"),
+    )
+    .unwrap();
+    let (k, d) = &later[1];
+    moto.put("evolve", k, d.clone());
+    let files_before = moto.keys("evolve", "data/processed/support_tickets");
+    let (code, report) = run_json(&moto, &p, &[]);
+    assert_eq!(code, 1, "{report:#}");
+    let text = report.to_string();
+    assert!(text.contains("source_system"), "{text}");
+    assert!(text.contains("changed type"), "{text}");
+    assert_eq!(
+        moto.keys("evolve", "data/processed/support_tickets"),
+        files_before
+    );
+    assert_eq!(cols("support_tickets"), after);
+}
+
+#[test]
+fn a_crash_between_commit_and_registration_is_repaired_by_the_next_run() {
+    let moto = Moto::start();
+    let p = s3_project(&moto, "crashy", "kind = \"glue\"\ndatabase = \"crash\"");
+    let (code, _, _) = sluice(&moto, &p, &["run", "--crash-at", "archived"]);
+    assert_ne!(code, 0, "the run was to crash");
+    assert!(
+        !moto.keys("crashy", "data/processed").is_empty(),
+        "data committed"
+    );
+    let registered = moto
+        .glue_table("crash", "app_logs")
+        .map(|_| moto.partitions("crash", "app_logs").len())
+        .unwrap_or(0)
+        + moto
+            .glue_table("crash", "support_tickets")
+            .map(|_| moto.partitions("crash", "support_tickets").len())
+            .unwrap_or(0);
+    assert_eq!(registered, 0, "nothing registered before the crash");
+    assert!(
+        !moto
+            .keys("crashy", "data/_sluice/catalog/unregistered")
+            .is_empty()
+    );
+
+    let (code, report) = run_json(&moto, &p, &[]);
+    assert_eq!(code, 0, "{report:#}");
+    let dirs = |t: &str| -> usize {
+        moto.keys("crashy", &format!("data/processed/{t}"))
+            .iter()
+            .map(|k| k.rsplit_once('/').unwrap().0.to_string())
+            .collect::<BTreeSet<_>>()
+            .len()
+    };
+    assert_eq!(moto.partitions("crash", "app_logs").len(), dirs("app_logs"));
+    assert_eq!(
+        moto.partitions("crash", "support_tickets").len(),
+        dirs("support_tickets")
+    );
+    assert!(
+        moto.keys("crashy", "data/_sluice/catalog/unregistered")
+            .is_empty()
+    );
+}
+
+#[test]
+fn two_workers_on_one_s3_lake_take_each_object_once() {
+    let moto = Moto::start();
+    let p = s3_project(&moto, "shared", "kind = \"lake\"");
+    let spawn = || {
+        let mut c = p.cmd(&["run", "--json"]);
+        moto.env(&mut c);
+        c.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    let mut keys = Vec::new();
+    for out in [&a, &b] {
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        for f in r["files"].as_array().unwrap() {
+            keys.push(f["key"].as_str().unwrap().to_string());
+        }
+    }
+    keys.sort();
+    let n = keys.len();
+    keys.dedup();
+    assert_eq!(keys.len(), n, "an object was processed twice: {keys:?}");
+    assert_eq!(n, 6);
+    // The tables hold what one run over the same files gives.
+    let local = Project::with_fixtures();
+    assert_eq!(local.run().0, 0);
+    let (code, out, err) = sluice(
+        &moto,
+        &p,
+        &[
+            "query",
+            "SELECT count(*) FROM support_tickets",
+            "--format",
+            "csv",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.lines().nth(1).unwrap(),
+        local.rows("processed/support_tickets").to_string()
+    );
+}
+
+#[test]
+fn large_outputs_are_uploaded_in_parts() {
+    let moto = Moto::start();
+    moto.create_bucket("big");
+    // One unpartitioned table over a generated file: its Parquet file is larger than a part.
+    let p = Project::single_table(
+        "tickets",
+        "csv",
+        &std::fs::read_to_string(repo().join("schemas/support_tickets.toml"))
+            .unwrap()
+            .split_once("columns = ")
+            .unwrap()
+            .1
+            .replace('\n', " "),
+        "SELECT * FROM tickets",
+    );
+    p.edit_config("root = \"lake\"", "root = \"s3://big/lake\"");
+    let csv = p.path().join("tickets.csv");
+    let out = p.sluice(&[
+        "generate",
+        "tickets",
+        csv.to_str().unwrap(),
+        "--rows",
+        "100000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    moto.put(
+        "big",
+        "lake/raw/tickets/tickets.csv",
+        std::fs::read(&csv).unwrap(),
+    );
+    // Stop after the upload into staging, where the uploaded object is still as uploaded.
+    let (code, _, _) = sluice(&moto, &p, &["run", "--crash-at", "staged"]);
+    assert_ne!(code, 0, "the run was to crash");
+    let store = moto.s3("big");
+    let staged: Vec<String> = moto
+        .keys("big", "lake/_sluice/staging")
+        .into_iter()
+        .filter(|k| k.contains("/processed/"))
+        .collect();
+    assert_eq!(staged.len(), 1, "{staged:?}");
+    let meta = moto.block_on(async {
+        store
+            .head(&ObjPath::parse(&staged[0]).unwrap())
+            .await
+            .unwrap()
+    });
+    assert!(
+        meta.size > 8 << 20,
+        "only {} bytes: not a multipart upload",
+        meta.size
+    );
+    // A multipart upload's ETag ends with -<parts>.
+    let etag = meta.e_tag.unwrap_or_default();
+    assert!(etag.trim_matches('"').contains('-'), "ETag {etag}");
+    // The next run recovers and commits the batch.
+    let (code, report) = run_json(&moto, &p, &[]);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(moto.keys("big", "lake/processed/tickets_clean").len(), 1);
+    let written = report["tables"]["tickets_clean"]["rows_written"]
+        .as_u64()
+        .unwrap();
+    let (code, out, err) = sluice(
+        &moto,
+        &p,
+        &[
+            "query",
+            "SELECT count(*) FROM tickets_clean",
+            "--format",
+            "csv",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().nth(1).unwrap(), written.to_string());
+}

@@ -1,0 +1,154 @@
+//! The Lambda custom runtime (feature `lambda`): the binary against a fake Lambda runtime API
+//! on a loopback port, handed one S3 event, answers with the run report.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::Project;
+
+/// Reads one HTTP/1.1 request: its request line and body.
+fn read_request(reader: &mut BufReader<TcpStream>) -> Option<(String, Vec<u8>)> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut length = 0;
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h).ok()?;
+        if h == "\r\n" || h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some((line.trim().to_string(), body))
+}
+
+/// Serves the runtime API: the first `next` gets `event`; what the function posts back is sent
+/// on the channel as (path, body).
+fn fake_runtime_api(event: Value) -> (String, mpsc::Receiver<(String, Value)>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut served = false;
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let mut writer = stream.try_clone().unwrap();
+            let mut reader = BufReader::new(stream);
+            let tx = tx.clone();
+            while let Some((line, body)) = read_request(&mut reader) {
+                if line.contains("/runtime/invocation/next") {
+                    if served {
+                        // No more invocations: hold the call, as Lambda does between events.
+                        std::thread::sleep(Duration::from_secs(600));
+                        return;
+                    }
+                    served = true;
+                    let payload = event.to_string();
+                    let deadline = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_millis()
+                        + 120_000;
+                    write!(
+                        writer,
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                         Lambda-Runtime-Aws-Request-Id: req-1\r\n\
+                         Lambda-Runtime-Deadline-Ms: {deadline}\r\n\
+                         Lambda-Runtime-Invoked-Function-Arn: arn:aws:lambda:us-east-1:123456789012:function:sluice\r\n\
+                         Content-Length: {}\r\n\r\n{payload}",
+                        payload.len()
+                    )
+                    .unwrap();
+                } else {
+                    let path = line
+                        .split_whitespace()
+                        .nth(1)
+                        .unwrap_or_default()
+                        .to_string();
+                    let value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    write!(writer, "HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n").unwrap();
+                    let _ = tx.send((path, value));
+                }
+            }
+        }
+    });
+    (addr, rx)
+}
+
+#[test]
+fn lambda_runtime_handles_an_s3_event() {
+    let p = Project::empty();
+    p.add_fixture("support_tickets", "2024-03-01.csv");
+    p.add_fixture("support_tickets", "2024-03-02.csv");
+    let event = serde_json::json!({"Records": [{
+        "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+        "s3": {"bucket": {"name": "any"}, "object": {"key": "raw/support_tickets/2024-03-01.csv"}}
+    }]});
+    let (addr, posted) = fake_runtime_api(event);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .env("AWS_LAMBDA_RUNTIME_API", &addr)
+        .env("AWS_LAMBDA_FUNCTION_NAME", "sluice")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "test")
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", "test")
+        .env("SLUICE_CONFIG", p.config())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let got = posted.recv_timeout(Duration::from_secs(120));
+    let _ = child.kill();
+    let output = child.wait_with_output().unwrap();
+    let (path, report) = got.unwrap_or_else(|e| {
+        panic!(
+            "no answer from the function ({e}): {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    assert_eq!(
+        path, "/2018-06-01/runtime/invocation/req-1/response",
+        "{report}"
+    );
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    let files = report["files"].as_array().unwrap();
+    assert_eq!(files.len(), 1, "{report:#}");
+    assert_eq!(files[0]["key"], "raw/support_tickets/2024-03-01.csv");
+    // Exactly the named object: the other file waits.
+    assert_eq!(
+        p.files("raw/support_tickets"),
+        vec!["raw/support_tickets/2024-03-02.csv"]
+    );
+    assert!(p.rows("processed/support_tickets") > 0);
+    // JSON log lines for CloudWatch, with the run's span.
+    let logs = String::from_utf8_lossy(&output.stderr);
+    let line = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["spans"].is_array())
+        .unwrap_or_else(|| panic!("no JSON log line with spans: {logs}"));
+    let spans = line["spans"].as_array().unwrap();
+    assert!(
+        spans
+            .iter()
+            .any(|s| s["name"] == "run" && s["run_id"].is_string()),
+        "{line}"
+    );
+    assert!(
+        spans.iter().any(|s| s["requestId"] == "req-1"),
+        "the invocation's request id: {line}"
+    );
+}
