@@ -35,7 +35,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("sluice: {e}");
+            eprintln!("sluice: {}", sluice::secrets::redact(&e.to_string()));
             ExitCode::from(if e.is_usage() { 2 } else { 1 })
         }
     }

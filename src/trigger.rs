@@ -17,6 +17,7 @@ use crate::lake::Lake;
 use crate::notify;
 use crate::pipeline::{Progress, Runner};
 use crate::report::{self, FileStatus, RunReport, RunStatus};
+use crate::secrets::redact;
 
 /// Runs the pipeline once (over `only`, when given) and sends the notifications.
 pub async fn run(
@@ -47,6 +48,15 @@ async fn run_as(
     let result = runner.run(&progress).await;
     progress.finish();
     let mut report = result?;
+    // No secret value leaves in a report, whatever error quoted it.
+    for e in report.errors.iter_mut() {
+        *e = redact(e);
+    }
+    for f in report.files.iter_mut() {
+        if let Some(e) = f.error.as_mut() {
+            *e = redact(e);
+        }
+    }
     for e in notify::notify(&config.notify, &config.pipeline_name(), &report).await {
         report.errors.push(e.to_string());
     }
