@@ -365,7 +365,7 @@ fn table_counts(report: &Value) -> Vec<(String, u64, u64, u64)> {
 fn s3_lake_glue_catalog_sns_and_secrets_end_to_end() {
     let moto = Moto::start();
     let (ok_topic, ok_inbox) = moto.topic_with_queue("pipeline-ok");
-    let (_fail_topic, fail_inbox) = moto.topic_with_queue("pipeline-failed");
+    let (fail_topic, fail_inbox) = moto.topic_with_queue("pipeline-failed");
     moto.secret(
         "sluice/notify",
         &serde_json::json!({ "success": format!("sns:{ok_topic}") }).to_string(),
@@ -375,7 +375,7 @@ fn s3_lake_glue_catalog_sns_and_secrets_end_to_end() {
         "on_success = [\"log\"]\non_failure = [\"log\"]",
         &format!(
             "on_success = [\"log\", \"secret:sluice/notify#success\"]\non_failure = [\"sns:{}\"]",
-            _fail_topic
+            fail_topic
         ),
     );
     p.edit_config("[lake]", "name = \"tickets-and-logs\"\n\n[lake]");
@@ -517,6 +517,28 @@ fn s3_lake_glue_catalog_sns_and_secrets_end_to_end() {
         .unwrap()
         .1;
     assert_eq!(out.lines().nth(1), Some(written.to_string().as_str()));
+
+    // A failing run tells the support topic, with its status; nothing committed is undone.
+    moto.put(
+        "lake",
+        "data/raw/app_logs/2024-03-09.jsonl.gz",
+        b"\x1f\x8b\x08\x00broken".to_vec(),
+    );
+    let (code, failed) = run_json(&moto, &p, &[]);
+    assert_eq!(code, 1, "{failed:#}");
+    let support = moto.drain(&fail_inbox);
+    assert_eq!(support.len(), 1, "{support:?}");
+    assert_eq!(support[0]["Subject"], "sluice tickets-and-logs: run FAILED");
+    assert_eq!(support[0]["MessageAttributes"]["status"]["Value"], "failed");
+    assert!(
+        support[0]["Message"]
+            .as_str()
+            .unwrap()
+            .contains("2024-03-09.jsonl.gz"),
+        "{support:?}"
+    );
+    assert!(moto.drain(&ok_inbox).is_empty());
+    assert_eq!(moto.partitions("analytics", "app_logs"), want);
 }
 
 #[test]
@@ -967,4 +989,121 @@ fn large_outputs_are_uploaded_in_parts() {
     );
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().nth(1).unwrap(), written.to_string());
+}
+
+#[test]
+fn a_long_run_keeps_its_messages_invisible() {
+    let moto = Moto::start();
+    let p = s3_project(&moto, "slow", "kind = \"lake\"");
+    // The run ends with a webhook that answers after 5 s: a run much longer than the 2 s
+    // visibility timeout below.
+    let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = hook.local_addr().unwrap().port();
+    let (called, was_called) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if let Ok((mut conn, _)) = hook.accept() {
+            let _ = called.send(());
+            let mut buf = [0u8; 65536];
+            let _ = std::io::Read::read(&mut conn, &mut buf);
+            std::thread::sleep(Duration::from_secs(5));
+            let _ = std::io::Write::write_all(
+                &mut conn,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    p.edit_config(
+        "on_success = [\"log\"]",
+        &format!("on_success = [\"webhook:http://127.0.0.1:{port}/\"]\ntimeout_secs = 30"),
+    );
+    let queue = moto.create_queue("slow-events");
+    let key = moto.keys("slow", "data/raw/support_tickets")[0].clone();
+    let body = serde_json::json!({"Records": [s3_record("slow", &key)]}).to_string();
+    moto.block_on(async {
+        moto.sqs()
+            .send_message()
+            .queue_url(&queue)
+            .message_body(body)
+            .send()
+            .await
+            .unwrap();
+    });
+    let mut c = p.cmd(&[
+        "watch",
+        "--queue",
+        &queue,
+        "--wait",
+        "1",
+        "--visibility",
+        "2",
+    ]);
+    moto.env(&mut c);
+    let mut child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if was_called.recv_timeout(Duration::from_secs(120)).is_err() {
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "the run never notified: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Past the 2 s timeout, the message must still be invisible to another consumer.
+    let peek = || {
+        moto.block_on(async {
+            moto.sqs()
+                .receive_message()
+                .queue_url(&queue)
+                .visibility_timeout(0)
+                .wait_time_seconds(0)
+                .send()
+                .await
+                .unwrap()
+                .messages()
+                .len()
+        })
+    };
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(3500) {
+        assert_eq!(peek(), 0, "the message became visible during the run");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Once committed and notified, the message is deleted.
+    let start = Instant::now();
+    loop {
+        let attrs = moto.block_on(async {
+            moto.sqs()
+                .get_queue_attributes()
+                .queue_url(&queue)
+                .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+                .send()
+                .await
+                .unwrap()
+        });
+        let a = attrs.attributes().unwrap();
+        let n: u64 = [
+            aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages,
+            aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+        ]
+        .iter()
+        .map(|k| a.get(k).unwrap().parse::<u64>().unwrap())
+        .sum();
+        if n == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "message not deleted"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert!(child.wait().unwrap().success());
 }
