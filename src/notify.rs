@@ -73,25 +73,12 @@ pub async fn notify(config: &NotifyConfig, pipeline: &str, report: &RunReport) -
 
 /// The subject line of a run's message (SNS allows 100 characters).
 pub fn subject(pipeline: &str, report: &RunReport) -> String {
-    let status = match report.status {
-        RunStatus::Failed => "FAILED",
-        RunStatus::Succeeded => "succeeded",
-        RunStatus::NothingToDo => "nothing to do",
-    };
-    let mut s: String = format!("sluice {pipeline}: run {status}")
+    let mut s: String = format!("sluice {pipeline}: run {}", report.status.label())
         .chars()
         .filter(|c| c.is_ascii_graphic() || *c == ' ')
         .collect();
     s.truncate(100);
     s
-}
-
-fn status_name(report: &RunReport) -> &'static str {
-    match report.status {
-        RunStatus::Failed => "failed",
-        RunStatus::Succeeded => "succeeded",
-        RunStatus::NothingToDo => "nothing_to_do",
-    }
 }
 
 async fn publish(
@@ -123,7 +110,7 @@ async fn publish(
             .topic_arn(arn)
             .subject(subject(pipeline, report))
             .message(redact(&report.summary()))
-            .message_attributes("status", attr(status_name(report))?)
+            .message_attributes("status", attr(report.status.name())?)
             .message_attributes("pipeline", attr(pipeline)?)
             .message_attributes("run_id", attr(&report.run_id)?)
             .send();

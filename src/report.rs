@@ -18,6 +18,26 @@ pub enum RunStatus {
     NothingToDo,
 }
 
+impl RunStatus {
+    /// How people read it: `succeeded`, `FAILED`, `nothing to do`.
+    pub fn label(self) -> &'static str {
+        match self {
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "FAILED",
+            RunStatus::NothingToDo => "nothing to do",
+        }
+    }
+
+    /// As in the JSON report: `succeeded`, `failed`, `nothing_to_do`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::NothingToDo => "nothing_to_do",
+        }
+    }
+}
+
 /// What happened to one raw file.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -178,12 +198,11 @@ impl RunReport {
     /// A few lines for people.
     pub fn summary(&self) -> String {
         let secs = (self.finished_at - self.started_at).num_milliseconds() as f64 / 1000.0;
-        let status = match self.status {
-            RunStatus::Succeeded => "succeeded",
-            RunStatus::Failed => "FAILED",
-            RunStatus::NothingToDo => "nothing to do",
-        };
-        let mut out = format!("run {} {status} in {secs:.2}s\n", self.run_id);
+        let mut out = format!(
+            "run {} {} in {secs:.2}s\n",
+            self.run_id,
+            self.status.label()
+        );
         if !self.files.is_empty() {
             out.push_str(&format!(
                 "  files: {} processed, {} duplicate, {} failed\n",

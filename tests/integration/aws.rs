@@ -192,6 +192,40 @@ impl Moto {
         })
     }
 
+    pub fn send(&self, queue: &str, body: &str) {
+        self.block_on(async {
+            self.sqs()
+                .send_message()
+                .queue_url(queue)
+                .message_body(body)
+                .send()
+                .await
+                .unwrap();
+        });
+    }
+
+    /// Messages on a queue, visible or not.
+    pub fn queued(&self, queue: &str) -> u64 {
+        use aws_sdk_sqs::types::QueueAttributeName as A;
+        let out = self.block_on(async {
+            self.sqs()
+                .get_queue_attributes()
+                .queue_url(queue)
+                .attribute_names(A::All)
+                .send()
+                .await
+                .unwrap()
+        });
+        let attrs = out.attributes().unwrap();
+        [
+            A::ApproximateNumberOfMessages,
+            A::ApproximateNumberOfMessagesNotVisible,
+        ]
+        .iter()
+        .map(|k| attrs.get(k).unwrap().parse::<u64>().unwrap())
+        .sum()
+    }
+
     /// A topic whose messages land on a new queue (the way to read what was published).
     pub fn topic_with_queue(&self, name: &str) -> (String, String) {
         let queue = self.create_queue(&format!("{name}-inbox"));
@@ -575,6 +609,46 @@ fn catalog_sync_registers_a_lake_written_without_glue() {
     );
 }
 
+/// `sluice watch --queue` on a queue, with a message visibility timeout in seconds.
+fn worker(moto: &Moto, p: &Project, queue: &str, visibility: &str) -> Child {
+    let mut c = p.cmd(&[
+        "watch",
+        "--queue",
+        queue,
+        "--wait",
+        "1",
+        "--visibility",
+        visibility,
+    ]);
+    moto.env(&mut c);
+    c.stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Kills a worker that did not get there, with what it logged.
+fn give_up(child: Child, what: &str) -> ! {
+    let mut child = child;
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    panic!("{what}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Stops a worker with SIGTERM: it exits 0; returns what it logged.
+fn stop(mut child: Child) -> String {
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "exit {status:?}: {err}");
+    err
+}
+
 fn s3_record(bucket: &str, key: &str) -> Value {
     serde_json::json!({
         "eventVersion": "2.1", "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
@@ -654,86 +728,26 @@ fn sqs_worker_processes_events_and_deletes_messages_after_commit() {
     let moto = Moto::start();
     let p = s3_project(&moto, "worker", "kind = \"lake\"");
     let queue = moto.create_queue("lake-events");
-    let keys = moto.keys("worker", "data/raw");
-    moto.block_on(async {
-        for k in &keys {
-            let body = serde_json::json!({"Records": [s3_record("worker", k)]}).to_string();
-            moto.sqs()
-                .send_message()
-                .queue_url(&queue)
-                .message_body(body)
-                .send()
-                .await
-                .unwrap();
-        }
-        // A message that is no event stays for the queue's redrive policy.
-        moto.sqs()
-            .send_message()
-            .queue_url(&queue)
-            .message_body("not an event")
-            .send()
-            .await
-            .unwrap();
-    });
-    let mut c = p.cmd(&[
-        "watch",
-        "--queue",
-        &queue,
-        "--wait",
-        "1",
-        "--visibility",
-        "30",
-    ]);
-    moto.env(&mut c);
-    let mut child = c
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    for k in moto.keys("worker", "data/raw") {
+        let body = serde_json::json!({"Records": [s3_record("worker", &k)]}).to_string();
+        moto.send(&queue, &body);
+    }
+    // A message that is no event stays for the queue's redrive policy.
+    moto.send(&queue, "not an event");
+    let child = worker(&moto, &p, &queue, "30");
     let start = Instant::now();
     while !moto.keys("worker", "data/raw").is_empty() {
         if start.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "the worker did not process the raw files: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            give_up(child, "the worker did not process the raw files");
         }
         std::thread::sleep(Duration::from_millis(300));
     }
     // Give it a moment to delete the last messages, then stop it with SIGTERM.
     std::thread::sleep(Duration::from_secs(2));
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    assert!(status.success(), "exit {status:?}: {err}");
+    let err = stop(child);
     assert_eq!(moto.keys("worker", "data/archive").len(), 6);
     // Only the junk message is left (visible again after its timeout).
-    let left = moto.block_on(async {
-        moto.sqs()
-            .get_queue_attributes()
-            .queue_url(&queue)
-            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
-            .send()
-            .await
-            .unwrap()
-    });
-    let attrs = left.attributes().unwrap();
-    let n = |a: aws_sdk_sqs::types::QueueAttributeName| -> u64 {
-        attrs.get(&a).unwrap().parse().unwrap()
-    };
-    assert_eq!(
-        n(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
-            + n(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-        1,
-        "{err}"
-    );
+    assert_eq!(moto.queued(&queue), 1, "{err}");
 }
 
 #[test]
@@ -1019,37 +1033,10 @@ fn a_long_run_keeps_its_messages_invisible() {
     let queue = moto.create_queue("slow-events");
     let key = moto.keys("slow", "data/raw/support_tickets")[0].clone();
     let body = serde_json::json!({"Records": [s3_record("slow", &key)]}).to_string();
-    moto.block_on(async {
-        moto.sqs()
-            .send_message()
-            .queue_url(&queue)
-            .message_body(body)
-            .send()
-            .await
-            .unwrap();
-    });
-    let mut c = p.cmd(&[
-        "watch",
-        "--queue",
-        &queue,
-        "--wait",
-        "1",
-        "--visibility",
-        "2",
-    ]);
-    moto.env(&mut c);
-    let mut child = c
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    moto.send(&queue, &body);
+    let child = worker(&moto, &p, &queue, "2");
     if was_called.recv_timeout(Duration::from_secs(120)).is_err() {
-        let _ = child.kill();
-        let out = child.wait_with_output().unwrap();
-        panic!(
-            "the run never notified: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        give_up(child, "the run never notified");
     }
     // Past the 2 s timeout, the message must still be invisible to another consumer.
     let peek = || {
@@ -1073,37 +1060,11 @@ fn a_long_run_keeps_its_messages_invisible() {
     }
     // Once committed and notified, the message is deleted.
     let start = Instant::now();
-    loop {
-        let attrs = moto.block_on(async {
-            moto.sqs()
-                .get_queue_attributes()
-                .queue_url(&queue)
-                .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
-                .send()
-                .await
-                .unwrap()
-        });
-        let a = attrs.attributes().unwrap();
-        let n: u64 = [
-            aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages,
-            aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
-        ]
-        .iter()
-        .map(|k| a.get(k).unwrap().parse::<u64>().unwrap())
-        .sum();
-        if n == 0 {
-            break;
+    while moto.queued(&queue) > 0 {
+        if start.elapsed() > Duration::from_secs(60) {
+            give_up(child, "message not deleted");
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "message not deleted"
-        );
         std::thread::sleep(Duration::from_millis(300));
     }
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    assert!(child.wait().unwrap().success());
+    stop(child);
 }
