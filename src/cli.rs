@@ -123,6 +123,12 @@ pub enum Command {
         #[command(subcommand)]
         action: CatalogAction,
     },
+    /// The external warehouse (`[warehouse] kind = "redshift-data"` or `"postgres"`).
+    Warehouse {
+        /// What to do.
+        #[command(subcommand)]
+        action: WarehouseAction,
+    },
     /// Copy the shipped fixtures into a fresh lake, run the pipeline and show the results.
     Demo {
         /// Folder for the demo project (must be empty or absent); default: a new temp folder.
@@ -136,4 +142,12 @@ pub enum Command {
 pub enum CatalogAction {
     /// Register every table and partition found in the lake in Glue (idempotent).
     Sync,
+}
+
+/// `sluice warehouse` commands.
+#[derive(Debug, Subcommand)]
+pub enum WarehouseAction {
+    /// Run the DDL files of `queries/redshift/` (or `queries/postgres/`, or `[warehouse]
+    /// deploy`) in name order: external schema, target tables, procedures.
+    Deploy,
 }

@@ -29,9 +29,12 @@ pub struct Config {
     /// Clean output tables, one SQL query each.
     #[serde(default, rename = "table")]
     pub tables: Vec<TableConfig>,
-    /// Aggregated tables of the warehouse.
+    /// Aggregated tables of the embedded warehouse.
     #[serde(default, rename = "aggregate")]
     pub aggregates: Vec<AggregateConfig>,
+    /// An external warehouse (Redshift, PostgreSQL) loaded after each commit.
+    #[serde(default)]
+    pub warehouse: WarehouseConfig,
     /// Retry policy for files that fail.
     #[serde(default)]
     pub retry: RetryConfig,
@@ -223,6 +226,190 @@ pub struct AggregateConfig {
     pub name: String,
     /// The SQL file, relative to the config file.
     pub query: PathBuf,
+}
+
+/// `[warehouse]`: where committed rows go after the lake, and what runs there.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarehouseConfig {
+    /// `embedded` (default: only the `[[aggregate]]` tables in the lake), `redshift-data`
+    /// (Amazon Redshift through the Data API) or `postgres` (the PostgreSQL wire protocol: any
+    /// PostgreSQL, or a Redshift cluster endpoint).
+    #[serde(default)]
+    pub kind: WarehouseKind,
+    /// Redshift Serverless workgroup (`redshift-data`; or `cluster_identifier`).
+    pub workgroup_name: Option<String>,
+    /// Provisioned Redshift cluster (`redshift-data`; or `workgroup_name`).
+    pub cluster_identifier: Option<String>,
+    /// Database name.
+    pub database: Option<String>,
+    /// Secrets Manager secret holding the database credentials (`redshift-data`).
+    pub secret_arn: Option<String>,
+    /// Database user for temporary credentials (`redshift-data` with a cluster).
+    pub db_user: Option<String>,
+    /// IAM role Redshift assumes to read the lake (`load = "copy"` with `redshift-data`).
+    pub iam_role: Option<String>,
+    /// Connection string, e.g. `postgres://user@host:5432/db?sslmode=require` (`postgres`).
+    pub url: Option<String>,
+    /// Host (`postgres`, without `url`).
+    pub host: Option<String>,
+    /// Port (`postgres`, without `url`; default 5432).
+    pub port: Option<u16>,
+    /// User (`postgres`, without `url`).
+    pub user: Option<String>,
+    /// Password (`postgres`); best as `secret:<name>#password` or `env:VAR`.
+    pub password: Option<String>,
+    /// `disable`, `prefer` (default) or `require` (`postgres`).
+    pub sslmode: Option<String>,
+    /// PEM file of the certificate authority to trust, beside the system's (`postgres`).
+    pub ssl_root_cert: Option<PathBuf>,
+    /// The load step: `"copy"` (the Parquet files each commit added, by COPY), or a SQL file
+    /// or statement; absent: nothing is loaded.
+    pub load: Option<String>,
+    /// Lake tables whose files `load = "copy"` loads; default: every table.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// The table a lake table is copied into; `{table}` is the lake table's name.
+    #[serde(default = "default_load_into")]
+    pub load_into: String,
+    /// Statements (SQL files or SQL) run after the load, in order, e.g.
+    /// `CALL analytics.sp_build_daily_ticket_stats(:run_date)`.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub call: Vec<String>,
+    /// Values for `:name` parameters besides `run_id` and `run_date`.
+    #[serde(default)]
+    pub parameters: std::collections::BTreeMap<String, String>,
+    /// The DDL folder `sluice warehouse deploy` runs; default `queries/redshift` or
+    /// `queries/postgres`.
+    pub deploy: Option<PathBuf>,
+    /// How long one statement may run before the run stops waiting (it keeps running; the
+    /// next run resumes waiting for it), e.g. `"30m"`.
+    #[serde(default = "default_deadline")]
+    pub deadline: String,
+    /// The table recording what was loaded (`postgres`), created if missing.
+    #[serde(default = "default_marker_table")]
+    pub marker_table: String,
+}
+
+/// Warehouse kinds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WarehouseKind {
+    /// Aggregates in the lake, by DataFusion.
+    #[default]
+    Embedded,
+    /// Amazon Redshift through the Data API.
+    RedshiftData,
+    /// PostgreSQL wire protocol.
+    Postgres,
+}
+
+impl WarehouseKind {
+    /// The name used in config and folders.
+    pub fn name(self) -> &'static str {
+        match self {
+            WarehouseKind::Embedded => "embedded",
+            WarehouseKind::RedshiftData => "redshift",
+            WarehouseKind::Postgres => "postgres",
+        }
+    }
+}
+
+impl Default for WarehouseConfig {
+    fn default() -> Self {
+        WarehouseConfig {
+            kind: WarehouseKind::default(),
+            workgroup_name: None,
+            cluster_identifier: None,
+            database: None,
+            secret_arn: None,
+            db_user: None,
+            iam_role: None,
+            url: None,
+            host: None,
+            port: None,
+            user: None,
+            password: None,
+            sslmode: None,
+            ssl_root_cert: None,
+            load: None,
+            tables: Vec::new(),
+            load_into: default_load_into(),
+            call: Vec::new(),
+            parameters: Default::default(),
+            deploy: None,
+            deadline: default_deadline(),
+            marker_table: default_marker_table(),
+        }
+    }
+}
+
+fn default_load_into() -> String {
+    "{table}".to_string()
+}
+fn default_deadline() -> String {
+    "30m".to_string()
+}
+fn default_marker_table() -> String {
+    "sluice_loads".to_string()
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+impl WarehouseConfig {
+    /// Whether the load step copies the committed files.
+    pub fn copies(&self) -> bool {
+        self.load.as_deref() == Some("copy")
+    }
+
+    /// The statement deadline.
+    pub fn deadline(&self) -> std::time::Duration {
+        parse_duration(&self.deadline).unwrap_or(std::time::Duration::from_secs(1800))
+    }
+}
+
+/// Parses a duration such as `30m`, `90s`, `2h`, `1h30m` or `45` (seconds).
+pub fn parse_duration(text: &str) -> std::result::Result<std::time::Duration, String> {
+    let t = text.trim();
+    if let Ok(secs) = t.parse::<u64>() {
+        return Ok(std::time::Duration::from_secs(secs));
+    }
+    let mut total = 0u64;
+    let mut num = String::new();
+    for c in t.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("\"{text}\" is not a duration (e.g. 30m, 90s, 2h)"))?;
+        total += n * match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return Err(format!("\"{text}\": unknown unit '{c}' (use s, m, h, d)")),
+        };
+        num.clear();
+    }
+    if !num.is_empty() || t.is_empty() {
+        return Err(format!("\"{text}\" is not a duration (e.g. 30m, 90s, 2h)"));
+    }
+    Ok(std::time::Duration::from_secs(total))
 }
 
 /// `[retry]`
@@ -440,6 +627,11 @@ impl Config {
         })
     }
 
+    /// The table of this name.
+    pub fn table(&self, name: &str) -> Option<&TableConfig> {
+        self.tables.iter().find(|t| t.name == name)
+    }
+
     /// The source of this name.
     pub fn source(&self, name: &str) -> Option<&SourceConfig> {
         self.sources.iter().find(|s| s.name == name)
@@ -455,6 +647,22 @@ impl Config {
         let mut out: Vec<(&'static str, &mut String)> = vec![("lake.root", &mut self.lake.root)];
         if let Some(db) = self.catalog.database.as_mut() {
             out.push(("catalog.database", db));
+        }
+        let w = &mut self.warehouse;
+        for (key, v) in [
+            ("warehouse.url", &mut w.url),
+            ("warehouse.host", &mut w.host),
+            ("warehouse.user", &mut w.user),
+            ("warehouse.password", &mut w.password),
+            ("warehouse.database", &mut w.database),
+            ("warehouse.secret_arn", &mut w.secret_arn),
+            ("warehouse.iam_role", &mut w.iam_role),
+            ("warehouse.workgroup_name", &mut w.workgroup_name),
+            ("warehouse.cluster_identifier", &mut w.cluster_identifier),
+        ] {
+            if let Some(v) = v.as_mut() {
+                out.push((key, v));
+            }
         }
         out.extend(
             self.notify
@@ -612,6 +820,77 @@ impl Config {
         if self.retry.max_attempts == 0 {
             return err("retry.max_attempts must be at least 1".to_string());
         }
+        self.check_warehouse()
+    }
+
+    fn check_warehouse(&self) -> Result<()> {
+        let err = |m: String| Err(Error::config(&self.path, m));
+        let w = &self.warehouse;
+        if let Err(e) = parse_duration(&w.deadline) {
+            return err(format!("warehouse.deadline: {e}"));
+        }
+        for t in &w.tables {
+            if self.table(t).is_none() {
+                return err(format!(
+                    "warehouse.tables names \"{t}\", which is not a [[table]]"
+                ));
+            }
+        }
+        let set = |v: &Option<String>| v.as_deref().is_some_and(|s| !s.is_empty());
+        match w.kind {
+            WarehouseKind::Embedded => {
+                if w.load.is_some() || !w.call.is_empty() {
+                    return err(
+                        "warehouse.load and warehouse.call need warehouse.kind = \"redshift-data\" or \"postgres\""
+                            .to_string(),
+                    );
+                }
+            }
+            WarehouseKind::RedshiftData => {
+                if set(&w.workgroup_name) == set(&w.cluster_identifier) {
+                    return err(
+                        "warehouse.kind = \"redshift-data\" needs exactly one of workgroup_name and cluster_identifier"
+                            .to_string(),
+                    );
+                }
+                if !set(&w.database) {
+                    return err(
+                        "warehouse.kind = \"redshift-data\" needs warehouse.database".to_string(),
+                    );
+                }
+                if w.copies() {
+                    if !set(&w.iam_role) {
+                        return err("warehouse.load = \"copy\" on Redshift needs warehouse.iam_role (the role Redshift reads the lake with)".to_string());
+                    }
+                    if !self.lake.root.starts_with("s3://")
+                        && !self.lake.root.starts_with("secret:")
+                    {
+                        return err("warehouse.load = \"copy\" on Redshift needs an s3:// lake (Redshift reads the files from S3)".to_string());
+                    }
+                }
+            }
+            WarehouseKind::Postgres => {
+                if !set(&w.url) && !set(&w.host) {
+                    return err(
+                        "warehouse.kind = \"postgres\" needs warehouse.url or warehouse.host"
+                            .to_string(),
+                    );
+                }
+                if let Some(mode) = &w.sslmode
+                    && !["disable", "prefer", "require"].contains(&mode.as_str())
+                {
+                    return err(format!(
+                        "warehouse.sslmode \"{mode}\" is not one of disable, prefer, require"
+                    ));
+                }
+            }
+        }
+        if !w.load_into.contains("{table}") && w.tables.len() != 1 && w.copies() {
+            return err(
+                "warehouse.load_into must contain {table} when more than one table is loaded"
+                    .to_string(),
+            );
+        }
         Ok(())
     }
 }
@@ -685,5 +964,59 @@ partition_by = ["event_date"]
             .unwrap_err()
             .to_string();
         assert!(e.contains("unique_key and order_by go together"), "{e}");
+    }
+
+    #[test]
+    fn warehouse_settings_are_checked() {
+        let check = |extra: &str| {
+            Config::parse(
+                &format!("{MINIMAL}\n[warehouse]\n{extra}"),
+                Path::new("sluice.toml"),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        assert!(
+            check("call = \"CALL x()\"")
+                .unwrap_err()
+                .contains("need warehouse.kind")
+        );
+        let e = check("kind = \"redshift-data\"\ndatabase = \"dev\"").unwrap_err();
+        assert!(
+            e.contains("exactly one of workgroup_name and cluster_identifier"),
+            "{e}"
+        );
+        let rs = "kind = \"redshift-data\"\ndatabase = \"dev\"\nworkgroup_name = \"wg\"\nload = \"copy\"";
+        assert!(check(rs).unwrap_err().contains("iam_role"));
+        let e = check(&format!("{rs}\niam_role = \"arn:r\"")).unwrap_err();
+        assert!(e.contains("needs an s3:// lake"), "{e}");
+        assert!(
+            check("kind = \"postgres\"")
+                .unwrap_err()
+                .contains("url or warehouse.host")
+        );
+        let e = check("kind = \"postgres\"\nhost = \"h\"\nsslmode = \"maybe\"").unwrap_err();
+        assert!(e.contains("sslmode"), "{e}");
+        let e = check("kind = \"postgres\"\nhost = \"h\"\ndeadline = \"soon\"").unwrap_err();
+        assert!(e.contains("warehouse.deadline"), "{e}");
+        let e = check("kind = \"postgres\"\nhost = \"h\"\ntables = [\"nope\"]").unwrap_err();
+        assert!(e.contains("\"nope\", which is not a [[table]]"), "{e}");
+        check("kind = \"postgres\"\nhost = \"h\"\ncall = [\"CALL a()\", \"b.sql\"]").unwrap();
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(
+            parse_duration("30m"),
+            Ok(std::time::Duration::from_secs(1800))
+        );
+        assert_eq!(
+            parse_duration("1h30m"),
+            Ok(std::time::Duration::from_secs(5400))
+        );
+        assert_eq!(parse_duration("45"), Ok(std::time::Duration::from_secs(45)));
+        assert!(parse_duration("3 weeks").is_err());
+        assert!(parse_duration("10").is_ok());
+        assert!(parse_duration("m").is_err());
     }
 }

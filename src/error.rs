@@ -65,6 +65,10 @@ pub enum Error {
     #[error("{service}: {message}")]
     Aws { service: String, message: String },
 
+    /// The external warehouse refused a connection or a statement (its own error text).
+    #[error("warehouse {target}: {message}")]
+    Warehouse { target: String, message: String },
+
     /// Plain I/O outside the lake (config files, local output).
     #[error("{context}: {source}")]
     Io {

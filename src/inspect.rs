@@ -30,6 +30,9 @@ pub struct Status {
     pub failed: Vec<String>,
     /// The last runs, newest first.
     pub last_runs: Vec<RunLine>,
+    /// The external warehouse's loads, if one is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warehouse: Option<crate::warehouse::remote::WarehouseStatus>,
 }
 
 /// One run in the status.
@@ -87,6 +90,7 @@ pub async fn status(config: &Config, lake: &Lake) -> Result<Status> {
         pending,
         failed,
         last_runs,
+        warehouse: crate::warehouse::remote::status(config, lake, &ledger).await?,
     })
 }
 
@@ -113,6 +117,18 @@ impl Status {
                 "    {} {:?} files={} rows_written={}\n",
                 r.run_id, r.status, r.files, r.rows_written
             ));
+        }
+        if let Some(w) = &self.warehouse {
+            out.push_str(&format!(
+                "  warehouse {}: {} commits loaded, {} waiting\n",
+                w.kind, w.commits_loaded, w.commits_waiting
+            ));
+            for st in &w.inflight {
+                out.push_str(&format!(
+                    "    unfinished unit: {} {} (id {}, attempt {})\n",
+                    st.step, st.status, st.id, st.attempt
+                ));
+            }
         }
         out
     }

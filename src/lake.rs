@@ -146,21 +146,20 @@ impl Lake {
     /// A URL for a prefix (ends with `/`): `file:///...` or `s3://bucket/...`, for DataFusion's
     /// listing tables and for catalog locations.
     pub fn url(&self, prefix: &str) -> String {
-        let mut url = match &self.root {
-            Root::Folder(root, _) => {
-                format!("file://{}", root.join(prefix).to_string_lossy())
-            }
-            Root::S3 {
-                bucket, prefix: p, ..
-            } if p.is_empty() => format!("s3://{bucket}/{prefix}"),
-            Root::S3 {
-                bucket, prefix: p, ..
-            } => format!("s3://{bucket}/{p}/{prefix}"),
-        };
+        let mut url = self.object_url(prefix);
         if !url.ends_with('/') {
             url.push('/');
         }
         url
+    }
+
+    /// The URL of one object: `file:///...` or `s3://bucket/...` (COPY manifests).
+    pub fn object_url(&self, key: &str) -> String {
+        match &self.root {
+            Root::Folder(root, _) => format!("file://{}", root.join(key).to_string_lossy()),
+            Root::S3 { bucket, prefix, .. } if prefix.is_empty() => format!("s3://{bucket}/{key}"),
+            Root::S3 { bucket, prefix, .. } => format!("s3://{bucket}/{prefix}/{key}"),
+        }
     }
 
     /// Lets a DataFusion session read the lake's URLs (a folder needs nothing).

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use sluice::cli::{CatalogAction, Cli, Command, LogFormat};
+use sluice::cli::{CatalogAction, Cli, Command, LogFormat, WarehouseAction};
 use sluice::config::{CatalogKind, Config};
 use sluice::glue::Glue;
 use sluice::lake::Lake;
@@ -218,6 +218,15 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             let glue = Glue::new(db).await;
             for (table, found, added) in glue.sync(&lake).await? {
                 println!("{db}.{table}: {found} partitions in the lake, {added} newly registered");
+            }
+            Ok(0)
+        }
+        Command::Warehouse {
+            action: WarehouseAction::Deploy,
+        } => {
+            let (config, _lake) = load(&cli, &cli.config).await?;
+            for (file, statements) in sluice::warehouse::remote::deploy(&config).await? {
+                println!("{file}: {statements} statements");
             }
             Ok(0)
         }

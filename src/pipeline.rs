@@ -17,7 +17,7 @@ use futures::StreamExt;
 use object_store::ObjectMeta;
 
 use crate::catalog::{REJECTED_PARTITION, TableMeta};
-use crate::config::{CatalogKind, Config, SourceConfig, TableConfig};
+use crate::config::{CatalogKind, Config, SourceConfig, TableConfig, WarehouseKind};
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::glue::{self, Glue};
@@ -207,6 +207,19 @@ impl<'a> Runner<'a> {
         }
         report.time("warehouse", t);
         fault::point("warehouse");
+        if self.config.warehouse.kind != WarehouseKind::Embedded {
+            progress.step("warehouse load");
+            let t = Instant::now();
+            let loaded =
+                warehouse::remote::sync(self.config, &self.lake, &self.me, &mut report.statements)
+                    .instrument(tracing::info_span!("step", step = "warehouse-load"))
+                    .await;
+            if let Err(e) = loaded {
+                tracing::error!(error = %e, "warehouse load failed");
+                report.errors.push(format!("warehouse: {e}"));
+            }
+            report.time("warehouse load", t);
+        }
         report.finish();
         self.lake
             .put_json(&format!("{STATE}/runs/{}.json", report.run_id), &report)

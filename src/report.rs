@@ -123,6 +123,26 @@ pub struct AggregateReport {
     pub seconds: f64,
 }
 
+/// One statement a run sent to an external warehouse.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatementReport {
+    /// The step: `load <table>`, `load` or `call <n>`.
+    pub step: String,
+    /// The warehouse's id for it (a Data API statement id; a load marker on PostgreSQL).
+    pub id: String,
+    /// `submitted`, `finished`, `failed`, `aborted` or `skipped` (done before, by its marker).
+    pub status: String,
+    /// Which attempt this is (1 = first).
+    pub attempt: u32,
+    /// Time the warehouse spent on it.
+    pub seconds: f64,
+    /// Rows it loaded or changed, where the warehouse says.
+    pub rows: Option<i64>,
+    /// The warehouse's own error text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// The report of one run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
@@ -140,6 +160,10 @@ pub struct RunReport {
     pub tables: BTreeMap<String, TableReport>,
     /// Aggregates rebuilt by this run.
     pub warehouse: Vec<AggregateReport>,
+    /// Statements sent to an external warehouse (`[warehouse] kind = "redshift-data"` or
+    /// `"postgres"`).
+    #[serde(default)]
+    pub statements: Vec<StatementReport>,
     /// Errors outside single files (warehouse, notifications, accounting).
     pub errors: Vec<String>,
     /// Seconds spent in each step.
@@ -158,6 +182,7 @@ impl RunReport {
             files: Vec::new(),
             tables: BTreeMap::new(),
             warehouse: Vec::new(),
+            statements: Vec::new(),
             errors: Vec::new(),
             timings: BTreeMap::new(),
         }
@@ -183,7 +208,7 @@ impl RunReport {
             || self.files.iter().any(|f| f.status == FileStatus::Failed)
         {
             RunStatus::Failed
-        } else if self.files.is_empty() && self.warehouse.is_empty() {
+        } else if self.files.is_empty() && self.warehouse.is_empty() && self.statements.is_empty() {
             RunStatus::NothingToDo
         } else {
             RunStatus::Succeeded
@@ -223,6 +248,17 @@ impl RunReport {
         }
         for a in &self.warehouse {
             out.push_str(&format!("  warehouse {}: {} rows\n", a.name, a.rows));
+        }
+        for st in &self.statements {
+            let rows = st.rows.map(|r| format!(", {r} rows")).unwrap_or_default();
+            let attempt = match st.attempt {
+                0 | 1 => String::new(),
+                n => format!(", attempt {n}"),
+            };
+            out.push_str(&format!(
+                "  warehouse {}: {}{rows}, {:.2}s{attempt} (id {})\n",
+                st.step, st.status, st.seconds, st.id
+            ));
         }
         for f in self.files.iter().filter(|f| f.status == FileStatus::Failed) {
             out.push_str(&format!(

@@ -48,6 +48,15 @@ pub async fn validate(config: &Config) -> Result<String> {
             config.resolve(&a.query).display()
         ));
     }
+    if config.warehouse.kind != crate::config::WarehouseKind::Embedded {
+        for step in warehouse::remote::steps(config)? {
+            out.push_str(&format!(
+                "warehouse {}: {}\n",
+                config.warehouse.kind.name(),
+                step.describe()
+            ));
+        }
+    }
     out.push_str(&format!(
         "config ok: {} sources, {} tables, {} aggregates\n",
         config.sources.len(),

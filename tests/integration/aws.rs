@@ -340,7 +340,7 @@ impl Drop for Moto {
 }
 
 /// The example project with its lake in `s3://<bucket>/data` and the fixtures uploaded there.
-fn s3_project(moto: &Moto, bucket: &str, catalog: &str) -> Project {
+pub(crate) fn s3_project(moto: &Moto, bucket: &str, catalog: &str) -> Project {
     moto.create_bucket(bucket);
     let p = Project::empty();
     p.edit_config(
@@ -357,7 +357,7 @@ fn s3_project(moto: &Moto, bucket: &str, catalog: &str) -> Project {
     p
 }
 
-fn sluice(moto: &Moto, p: &Project, args: &[&str]) -> (i32, String, String) {
+pub(crate) fn sluice(moto: &Moto, p: &Project, args: &[&str]) -> (i32, String, String) {
     let mut c = p.cmd(args);
     moto.env(&mut c);
     let out = c.output().unwrap();
@@ -368,7 +368,7 @@ fn sluice(moto: &Moto, p: &Project, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn run_json(moto: &Moto, p: &Project, extra: &[&str]) -> (i32, Value) {
+pub(crate) fn run_json(moto: &Moto, p: &Project, extra: &[&str]) -> (i32, Value) {
     let mut args = vec!["run", "--json"];
     args.extend_from_slice(extra);
     let (code, out, err) = sluice(moto, p, &args);

@@ -10,4 +10,6 @@ mod formats;
 mod lambda;
 mod memory;
 mod pipeline;
+mod postgres;
+mod redshift;
 mod support;

@@ -1,5 +1,11 @@
-//! The embedded warehouse: `[[aggregate]]` queries over the processed tables, materialised as
-//! Parquet under `warehouse/<name>/` whenever the tables they read have changed.
+//! The warehouse step. The embedded warehouse: `[[aggregate]]` queries over the processed
+//! tables, materialised as Parquet under `warehouse/<name>/` whenever the tables they read have
+//! changed. External warehouses (Redshift, PostgreSQL) are loaded by [`remote`].
+
+pub mod postgres;
+pub mod redshift;
+pub mod remote;
+pub mod sql;
 
 use std::time::Instant;
 
