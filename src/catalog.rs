@@ -54,6 +54,9 @@ pub struct TableMeta {
     pub partition_columns: Vec<Column>,
     /// Columns of the rejected table's files.
     pub rejected_columns: Vec<Column>,
+    /// Whether the processed and rejected tables are Delta tables (`format = "delta"`).
+    #[serde(default)]
+    pub delta: bool,
     /// Last change.
     pub updated_at: DateTime<Utc>,
 }
@@ -92,6 +95,7 @@ impl TableMeta {
                 .iter()
                 .map(|f| Column::from_field(f))
                 .collect(),
+            delta: false,
             updated_at: Utc::now(),
         }
     }
@@ -107,6 +111,11 @@ impl TableMeta {
     }
 
     /// Schema of the processed files (no partition columns).
+    pub fn rejected_schema(&self) -> Result<SchemaRef> {
+        to_schema(&self.rejected_columns)
+    }
+
+    /// The Arrow schema of the processed table's files (without partition columns).
     pub fn file_schema(&self) -> Result<SchemaRef> {
         to_schema(&self.columns)
     }
@@ -133,6 +142,17 @@ impl TableMeta {
             table: self.name.clone(),
             message,
         };
+        if self.delta != new.delta {
+            return Err(fail(format!(
+                "the table is {}; its format cannot change to {} in place",
+                if self.delta {
+                    "a Delta table"
+                } else {
+                    "plain Parquet"
+                },
+                if new.delta { "delta" } else { "parquet" }
+            )));
+        }
         if self.partition_columns != new.partition_columns {
             return Err(fail(format!(
                 "partition columns were [{}], the query now gives [{}]",
@@ -186,6 +206,7 @@ impl TableMeta {
             columns,
             partition_columns: self.partition_columns.clone(),
             rejected_columns,
+            delta: self.delta,
             updated_at: Utc::now(),
         })
     }
@@ -209,9 +230,18 @@ pub async fn all_tables(lake: &Lake) -> Result<Vec<TableMeta>> {
     Ok(out)
 }
 
-/// Registers a processed table (`name`) and its rejected table (`name_rejected`).
-pub async fn register_table(ctx: &SessionContext, lake: &Lake, meta: &TableMeta) -> Result<()> {
+/// Registers a processed table (`name`) and its rejected table (`name_rejected`); a Delta
+/// table at version `as_of`, or its latest.
+pub async fn register_table(
+    ctx: &SessionContext,
+    lake: &Lake,
+    meta: &TableMeta,
+    as_of: Option<u64>,
+) -> Result<()> {
     lake.attach(ctx)?;
+    if meta.delta {
+        return register_delta(ctx, lake, meta, as_of).await;
+    }
     let processed = lake::processed_prefix(&meta.name);
     lake.ensure_prefix(&processed)?;
     let schema = meta.file_schema()?;
@@ -239,12 +269,68 @@ pub async fn register_table(ctx: &SessionContext, lake: &Lake, meta: &TableMeta)
     Ok(())
 }
 
-/// Registers every catalogued table and every materialised aggregate.
-pub async fn register_all(ctx: &SessionContext, lake: &Lake) -> Result<Vec<String>> {
+#[cfg(feature = "delta")]
+async fn register_delta(
+    ctx: &SessionContext,
+    lake: &Lake,
+    meta: &TableMeta,
+    as_of: Option<u64>,
+) -> Result<()> {
+    let mut rejected: Vec<Field> = meta
+        .rejected_schema()?
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    rejected.push(Field::new(REJECTED_PARTITION, DataType::Date32, true));
+    for (name, prefix, version, schema) in [
+        (
+            meta.name.clone(),
+            lake::processed_prefix(&meta.name),
+            as_of,
+            meta.full_schema()?,
+        ),
+        (
+            format!("{}_rejected", meta.name),
+            lake::rejected_prefix(&meta.name),
+            None,
+            Arc::new(Schema::new(rejected)),
+        ),
+    ] {
+        // A table with no commit yet reads as empty.
+        if !crate::delta::register(ctx, lake, &name, &prefix, version).await? {
+            let empty = datafusion::datasource::MemTable::try_new(schema, vec![vec![]])?;
+            ctx.register_table(name.as_str(), Arc::new(empty))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "delta"))]
+async fn register_delta(
+    _: &SessionContext,
+    _: &Lake,
+    meta: &TableMeta,
+    _: Option<u64>,
+) -> Result<()> {
+    Err(Error::Delta {
+        table: meta.name.clone(),
+        message: "this sluice was built without Delta Lake support (cargo build --features delta)"
+            .into(),
+    })
+}
+
+/// Registers every catalogued table (Delta tables at `as_of`, or their latest version) and
+/// every materialised aggregate.
+pub async fn register_all(
+    ctx: &SessionContext,
+    lake: &Lake,
+    as_of: Option<u64>,
+) -> Result<Vec<String>> {
     lake.attach(ctx)?;
     let mut names = Vec::new();
     for meta in all_tables(lake).await? {
-        register_table(ctx, lake, &meta).await?;
+        register_table(ctx, lake, &meta, as_of).await?;
         names.push(meta.name.clone());
         names.push(format!("{}_rejected", meta.name));
     }

@@ -75,6 +75,31 @@ pub enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value = "table")]
         format: OutputFormat,
+        /// Read Delta tables as of this version (time travel); default: the latest.
+        #[arg(long)]
+        as_of: Option<u64>,
+    },
+    /// Compact a Delta table's small files (OPTIMIZE), or every Delta table's.
+    Compact {
+        /// The table; default: every Delta table.
+        table: Option<String>,
+        /// Target file size, e.g. `256MiB`.
+        #[arg(long, default_value = "256MiB")]
+        target_size: String,
+    },
+    /// Delete the files Delta tables no longer reference and that are older than the retention.
+    Vacuum {
+        /// The table; default: every Delta table.
+        table: Option<String>,
+        /// Keep files removed less than this long ago (time travel reaches back this far).
+        #[arg(long, default_value = "168h")]
+        retain: String,
+        /// Allow a retention shorter than 168h (readers of older versions may break).
+        #[arg(long)]
+        force: bool,
+        /// List what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Write the benchmark workload's raw data (same dirt as the shared gen.py).
     Generate {

@@ -212,6 +212,21 @@ pub struct TableConfig {
     /// `gzip`, `none`.
     #[serde(default = "default_compression")]
     pub compression: String,
+    /// `parquet` (default: Hive-partitioned Parquet) or `delta` (a Delta Lake table: each
+    /// commit appears at once, versioned; needs the `delta` build feature).
+    #[serde(default)]
+    pub format: TableFormat,
+}
+
+/// Table formats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableFormat {
+    /// Hive-partitioned Parquet files.
+    #[default]
+    Parquet,
+    /// A Delta Lake table.
+    Delta,
 }
 
 fn default_compression() -> String {
@@ -776,6 +791,12 @@ impl Config {
             if t.unique_key.is_empty() != t.order_by.is_none() {
                 return err(format!(
                     "table \"{}\": unique_key and order_by go together",
+                    t.name
+                ));
+            }
+            if t.format == TableFormat::Delta && !cfg!(feature = "delta") {
+                return err(format!(
+                    "table \"{}\": format = \"delta\" needs a sluice built with Delta Lake support (cargo build --features delta)",
                     t.name
                 ));
             }

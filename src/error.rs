@@ -65,6 +65,10 @@ pub enum Error {
     #[error("{service}: {message}")]
     Aws { service: String, message: String },
 
+    /// A Delta table could not be read or committed.
+    #[error("Delta table {table}: {message}")]
+    Delta { table: String, message: String },
+
     /// The external warehouse refused a connection or a statement (its own error text).
     #[error("warehouse {target}: {message}")]
     Warehouse { target: String, message: String },

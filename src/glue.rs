@@ -23,6 +23,9 @@ use crate::sink::parse_partition_dir;
 const INPUT_FORMAT: &str = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat";
 const OUTPUT_FORMAT: &str = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat";
 const SERDE: &str = "org.apache.hadoop.hive.ql.io.parquet.serde.ParquetHiveSerDe";
+/// Delta tables: Spectrum and Athena read the Parquet files a symlink manifest lists.
+const SYMLINK_INPUT_FORMAT: &str = "org.apache.hadoop.hive.ql.io.SymlinkTextInputFormat";
+const SYMLINK_OUTPUT_FORMAT: &str = "org.apache.hadoop.hive.ql.io.HiveIgnoreKeyTextOutputFormat";
 /// `BatchCreatePartition` takes at most this many partitions a call.
 const BATCH: usize = 100;
 
@@ -99,12 +102,17 @@ fn columns(cols: &[catalog::Column]) -> Result<Vec<Column>> {
         .collect()
 }
 
-fn storage(location: String, cols: Vec<Column>) -> StorageDescriptor {
+fn storage(location: String, cols: Vec<Column>, delta: bool) -> StorageDescriptor {
+    let (input, output) = if delta {
+        (SYMLINK_INPUT_FORMAT, SYMLINK_OUTPUT_FORMAT)
+    } else {
+        (INPUT_FORMAT, OUTPUT_FORMAT)
+    };
     StorageDescriptor::builder()
         .set_columns(Some(cols))
         .location(location)
-        .input_format(INPUT_FORMAT)
-        .output_format(OUTPUT_FORMAT)
+        .input_format(input)
+        .output_format(output)
         .serde_info(
             SerDeInfo::builder()
                 .serialization_library(SERDE)
@@ -120,6 +128,19 @@ struct Shape {
     columns: Vec<Column>,
     partitions: Vec<Column>,
     prefix: String,
+    /// A Delta table: registered over its symlink manifests.
+    delta: bool,
+}
+
+impl Shape {
+    /// Where Glue points: the data prefix, or a Delta table's manifests.
+    fn location(&self) -> String {
+        if self.delta {
+            format!("{}/{}", self.prefix, lake::SYMLINK_MANIFESTS)
+        } else {
+            self.prefix.clone()
+        }
+    }
 }
 
 fn shapes(meta: &TableMeta) -> Result<[Shape; 2]> {
@@ -129,6 +150,7 @@ fn shapes(meta: &TableMeta) -> Result<[Shape; 2]> {
             columns: columns(&meta.columns)?,
             partitions: columns(&meta.partition_columns)?,
             prefix: lake::processed_prefix(&meta.name),
+            delta: meta.delta,
         },
         Shape {
             name: format!("{}_rejected", meta.name),
@@ -141,6 +163,7 @@ fn shapes(meta: &TableMeta) -> Result<[Shape; 2]> {
                     .map_err(|e| fail(e.to_string()))?,
             ],
             prefix: lake::rejected_prefix(&meta.name),
+            delta: meta.delta,
         },
     ])
 }
@@ -253,7 +276,11 @@ impl Glue {
                 .parameters("classification", "parquet")
                 .parameters("EXTERNAL", "TRUE")
                 .parameters("parquet.compression", "SNAPPY")
-                .storage_descriptor(storage(lake.url(&shape.prefix), shape.columns.clone()))
+                .storage_descriptor(storage(
+                    lake.url(&shape.location()),
+                    shape.columns.clone(),
+                    shape.delta,
+                ))
                 .set_partition_keys(Some(shape.partitions.clone()))
                 .build()
                 .map_err(|e| fail(e.to_string()))?;
@@ -297,14 +324,13 @@ impl Glue {
 
     /// Adds partitions (folders under the table's prefix, e.g. `event_date=2024-03-01`) to a
     /// table, 100 a call; partitions that exist already are left as they are.
-    pub async fn add_partitions(
+    async fn add_partitions(
         &self,
         lake: &Lake,
-        table: &str,
-        prefix: &str,
-        cols: &[Column],
+        shape: &Shape,
         dirs: &BTreeSet<String>,
     ) -> Result<usize> {
+        let (table, prefix) = (shape.name.as_str(), shape.location());
         let mut added = 0;
         let dirs: Vec<&String> = dirs.iter().filter(|d| !d.is_empty()).collect();
         for chunk in dirs.chunks(BATCH) {
@@ -319,7 +345,8 @@ impl Glue {
                         .set_values(Some(values))
                         .storage_descriptor(storage(
                             lake.url(&format!("{prefix}/{dir}")),
-                            cols.to_vec(),
+                            shape.columns.clone(),
+                            shape.delta,
                         ))
                         .build()
                 })
@@ -381,9 +408,7 @@ impl Glue {
             }
             for shape in [&processed, &rejected] {
                 if let Some(d) = dirs.get(shape.name.as_str()) {
-                    let n = self
-                        .add_partitions(lake, &shape.name, &shape.prefix, &shape.columns, d)
-                        .await?;
+                    let n = self.add_partitions(lake, shape, d).await?;
                     tracing::info!(table = %shape.name, new = n, of = d.len(), "Glue partitions registered");
                 }
             }
@@ -420,9 +445,7 @@ impl Glue {
                     .into_iter()
                     .map(|f| f.dir)
                     .collect();
-                let n = self
-                    .add_partitions(lake, &shape.name, &shape.prefix, &shape.columns, &dirs)
-                    .await?;
+                let n = self.add_partitions(lake, &shape, &dirs).await?;
                 out.push((shape.name.clone(), dirs.len(), n));
             }
         }

@@ -134,10 +134,16 @@ impl Status {
     }
 }
 
-/// Runs SQL over the lake's tables and formats the result.
-pub async fn query(lake: &Lake, sql: &str, format: OutputFormat, threads: usize) -> Result<String> {
+/// Runs SQL over the lake's tables; Delta tables at version `as_of`, or their latest.
+pub async fn query(
+    lake: &Lake,
+    sql: &str,
+    format: OutputFormat,
+    threads: usize,
+    as_of: Option<u64>,
+) -> Result<String> {
     let ctx = transform::session(threads, crate::config::DEFAULT_MEMORY_LIMIT / 2);
-    catalog::register_all(&ctx, lake).await?;
+    catalog::register_all(&ctx, lake, as_of).await?;
     let df = ctx
         .sql(sql)
         .await

@@ -27,6 +27,10 @@ use crate::error::{Error, Result};
 /// Where the pipeline keeps its own state.
 pub const STATE: &str = "_sluice";
 
+/// A Delta table's symlink manifests (`<table>/_symlink_format_manifest/<partition>/manifest`),
+/// which Redshift Spectrum and Athena read.
+pub const SYMLINK_MANIFESTS: &str = "_symlink_format_manifest";
+
 /// Where a lake is.
 #[derive(Debug, Clone)]
 enum Root {
@@ -151,6 +155,14 @@ impl Lake {
             url.push('/');
         }
         url
+    }
+
+    /// The bucket-wide store of an S3 lake (`None` for a folder).
+    pub fn bucket_store(&self) -> Option<Arc<dyn ObjectStore>> {
+        match &self.root {
+            Root::S3 { bucket_store, .. } => Some(bucket_store.clone()),
+            Root::Folder(..) => None,
+        }
     }
 
     /// The URL of one object: `file:///...` or `s3://bucket/...` (COPY manifests).

@@ -67,6 +67,19 @@ pub struct TableChange {
     pub removed: Vec<String>,
     /// Partition folders this commit touched.
     pub partitions: Vec<String>,
+    /// For a Delta table: the pipeline's application transaction this commit carries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaTxn>,
+}
+
+/// A Delta commit's application transaction: the pipeline's app id and its version, one more
+/// than the table's last.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeltaTxn {
+    /// `sluice:<pipeline>`.
+    pub app_id: String,
+    /// Grows by one a commit.
+    pub version: i64,
 }
 
 /// One commit: files in, table changes out.
@@ -245,8 +258,14 @@ pub async fn publish(lake: &Lake, commit: &Commit) -> Result<()> {
                 lake.rename(&m.from, &m.to).await?;
             }
         }
-        for r in &t.removed {
-            lake.delete(r).await?;
+        match &t.delta {
+            // Replaced files stay for readers of older versions, until `vacuum`.
+            Some(txn) => publish_delta(lake, t, txn).await?,
+            None => {
+                for r in &t.removed {
+                    lake.delete(r).await?;
+                }
+            }
         }
     }
     crate::fault::point("published");
@@ -256,6 +275,20 @@ pub async fn publish(lake: &Lake, commit: &Commit) -> Result<()> {
         lake.delete(&claim_key(&f.key)).await?;
     }
     Ok(())
+}
+
+#[cfg(feature = "delta")]
+async fn publish_delta(lake: &Lake, t: &TableChange, txn: &DeltaTxn) -> Result<()> {
+    crate::delta::publish(lake, t, txn).await
+}
+
+#[cfg(not(feature = "delta"))]
+async fn publish_delta(_: &Lake, t: &TableChange, _: &DeltaTxn) -> Result<()> {
+    Err(crate::error::Error::Delta {
+        table: t.table.clone(),
+        message: "this sluice was built without Delta Lake support (cargo build --features delta)"
+            .into(),
+    })
 }
 
 /// Moves a committed raw file to its archive place if it is still in `raw/` with the same size.

@@ -7,6 +7,8 @@ pub mod aws;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+#[cfg(feature = "delta")]
+pub mod delta;
 pub mod demo;
 pub mod error;
 pub mod events;
@@ -19,6 +21,7 @@ pub mod lake;
 pub mod lambda;
 pub mod ledger;
 pub mod lock;
+pub mod maintain;
 pub mod notify;
 pub mod pipeline;
 pub mod report;

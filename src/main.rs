@@ -133,13 +133,43 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Command::Query { sql, format } => {
+        Command::Query { sql, format, as_of } => {
             let (config, lake) = load(&cli, &cli.config).await?;
             println!(
                 "{}",
-                inspect::query(&lake, sql, *format, config.engine.threads()).await?
+                inspect::query(&lake, sql, *format, config.engine.threads(), *as_of).await?
             );
             Ok(0)
+        }
+        Command::Compact { table, target_size } => {
+            let (config, lake) = load(&cli, &cli.config).await?;
+            let size = sluice::config::parse_size(target_size)
+                .map_err(|e| Error::config(&config.path, format!("--target-size: {e}")))?;
+            let report =
+                sluice::maintain::compact(&config, &lake, table.as_deref(), size as u64).await?;
+            print!("{}", report.summary());
+            Ok(exit_code(&report))
+        }
+        Command::Vacuum {
+            table,
+            retain,
+            force,
+            dry_run,
+        } => {
+            let (config, lake) = load(&cli, &cli.config).await?;
+            let retain = sluice::config::parse_duration(retain)
+                .map_err(|e| Error::config(&config.path, format!("--retain: {e}")))?;
+            let report = sluice::maintain::vacuum(
+                &config,
+                &lake,
+                table.as_deref(),
+                retain,
+                *force,
+                *dry_run,
+            )
+            .await?;
+            print!("{}", report.summary());
+            Ok(exit_code(&report))
         }
         Command::Generate {
             kind,
@@ -248,7 +278,8 @@ async fn dispatch(cli: Cli) -> Result<u8> {
                         &lake,
                         &sql,
                         sluice::cli::OutputFormat::Table,
-                        config.engine.threads()
+                        config.engine.threads(),
+                        None
                     )
                     .await?
                 );

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use datafusion::arrow::compute::{filter_record_batch, not};
-use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::streaming::StreamingTable;
 use datafusion::physical_plan::ExecutionPlanProperties;
 use datafusion::physical_plan::streaming::PartitionStream;
@@ -17,7 +17,7 @@ use futures::StreamExt;
 use object_store::ObjectMeta;
 
 use crate::catalog::{REJECTED_PARTITION, TableMeta};
-use crate::config::{CatalogKind, Config, SourceConfig, TableConfig, WarehouseKind};
+use crate::config::{CatalogKind, Config, SourceConfig, TableConfig, TableFormat, WarehouseKind};
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::glue::{self, Glue};
@@ -534,12 +534,13 @@ impl<'a> Runner<'a> {
             &router.valid_schema,
             &[SOURCE_FILE.into(), SOURCE_ROW.into()],
         );
-        let proposed = TableMeta::new(
+        let mut proposed = TableMeta::new(
             &p.table.name,
             &data_schema,
             &p.table.partition_by,
             &router.rejected_schema,
         );
+        proposed.delta = p.table.format == TableFormat::Delta;
         let meta = match TableMeta::load(&self.lake, &p.table.name).await? {
             Some(old) => old.evolve(&proposed)?,
             None => proposed.clone(),
@@ -566,7 +567,7 @@ impl<'a> Runner<'a> {
         )?);
         let rejects = Arc::new(RowFile::new(
             scratch.join("rejected.parquet"),
-            meta_rejected_schema(&meta)?.as_ref(),
+            meta.rejected_schema()?.as_ref(),
             &p.table.compression,
         ));
 
@@ -680,33 +681,32 @@ impl<'a> Runner<'a> {
                 });
             }
             let partition_types = meta.partition_types()?;
-            let existing = sink::table_files(&self.lake, &processed).await?;
+            let existing = existing_files(&self.lake, &meta, &processed).await?;
             if table.order_by.is_some() && !existing.is_empty() {
-                // Which partitions hold rows that new rows replace (a new row older than the
-                // held one is dropped instead)...
-                let mut rewrite = BTreeSet::new();
+                // Which files hold rows that new rows replace (a new row older than the held
+                // one is dropped instead)...
+                let mut rewrite = Vec::new();
                 for f in &existing {
                     for b in sink::read_table_file(&self.lake, f, &partition_types, &s.full).await?
                     {
                         if s.sink.against_existing(&b)?.true_count() > 0 {
-                            rewrite.insert(f.dir.clone());
+                            rewrite.push(f);
+                            break;
                         }
                     }
                 }
-                // ...whose other rows are carried over into the new files.
-                for dir in &rewrite {
-                    for f in existing.iter().filter(|f| &f.dir == dir) {
-                        for b in
-                            sink::read_table_file(&self.lake, f, &partition_types, &s.full).await?
-                        {
-                            let replaced = s.sink.against_existing(&b)?;
-                            table_report.rows_replaced += replaced.true_count() as u64;
-                            let kept = filter_record_batch(&b, &not(&replaced)?)?;
-                            s.sink.carry_over(dir, &kept)?;
-                        }
-                        change.removed.push(f.key.clone());
+                // ...whose other rows are carried over into their partition's new file; the
+                // other files stay as they are.
+                for f in rewrite {
+                    for b in sink::read_table_file(&self.lake, f, &partition_types, &s.full).await?
+                    {
+                        let replaced = s.sink.against_existing(&b)?;
+                        table_report.rows_replaced += replaced.true_count() as u64;
+                        let kept = filter_record_batch(&b, &not(&replaced)?)?;
+                        s.sink.carry_over(&f.dir, &kept)?;
                     }
-                    change.partitions.push(dir.clone());
+                    change.removed.push(f.key.clone());
+                    change.partitions.push(f.dir.clone());
                 }
             }
             let files = s.sink.finish(self.threads)?;
@@ -747,6 +747,9 @@ impl<'a> Runner<'a> {
             }
             change.partitions.sort();
             change.partitions.dedup();
+            if meta.delta {
+                change.delta = Some(self.delta_txn(&processed).await?);
+            }
             catalog_update = Some(meta);
         }
         for c in counts.values() {
@@ -794,6 +797,22 @@ impl<'a> Runner<'a> {
         fault::point("archived");
         self.lake.delete(&ledger::pending_key(&id)).await?;
         Ok((commit, table_report, counts))
+    }
+
+    /// The application transaction of this pipeline's next commit to a Delta table.
+    #[cfg(feature = "delta")]
+    async fn delta_txn(&self, prefix: &str) -> Result<ledger::DeltaTxn> {
+        let app_id = format!("sluice:{}", self.config.pipeline_name());
+        let version = crate::delta::next_version(&self.lake, prefix, &app_id).await?;
+        Ok(ledger::DeltaTxn { app_id, version })
+    }
+
+    #[cfg(not(feature = "delta"))]
+    async fn delta_txn(&self, prefix: &str) -> Result<ledger::DeltaTxn> {
+        Err(Error::Delta {
+            table: prefix.to_string(),
+            message: "this sluice was built without Delta Lake support".into(),
+        })
     }
 
     /// Counts a failed attempt; after `max_attempts` moves the file to `failed/`.
@@ -862,19 +881,16 @@ struct Streamed {
     full: SchemaRef,
 }
 
-fn meta_rejected_schema(meta: &TableMeta) -> Result<SchemaRef> {
-    let fields = meta
-        .rejected_columns
-        .iter()
-        .map(|c| {
-            let ty = std::str::FromStr::from_str(&c.ty).map_err(
-                |e: datafusion::arrow::error::ArrowError| Error::State {
-                    path: format!("catalog of {}", meta.name),
-                    message: e.to_string(),
-                },
-            )?;
-            Ok(Field::new(&c.name, ty, true))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Arc::new(Schema::new(fields)))
+/// The data files a table holds now: a Delta table's active files, or a plain table's listing.
+async fn existing_files(
+    lake: &Lake,
+    meta: &TableMeta,
+    prefix: &str,
+) -> Result<Vec<sink::TableFile>> {
+    #[cfg(feature = "delta")]
+    if meta.delta {
+        return crate::delta::active_files(lake, prefix).await;
+    }
+    let _ = meta;
+    sink::table_files(lake, prefix).await
 }

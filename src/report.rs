@@ -143,6 +143,23 @@ pub struct StatementReport {
     pub error: Option<String>,
 }
 
+/// One maintenance operation on a table (`compact`, `vacuum`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MaintenanceReport {
+    /// The table's folder, e.g. `processed/app_logs`.
+    pub table: String,
+    /// `compact`, `vacuum` or `vacuum (dry run)`.
+    pub operation: String,
+    /// Files written.
+    pub files_added: u64,
+    /// Files taken out of the table (compact) or deleted (vacuum).
+    pub files_removed: u64,
+    /// The table version it made, if it committed one.
+    pub version: Option<u64>,
+    /// Time taken.
+    pub seconds: f64,
+}
+
 /// The report of one run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
@@ -164,6 +181,9 @@ pub struct RunReport {
     /// `"postgres"`).
     #[serde(default)]
     pub statements: Vec<StatementReport>,
+    /// Maintenance done by `compact` or `vacuum`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub maintenance: Vec<MaintenanceReport>,
     /// Errors outside single files (warehouse, notifications, accounting).
     pub errors: Vec<String>,
     /// Seconds spent in each step.
@@ -183,6 +203,7 @@ impl RunReport {
             tables: BTreeMap::new(),
             warehouse: Vec::new(),
             statements: Vec::new(),
+            maintenance: Vec::new(),
             errors: Vec::new(),
             timings: BTreeMap::new(),
         }
@@ -258,6 +279,19 @@ impl RunReport {
             out.push_str(&format!(
                 "  warehouse {}: {}{rows}, {:.2}s{attempt} (id {})\n",
                 st.step, st.status, st.seconds, st.id
+            ));
+        }
+        for m in &self.maintenance {
+            out.push_str(&format!(
+                "  {} {}: {} files added, {} files removed{} in {:.2}s\n",
+                m.operation,
+                m.table,
+                m.files_added,
+                m.files_removed,
+                m.version
+                    .map(|v| format!(", version {v}"))
+                    .unwrap_or_default(),
+                m.seconds
             ));
         }
         for f in self.files.iter().filter(|f| f.status == FileStatus::Failed) {

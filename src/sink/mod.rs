@@ -226,6 +226,11 @@ pub async fn table_files(lake: &Lake, prefix: &str) -> Result<Vec<TableFile>> {
             continue;
         }
         let rel = lake::relative(&key, prefix);
+        // Hidden folders and files (`_delta_log/`, `_symlink_format_manifest/`, `.tmp`) are
+        // not data, as in Hive and Spark.
+        if rel.split('/').any(|seg| seg.starts_with(['_', '.'])) {
+            continue;
+        }
         let dir = rel
             .rsplit_once('/')
             .map(|(d, _)| d.to_string())

@@ -42,7 +42,7 @@ pub async fn refresh(config: &Config, lake: &Lake, threads: usize) -> Result<Vec
     }
     let ledger = Ledger::load(lake).await?;
     let ctx = transform::session(threads, config.engine.budget().limit / 2);
-    let registered = catalog::register_all(&ctx, lake).await?;
+    let registered = catalog::register_all(&ctx, lake, None).await?;
     for agg in &config.aggregates {
         let path = config.resolve(&agg.query);
         let sql = transform::load_query(&path)?;

@@ -5,6 +5,8 @@ mod bad_input;
 mod cli;
 mod concurrency;
 mod crash;
+#[cfg(feature = "delta")]
+mod delta;
 mod formats;
 #[cfg(feature = "lambda")]
 mod lambda;

@@ -1,0 +1,418 @@
+//! Delta Lake tables (`format = "delta"`): the example pipeline's rows in Delta tables, read
+//! back by sluice and by a reader nobody here wrote (the `deltalake` Python package), exactly
+//! once across crashes, with symlink manifests, time travel, compaction and vacuum.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+fn delta_project() -> Project {
+    let p = Project::with_fixtures();
+    let text = std::fs::read_to_string(p.config()).unwrap();
+    std::fs::write(
+        p.config(),
+        text.replace(
+            "query = \"queries/app_logs.sql\"",
+            "query = \"queries/app_logs.sql\"\nformat = \"delta\"",
+        )
+        .replace(
+            "query = \"queries/support_tickets.sql\"",
+            "query = \"queries/support_tickets.sql\"\nformat = \"delta\"",
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// The Python interpreter of a venv with `deltalake` and `pyarrow` (`.ci/run` makes it).
+fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("SLUICE_PYDELTA") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let p = PathBuf::from(home).join(".cache/sluice-pydelta/bin/python");
+    assert!(
+        p.exists(),
+        "{} not found: `bash .ci/run` installs the deltalake Python package (or set SLUICE_PYDELTA)",
+        p.display()
+    );
+    p
+}
+
+/// What the `deltalake` Python package reads from a table: version, rows, and the values of
+/// one column for one key.
+fn python_read(table: &std::path::Path, key_col: &str, key: &str, col: &str) -> Value {
+    let script = format!(
+        "import json, sys\n\
+         from deltalake import DeltaTable\n\
+         dt = DeltaTable(sys.argv[1])\n\
+         t = dt.to_pyarrow_table()\n\
+         keys = t.column('{key_col}').to_pylist()\n\
+         vals = t.column('{col}').to_pylist()\n\
+         txns = [a for a in dt.transaction_versions().items()] if hasattr(dt, 'transaction_versions') else []\n\
+         print(json.dumps({{'version': dt.version(), 'rows': t.num_rows, \
+           'values': [str(v) for k, v in zip(keys, vals) if str(k) == '{key}'], \
+           'partitions': dt.metadata().partition_columns, 'files': len(dt.file_uris()), \
+           'txns': [[k, str(v)] for k, v in txns]}}))\n\
+         sys.stdout.flush()\n\
+         import os\n\
+         os._exit(0)  # delta-rs' runtime threads can abort a normal interpreter exit\n"
+    );
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .arg(table)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "python: {}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn count(p: &Project, sql: &str, as_of: Option<u64>) -> Vec<Value> {
+    let mut args = vec!["query", sql, "--format", "json"];
+    let v;
+    if let Some(version) = as_of {
+        v = version.to_string();
+        args.extend(["--as-of", v.as_str()]);
+    }
+    let out = p.sluice(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn n(p: &Project, table: &str) -> u64 {
+    count(p, &format!("SELECT count(*) AS n FROM {table}"), None)[0]["n"]
+        .as_u64()
+        .unwrap()
+}
+
+/// The manifest lines of every partition of a table, by partition folder.
+fn manifests(p: &Project, table: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    let root = p
+        .lake()
+        .join("processed")
+        .join(table)
+        .join("_symlink_format_manifest");
+    let mut out = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(&root).unwrap() {
+        let e = e.unwrap();
+        let lines = std::fs::read_to_string(e.path().join("manifest")).unwrap();
+        let mut lines: Vec<String> = lines.lines().map(str::to_string).collect();
+        lines.sort();
+        out.insert(e.file_name().to_string_lossy().into_owned(), lines);
+    }
+    out
+}
+
+#[test]
+fn delta_tables_hold_the_example_rows_and_python_reads_them() {
+    let p = delta_project();
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report}");
+    // The same rows as with Parquet tables, read by sluice.
+    assert_eq!(n(&p, "app_logs"), APP_LOGS_ROWS as u64);
+    assert_eq!(n(&p, "support_tickets"), TICKETS_ROWS as u64);
+    assert_eq!(n(&p, "app_logs_rejected"), APP_LOGS_REJECTED as u64);
+    assert_eq!(n(&p, "support_tickets_rejected"), TICKETS_REJECTED as u64);
+    assert!(
+        p.lake()
+            .join("processed/app_logs/_delta_log/00000000000000000001.json")
+            .exists()
+    );
+    // ... and by delta-rs' Python package.
+    let tickets = p.lake().join("processed/support_tickets");
+    let first = count(
+        &p,
+        "SELECT ticket_id, CAST(created_ts AS VARCHAR) AS c FROM support_tickets ORDER BY ticket_id LIMIT 1",
+        None,
+    );
+    let (id, created) = (
+        first[0]["ticket_id"].as_str().unwrap().to_string(),
+        first[0]["c"].as_str().unwrap().replace('T', " "),
+    );
+    let py = python_read(&tickets, "ticket_id", &id, "status");
+    assert_eq!(py["rows"], TICKETS_ROWS);
+    assert_eq!(py["partitions"], serde_json::json!(["event_date"]));
+    let v1 = py["version"].as_u64().unwrap();
+    // Every partition has a manifest listing its files.
+    let m = manifests(&p, "support_tickets");
+    assert_eq!(
+        m.values().map(Vec::len).sum::<usize>(),
+        py["files"].as_u64().unwrap() as usize
+    );
+    for lines in m.values() {
+        for l in lines {
+            assert!(l.starts_with("file:///") && l.ends_with(".parquet"), "{l}");
+            assert!(
+                std::path::Path::new(l.strip_prefix("file://").unwrap()).exists(),
+                "{l}"
+            );
+        }
+    }
+
+    // A newer version of one ticket: its partition's file is replaced in one Delta commit.
+    p.add_raw(
+        "support_tickets",
+        "2024-03-09.csv",
+        format!(
+            "ticket_id,created_at,updated_at,status,priority,customer_email,subject,body,agent\n\
+             {id},{created},2030-01-01 00:00:00,closed,high,late@example.com,again,reopened,a-1\n"
+        )
+        .as_bytes(),
+    );
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["tables"]["support_tickets"]["rows_replaced"], 1);
+    let py = python_read(&tickets, "ticket_id", &id, "status");
+    assert_eq!(py["rows"], TICKETS_ROWS, "replaced, not added");
+    assert_eq!(py["values"], serde_json::json!(["closed"]));
+    assert_eq!(py["version"].as_u64().unwrap(), v1 + 1, "one commit");
+    assert_eq!(n(&p, "support_tickets"), TICKETS_ROWS as u64);
+    // Time travel: the version before still has the old row.
+    let old = count(
+        &p,
+        &format!("SELECT status FROM support_tickets WHERE ticket_id = '{id}'"),
+        Some(v1),
+    );
+    assert_ne!(old[0]["status"], "closed");
+    let new = count(
+        &p,
+        &format!("SELECT status FROM support_tickets WHERE ticket_id = '{id}'"),
+        None,
+    );
+    assert_eq!(new[0]["status"], "closed");
+    // The manifests list only active files: the replaced one is gone from them (not from disk).
+    let after = manifests(&p, "support_tickets");
+    assert_eq!(
+        after.values().map(Vec::len).sum::<usize>(),
+        py["files"].as_u64().unwrap() as usize
+    );
+    let replaced: Vec<&String> = m
+        .values()
+        .flatten()
+        .filter(|l| !after.values().flatten().any(|a| a == *l))
+        .collect();
+    assert_eq!(replaced.len(), 1, "{replaced:?}");
+    assert!(std::path::Path::new(replaced[0].strip_prefix("file://").unwrap()).exists());
+}
+
+#[test]
+fn a_crash_around_the_delta_commit_never_writes_a_batch_twice() {
+    for step in ["committed", "published"] {
+        let p = delta_project();
+        let out = p.sluice(&["run", "--crash-at", step]);
+        assert!(!out.status.success(), "{step}: {}", text(&out));
+        let (code, report) = p.run();
+        assert_eq!(code, 0, "{step}: {report}");
+        let (code, report) = p.run();
+        assert_eq!(code, 0, "{step}: {report}");
+        assert_eq!(n(&p, "app_logs"), APP_LOGS_ROWS as u64, "{step}");
+        assert_eq!(n(&p, "support_tickets"), TICKETS_ROWS as u64, "{step}");
+        // One Delta commit for the batch: the table's version 1 (0 created it), whatever
+        // the crash.
+        let py = python_read(
+            &p.lake().join("processed/app_logs"),
+            "request_id",
+            "-",
+            "log_level",
+        );
+        assert_eq!(py["rows"], APP_LOGS_ROWS, "{step}");
+        assert_eq!(py["version"], 1, "{step}: {py}");
+        let log = std::fs::read_to_string(
+            p.lake()
+                .join("processed/app_logs/_delta_log/00000000000000000001.json"),
+        )
+        .unwrap();
+        assert!(
+            log.contains("\"txn\"") && log.contains("\"appId\":\"sluice:"),
+            "{log}"
+        );
+    }
+}
+
+fn append_project() -> Project {
+    let p = Project::single_table(
+        "events",
+        "jsonl",
+        r#"[{ name = "id", type = "int64" }, { name = "day", type = "string" }]"#,
+        "SELECT id, day, _source_file, _source_row FROM events",
+    );
+    p.edit_config(
+        "source = \"events\"",
+        "source = \"events\"\nformat = \"delta\"\npartition_by = [\"day\"]",
+    );
+    p
+}
+
+#[test]
+fn compact_merges_small_files_and_vacuum_deletes_them_only_when_told() {
+    let p = append_project();
+    for i in 0..3 {
+        p.add_raw(
+            "events",
+            &format!("e{i}.jsonl"),
+            format!(
+                "{{\"id\": {i}, \"day\": \"d1\"}}\n{{\"id\": {}, \"day\": \"d2\"}}\n",
+                i + 10
+            )
+            .as_bytes(),
+        );
+        let (code, report) = p.run();
+        assert_eq!(code, 0, "{report}");
+    }
+    let m = manifests(&p, "events_clean");
+    assert_eq!(m["day=d1"].len(), 3);
+    let out = p.sluice(&["compact", "events_clean"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let printed = text(&out);
+    assert!(
+        printed.contains("compact processed/events_clean: 2 files added, 6 files removed"),
+        "{printed}"
+    );
+    assert_eq!(n(&p, "events_clean"), 6);
+    let m = manifests(&p, "events_clean");
+    assert_eq!(m["day=d1"].len(), 1, "{m:?}");
+    assert_eq!(m["day=d2"].len(), 1, "{m:?}");
+
+    // Vacuum keeps what a recent version needs unless forced.
+    let out = p.sluice(&["vacuum", "events_clean", "--retain", "0h"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("--force"), "{}", text(&out));
+    let before = p
+        .files("processed/events_clean")
+        .iter()
+        .filter(|f| f.ends_with(".parquet"))
+        .count();
+    let out = p.sluice(&["vacuum", "events_clean", "--retain", "168h"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("0 files removed"), "{}", text(&out));
+    let out = p.sluice(&["vacuum", "events_clean", "--retain", "0h", "--force"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("vacuum processed/events_clean: 0 files added, 6 files removed"),
+        "{}",
+        text(&out)
+    );
+    let after = p
+        .files("processed/events_clean")
+        .iter()
+        .filter(|f| f.ends_with(".parquet"))
+        .count();
+    assert_eq!(before - after, 6);
+    assert_eq!(n(&p, "events_clean"), 6);
+    let py = python_read(&p.lake().join("processed/events_clean"), "id", "1", "day");
+    assert_eq!(py["rows"], 6);
+}
+
+#[test]
+fn two_concurrent_writers_both_land_in_one_delta_table() {
+    let p = append_project();
+    for i in 0..8 {
+        p.add_raw(
+            "events",
+            &format!("e{i}.jsonl"),
+            format!("{{\"id\": {i}, \"day\": \"d{}\"}}\n", i % 3).as_bytes(),
+        );
+    }
+    let spawn = || {
+        p.cmd(&["run", "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success(), "{}", text(&a));
+    assert!(b.status.success(), "{}", text(&b));
+    assert_eq!(n(&p, "events_clean"), 8);
+    let py = python_read(&p.lake().join("processed/events_clean"), "id", "3", "day");
+    assert_eq!(py["rows"], 8);
+    assert_eq!(py["values"], serde_json::json!(["d0"]));
+}
+
+#[test]
+fn delta_on_s3_commits_conditionally_and_glue_reads_it_through_symlink_manifests() {
+    use crate::aws::{Moto, run_json, s3_project, sluice};
+    let moto = Moto::start();
+    let p = s3_project(&moto, "lake", "kind = \"glue\"\ndatabase = \"analytics\"");
+    p.edit_config(
+        "query = \"queries/support_tickets.sql\"",
+        "query = \"queries/support_tickets.sql\"\nformat = \"delta\"",
+    );
+    let (code, report) = run_json(&moto, &p, &[]);
+    assert_eq!(code, 0, "{report}");
+    let logs = moto.keys("lake", "data/processed/support_tickets/_delta_log");
+    assert!(
+        logs.iter()
+            .any(|k| k.ends_with("00000000000000000001.json")),
+        "{logs:?}"
+    );
+    let (_, out, err) = sluice(
+        &moto,
+        &p,
+        &[
+            "query",
+            "SELECT count(*) AS n FROM support_tickets",
+            "--format",
+            "csv",
+        ],
+    );
+    assert!(out.contains(&format!("\n{TICKETS_ROWS}")), "{out}{err}");
+
+    // Glue: the Delta table over its manifests, as Spectrum and Athena read it.
+    let t = moto
+        .glue_table("analytics", "support_tickets")
+        .expect("support_tickets in Glue");
+    let sd = t.storage_descriptor().unwrap();
+    assert_eq!(
+        sd.input_format(),
+        Some("org.apache.hadoop.hive.ql.io.SymlinkTextInputFormat")
+    );
+    assert_eq!(
+        sd.location(),
+        Some("s3://lake/data/processed/support_tickets/_symlink_format_manifest/")
+    );
+    let manifests = moto.keys(
+        "lake",
+        "data/processed/support_tickets/_symlink_format_manifest",
+    );
+    let partitions = moto.partitions("analytics", "support_tickets");
+    assert_eq!(manifests.len(), partitions.len());
+    assert!(!manifests.is_empty());
+    let store = moto.s3("lake");
+    for key in &manifests {
+        let body = moto.block_on(async {
+            object_store::ObjectStoreExt::get(
+                &*store,
+                &object_store::path::Path::from(key.as_str()),
+            )
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+        });
+        for line in String::from_utf8_lossy(&body).lines() {
+            assert!(
+                line.starts_with("s3://lake/data/processed/support_tickets/event_date="),
+                "{line}"
+            );
+            let data_key = line.strip_prefix("s3://lake/").unwrap();
+            let dir = data_key.rsplit_once('/').unwrap().0;
+            assert!(
+                moto.keys("lake", dir).contains(&data_key.to_string()),
+                "{line}"
+            );
+        }
+    }
+    // A plain Parquet table beside it keeps the Parquet input format.
+    let logs = moto.glue_table("analytics", "app_logs").unwrap();
+    assert_eq!(
+        logs.storage_descriptor().unwrap().input_format(),
+        Some("org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat")
+    );
+}
