@@ -62,16 +62,7 @@ where
                 _ => err.to_string(),
             }
         }
-        other => {
-            let mut text = other.to_string();
-            let mut source = std::error::Error::source(other);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            text
-        }
+        other => crate::error::chain(other),
     }
 }
 

@@ -115,6 +115,18 @@ impl TableMeta {
         to_schema(&self.rejected_columns)
     }
 
+    /// The rejected table's columns with its partition column (`ingest_date`) last.
+    pub fn rejected_table_schema(&self) -> Result<SchemaRef> {
+        let mut fields: Vec<Field> = self
+            .rejected_schema()?
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new(REJECTED_PARTITION, DataType::Date32, true));
+        Ok(Arc::new(Schema::new(fields)))
+    }
+
     /// The Arrow schema of the processed table's files (without partition columns).
     pub fn file_schema(&self) -> Result<SchemaRef> {
         to_schema(&self.columns)
@@ -276,13 +288,6 @@ async fn register_delta(
     meta: &TableMeta,
     as_of: Option<u64>,
 ) -> Result<()> {
-    let mut rejected: Vec<Field> = meta
-        .rejected_schema()?
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    rejected.push(Field::new(REJECTED_PARTITION, DataType::Date32, true));
     for (name, prefix, version, schema) in [
         (
             meta.name.clone(),
@@ -294,7 +299,7 @@ async fn register_delta(
             format!("{}_rejected", meta.name),
             lake::rejected_prefix(&meta.name),
             None,
-            Arc::new(Schema::new(rejected)),
+            meta.rejected_table_schema()?,
         ),
     ] {
         // A table with no commit yet reads as empty.

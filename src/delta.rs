@@ -151,10 +151,7 @@ pub async fn active_files(lake: &Lake, prefix: &str) -> Result<Vec<TableFile>> {
     let mut out = Vec::new();
     for f in snapshot.log_data().iter() {
         let rel = f.path().to_string();
-        let dir = rel
-            .rsplit_once('/')
-            .map(|(d, _)| d.to_string())
-            .unwrap_or_default();
+        let dir = lake::parent_dir(&rel).to_string();
         out.push(TableFile {
             key: format!("{prefix}/{rel}"),
             dir,
@@ -210,7 +207,7 @@ async fn commit_files(
     let now = Utc::now().timestamp_millis();
     for key in added {
         let rel = lake::relative(key, prefix).to_string();
-        let dir = rel.rsplit_once('/').map(|(d, _)| d).unwrap_or_default();
+        let dir = lake::parent_dir(&rel);
         let size = lake
             .head(key)
             .await?
@@ -227,7 +224,7 @@ async fn commit_files(
     }
     for key in removed {
         let rel = lake::relative(key, prefix).to_string();
-        let dir = rel.rsplit_once('/').map(|(d, _)| d).unwrap_or_default();
+        let dir = lake::parent_dir(&rel);
         actions.push(Action::Remove(Remove {
             partition_values: Some(partition_values(dir)),
             path: rel,
@@ -260,23 +257,8 @@ pub async fn publish(lake: &Lake, change: &TableChange, txn: &DeltaTxn) -> Resul
         .ok_or_else(|| fail(&change.table, "the table is not in the lake's catalog"))?;
     let processed = lake::processed_prefix(&change.table);
     let rejected = lake::rejected_prefix(&change.table);
-    let under = |prefix: &str| {
-        let p = format!("{prefix}/");
-        move |k: &&String| k.starts_with(&p)
-    };
-    let added: Vec<String> = change
-        .added
-        .iter()
-        .map(|m| &m.to)
-        .filter(under(&processed))
-        .cloned()
-        .collect();
-    let removed: Vec<String> = change
-        .removed
-        .iter()
-        .filter(under(&processed))
-        .cloned()
-        .collect();
+    let added = under(change.added.iter().map(|m| &m.to), &processed);
+    let removed = under(change.removed.iter(), &processed);
     let partitions: Vec<String> = meta
         .partition_columns
         .iter()
@@ -292,30 +274,12 @@ pub async fn publish(lake: &Lake, change: &TableChange, txn: &DeltaTxn) -> Resul
         txn,
     )
     .await?;
-    let rejected_added: Vec<String> = change
-        .added
-        .iter()
-        .map(|m| &m.to)
-        .filter(under(&rejected))
-        .cloned()
-        .collect();
+    let rejected_added = under(change.added.iter().map(|m| &m.to), &rejected);
     if !rejected_added.is_empty() {
-        let mut fields: Vec<_> = meta
-            .rejected_schema()?
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
-        fields.push(datafusion::arrow::datatypes::Field::new(
-            REJECTED_PARTITION,
-            datafusion::arrow::datatypes::DataType::Date32,
-            true,
-        ));
-        let schema = datafusion::arrow::datatypes::Schema::new(fields);
         commit_files(
             lake,
             &rejected,
-            &schema,
+            meta.rejected_table_schema()?.as_ref(),
             &[REJECTED_PARTITION.to_string()],
             &rejected_added,
             &[],
@@ -328,15 +292,16 @@ pub async fn publish(lake: &Lake, change: &TableChange, txn: &DeltaTxn) -> Resul
     write_manifests(lake, &processed, &dirs_of(&touched, &processed)).await
 }
 
+/// The keys under a table's prefix.
+fn under<'a>(keys: impl Iterator<Item = &'a String>, prefix: &str) -> Vec<String> {
+    let p = format!("{prefix}/");
+    keys.filter(|k| k.starts_with(&p)).cloned().collect()
+}
+
 /// The partition folders of these keys, relative to the table's prefix.
 fn dirs_of(keys: &[String], prefix: &str) -> BTreeSet<String> {
     keys.iter()
-        .map(|k| {
-            let rel = lake::relative(k, prefix);
-            rel.rsplit_once('/')
-                .map(|(d, _)| d.to_string())
-                .unwrap_or_default()
-        })
+        .map(|k| lake::parent_dir(lake::relative(k, prefix)).to_string())
         .collect()
 }
 

@@ -108,5 +108,17 @@ impl Error {
     }
 }
 
+/// An error and its sources as one line: `outer: cause: root cause`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -399,7 +399,7 @@ impl Glue {
             for m in &change.added {
                 for shape in [&processed, &rejected] {
                     if let Some(rel) = m.to.strip_prefix(&format!("{}/", shape.prefix)) {
-                        let dir = rel.rsplit_once('/').map(|(d, _)| d).unwrap_or_default();
+                        let dir = lake::parent_dir(rel);
                         dirs.entry(shape.name.as_str())
                             .or_default()
                             .insert(dir.to_string());

@@ -441,6 +441,12 @@ pub fn relative<'a>(key: &'a str, prefix: &str) -> &'a str {
         .unwrap_or(key)
 }
 
+/// The folder part of a relative key (`a=1/b=2/part.parquet` -> `a=1/b=2`; `f.parquet` -> ``):
+/// a file's partition folder.
+pub fn parent_dir(rel: &str) -> &str {
+    rel.rsplit_once('/').map(|(d, _)| d).unwrap_or_default()
+}
+
 /// An object path from a key: keys are kept in their encoded form (as listed), so they are
 /// parsed, not encoded again.
 pub fn path(key: &str) -> Path {

@@ -231,10 +231,7 @@ pub async fn table_files(lake: &Lake, prefix: &str) -> Result<Vec<TableFile>> {
         if rel.split('/').any(|seg| seg.starts_with(['_', '.'])) {
             continue;
         }
-        let dir = rel
-            .rsplit_once('/')
-            .map(|(d, _)| d.to_string())
-            .unwrap_or_default();
+        let dir = lake::parent_dir(rel).to_string();
         out.push(TableFile { key, dir });
     }
     Ok(out)

@@ -301,8 +301,7 @@ async fn new_unit(
             let entry = files.entry(t.table.clone()).or_default();
             for m in &t.added {
                 if m.to.starts_with(&format!("{prefix}/")) && m.to.ends_with(".parquet") {
-                    let rel = lake::relative(&m.to, &prefix);
-                    let dir = rel.rsplit_once('/').map(|(d, _)| d).unwrap_or_default();
+                    let dir = lake::parent_dir(lake::relative(&m.to, &prefix));
                     entry.insert(m.to.clone(), dir.to_string());
                 }
             }

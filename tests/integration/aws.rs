@@ -156,6 +156,27 @@ impl Moto {
         keys
     }
 
+    /// An object's bytes.
+    pub fn get(&self, bucket: &str, key: &str) -> Vec<u8> {
+        let store = self.s3(bucket);
+        self.block_on(async {
+            let got = store.get(&ObjPath::parse(key).unwrap()).await.unwrap();
+            got.bytes().await.unwrap().to_vec()
+        })
+    }
+
+    /// An object's size.
+    pub fn size(&self, bucket: &str, key: &str) -> u64 {
+        let store = self.s3(bucket);
+        self.block_on(async {
+            store
+                .head(&ObjPath::parse(key).unwrap())
+                .await
+                .unwrap()
+                .size
+        })
+    }
+
     pub fn put(&self, bucket: &str, key: &str, data: Vec<u8>) {
         let store = self.s3(bucket);
         self.block_on(async {

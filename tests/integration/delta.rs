@@ -383,19 +383,8 @@ fn delta_on_s3_commits_conditionally_and_glue_reads_it_through_symlink_manifests
     let partitions = moto.partitions("analytics", "support_tickets");
     assert_eq!(manifests.len(), partitions.len());
     assert!(!manifests.is_empty());
-    let store = moto.s3("lake");
     for key in &manifests {
-        let body = moto.block_on(async {
-            object_store::ObjectStoreExt::get(
-                &*store,
-                &object_store::path::Path::from(key.as_str()),
-            )
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap()
-        });
+        let body = moto.get("lake", key);
         for line in String::from_utf8_lossy(&body).lines() {
             assert!(
                 line.starts_with("s3://lake/data/processed/support_tickets/event_date="),

@@ -241,15 +241,7 @@ fn today() -> String {
 fn manifest(moto: &Moto, sql: &str) -> (String, Value) {
     let url = sql.split('\'').nth(1).unwrap().to_string();
     let key = url.strip_prefix("s3://lake/").unwrap().to_string();
-    let data = moto.block_on(async {
-        let store = moto.s3("lake");
-        object_store::ObjectStoreExt::get(&*store, &object_store::path::Path::from(key.as_str()))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap()
-    });
+    let data = moto.get("lake", &key);
     (key, serde_json::from_slice(&data).unwrap())
 }
 
@@ -289,20 +281,11 @@ fn redshift_copies_each_commits_files_by_manifest_and_calls_the_procedure() {
             })
             .collect();
         listed.sort();
-        let store = moto.s3("lake");
         let expected: Vec<(String, u64)> = moto
             .keys("lake", &format!("data/processed/{table}"))
             .into_iter()
             .map(|k| {
-                let size = moto.block_on(async {
-                    object_store::ObjectStoreExt::head(
-                        &*store,
-                        &object_store::path::Path::from(k.as_str()),
-                    )
-                    .await
-                    .unwrap()
-                    .size
-                });
+                let size = moto.size("lake", &k);
                 (format!("s3://lake/{k}"), size)
             })
             .collect();
