@@ -1,6 +1,7 @@
 //! Table maintenance for Delta tables: `sluice compact` (OPTIMIZE: small files merged) and
 //! `sluice vacuum` (files no version within the retention needs, deleted). Both hold the commit
-//! lock, so they never run beside a commit, and are reported like runs.
+//! lock, so they never run beside a commit, and are reported like runs. A table whose commits an
+//! external warehouse has not copied yet is not compacted: its load lists the files they added.
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,7 @@ use crate::lake::{self, Lake, STATE};
 use crate::ledger::COMMIT_LOCK;
 use crate::lock::{self, Holder};
 use crate::report::{self, MaintenanceReport, RunReport};
+use crate::warehouse::remote;
 
 #[cfg(feature = "delta")]
 use crate::delta;
@@ -107,6 +109,23 @@ pub async fn compact(
                 lake::processed_prefix(&meta.name),
                 lake::rejected_prefix(&meta.name),
             ] {
+                if prefix == lake::processed_prefix(&meta.name) {
+                    match remote::unloaded_commits(config, lake, &meta.name).await {
+                        Ok(waiting) if waiting.is_empty() => {}
+                        Ok(waiting) => {
+                            report.errors.push(format!(
+                                "compact {prefix}: not compacted: the warehouse has not loaded {} commit(s) of this table yet ({}); compacting would replace the files its load copies. Run `sluice run` until the warehouse has them, then compact",
+                                waiting.len(),
+                                waiting.join(", ")
+                            ));
+                            continue;
+                        }
+                        Err(e) => {
+                            report.errors.push(format!("compact {prefix}: {e}"));
+                            continue;
+                        }
+                    }
+                }
                 let t = Instant::now();
                 match delta::compact(lake, &prefix, target_size).await {
                     Ok(Some((added, removed, version))) => {

@@ -672,6 +672,34 @@ pub async fn status(
     }))
 }
 
+/// Commits that changed `table` and that the warehouse has not loaded yet (a unit in flight
+/// included), when its load copies the files commits added (`load = "copy"`). Compacting the
+/// table before they are loaded would replace the files the load is to copy, and their rows would
+/// never reach the warehouse.
+pub async fn unloaded_commits(config: &Config, lake: &Lake, table: &str) -> Result<Vec<String>> {
+    let w = &config.warehouse;
+    if w.kind == WarehouseKind::Embedded
+        || w.load.as_deref() != Some("copy")
+        || !load_tables(config).iter().any(|t| t == table)
+    {
+        return Ok(Vec::new());
+    }
+    let state: LoadState = lake.get_json(&state_key(w.kind)).await?.unwrap_or_default();
+    let ledger = Ledger::load(lake).await?;
+    Ok(ledger
+        .commits
+        .iter()
+        .filter(|c| !state.done.contains(*c))
+        .filter(|c| {
+            ledger
+                .changed_tables
+                .get(*c)
+                .is_some_and(|t| t.iter().any(|t| t == table))
+        })
+        .cloned()
+        .collect())
+}
+
 /// `sluice warehouse deploy`: runs every `.sql` file of the deploy folder in name order, with
 /// `:name` parameters inlined as literals (DDL takes no bind parameters). Returns the files run.
 pub async fn deploy(config: &Config) -> Result<Vec<(String, usize)>> {

@@ -658,3 +658,90 @@ fn tls_is_used_when_asked_and_the_server_certificate_is_verified() {
         lake_count(&p, "support_tickets")
     );
 }
+
+/// Compacting a Delta table replaces its files; while the warehouse has not copied a commit's
+/// files yet, the table is not compacted, so no row misses the warehouse. Once the load caught
+/// up, compaction goes ahead.
+#[cfg(feature = "delta")]
+#[test]
+fn compact_waits_until_the_warehouse_copied_a_delta_tables_files() {
+    let pg = Pg::start();
+    let p = pg_project(&pg, "[]");
+    p.edit_config(
+        "query = \"queries/support_tickets.sql\"",
+        "query = \"queries/support_tickets.sql\"\nformat = \"delta\"",
+    );
+    deploy(&p);
+    // The warehouse is away for two runs: the lake commits, the loads wait.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let away = format!("postgres://sluice@127.0.0.1:{port}/postgres");
+    p.edit_config(&pg.url(), &away);
+    let (code, _, out) = run(&p, &[]);
+    assert_eq!(code, 1, "{out}");
+    let day = lake_rows(
+        &p,
+        "SELECT CAST(created_ts AS VARCHAR) AS c FROM support_tickets ORDER BY ticket_id LIMIT 1",
+    )[0]["c"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    p.add_raw(
+        "support_tickets",
+        "2024-03-05.csv",
+        format!(
+            "ticket_id,created_at,updated_at,status,priority,customer_email,subject,body,agent\n\
+             T-NEW-2,{day},{day},open,low,new@example.com,hello,first,a-2\n"
+        )
+        .as_bytes(),
+    );
+    let (code, _, out) = run(&p, &[]);
+    assert_eq!(code, 1, "{out}");
+    let parquet = |p: &Project| {
+        p.files("processed/support_tickets")
+            .into_iter()
+            .filter(|f| f.ends_with(".parquet"))
+            .collect::<Vec<_>>()
+    };
+    let before = parquet(&p);
+
+    let out = sluice(&p, &["compact", "support_tickets"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("the warehouse has not loaded 2 commit(s) of this table yet"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(parquet(&p), before, "nothing was compacted");
+
+    // The warehouse is back: the next run copies both commits' files (the unit the first run
+    // started, then the second commit's), then compaction runs.
+    p.edit_config(&away, &pg.url());
+    let (code, report, out) = run(&p, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        statements(&report),
+        [
+            ("load app_logs".to_string(), "finished".to_string()),
+            ("load support_tickets".into(), "finished".into()),
+            ("load support_tickets".into(), "finished".into()),
+        ]
+    );
+    let rows = lake_count(&p, "support_tickets");
+    assert_eq!(pg.count("analytics.support_tickets_staging"), rows);
+    let out = sluice(&p, &["compact", "support_tickets"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("compact processed/support_tickets: 1 files added, 2 files removed"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(lake_count(&p, "support_tickets"), rows);
+    let (code, report, out) = run(&p, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(statements(&report).is_empty(), "{report}");
+    assert_eq!(pg.count("analytics.support_tickets_staging"), rows);
+}
