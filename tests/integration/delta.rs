@@ -197,6 +197,28 @@ fn delta_tables_hold_the_example_rows_and_python_reads_them() {
         .collect();
     assert_eq!(replaced.len(), 1, "{replaced:?}");
     assert!(std::path::Path::new(replaced[0].strip_prefix("file://").unwrap()).exists());
+
+    // An older version of the same ticket arriving later loses: no file is rewritten, the
+    // newer row stays, and the older one is counted as a duplicate.
+    p.add_raw(
+        "support_tickets",
+        "2024-03-10.csv",
+        format!(
+            "ticket_id,created_at,updated_at,status,priority,customer_email,subject,body,agent\n\
+             {id},{created},2001-01-01 00:00:00,open,low,old@example.com,stale,old,a-1\n"
+        )
+        .as_bytes(),
+    );
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report}");
+    let t = &report["tables"]["support_tickets"];
+    assert_eq!(t["rows_replaced"], 0, "{report}");
+    assert_eq!(t["rows_duplicate"], 1, "{report}");
+    assert_eq!(t["rows_written"], 0, "{report}");
+    let py = python_read(&tickets, "ticket_id", &id, "status");
+    assert_eq!(py["rows"], TICKETS_ROWS);
+    assert_eq!(py["values"], serde_json::json!(["closed"]));
+    assert_eq!(manifests(&p, "support_tickets"), after, "no file changed");
 }
 
 #[test]
