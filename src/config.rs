@@ -524,8 +524,10 @@ impl Budget {
         Budget {
             limit,
             chunk_bytes: (limit / 128).clamp(1 << 20, 8 << 20),
-            buffer_bytes: limit / 64,
-            max_writers: (limit / (256 << 20)).clamp(2, 16),
+            // A buffer of 32 MiB at the default limit settles nearly every duplicate of the
+            // benchmark workloads before it is written (16 MiB left 5-8 files to rewrite).
+            buffer_bytes: limit / 32,
+            max_writers: (limit / (128 << 20)).clamp(2, 16),
             pool_bytes: limit / 4,
         }
     }

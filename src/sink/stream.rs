@@ -5,7 +5,7 @@
 //! Rows wait in memory for a while (a byte budget) before they are written, so a later version of
 //! a key that arrives soon after (the usual case: retries, replays, status updates) replaces the
 //! earlier one before it ever reaches a file. A row that loses after it was written is a late
-//! loser: the few files holding one are rewritten without it when the batch ends. The dedup index
+//! loser: the few files holding one are rewritten without it when the batch ends, on all threads. The dedup index
 //! keeps, per key, a 128-bit fingerprint, its order value and where its winning row is: 40 bytes
 //! in a table, whatever the key.
 
@@ -859,7 +859,7 @@ impl TableSink {
             return Err(e);
         }
         if !late.is_empty() {
-            self.drop_late(&writers, &late)?;
+            self.drop_late(&writers, &late, threads)?;
         }
         let mut out = Vec::new();
         for w in &writers {
@@ -880,7 +880,12 @@ impl TableSink {
     }
 
     /// Rewrites the files that hold rows which lost after they were written.
-    fn drop_late(&self, writers: &[Arc<Mutex<PartWriter>>], late: &[u64]) -> Result<()> {
+    fn drop_late(
+        &self,
+        writers: &[Arc<Mutex<PartWriter>>],
+        late: &[u64],
+        threads: usize,
+    ) -> Result<()> {
         let mut placed: HashMap<u32, (usize, usize, u64, BooleanBuffer)> = HashMap::new();
         for (p, w) in writers.iter().enumerate() {
             for pl in &lock(w).placed {
@@ -900,20 +905,34 @@ impl TableSink {
             rows = late.len(),
             "rewriting files with late duplicates"
         );
-        for ((p, file), mut positions) in drops {
-            positions.sort_unstable();
-            let mut w = lock(&writers[p]);
-            let (path, rows) = w.files[file].clone();
-            let kept = rewrite_without(
-                &path,
-                &positions,
-                &self.file_schema,
-                &self.props(&RecordBatch::new_empty(self.file_schema.clone()))?,
-            )?;
-            debug_assert_eq!(kept + positions.len() as u64, rows);
-            w.files[file].1 = kept;
+        let props = self.props(&RecordBatch::new_empty(self.file_schema.clone()))?;
+        // Files are rewritten on all threads, each outside its partition's lock.
+        let work = Mutex::new(drops.into_iter().collect::<Vec<_>>());
+        let errors: Mutex<Vec<Error>> = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..threads.max(1) {
+                s.spawn(|| {
+                    loop {
+                        let Some(((p, file), mut positions)) = lock(&work).pop() else {
+                            break;
+                        };
+                        positions.sort_unstable();
+                        let (path, rows) = lock(&writers[p]).files[file].clone();
+                        match rewrite_without(&path, &positions, &self.file_schema, &props) {
+                            Ok(kept) => {
+                                debug_assert_eq!(kept + positions.len() as u64, rows);
+                                lock(&writers[p]).files[file].1 = kept;
+                            }
+                            Err(e) => lock(&errors).push(e),
+                        }
+                    }
+                });
+            }
+        });
+        match lock(&errors).pop() {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
