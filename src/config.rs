@@ -527,7 +527,7 @@ impl Budget {
             // A buffer of 32 MiB at the default limit settles nearly every duplicate of the
             // benchmark workloads before it is written (16 MiB left 5-8 files to rewrite).
             buffer_bytes: limit / 32,
-            max_writers: (limit / (128 << 20)).clamp(2, 16),
+            max_writers: (limit / (256 << 20)).clamp(2, 16),
             pool_bytes: limit / 4,
         }
     }

@@ -5,9 +5,9 @@
 //! Rows wait in memory for a while (a byte budget) before they are written, so a later version of
 //! a key that arrives soon after (the usual case: retries, replays, status updates) replaces the
 //! earlier one before it ever reaches a file. A row that loses after it was written is a late
-//! loser: the few files holding one are rewritten without it when the batch ends, on all threads. The dedup index
-//! keeps, per key, a 128-bit fingerprint, its order value and where its winning row is: 40 bytes
-//! in a table, whatever the key.
+//! loser: the few files holding one are rewritten without it when the batch ends, on all
+//! threads. The dedup index keeps, per key, a 128-bit fingerprint, its order value and where its
+//! winning row is: 40 bytes in a table, whatever the key (freed before the files are finished).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -825,6 +825,12 @@ impl TableSink {
             let jobs = self.seal(&mut state, true);
             (jobs, state.writers.clone(), std::mem::take(&mut state.late))
         };
+        // Every row was offered: the index has done its work, and its memory goes to the
+        // writers and rewrites that follow.
+        for shard in &self.index {
+            *lock(shard) = DedupIndex::default();
+        }
+        self.keys_held.store(0, Ordering::Relaxed);
         // Every partition writes what it still holds and closes its file, on all threads.
         let mut sealed: HashMap<usize, Vec<Sealed>> = HashMap::new();
         for (w, segs) in jobs.write {
