@@ -89,7 +89,9 @@ pub(super) fn read_header(
 }
 
 /// Reads CSV records (no header); `first_line` is the line `data` starts at, `mapping` from
-/// [`read_header`].
+/// [`read_header`]. Records are read as text, checked for UTF-8 once each (an all-ASCII record
+/// costs one pass); only a record that is not valid UTF-8 is read again as bytes, to tell which
+/// column it is in (a column the schema does not take may hold anything).
 pub(super) fn read_records(
     ctx: &ReadContext,
     opts: &CsvOptions,
@@ -103,48 +105,78 @@ pub(super) fn read_records(
         message,
     };
     let mut reader = reader(opts, data);
-    let mut record = csv::ByteRecord::new();
+    let mut record = csv::StringRecord::new();
+    let mut bytes = csv::ByteRecord::new();
     let expected = mapping.len();
     let mut rows = RowBuilder::new(ctx, key);
     let offset = first_line - 1;
     loop {
         let start = reader.position().byte() as usize;
         let line = reader.position().line() + offset;
-        let more = match reader.read_byte_record(&mut record) {
-            Ok(more) => more,
+        let text = match reader.read_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => true,
+            Err(e) if matches!(e.kind(), csv::ErrorKind::Utf8 { .. }) => false,
             Err(e) => return Err(fail(format!("line {line}: {e}"))),
         };
-        if !more {
-            break;
-        }
-        let line = record.position().map(|p| p.line() + offset).unwrap_or(line);
         let end = reader.position().byte() as usize;
         let raw = &data[start.min(data.len())..end.min(data.len())];
-        if record.len() == 1 && record[0].is_empty() && expected > 1 {
+        let line = if text {
+            record.position().map(|p| p.line() + offset).unwrap_or(line)
+        } else {
+            // Not UTF-8: the same record again, as bytes.
+            let mut again = self::reader(opts, raw);
+            if !again
+                .read_byte_record(&mut bytes)
+                .map_err(|e| fail(format!("line {line}: {e}")))?
+            {
+                continue;
+            }
+            // Blank lines before the record were skipped by the read.
+            let blank = raw.iter().take_while(|&&b| b == b'\n' || b == b'\r');
+            line + blank.filter(|&&b| b == b'\n').count() as u64
+        };
+        let len = if text { record.len() } else { bytes.len() };
+        let first_empty = if text {
+            record.get(0).is_some_and(str::is_empty)
+        } else {
+            bytes.get(0).is_some_and(<[u8]>::is_empty)
+        };
+        if len == 1 && first_empty && expected > 1 {
             continue; // a blank line
         }
-        if record.len() != expected {
+        if len != expected {
             rows.malformed(
                 line,
-                format!("expected {expected} fields, found {}", record.len()),
+                format!("expected {expected} fields, found {len}"),
                 raw,
             );
             continue;
         }
         let mut cells: Vec<Option<Cow<'_, str>>> = vec![None; ctx.width()];
         let mut bad = None;
-        for (field, target) in record.iter().zip(mapping) {
-            let Some(i) = *target else { continue };
-            match std::str::from_utf8(field) {
-                Ok(v) if v == opts.null_value => {}
-                Ok(v) => cells[i] = Some(Cow::Borrowed(v)),
-                Err(e) => {
-                    bad = Some(format!(
-                        "invalid UTF-8 in column {} at byte {}",
-                        ctx.names[i],
-                        e.valid_up_to() + 1
-                    ));
-                    break;
+        if text {
+            for (v, target) in record.iter().zip(mapping) {
+                if let Some(i) = *target
+                    && v != opts.null_value
+                {
+                    cells[i] = Some(Cow::Borrowed(v));
+                }
+            }
+        } else {
+            for (field, target) in bytes.iter().zip(mapping) {
+                let Some(i) = *target else { continue };
+                match std::str::from_utf8(field) {
+                    Ok(v) if v == opts.null_value => {}
+                    Ok(v) => cells[i] = Some(Cow::Borrowed(v)),
+                    Err(e) => {
+                        bad = Some(format!(
+                            "invalid UTF-8 in column {} at byte {}",
+                            ctx.names[i],
+                            e.valid_up_to() + 1
+                        ));
+                        break;
+                    }
                 }
             }
         }
@@ -178,7 +210,7 @@ mod tests {
 
     #[test]
     fn quotes_newlines_and_bad_records() {
-        let data = b"body,id,extra\n\"a, \"\"b\"\"\nc\",1,x\nonly,two\n\xff,3,z\n,4,\n";
+        let data = b"body,id,extra\n\"a, \"\"b\"\"\nc\",1,x\nonly,two\n\xff,3,z\n,4,\xfe\n";
         let out = read(&ctx(), &CsvOptions::default(), "t.csv", data).unwrap();
         assert_eq!(out.good_rows(), 2);
         let b = &out.batches[0];
