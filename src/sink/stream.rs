@@ -837,33 +837,15 @@ impl TableSink {
             let part = lock(&w).part;
             sealed.entry(part).or_default().extend(segs);
         }
-        let work: Mutex<Vec<WriteJob>> = Mutex::new(
-            writers
-                .iter()
-                .enumerate()
-                .map(|(p, w)| (w.clone(), sealed.remove(&p).unwrap_or_default()))
-                .collect(),
-        );
-        let errors: Mutex<Vec<Error>> = Mutex::new(Vec::new());
-        std::thread::scope(|s| {
-            for _ in 0..threads.max(1) {
-                s.spawn(|| {
-                    loop {
-                        let Some((w, segs)) = lock(&work).pop() else {
-                            break;
-                        };
-                        let mut w = lock(&w);
-                        let done = self.write_sealed(&mut w, segs).and_then(|()| w.close());
-                        if let Err(e) = done {
-                            lock(&errors).push(e);
-                        }
-                    }
-                });
-            }
-        });
-        if let Some(e) = lock(&errors).pop() {
-            return Err(e);
-        }
+        let work: Vec<WriteJob> = writers
+            .iter()
+            .enumerate()
+            .map(|(p, w)| (w.clone(), sealed.remove(&p).unwrap_or_default()))
+            .collect();
+        on_threads(threads, work, |(w, segs)| {
+            let mut w = lock(&w);
+            self.write_sealed(&mut w, segs).and_then(|()| w.close())
+        })?;
         if !late.is_empty() {
             self.drop_late(&writers, &late, threads)?;
         }
@@ -913,32 +895,47 @@ impl TableSink {
         );
         let props = self.props(&RecordBatch::new_empty(self.file_schema.clone()))?;
         // Files are rewritten on all threads, each outside its partition's lock.
-        let work = Mutex::new(drops.into_iter().collect::<Vec<_>>());
-        let errors: Mutex<Vec<Error>> = Mutex::new(Vec::new());
-        std::thread::scope(|s| {
-            for _ in 0..threads.max(1) {
-                s.spawn(|| {
-                    loop {
-                        let Some(((p, file), mut positions)) = lock(&work).pop() else {
-                            break;
-                        };
-                        positions.sort_unstable();
-                        let (path, rows) = lock(&writers[p]).files[file].clone();
-                        match rewrite_without(&path, &positions, &self.file_schema, &props) {
-                            Ok(kept) => {
-                                debug_assert_eq!(kept + positions.len() as u64, rows);
-                                lock(&writers[p]).files[file].1 = kept;
-                            }
-                            Err(e) => lock(&errors).push(e),
-                        }
+        on_threads(
+            threads,
+            drops.into_iter().collect(),
+            |((p, file), mut positions)| {
+                positions.sort_unstable();
+                let (path, rows) = lock(&writers[p]).files[file].clone();
+                let kept = rewrite_without(&path, &positions, &self.file_schema, &props)?;
+                debug_assert_eq!(kept + positions.len() as u64, rows);
+                lock(&writers[p]).files[file].1 = kept;
+                Ok(())
+            },
+        )
+    }
+}
+
+/// Runs `job` on every item, on `threads` threads taking items from one queue; the first error
+/// any of them met, if one did.
+fn on_threads<T: Send>(
+    threads: usize,
+    items: Vec<T>,
+    job: impl Fn(T) -> Result<()> + Sync,
+) -> Result<()> {
+    let work = Mutex::new(items);
+    let errors: Mutex<Vec<Error>> = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                loop {
+                    let Some(item) = lock(&work).pop() else {
+                        break;
+                    };
+                    if let Err(e) = job(item) {
+                        lock(&errors).push(e);
                     }
-                });
-            }
-        });
-        match lock(&errors).pop() {
-            Some(e) => Err(e),
-            None => Ok(()),
+                }
+            });
         }
+    });
+    match lock(&errors).pop() {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
