@@ -139,11 +139,7 @@ fn a_truncated_gzip_fails_alone_and_moves_to_failed_after_max_attempts() {
 fn empty_and_header_only_files_succeed_with_no_rows() {
     let p = Project::empty();
     p.add_raw("app_logs", "empty.jsonl", b"");
-    p.add_raw(
-        "support_tickets",
-        "header.csv",
-        b"ticket_id,created_at,updated_at,status,priority,customer_email,subject,body,agent\n",
-    );
+    p.add_raw("support_tickets", "header.csv", TICKETS_HEADER.as_bytes());
     p.add_raw("support_tickets", "nothing.csv.gz", &gz(b""));
     let (code, report) = p.run();
     assert_eq!(code, 0, "{report:#}");

@@ -123,7 +123,7 @@ fn delta_tables_hold_the_example_rows_and_python_reads_them() {
             .exists()
     );
     // ... and by delta-rs' Python package.
-    let tickets = p.lake().join("processed/support_tickets");
+    let table_dir = p.lake().join("processed/support_tickets");
     let first = count(
         &p,
         "SELECT ticket_id, CAST(created_ts AS VARCHAR) AS c FROM support_tickets ORDER BY ticket_id LIMIT 1",
@@ -133,7 +133,7 @@ fn delta_tables_hold_the_example_rows_and_python_reads_them() {
         first[0]["ticket_id"].as_str().unwrap().to_string(),
         first[0]["c"].as_str().unwrap().replace('T', " "),
     );
-    let py = python_read(&tickets, "ticket_id", &id, "status");
+    let py = python_read(&table_dir, "ticket_id", &id, "status");
     assert_eq!(py["rows"], TICKETS_ROWS);
     assert_eq!(py["partitions"], serde_json::json!(["event_date"]));
     let v1 = py["version"].as_u64().unwrap();
@@ -157,16 +157,14 @@ fn delta_tables_hold_the_example_rows_and_python_reads_them() {
     p.add_raw(
         "support_tickets",
         "2024-03-09.csv",
-        format!(
-            "ticket_id,created_at,updated_at,status,priority,customer_email,subject,body,agent\n\
-             {id},{created},2030-01-01 00:00:00,closed,high,late@example.com,again,reopened,a-1\n"
-        )
-        .as_bytes(),
+        &tickets(&[&format!(
+            "{id},{created},2030-01-01 00:00:00,closed,high,late@example.com,again,reopened,a-1"
+        )]),
     );
     let (code, report) = p.run();
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["tables"]["support_tickets"]["rows_replaced"], 1);
-    let py = python_read(&tickets, "ticket_id", &id, "status");
+    let py = python_read(&table_dir, "ticket_id", &id, "status");
     assert_eq!(py["rows"], TICKETS_ROWS, "replaced, not added");
     assert_eq!(py["values"], serde_json::json!(["closed"]));
     assert_eq!(py["version"].as_u64().unwrap(), v1 + 1, "one commit");
@@ -203,11 +201,9 @@ fn delta_tables_hold_the_example_rows_and_python_reads_them() {
     p.add_raw(
         "support_tickets",
         "2024-03-10.csv",
-        format!(
-            "ticket_id,created_at,updated_at,status,priority,customer_email,subject,body,agent\n\
-             {id},{created},2001-01-01 00:00:00,open,low,old@example.com,stale,old,a-1\n"
-        )
-        .as_bytes(),
+        &tickets(&[&format!(
+            "{id},{created},2001-01-01 00:00:00,open,low,old@example.com,stale,old,a-1"
+        )]),
     );
     let (code, report) = p.run();
     assert_eq!(code, 0, "{report}");
@@ -215,7 +211,7 @@ fn delta_tables_hold_the_example_rows_and_python_reads_them() {
     assert_eq!(t["rows_replaced"], 0, "{report}");
     assert_eq!(t["rows_duplicate"], 1, "{report}");
     assert_eq!(t["rows_written"], 0, "{report}");
-    let py = python_read(&tickets, "ticket_id", &id, "status");
+    let py = python_read(&table_dir, "ticket_id", &id, "status");
     assert_eq!(py["rows"], TICKETS_ROWS);
     assert_eq!(py["values"], serde_json::json!(["closed"]));
     assert_eq!(manifests(&p, "support_tickets"), after, "no file changed");

@@ -136,9 +136,9 @@ fn the_same_content_under_another_name_is_a_duplicate_file() {
     );
     assert_example_tables_but_archive(&p, 7);
 
-    let fresh = b"ticket_id,created_at,updated_at,status,priority,customer_email,subject,body,agent\nTCK-77,2024-03-05 10:00:00,2024-03-05 11:00:00,open,low,a@b.c,s,b,\n";
-    p.add_raw("support_tickets", "a.csv", fresh);
-    p.add_raw("support_tickets", "b.csv", fresh);
+    let fresh = tickets(&["TCK-77,2024-03-05 10:00:00,2024-03-05 11:00:00,open,low,a@b.c,s,b,"]);
+    p.add_raw("support_tickets", "a.csv", &fresh);
+    p.add_raw("support_tickets", "b.csv", &fresh);
     let (code, report) = p.run();
     assert_eq!(code, 0);
     let files = file_counts(&report);
@@ -152,18 +152,6 @@ fn assert_example_tables_but_archive(p: &Project, archived: usize) {
     assert_eq!(p.rows("processed/support_tickets"), TICKETS_ROWS);
     assert_eq!(p.files("archive").len(), archived);
     assert!(p.files("raw").is_empty());
-}
-
-const HEADER: &str =
-    "ticket_id,created_at,updated_at,status,priority,customer_email,subject,body,agent\n";
-
-fn tickets(rows: &[&str]) -> Vec<u8> {
-    let mut s = HEADER.to_string();
-    for r in rows {
-        s.push_str(r);
-        s.push('\n');
-    }
-    s.into_bytes()
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{Project, text};
+use crate::support::{Project, text, tickets};
 
 const PASSWORD: &str = "s3cret-pw";
 
@@ -478,12 +478,12 @@ fn postgres_warehouse_loads_each_file_once_and_matches_the_embedded_aggregates()
     p.add_raw(
         "support_tickets",
         "2024-03-04.csv",
-        format!(
-            "ticket_id,created_at,updated_at,status,priority,customer_email,subject,body,agent\n\
-             {id},{created},2030-01-01 00:00:00,closed,high,late@example.com,again,reopened,a-1\n\
-             T-NEW-1,{created},{created},open,low,new@example.com,hello,first,a-2\n"
-        )
-        .as_bytes(),
+        &tickets(&[
+            &format!(
+                "{id},{created},2030-01-01 00:00:00,closed,high,late@example.com,again,reopened,a-1"
+            ),
+            &format!("T-NEW-1,{created},{created},open,low,new@example.com,hello,first,a-2"),
+        ]),
     );
     let (code, report, out) = run(&p, &[]);
     assert_eq!(code, 0, "{out}");
@@ -692,11 +692,9 @@ fn compact_waits_until_the_warehouse_copied_a_delta_tables_files() {
     p.add_raw(
         "support_tickets",
         "2024-03-05.csv",
-        format!(
-            "ticket_id,created_at,updated_at,status,priority,customer_email,subject,body,agent\n\
-             T-NEW-2,{day},{day},open,low,new@example.com,hello,first,a-2\n"
-        )
-        .as_bytes(),
+        &tickets(&[&format!(
+            "T-NEW-2,{day},{day},open,low,new@example.com,hello,first,a-2"
+        )]),
     );
     let (code, _, out) = run(&p, &[]);
     assert_eq!(code, 1, "{out}");

@@ -285,3 +285,17 @@ pub fn assert_example_tables(p: &Project) {
     assert!(p.files("_sluice/staging").is_empty());
     assert!(p.files("_sluice/pending").is_empty());
 }
+
+/// The example tickets source's CSV header.
+pub const TICKETS_HEADER: &str =
+    "ticket_id,created_at,updated_at,status,priority,customer_email,subject,body,agent\n";
+
+/// A tickets CSV file: the header, then these records.
+pub fn tickets(rows: &[&str]) -> Vec<u8> {
+    let mut s = TICKETS_HEADER.to_string();
+    for r in rows {
+        s.push_str(r);
+        s.push('\n');
+    }
+    s.into_bytes()
+}
