@@ -136,13 +136,13 @@ pub(super) fn read_records(
             let blank = raw.iter().take_while(|&&b| b == b'\n' || b == b'\r');
             line + blank.filter(|&&b| b == b'\n').count() as u64
         };
-        let len = if text { record.len() } else { bytes.len() };
-        let first_empty = if text {
-            record.get(0).is_some_and(str::is_empty)
+        let fields = if text {
+            record.as_byte_record()
         } else {
-            bytes.get(0).is_some_and(<[u8]>::is_empty)
+            &bytes
         };
-        if len == 1 && first_empty && expected > 1 {
+        let len = fields.len();
+        if len == 1 && fields[0].is_empty() && expected > 1 {
             continue; // a blank line
         }
         if len != expected {
@@ -164,7 +164,7 @@ pub(super) fn read_records(
                 }
             }
         } else {
-            for (field, target) in bytes.iter().zip(mapping) {
+            for (field, target) in fields.iter().zip(mapping) {
                 let Some(i) = *target else { continue };
                 match std::str::from_utf8(field) {
                     Ok(v) if v == opts.null_value => {}
