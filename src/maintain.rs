@@ -104,27 +104,27 @@ pub async fn compact(
 ) -> Result<RunReport> {
     let tables = delta_tables(config, lake, only).await?;
     locked(config, lake, "compact", |mut report| async move {
+        let waiting = match remote::unloaded_commits(config, lake).await {
+            Ok(w) => w,
+            Err(e) => {
+                report.errors.push(format!("compact: {e}"));
+                return report;
+            }
+        };
         for meta in &tables {
             for prefix in [
                 lake::processed_prefix(&meta.name),
                 lake::rejected_prefix(&meta.name),
             ] {
-                if prefix == lake::processed_prefix(&meta.name) {
-                    match remote::unloaded_commits(config, lake, &meta.name).await {
-                        Ok(waiting) if waiting.is_empty() => {}
-                        Ok(waiting) => {
-                            report.errors.push(format!(
-                                "compact {prefix}: not compacted: the warehouse has not loaded {} commit(s) of this table yet ({}); compacting would replace the files its load copies. Run `sluice run` until the warehouse has them, then compact",
-                                waiting.len(),
-                                waiting.join(", ")
-                            ));
-                            continue;
-                        }
-                        Err(e) => {
-                            report.errors.push(format!("compact {prefix}: {e}"));
-                            continue;
-                        }
-                    }
+                if prefix == lake::processed_prefix(&meta.name)
+                    && let Some(commits) = waiting.get(&meta.name)
+                {
+                    report.errors.push(format!(
+                        "compact {prefix}: not compacted: the warehouse has not loaded {} commit(s) of this table yet ({}); compacting would replace the files its load copies. Run `sluice run` until the warehouse has them, then compact",
+                        commits.len(),
+                        commits.join(", ")
+                    ));
+                    continue;
                 }
                 let t = Instant::now();
                 match delta::compact(lake, &prefix, target_size).await {

@@ -672,32 +672,31 @@ pub async fn status(
     }))
 }
 
-/// Commits that changed `table` and that the warehouse has not loaded yet (a unit in flight
-/// included), when its load copies the files commits added (`load = "copy"`). Compacting the
-/// table before they are loaded would replace the files the load is to copy, and their rows would
-/// never reach the warehouse.
-pub async fn unloaded_commits(config: &Config, lake: &Lake, table: &str) -> Result<Vec<String>> {
+/// The commits the warehouse has not loaded yet (a unit in flight included), by the lake tables
+/// they changed, when its load copies the files commits added (`load = "copy"`); only tables the
+/// load takes, only tables with such commits. Compacting such a table before its commits are
+/// loaded would replace the files the load is to copy, and their rows would never reach the
+/// warehouse.
+pub async fn unloaded_commits(
+    config: &Config,
+    lake: &Lake,
+) -> Result<BTreeMap<String, Vec<String>>> {
     let w = &config.warehouse;
-    if w.kind == WarehouseKind::Embedded
-        || w.load.as_deref() != Some("copy")
-        || !load_tables(config).iter().any(|t| t == table)
-    {
-        return Ok(Vec::new());
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    if w.kind == WarehouseKind::Embedded || w.load.as_deref() != Some("copy") {
+        return Ok(out);
     }
+    let tables: BTreeSet<String> = load_tables(config).into_iter().collect();
     let state: LoadState = lake.get_json(&state_key(w.kind)).await?.unwrap_or_default();
     let ledger = Ledger::load(lake).await?;
-    Ok(ledger
-        .commits
-        .iter()
-        .filter(|c| !state.done.contains(*c))
-        .filter(|c| {
-            ledger
-                .changed_tables
-                .get(*c)
-                .is_some_and(|t| t.iter().any(|t| t == table))
-        })
-        .cloned()
-        .collect())
+    for c in ledger.commits.iter().filter(|c| !state.done.contains(*c)) {
+        for t in ledger.changed_tables.get(c).into_iter().flatten() {
+            if tables.contains(t) {
+                out.entry(t.clone()).or_default().push(c.clone());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `sluice warehouse deploy`: runs every `.sql` file of the deploy folder in name order, with
