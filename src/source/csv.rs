@@ -61,7 +61,11 @@ pub(super) fn read_header(
     {
         return Ok(None);
     }
-    let end = reader.position().byte() as usize;
+    let mut end = reader.position().byte() as usize;
+    // The reader stops between the CR and the LF of a CRLF.
+    if data[..end].ends_with(b"\r") && data.get(end) == Some(&b'\n') {
+        end += 1;
+    }
     if !complete && (end >= data.len() || !data[..end].ends_with(b"\n")) {
         return Ok(None);
     }
@@ -89,10 +93,140 @@ pub(super) fn read_header(
 }
 
 /// Reads CSV records (no header); `first_line` is the line `data` starts at, `mapping` from
-/// [`read_header`]. Records are read as text, checked for UTF-8 once each (an all-ASCII record
-/// costs one pass); only a record that is not valid UTF-8 is read again as bytes, to tell which
-/// column it is in (a column the schema does not take may hold anything).
+/// [`read_header`]. A chunk whose quotes all open, close or double inside a field, and whose
+/// records are all UTF-8, is read by the SIMD reader; any other chunk (a stray quote inside a
+/// field, a lone CR, invalid UTF-8) by the tolerant one, which reads such records the way the
+/// `csv` crate does and names the column of invalid UTF-8. Both give the same rows for a chunk
+/// both can read.
 pub(super) fn read_records(
+    ctx: &ReadContext,
+    opts: &CsvOptions,
+    key: &str,
+    data: &[u8],
+    first_line: u64,
+    mapping: &[Option<usize>],
+) -> Result<ReadOutput> {
+    if plain_quoting(data, opts.delimiter as u8, opts.quote as u8)
+        && let Some(out) = read_fast(ctx, opts, key, data, first_line, mapping)
+    {
+        return out;
+    }
+    read_tolerant(ctx, opts, key, data, first_line, mapping)
+}
+
+/// Whether every quote in `data` (which starts at a record) opens a field, closes one or is
+/// doubled inside one, and every CR outside quotes ends a line: what the two readers read alike.
+fn plain_quoting(data: &[u8], delimiter: u8, quote: u8) -> bool {
+    let mut inside = false;
+    let mut marks = memchr::memchr2_iter(quote, b'\r', data);
+    while let Some(p) = marks.next() {
+        let next = data.get(p + 1).copied();
+        if data[p] == b'\r' {
+            if !inside && next != Some(b'\n') {
+                return false;
+            }
+        } else if !inside {
+            if p > 0 && data[p - 1] != b'\n' && data[p - 1] != delimiter {
+                return false;
+            }
+            inside = true;
+        } else if next == Some(quote) {
+            marks.next(); // a doubled quote
+        } else if next.is_none_or(|b| b == delimiter || b == b'\n' || b == b'\r') {
+            inside = false;
+        } else {
+            return false;
+        }
+    }
+    !inside
+}
+
+/// The SIMD reader (`simd-csv`): `None` if a record is not UTF-8, so that the tolerant reader
+/// reads the chunk and names the column.
+fn read_fast(
+    ctx: &ReadContext,
+    opts: &CsvOptions,
+    key: &str,
+    data: &[u8],
+    first_line: u64,
+    mapping: &[Option<usize>],
+) -> Option<Result<ReadOutput>> {
+    let mut reader = simd_csv::TotalReaderBuilder::new()
+        .delimiter(opts.delimiter as u8)
+        .quote(opts.quote as u8)
+        .has_headers(false)
+        .from_bytes(data);
+    let mut record = simd_csv::ByteRecord::new();
+    let mut rows = RowBuilder::new(ctx, key);
+    let (mut start, mut line) = (0, first_line);
+    while reader.read_byte_record(&mut record) {
+        let end = (reader.position() as usize).min(data.len());
+        let raw = &data[start.min(end)..end];
+        start = end;
+        // Blank lines before the record were skipped by the read.
+        let blank = raw
+            .iter()
+            .take_while(|&&b| b == b'\n' || b == b'\r')
+            .count();
+        let at = line + memchr::memchr_iter(b'\n', &raw[..blank]).count() as u64;
+        line += memchr::memchr_iter(b'\n', raw).count() as u64;
+        // One UTF-8 check for the whole record; its fields are slices of the same buffer, cut at
+        // ASCII bytes, so each is text too.
+        let text = std::str::from_utf8(record.as_slice()).ok()?;
+        if record.iter().any(|f| slice_of(text, f).is_none()) {
+            return None;
+        }
+        let fields = record.iter().map(|f| slice_of(text, f).unwrap_or_default());
+        add_record(&mut rows, ctx, opts, mapping, fields, at, &raw[blank..]);
+    }
+    Some(rows.finish().map_err(|message| Error::Read {
+        key: key.to_string(),
+        message,
+    }))
+}
+
+/// `part` (a slice of the bytes `text` was read from) as a slice of `text`.
+fn slice_of<'t>(text: &'t str, part: &[u8]) -> Option<&'t str> {
+    let at = (part.as_ptr() as usize).checked_sub(text.as_ptr() as usize)?;
+    text.get(at..at.checked_add(part.len())?)
+}
+
+/// Adds one record's text fields (in file order) as a row, or as a malformed record.
+fn add_record<'a>(
+    rows: &mut RowBuilder<'_>,
+    ctx: &ReadContext,
+    opts: &CsvOptions,
+    mapping: &[Option<usize>],
+    fields: impl Iterator<Item = &'a str>,
+    line: u64,
+    raw: &[u8],
+) {
+    let expected = mapping.len();
+    let mut cells: Vec<Option<Cow<'_, str>>> = vec![None; ctx.width()];
+    let (mut len, mut empty) = (0, true);
+    for (k, v) in fields.enumerate() {
+        (len, empty) = (k + 1, empty && v.is_empty());
+        if let Some(Some(i)) = mapping.get(k)
+            && v != opts.null_value
+        {
+            cells[*i] = Some(Cow::Borrowed(v));
+        }
+    }
+    if len == 1 && empty && expected > 1 {
+        return; // a blank line
+    }
+    if len != expected {
+        let reason = format!("expected {expected} fields, found {len}");
+        rows.malformed(line, reason, raw);
+    } else if let Err(reason) = rows.push(&cells, line) {
+        rows.malformed(line, reason, raw);
+    }
+}
+
+/// The tolerant reader (the `csv` crate): records are read as text, checked for UTF-8 once
+/// each; only a record that is not valid UTF-8 is read again as bytes, to tell which column it
+/// is in (a column the schema does not take may hold anything).
+fn read_tolerant(
     ctx: &ReadContext,
     opts: &CsvOptions,
     key: &str,
@@ -107,7 +241,6 @@ pub(super) fn read_records(
     let mut reader = reader(opts, data);
     let mut record = csv::StringRecord::new();
     let mut bytes = csv::ByteRecord::new();
-    let expected = mapping.len();
     let mut rows = RowBuilder::new(ctx, key);
     let offset = first_line - 1;
     loop {
@@ -121,71 +254,46 @@ pub(super) fn read_records(
         };
         let end = reader.position().byte() as usize;
         let raw = &data[start.min(data.len())..end.min(data.len())];
-        let line = if text {
-            record.position().map(|p| p.line() + offset).unwrap_or(line)
-        } else {
-            // Not UTF-8: the same record again, as bytes.
-            let mut again = self::reader(opts, raw);
-            if !again
-                .read_byte_record(&mut bytes)
-                .map_err(|e| fail(format!("line {line}: {e}")))?
-            {
-                continue;
-            }
-            // Blank lines before the record were skipped by the read.
-            let blank = raw.iter().take_while(|&&b| b == b'\n' || b == b'\r');
-            line + blank.filter(|&&b| b == b'\n').count() as u64
-        };
-        let fields = if text {
-            record.as_byte_record()
-        } else {
-            &bytes
-        };
-        let len = fields.len();
-        if len == 1 && fields[0].is_empty() && expected > 1 {
-            continue; // a blank line
-        }
-        if len != expected {
-            rows.malformed(
-                line,
-                format!("expected {expected} fields, found {len}"),
-                raw,
-            );
+        // Blank lines before the record were skipped by the read.
+        let blank = raw
+            .iter()
+            .take_while(|&&b| b == b'\n' || b == b'\r')
+            .count();
+        let line = line + memchr::memchr_iter(b'\n', &raw[..blank]).count() as u64;
+        let raw = &raw[blank..];
+        if text {
+            add_record(&mut rows, ctx, opts, mapping, record.iter(), line, raw);
             continue;
         }
-        let mut cells: Vec<Option<Cow<'_, str>>> = vec![None; ctx.width()];
-        let mut bad = None;
-        if text {
-            for (v, target) in record.iter().zip(mapping) {
-                if let Some(i) = *target
-                    && v != opts.null_value
-                {
-                    cells[i] = Some(Cow::Borrowed(v));
-                }
-            }
-        } else {
-            for (field, target) in fields.iter().zip(mapping) {
-                let Some(i) = *target else { continue };
-                match std::str::from_utf8(field) {
-                    Ok(v) if v == opts.null_value => {}
-                    Ok(v) => cells[i] = Some(Cow::Borrowed(v)),
-                    Err(e) => {
-                        bad = Some(format!(
-                            "invalid UTF-8 in column {} at byte {}",
-                            ctx.names[i],
-                            e.valid_up_to() + 1
-                        ));
-                        break;
-                    }
-                }
-            }
+        // Not UTF-8: the same record again, as bytes.
+        let mut again = self::reader(opts, raw);
+        if !again
+            .read_byte_record(&mut bytes)
+            .map_err(|e| fail(format!("line {line}: {e}")))?
+        {
+            continue;
         }
-        let result = match bad {
-            Some(reason) => Err(reason),
-            None => rows.push(&cells, line),
-        };
-        if let Err(reason) = result {
+        if bytes.len() != mapping.len() {
+            let reason = format!("expected {} fields, found {}", mapping.len(), bytes.len());
             rows.malformed(line, reason, raw);
+            continue;
+        }
+        let bad = bytes.iter().zip(mapping).find_map(|(field, target)| {
+            let i = (*target)?;
+            let e = std::str::from_utf8(field).err()?;
+            Some(format!(
+                "invalid UTF-8 in column {} at byte {}",
+                ctx.names[i],
+                e.valid_up_to() + 1
+            ))
+        });
+        match bad {
+            Some(reason) => rows.malformed(line, reason, raw),
+            // Invalid bytes only in columns the schema does not take.
+            None => {
+                let fields = bytes.iter().map(|f| std::str::from_utf8(f).unwrap_or(""));
+                add_record(&mut rows, ctx, opts, mapping, fields, line, raw);
+            }
         }
     }
     rows.finish().map_err(fail)
@@ -233,6 +341,126 @@ mod tests {
                 .reason
                 .contains("invalid UTF-8 in column body")
         );
+    }
+
+    /// Every row of every batch, as text (`<null>` for null), with its line; and the malformed
+    /// records as (line, reason, raw).
+    type Table = (Vec<Vec<String>>, Vec<(u64, String, String)>);
+
+    fn table(out: &ReadOutput) -> Table {
+        let mut rows = Vec::new();
+        for b in &out.batches {
+            let lines = b.column(b.num_columns() - 1).as_primitive::<Int64Type>();
+            for r in 0..b.num_rows() {
+                let mut row: Vec<String> = (0..b.num_columns() - 2)
+                    .map(|c| {
+                        let a = b.column(c).as_string::<i32>();
+                        if a.is_valid(r) {
+                            a.value(r).to_string()
+                        } else {
+                            "<null>".into()
+                        }
+                    })
+                    .collect();
+                row.push(lines.value(r).to_string());
+                rows.push(row);
+            }
+        }
+        let bad = out
+            .malformed
+            .iter()
+            .map(|m| (m.row, m.reason.clone(), m.raw.clone()))
+            .collect();
+        (rows, bad)
+    }
+
+    fn both(data: &[u8]) -> (Table, Option<Table>) {
+        let c = ctx();
+        let opts = CsvOptions {
+            null_value: "NULL".into(),
+            ..CsvOptions::default()
+        };
+        let (mapping, end) = read_header(&c, &opts, "k", data, true).unwrap().unwrap();
+        let (body, line) = (&data[end..], 2);
+        let slow = read_tolerant(&c, &opts, "k", body, line, &mapping).unwrap();
+        let fast = read_fast(&c, &opts, "k", body, line, &mapping).map(|r| table(&r.unwrap()));
+        (table(&slow), fast)
+    }
+
+    /// The SIMD reader reads what the tolerant reader reads: quoted delimiters, doubled quotes,
+    /// newlines in quotes, CRLF, blank lines, nulls, short records, a last line without newline.
+    #[test]
+    fn fast_and_tolerant_readers_agree() {
+        let data: &[u8] = b"id,body,extra\r\n1,\"a, \"\"b\"\"\r\nc\",x\r\n\r\n\n2,NULL,y\n\
+            3,\"\",\"\"\"\"\"\"\"\"\nonly,two\n\"4\",plain,z";
+        assert!(plain_quoting(&data[15..], b',', b'"'));
+        let (slow, fast) = both(data);
+        assert_eq!(Some(&slow), fast.as_ref());
+        let (rows, bad) = slow;
+        assert_eq!(
+            rows,
+            [
+                vec!["1", "a, \"b\"\r\nc", "2"],
+                vec!["2", "<null>", "6"],
+                vec!["3", "", "7"],
+                vec!["4", "plain", "9"],
+            ]
+        );
+        assert_eq!(
+            bad,
+            [(8, "expected 3 fields, found 2".into(), "only,two".into())]
+        );
+        // The benchmark's own tickets (quoted bodies, doubled quotes, newlines in quotes).
+        let schema = SourceSchema::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/support_tickets.toml"),
+        )
+        .unwrap();
+        let c = ReadContext::new(&schema);
+        let opts = CsvOptions::default();
+        let tickets = crate::generate::sample(crate::generate::Kind::Tickets, 3000, 7);
+        let (mapping, end) = read_header(&c, &opts, "t", tickets.as_bytes(), true)
+            .unwrap()
+            .unwrap();
+        let body = &tickets.as_bytes()[end..];
+        assert!(plain_quoting(body, b',', b'"'));
+        let slow = table(&read_tolerant(&c, &opts, "t", body, 2, &mapping).unwrap());
+        let fast = read_fast(&c, &opts, "t", body, 2, &mapping)
+            .unwrap()
+            .unwrap();
+        assert_eq!(slow, table(&fast));
+        assert!(slow.0.len() > 2900 && slow.0.iter().any(|r| r[7].contains('\n')));
+    }
+
+    /// Quotes inside an unquoted field and a lone CR are read by the tolerant reader, as the
+    /// `csv` crate reads them; invalid UTF-8 too, so that the error names the column.
+    #[test]
+    fn irregular_chunks_go_to_the_tolerant_reader() {
+        for (data, plain) in [
+            (&b"1,He said \"hi\" twice\n"[..], false),
+            (b"1,\"ab\"c\n", false),
+            (b"1, \"ab\"\n", false),
+            (b"1,a\r2,b\n", false),
+            (b"1,\"open\n", false),
+            (b"1,\"a\r\nb\"\r\n", true),
+            (b"\"1\",\"\"\n", true),
+        ] {
+            assert_eq!(
+                plain_quoting(data, b',', b'"'),
+                plain,
+                "{:?}",
+                String::from_utf8_lossy(data)
+            );
+        }
+        let out = read(
+            &ctx(),
+            &CsvOptions::default(),
+            "q",
+            b"id,body\n1,He said \"hi\"\n",
+        )
+        .unwrap();
+        assert_eq!(table(&out).0, [vec!["1", "He said \"hi\"", "2"]]);
+        let (_, fast) = both(b"id,body,extra\n1,\xff,x\n");
+        assert!(fast.is_none());
     }
 
     #[test]

@@ -628,6 +628,23 @@ mod tests {
         }
     }
 
+    /// CRLF line ends (the header's included) give the rows and lines of LF ones.
+    #[test]
+    fn crlf_csv_reads_like_lf() {
+        let tickets = SourceSchema::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/support_tickets.toml"),
+        )
+        .unwrap();
+        let lf = sample(Kind::Tickets, 3000, 5);
+        let crlf = lf.replace('\n', "\r\n");
+        let want = drain(&feed(Format::Csv, &tickets, lf.as_bytes(), 1 << 30));
+        for chunk in [64 << 10, 1 << 30] {
+            let got = drain(&feed(Format::Csv, &tickets, crlf.as_bytes(), chunk));
+            assert_eq!((&got.0, &got.1), (&want.0, &want.1));
+        }
+        assert!(want.0.len() > 2900 && want.0[0].1 == 2);
+    }
+
     #[test]
     fn csv_records_end_outside_quotes() {
         let data = b"a,\"x\ny\",1\nb,\"\"\"q\"\"\n\",2\nc,\"open\n";
