@@ -1,6 +1,5 @@
 //! Column builders shared by the readers: typed conversion of text cells, lineage columns.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -107,11 +106,16 @@ impl<'c> RowBuilder<'c> {
             .collect()
     }
 
-    /// Adds a row of text cells (one per schema column, `None` for null). A cell that does not
-    /// convert to its column's type makes the row malformed: the error says which and why.
-    pub fn push(&mut self, cells: &[Option<Cow<'_, str>>], row: u64) -> Result<(), String> {
-        for ((cell, ty), name) in cells.iter().zip(&self.ctx.types).zip(&self.ctx.names) {
-            if let Some(v) = cell {
+    /// Adds a row of text cells (`cell(i)`: schema column `i`, `None` for null). A cell that
+    /// does not convert to its column's type makes the row malformed: the error says which and
+    /// why.
+    pub fn push<'v>(
+        &mut self,
+        cell: impl Fn(usize) -> Option<&'v str>,
+        row: u64,
+    ) -> Result<(), String> {
+        for (i, (ty, name)) in self.ctx.types.iter().zip(&self.ctx.names).enumerate() {
+            if let Some(v) = cell(i) {
                 let ok = match ty {
                     ColumnType::String => true,
                     ColumnType::Int64 => parse_i64(v).is_some(),
@@ -127,8 +131,8 @@ impl<'c> RowBuilder<'c> {
                 }
             }
         }
-        for (cell, col) in cells.iter().zip(self.cols.iter_mut()) {
-            let v = cell.as_deref();
+        for (i, col) in self.cols.iter_mut().enumerate() {
+            let v = cell(i);
             match col {
                 ColBuilder::Str(b) => b.append_option(v),
                 ColBuilder::I64(b) => b.append_option(v.and_then(parse_i64)),

@@ -2,8 +2,6 @@
 //! quotes and newlines inside, and a malformed row for a record with the wrong number of fields
 //! or invalid UTF-8.
 
-use std::borrow::Cow;
-
 use super::ReadOutput;
 use super::columns::{ReadContext, RowBuilder};
 use crate::config::CsvOptions;
@@ -158,6 +156,7 @@ fn read_fast(
         .from_bytes(data);
     let mut record = simd_csv::ByteRecord::new();
     let mut rows = RowBuilder::new(ctx, key);
+    let layout = Layout::new(ctx, opts, mapping);
     let (mut start, mut line) = (0, first_line);
     while reader.read_byte_record(&mut record) {
         let end = (reader.position() as usize).min(data.len());
@@ -176,8 +175,8 @@ fn read_fast(
         if record.iter().any(|f| slice_of(text, f).is_none()) {
             return None;
         }
-        let fields = record.iter().map(|f| slice_of(text, f).unwrap_or_default());
-        add_record(&mut rows, ctx, opts, mapping, fields, at, &raw[blank..]);
+        let field = |j| record.get(j).and_then(|f| slice_of(text, f));
+        layout.add(&mut rows, record.len(), field, at, &raw[blank..]);
     }
     Some(rows.finish().map_err(|message| Error::Read {
         key: key.to_string(),
@@ -191,35 +190,48 @@ fn slice_of<'t>(text: &'t str, part: &[u8]) -> Option<&'t str> {
     text.get(at..at.checked_add(part.len())?)
 }
 
-/// Adds one record's text fields (in file order) as a row, or as a malformed record.
-fn add_record<'a>(
-    rows: &mut RowBuilder<'_>,
-    ctx: &ReadContext,
-    opts: &CsvOptions,
-    mapping: &[Option<usize>],
-    fields: impl Iterator<Item = &'a str>,
-    line: u64,
-    raw: &[u8],
-) {
-    let expected = mapping.len();
-    let mut cells: Vec<Option<Cow<'_, str>>> = vec![None; ctx.width()];
-    let (mut len, mut empty) = (0, true);
-    for (k, v) in fields.enumerate() {
-        (len, empty) = (k + 1, empty && v.is_empty());
-        if let Some(Some(i)) = mapping.get(k)
-            && v != opts.null_value
-        {
-            cells[*i] = Some(Cow::Borrowed(v));
+/// How a file's records map to rows: where each schema column is in a record (`None`: not in
+/// the file), how many fields a record has, and the text that means null.
+struct Layout<'o> {
+    columns: Vec<Option<usize>>,
+    expected: usize,
+    null: &'o str,
+}
+
+impl<'o> Layout<'o> {
+    fn new(ctx: &ReadContext, opts: &'o CsvOptions, mapping: &[Option<usize>]) -> Layout<'o> {
+        Layout {
+            columns: (0..ctx.width())
+                .map(|i| mapping.iter().position(|m| *m == Some(i)))
+                .collect(),
+            expected: mapping.len(),
+            null: &opts.null_value,
         }
     }
-    if len == 1 && empty && expected > 1 {
-        return; // a blank line
-    }
-    if len != expected {
-        let reason = format!("expected {expected} fields, found {len}");
-        rows.malformed(line, reason, raw);
-    } else if let Err(reason) = rows.push(&cells, line) {
-        rows.malformed(line, reason, raw);
+
+    /// Adds one record of `len` fields (`field(j)`: the file's column `j` as text) as a row, or
+    /// as a malformed record.
+    fn add<'a>(
+        &self,
+        rows: &mut RowBuilder<'_>,
+        len: usize,
+        field: impl Fn(usize) -> Option<&'a str>,
+        line: u64,
+        raw: &[u8],
+    ) {
+        let expected = self.expected;
+        if len == 1 && expected > 1 && field(0) == Some("") {
+            return; // a blank line
+        }
+        if len != expected {
+            let reason = format!("expected {expected} fields, found {len}");
+            rows.malformed(line, reason, raw);
+            return;
+        }
+        let cell = |i: usize| self.columns[i].and_then(&field).filter(|v| *v != self.null);
+        if let Err(reason) = rows.push(cell, line) {
+            rows.malformed(line, reason, raw);
+        }
     }
 }
 
@@ -242,6 +254,7 @@ fn read_tolerant(
     let mut record = csv::StringRecord::new();
     let mut bytes = csv::ByteRecord::new();
     let mut rows = RowBuilder::new(ctx, key);
+    let layout = Layout::new(ctx, opts, mapping);
     let offset = first_line - 1;
     loop {
         let start = reader.position().byte() as usize;
@@ -262,7 +275,7 @@ fn read_tolerant(
         let line = line + memchr::memchr_iter(b'\n', &raw[..blank]).count() as u64;
         let raw = &raw[blank..];
         if text {
-            add_record(&mut rows, ctx, opts, mapping, record.iter(), line, raw);
+            layout.add(&mut rows, record.len(), |j| record.get(j), line, raw);
             continue;
         }
         // Not UTF-8: the same record again, as bytes.
@@ -271,11 +284,6 @@ fn read_tolerant(
             .read_byte_record(&mut bytes)
             .map_err(|e| fail(format!("line {line}: {e}")))?
         {
-            continue;
-        }
-        if bytes.len() != mapping.len() {
-            let reason = format!("expected {} fields, found {}", mapping.len(), bytes.len());
-            rows.malformed(line, reason, raw);
             continue;
         }
         let bad = bytes.iter().zip(mapping).find_map(|(field, target)| {
@@ -288,11 +296,12 @@ fn read_tolerant(
             ))
         });
         match bad {
-            Some(reason) => rows.malformed(line, reason, raw),
-            // Invalid bytes only in columns the schema does not take.
-            None => {
-                let fields = bytes.iter().map(|f| std::str::from_utf8(f).unwrap_or(""));
-                add_record(&mut rows, ctx, opts, mapping, fields, line, raw);
+            Some(reason) if bytes.len() == layout.expected => rows.malformed(line, reason, raw),
+            // Invalid bytes only in columns the schema does not take (or a record of the wrong
+            // length, which says so).
+            _ => {
+                let field = |j| bytes.get(j).and_then(|f| std::str::from_utf8(f).ok());
+                layout.add(&mut rows, bytes.len(), field, line, raw);
             }
         }
     }

@@ -514,18 +514,19 @@ impl PartitionStream for FeedPartition {
 }
 
 /// The end of the last complete CSV record in `data` (which starts at a record): just after
-/// the last newline outside quotes.
+/// the last newline outside quotes, that is with an even number of quotes before it. Searched
+/// from the end, so that the cost is one count of the quotes, not a visit of every newline.
 fn last_record_end(data: &[u8], quote: u8) -> Option<usize> {
-    let mut inside = false;
-    let mut last = None;
-    for p in memchr::memchr2_iter(quote, b'\n', data) {
-        if data[p] == quote {
-            inside = !inside;
-        } else if !inside {
-            last = Some(p + 1);
+    let mut quotes = memchr::memchr_iter(quote, data).count();
+    let mut end = data.len();
+    while let Some(p) = memchr::memrchr(b'\n', &data[..end]) {
+        quotes -= memchr::memchr_iter(quote, &data[p..end]).count();
+        if quotes.is_multiple_of(2) {
+            return Some(p + 1);
         }
+        end = p;
     }
-    last
+    None
 }
 
 #[cfg(test)]

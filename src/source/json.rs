@@ -58,7 +58,7 @@ pub(super) fn read_lines(
         };
         match parsed {
             Ok(()) => {
-                if let Err(reason) = rows.push(&cells, this) {
+                if let Err(reason) = rows.push(|i| cells[i].as_deref(), this) {
                     rows.malformed(this, reason, line);
                 }
             }
@@ -97,7 +97,7 @@ pub(super) fn read_document(ctx: &ReadContext, key: &str, data: &[u8]) -> Result
         cells.resize(ctx.width(), None);
         match parse_object(ctx, el.get(), &mut cells) {
             Ok(()) => {
-                if let Err(reason) = rows.push(&cells, row) {
+                if let Err(reason) = rows.push(|i| cells[i].as_deref(), row) {
                     rows.malformed(row, reason, el.get().as_bytes());
                 }
             }
