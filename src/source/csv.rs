@@ -104,12 +104,13 @@ pub(super) fn read_records(
     first_line: u64,
     mapping: &[Option<usize>],
 ) -> Result<ReadOutput> {
+    let layout = Layout::new(ctx, opts, mapping);
     if plain_quoting(data, opts.delimiter as u8, opts.quote as u8)
-        && let Some(out) = read_fast(ctx, opts, key, data, first_line, mapping)
+        && let Some(out) = read_fast(ctx, &layout, key, data, first_line)
     {
         return out;
     }
-    read_tolerant(ctx, opts, key, data, first_line, mapping)
+    read_tolerant(ctx, &layout, key, data, first_line)
 }
 
 /// Whether every quote in `data` (which starts at a record) opens a field, closes one or is
@@ -143,12 +144,12 @@ fn plain_quoting(data: &[u8], delimiter: u8, quote: u8) -> bool {
 /// reads the chunk and names the column.
 fn read_fast(
     ctx: &ReadContext,
-    opts: &CsvOptions,
+    layout: &Layout<'_>,
     key: &str,
     data: &[u8],
     first_line: u64,
-    mapping: &[Option<usize>],
 ) -> Option<Result<ReadOutput>> {
+    let opts = layout.opts;
     let mut reader = simd_csv::TotalReaderBuilder::new()
         .delimiter(opts.delimiter as u8)
         .quote(opts.quote as u8)
@@ -156,7 +157,6 @@ fn read_fast(
         .from_bytes(data);
     let mut record = simd_csv::ByteRecord::new();
     let mut rows = RowBuilder::new(ctx, key);
-    let layout = Layout::new(ctx, opts, mapping);
     let (mut start, mut line) = (0, first_line);
     while reader.read_byte_record(&mut record) {
         let end = (reader.position() as usize).min(data.len());
@@ -193,19 +193,20 @@ fn slice_of<'t>(text: &'t str, part: &[u8]) -> Option<&'t str> {
 /// How a file's records map to rows: where each schema column is in a record (`None`: not in
 /// the file), how many fields a record has, and the text that means null.
 struct Layout<'o> {
+    opts: &'o CsvOptions,
     columns: Vec<Option<usize>>,
-    expected: usize,
-    null: &'o str,
+    /// File column `j` is schema column `mapping[j]`.
+    mapping: &'o [Option<usize>],
 }
 
 impl<'o> Layout<'o> {
-    fn new(ctx: &ReadContext, opts: &'o CsvOptions, mapping: &[Option<usize>]) -> Layout<'o> {
+    fn new(ctx: &ReadContext, opts: &'o CsvOptions, mapping: &'o [Option<usize>]) -> Layout<'o> {
         Layout {
+            opts,
             columns: (0..ctx.width())
                 .map(|i| mapping.iter().position(|m| *m == Some(i)))
                 .collect(),
-            expected: mapping.len(),
-            null: &opts.null_value,
+            mapping,
         }
     }
 
@@ -219,7 +220,7 @@ impl<'o> Layout<'o> {
         line: u64,
         raw: &[u8],
     ) {
-        let expected = self.expected;
+        let expected = self.mapping.len();
         if len == 1 && expected > 1 && field(0) == Some("") {
             return; // a blank line
         }
@@ -228,7 +229,11 @@ impl<'o> Layout<'o> {
             rows.malformed(line, reason, raw);
             return;
         }
-        let cell = |i: usize| self.columns[i].and_then(&field).filter(|v| *v != self.null);
+        let cell = |i: usize| {
+            self.columns[i]
+                .and_then(&field)
+                .filter(|v| *v != self.opts.null_value)
+        };
         if let Err(reason) = rows.push(cell, line) {
             rows.malformed(line, reason, raw);
         }
@@ -240,12 +245,12 @@ impl<'o> Layout<'o> {
 /// is in (a column the schema does not take may hold anything).
 fn read_tolerant(
     ctx: &ReadContext,
-    opts: &CsvOptions,
+    layout: &Layout<'_>,
     key: &str,
     data: &[u8],
     first_line: u64,
-    mapping: &[Option<usize>],
 ) -> Result<ReadOutput> {
+    let opts = layout.opts;
     let fail = |message: String| Error::Read {
         key: key.to_string(),
         message,
@@ -254,7 +259,6 @@ fn read_tolerant(
     let mut record = csv::StringRecord::new();
     let mut bytes = csv::ByteRecord::new();
     let mut rows = RowBuilder::new(ctx, key);
-    let layout = Layout::new(ctx, opts, mapping);
     let offset = first_line - 1;
     loop {
         let start = reader.position().byte() as usize;
@@ -286,17 +290,22 @@ fn read_tolerant(
         {
             continue;
         }
-        let bad = bytes.iter().zip(mapping).find_map(|(field, target)| {
-            let i = (*target)?;
-            let e = std::str::from_utf8(field).err()?;
-            Some(format!(
-                "invalid UTF-8 in column {} at byte {}",
-                ctx.names[i],
-                e.valid_up_to() + 1
-            ))
-        });
+        let bad = bytes
+            .iter()
+            .zip(layout.mapping)
+            .find_map(|(field, target)| {
+                let i = (*target)?;
+                let e = std::str::from_utf8(field).err()?;
+                Some(format!(
+                    "invalid UTF-8 in column {} at byte {}",
+                    ctx.names[i],
+                    e.valid_up_to() + 1
+                ))
+            });
         match bad {
-            Some(reason) if bytes.len() == layout.expected => rows.malformed(line, reason, raw),
+            Some(reason) if bytes.len() == layout.mapping.len() => {
+                rows.malformed(line, reason, raw)
+            }
             // Invalid bytes only in columns the schema does not take (or a record of the wrong
             // length, which says so).
             _ => {
@@ -391,8 +400,9 @@ mod tests {
         };
         let (mapping, end) = read_header(&c, &opts, "k", data, true).unwrap().unwrap();
         let (body, line) = (&data[end..], 2);
-        let slow = read_tolerant(&c, &opts, "k", body, line, &mapping).unwrap();
-        let fast = read_fast(&c, &opts, "k", body, line, &mapping).map(|r| table(&r.unwrap()));
+        let layout = Layout::new(&c, &opts, &mapping);
+        let slow = read_tolerant(&c, &layout, "k", body, line).unwrap();
+        let fast = read_fast(&c, &layout, "k", body, line).map(|r| table(&r.unwrap()));
         (table(&slow), fast)
     }
 
@@ -432,10 +442,9 @@ mod tests {
             .unwrap();
         let body = &tickets.as_bytes()[end..];
         assert!(plain_quoting(body, b',', b'"'));
-        let slow = table(&read_tolerant(&c, &opts, "t", body, 2, &mapping).unwrap());
-        let fast = read_fast(&c, &opts, "t", body, 2, &mapping)
-            .unwrap()
-            .unwrap();
+        let layout = Layout::new(&c, &opts, &mapping);
+        let slow = table(&read_tolerant(&c, &layout, "t", body, 2).unwrap());
+        let fast = read_fast(&c, &layout, "t", body, 2).unwrap().unwrap();
         assert_eq!(slow, table(&fast));
         assert!(slow.0.len() > 2900 && slow.0.iter().any(|r| r[7].contains('\n')));
     }
