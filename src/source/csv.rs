@@ -162,12 +162,7 @@ fn read_fast(
         let end = (reader.position() as usize).min(data.len());
         let raw = &data[start.min(end)..end];
         start = end;
-        // Blank lines before the record were skipped by the read.
-        let blank = raw
-            .iter()
-            .take_while(|&&b| b == b'\n' || b == b'\r')
-            .count();
-        let at = line + memchr::memchr_iter(b'\n', &raw[..blank]).count() as u64;
+        let (at, record_raw) = past_blank_lines(raw, line);
         line += memchr::memchr_iter(b'\n', raw).count() as u64;
         // One UTF-8 check for the whole record; its fields are slices of the same buffer, cut at
         // ASCII bytes, so each is text too.
@@ -176,12 +171,23 @@ fn read_fast(
             return None;
         }
         let field = |j| record.get(j).and_then(|f| slice_of(text, f));
-        layout.add(&mut rows, record.len(), field, at, &raw[blank..]);
+        layout.add(&mut rows, record.len(), field, at, record_raw);
     }
     Some(rows.finish().map_err(|message| Error::Read {
         key: key.to_string(),
         message,
     }))
+}
+
+/// A record's bytes `raw` as read, starting at `line`, without the blank lines the read skipped
+/// before it; and the line the record itself starts at.
+fn past_blank_lines(raw: &[u8], line: u64) -> (u64, &[u8]) {
+    let blank = raw
+        .iter()
+        .take_while(|&&b| b == b'\n' || b == b'\r')
+        .count();
+    let at = line + memchr::memchr_iter(b'\n', &raw[..blank]).count() as u64;
+    (at, &raw[blank..])
 }
 
 /// `part` (a slice of the bytes `text` was read from) as a slice of `text`.
@@ -271,13 +277,7 @@ fn read_tolerant(
         };
         let end = reader.position().byte() as usize;
         let raw = &data[start.min(data.len())..end.min(data.len())];
-        // Blank lines before the record were skipped by the read.
-        let blank = raw
-            .iter()
-            .take_while(|&&b| b == b'\n' || b == b'\r')
-            .count();
-        let line = line + memchr::memchr_iter(b'\n', &raw[..blank]).count() as u64;
-        let raw = &raw[blank..];
+        let (line, raw) = past_blank_lines(raw, line);
         if text {
             layout.add(&mut rows, record.len(), |j| record.get(j), line, raw);
             continue;
