@@ -72,6 +72,7 @@ fn write(p: &Prepared, schema: &Schema, valid: &[Valid]) -> usize {
         buffer_bytes: 128 << 20,
         memory_limit: 1 << 30,
         max_writers: 16,
+        compare_values: false,
     };
     let sink = TableSink::new(opts, schema, &full, 1, dir.path()).expect("sink");
     for (b, keep) in valid {

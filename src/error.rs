@@ -57,6 +57,11 @@ pub enum Error {
         message: String,
     },
 
+    /// Another run committed some of a batch's files (or their content) while the batch ran;
+    /// nothing of it was committed, and it runs again without them.
+    #[error("another run committed {keys} while this batch ran")]
+    Raced { keys: String },
+
     /// A notification could not be delivered (never undoes committed data).
     #[error("notification to {target} failed: {message}")]
     Notify { target: String, message: String },

@@ -144,10 +144,24 @@ pub async fn query(
 ) -> Result<String> {
     let ctx = transform::session(threads, crate::config::DEFAULT_MEMORY_LIMIT / 2);
     catalog::register_all(&ctx, lake, as_of).await?;
-    let df = ctx
-        .sql(sql)
-        .await
-        .map_err(|e| transform::query_error(std::path::Path::new("(command line)"), sql, e))?;
+    let df = ctx.sql(sql).await.map_err(|e| {
+        let missing = e.to_string().contains("table '") && e.to_string().contains("not found");
+        match transform::query_error(std::path::Path::new("(command line)"), sql, e) {
+            Error::Query {
+                file,
+                line,
+                message,
+            } if missing => Error::Query {
+                file,
+                line,
+                message: format!(
+                    "{message} (a table exists once a run has written rows to it, an aggregate \
+                     once its input tables have rows: see the last run's warnings)"
+                ),
+            },
+            other => other,
+        }
+    })?;
     let out_schema = df.schema().as_arrow().clone();
     let batches = df
         .collect()

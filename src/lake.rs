@@ -268,6 +268,11 @@ impl Lake {
         self.scratch.join(run_id).join(name)
     }
 
+    /// Removes a run's scratch folder (at the end of the run, whatever its outcome).
+    pub fn drop_scratch(&self, run_id: &str) {
+        let _ = std::fs::remove_dir_all(self.scratch.join(run_id));
+    }
+
     /// Removes scratch folders of runs that ended more than `age` ago (crashed runs).
     pub fn clean_scratch(&self, age: std::time::Duration) {
         let Ok(dirs) = std::fs::read_dir(&self.scratch) else {

@@ -45,6 +45,10 @@ pub struct FileRecord {
     pub duplicate_of: Option<String>,
     /// Where the raw file goes once committed.
     pub archive_to: String,
+    /// The `failed/<source>/<file>.error.json` of an earlier failure of this file (it was put
+    /// back into `raw/`), removed when the commit is published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_error: Option<String>,
 }
 
 /// A staged file and its final place.
@@ -141,8 +145,10 @@ pub fn sha256_hex(data: &[u8]) -> String {
 pub struct Ledger {
     /// Committed files by key (several versions possible).
     pub by_key: HashMap<String, Vec<FileRecord>>,
-    /// Key of the first processed file with this content.
-    pub by_sha: HashMap<String, String>,
+    /// Content known per source: (source, SHA-256) -> the key of the processed file that
+    /// brought it in. Every record adds to it (a duplicate's entry names its original), and a
+    /// commit never replaces another's ledger entry, so a content once known stays known.
+    pub by_sha: HashMap<(String, String), String>,
     /// Sizes of committed files: a new file of another size cannot repeat one's content.
     pub sizes: std::collections::HashSet<u64>,
     /// Ids of all commits, sorted.
@@ -155,26 +161,63 @@ impl Ledger {
     /// Loads every ledger entry.
     pub async fn load(lake: &Lake) -> Result<Ledger> {
         let mut ledger = Ledger::default();
+        ledger.refresh(lake).await?;
+        Ok(ledger)
+    }
+
+    /// Adds the entries committed since this ledger was loaded (by other runs); returns how
+    /// many there were.
+    pub async fn refresh(&mut self, lake: &Lake) -> Result<usize> {
+        let mut added = 0;
         for meta in lake.list(&format!("{STATE}/ledger")).await? {
             let key = meta.location.to_string();
+            let id = crate::lake::relative(&key, &format!("{STATE}/ledger"))
+                .trim_end_matches(".json")
+                .to_string();
+            if self.changed_tables.contains_key(&id) {
+                continue;
+            }
             let Some(commit) = lake.get_json::<Commit>(&key).await? else {
                 continue;
             };
-            ledger.add(&commit);
+            self.add(&commit);
+            added += 1;
         }
-        ledger.commits.sort();
-        Ok(ledger)
+        self.commits.sort();
+        Ok(added)
+    }
+
+    /// The file whose content a file of `source` with this SHA-256 repeats, if the content was
+    /// committed before.
+    pub fn known_content(&self, source: &str, sha: &str) -> Option<&String> {
+        self.by_sha.get(&(source.to_string(), sha.to_string()))
+    }
+
+    /// The keys of `records` that commits since this batch was planned made known: the same
+    /// object committed, or a processed file's content brought in by another file.
+    pub fn conflicts(&self, records: &[FileRecord]) -> Vec<String> {
+        records
+            .iter()
+            .filter(|r| {
+                self.committed(&r.key, r.size, r.last_modified).is_some()
+                    || (r.outcome == FileOutcome::Processed
+                        && self.known_content(&r.source, &r.sha256).is_some())
+            })
+            .map(|r| r.key.clone())
+            .collect()
     }
 
     /// Adds a commit to the index.
     pub fn add(&mut self, commit: &Commit) {
         for f in &commit.files {
             self.sizes.insert(f.size);
-            if f.outcome == FileOutcome::Processed {
-                self.by_sha
-                    .entry(f.sha256.clone())
-                    .or_insert_with(|| f.key.clone());
-            }
+            let original = match f.outcome {
+                FileOutcome::Processed => &f.key,
+                FileOutcome::Duplicate => f.duplicate_of.as_ref().unwrap_or(&f.key),
+            };
+            self.by_sha
+                .entry((f.source.clone(), f.sha256.clone()))
+                .or_insert_with(|| original.clone());
             self.by_key
                 .entry(f.key.clone())
                 .or_default()
@@ -198,13 +241,6 @@ impl Ledger {
             .get(key)?
             .iter()
             .find(|r| r.size == size && r.last_modified == modified)
-    }
-
-    /// Whether this key with this content was committed.
-    pub fn committed_content(&self, key: &str, sha: &str) -> bool {
-        self.by_key
-            .get(key)
-            .is_some_and(|v| v.iter().any(|r| r.sha256 == sha))
     }
 
     /// Number of committed files.
@@ -272,6 +308,9 @@ pub async fn publish(lake: &Lake, commit: &Commit) -> Result<()> {
     for f in &commit.files {
         archive(lake, f).await?;
         lake.delete(&attempts_key(&f.key)).await?;
+        if let Some(e) = &f.stale_error {
+            lake.delete(e).await?;
+        }
         lake.delete(&claim_key(&f.key)).await?;
     }
     Ok(())

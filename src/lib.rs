@@ -13,6 +13,7 @@ pub mod demo;
 pub mod error;
 pub mod events;
 pub mod fault;
+pub mod functions;
 pub mod generate;
 pub mod glue;
 pub mod inspect;

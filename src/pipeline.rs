@@ -161,6 +161,12 @@ impl<'a> Runner<'a> {
 
     /// Runs the whole pipeline once.
     pub async fn run(&self, progress: &Progress) -> Result<RunReport> {
+        let result = self.run_inner(progress).await;
+        self.lake.drop_scratch(&self.me.run_id);
+        result
+    }
+
+    async fn run_inner(&self, progress: &Progress) -> Result<RunReport> {
         let mut report = RunReport::start(&self.me.run_id);
         let prepared = prepare(self.config)?;
         let t = Instant::now();
@@ -180,15 +186,28 @@ impl<'a> Runner<'a> {
         report.time("recover", t);
         for p in &prepared {
             progress.step(format!("{}: discovering files", p.source.name));
-            if let Err(e) = self
-                .process_source(p, &mut report, progress)
-                .instrument(
-                    tracing::info_span!("table", source = %p.source.name, table = %p.table.name),
-                )
-                .await
-            {
-                tracing::error!(source = %p.source.name, error = %e, "source failed");
-                report.errors.push(format!("source {}: {e}", p.source.name));
+            // A batch another run raced (it committed some of the same files or content first)
+            // committed nothing: it runs again, and those files are duplicates now.
+            let mut tries = 0;
+            loop {
+                let done = self
+                    .process_source(p, &mut report, progress)
+                    .instrument(
+                        tracing::info_span!("table", source = %p.source.name, table = %p.table.name),
+                    )
+                    .await;
+                match done {
+                    Err(Error::Raced { keys }) if tries < MAX_RACES => {
+                        tries += 1;
+                        tracing::warn!(source = %p.source.name, keys = %keys, "another run committed some of this batch's files first; running the batch again");
+                    }
+                    Err(e) => {
+                        tracing::error!(source = %p.source.name, error = %e, "source failed");
+                        report.errors.push(format!("source {}: {e}", p.source.name));
+                        break;
+                    }
+                    Ok(()) => break,
+                }
             }
         }
         progress.step("warehouse");
@@ -199,7 +218,10 @@ impl<'a> Runner<'a> {
             .await;
         self.unlock().await?;
         match built {
-            Ok(aggs) => report.warehouse = aggs,
+            Ok((aggs, waiting)) => {
+                report.warehouse = aggs;
+                report.warnings.extend(waiting);
+            }
             Err(e) => {
                 tracing::error!(error = %e, "warehouse failed");
                 report.errors.push(format!("warehouse: {e}"));
@@ -229,7 +251,11 @@ impl<'a> Runner<'a> {
 
     /// Finds the new files of a source (all under its prefix, or the ones named by
     /// [`Runner::only`]) and claims them.
-    async fn discover(&self, source: &SourceConfig, ledger: &Ledger) -> Result<Vec<ObjectMeta>> {
+    async fn discover(
+        &self,
+        source: &SourceConfig,
+        ledger: &mut Ledger,
+    ) -> Result<Vec<ObjectMeta>> {
         let prefix = source.raw_prefix();
         let mut claimed = Vec::new();
         let found = match &self.only {
@@ -259,11 +285,37 @@ impl<'a> Runner<'a> {
                 ledger::archive(&self.lake, done).await?;
                 continue;
             }
-            if lock::try_acquire(&self.lake, &ledger::claim_key(&key), &self.me, self.ttl).await? {
-                claimed.push(meta);
-            } else {
+            if !lock::try_acquire(&self.lake, &ledger::claim_key(&key), &self.me, self.ttl).await? {
                 tracing::info!(key = %key, "claimed by another run; skipping");
+                continue;
             }
+            // Another run may have committed and archived it since the listing (and let go of
+            // its claim): then it is gone, or it is another object under the same name.
+            match self.lake.head(&key).await? {
+                Some(m) if m.size == meta.size && m.last_modified == meta.last_modified => {
+                    claimed.push(meta)
+                }
+                _ => {
+                    tracing::info!(key = %key, "changed or gone since it was listed; skipping");
+                    lock::release(&self.lake, &ledger::claim_key(&key), &self.me).await?;
+                }
+            }
+        }
+        // What other runs committed while this one listed and claimed.
+        if !claimed.is_empty() && ledger.refresh(&self.lake).await? > 0 {
+            let mut kept = Vec::with_capacity(claimed.len());
+            for meta in claimed {
+                let key = meta.location.to_string();
+                if ledger
+                    .committed(&key, meta.size, meta.last_modified)
+                    .is_some()
+                {
+                    lock::release(&self.lake, &ledger::claim_key(&key), &self.me).await?;
+                } else {
+                    kept.push(meta);
+                }
+            }
+            claimed = kept;
         }
         Ok(claimed)
     }
@@ -276,8 +328,8 @@ impl<'a> Runner<'a> {
     ) -> Result<()> {
         let source = &p.source;
         let t = Instant::now();
-        let ledger = Ledger::load(&self.lake).await?;
-        let claimed = self.discover(source, &ledger).await?;
+        let mut ledger = Ledger::load(&self.lake).await?;
+        let claimed = self.discover(source, &mut ledger).await?;
         report.time("discover", t);
         if claimed.is_empty() {
             return Ok(());
@@ -310,11 +362,9 @@ impl<'a> Runner<'a> {
                 }
             };
             let duplicate_of = ledger
-                .by_sha
-                .get(&sha)
+                .known_content(&source.name, &sha)
                 .or_else(|| run_shas.get(&sha))
-                .cloned()
-                .or_else(|| ledger.committed_content(&key, &sha).then(|| key.clone()));
+                .cloned();
             if duplicate_of.is_some() {
                 records.push(self.record(source, meta, &sha, duplicate_of).await?);
                 continue;
@@ -343,7 +393,19 @@ impl<'a> Runner<'a> {
                     break;
                 }
                 Err(Failure::File(i, e)) => failures.push((fresh.remove(i), e.to_string())),
-                Err(Failure::Batch(e)) => {
+                // A query that fails on the data of some files fails only those: the batch
+                // runs again without them.
+                Err(Failure::Query(e)) if fresh.len() > 1 => {
+                    let bad = self.culprits(p, &fresh, &scratch).await;
+                    if bad.is_empty() {
+                        let msg = e.to_string();
+                        failures.extend(fresh.drain(..).map(|m| (m, msg.clone())));
+                    }
+                    for (i, e) in bad.into_iter().rev() {
+                        failures.push((fresh.remove(i), e));
+                    }
+                }
+                Err(Failure::Query(e) | Failure::Batch(e)) => {
                     let msg = e.to_string();
                     failures.extend(fresh.drain(..).map(|m| (m, msg.clone())));
                 }
@@ -376,12 +438,25 @@ impl<'a> Runner<'a> {
             progress.step(format!("{}: committing", source.name));
             self.lock().await?;
             let result = self
-                .commit(p, &records, streamed)
+                .commit(p, &mut ledger, &records, streamed)
                 .instrument(tracing::info_span!("step", step = "commit"))
                 .await;
             let released = self.unlock().await;
             match result {
                 Ok(c) => committed = Some(c),
+                Err(e @ Error::Raced { .. }) => {
+                    let _ = std::fs::remove_dir_all(&scratch);
+                    released?;
+                    for m in &claimed {
+                        lock::release(
+                            &self.lake,
+                            &ledger::claim_key(m.location.as_ref()),
+                            &self.me,
+                        )
+                        .await?;
+                    }
+                    return Err(e);
+                }
                 Err(e) => {
                     let msg = e.to_string();
                     for r in &records {
@@ -469,6 +544,9 @@ impl<'a> Runner<'a> {
         if self.lake.exists(&archive_to).await? {
             archive_to = format!("{archive_to}.{}", &sha[..8]);
         }
+        // A file put back from failed/ leaves its old error behind: the commit removes it.
+        let error_json = failed_key(source, &key) + ".error.json";
+        let stale_error = self.lake.exists(&error_json).await?.then_some(error_json);
         Ok(FileRecord {
             source: source.name.clone(),
             key,
@@ -482,7 +560,55 @@ impl<'a> Runner<'a> {
             },
             duplicate_of,
             archive_to,
+            stale_error,
         })
+    }
+
+    /// Finds the files of a batch whose data makes the query fail, by running the query over
+    /// halves of the batch (and halves of the halves that fail). Returns their indices, sorted,
+    /// with each one's own error; empty if no smaller part fails (the files fail only together).
+    async fn culprits(
+        &self,
+        p: &Prepared,
+        files: &[ObjectMeta],
+        scratch: &std::path::Path,
+    ) -> Vec<(usize, String)> {
+        let all: Vec<usize> = (0..files.len()).collect();
+        let (a, b) = all.split_at(all.len() / 2);
+        let mut todo = vec![a.to_vec(), b.to_vec()];
+        let mut bad = Vec::new();
+        while let Some(group) = todo.pop() {
+            let metas: Vec<ObjectMeta> = group.iter().map(|&i| files[i].clone()).collect();
+            let _ = std::fs::remove_dir_all(scratch);
+            let tried = self
+                .stream(p, &metas, scratch)
+                .instrument(tracing::info_span!("step", step = "isolate"))
+                .await;
+            match tried {
+                Ok(_) => {}
+                Err(Failure::File(j, e)) => {
+                    bad.push((group[j], e.to_string()));
+                    let rest: Vec<usize> =
+                        group.iter().copied().filter(|&i| i != group[j]).collect();
+                    if !rest.is_empty() {
+                        todo.push(rest);
+                    }
+                }
+                Err(Failure::Query(e) | Failure::Batch(e)) if group.len() == 1 => {
+                    tracing::warn!(key = %files[group[0]].location, error = %e, "the query fails on this file");
+                    bad.push((group[0], e.to_string()));
+                }
+                Err(_) => {
+                    let (a, b) = group.split_at(group.len() / 2);
+                    todo.push(a.to_vec());
+                    todo.push(b.to_vec());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(scratch);
+        bad.sort_by_key(|(i, _)| *i);
+        bad.dedup_by_key(|(i, _)| *i);
+        bad
     }
 
     /// Streams `files` through the table's query into its sink: reading, the query, routing,
@@ -541,7 +667,9 @@ impl<'a> Runner<'a> {
             &router.rejected_schema,
         );
         proposed.delta = p.table.format == TableFormat::Delta;
-        let meta = match TableMeta::load(&self.lake, &p.table.name).await? {
+        let held = TableMeta::load(&self.lake, &p.table.name).await?;
+        let compare_values = held.is_some();
+        let meta = match held {
             Some(old) => old.evolve(&proposed)?,
             None => proposed.clone(),
         };
@@ -557,6 +685,7 @@ impl<'a> Runner<'a> {
             buffer_bytes: budget.buffer_bytes,
             memory_limit: budget.limit,
             max_writers: budget.max_writers,
+            compare_values,
         };
         let sink = Arc::new(TableSink::new(
             opts,
@@ -612,7 +741,7 @@ impl<'a> Runner<'a> {
             return Err(Failure::File(b.file, b.error));
         }
         if let Some(e) = first_error {
-            return Err(Failure::Batch(e));
+            return Err(Failure::Query(e));
         }
         for (i, r) in reads.iter().enumerate() {
             if let Some(b) = router.malformed(i, &r.malformed)? {
@@ -645,17 +774,22 @@ impl<'a> Runner<'a> {
     async fn commit(
         &self,
         p: &Prepared,
+        ledger: &mut Ledger,
         records: &[FileRecord],
         streamed: Option<Streamed>,
     ) -> Result<(Commit, TableReport, HashMap<String, Counts>)> {
         let table = &p.table;
-        let mut hasher_input = format!("{}\n{}\n", table.name, p.query);
-        let mut sorted: Vec<&FileRecord> = records.iter().collect();
-        sorted.sort_by(|a, b| a.key.cmp(&b.key));
-        for r in &sorted {
-            hasher_input.push_str(&format!("{} {}\n", r.key, r.sha256));
+        // What other runs committed since this batch was planned: a file of it (a claim taken
+        // over from a run that was only slow) or its content (under another name) makes the
+        // batch run again.
+        ledger.refresh(&self.lake).await?;
+        let raced = ledger.conflicts(records);
+        if !raced.is_empty() {
+            return Err(Error::Raced {
+                keys: raced.join(", "),
+            });
         }
-        let id = ledger::sha256_hex(hasher_input.as_bytes())[..24].to_string();
+        let id = self.commit_id(table, &p.query, records).await?;
         let mut change = TableChange {
             table: table.name.clone(),
             ..Default::default()
@@ -799,6 +933,29 @@ impl<'a> Runner<'a> {
         Ok((commit, table_report, counts))
     }
 
+    /// A new commit's id: a hash of the table, the query, this run and the inputs, never the
+    /// id of a commit in the ledger (a commit never replaces another's entry).
+    async fn commit_id(
+        &self,
+        table: &TableConfig,
+        query: &str,
+        records: &[FileRecord],
+    ) -> Result<String> {
+        let mut input = format!("{}\n{}\n{}\n", table.name, query, self.me.run_id);
+        let mut sorted: Vec<&FileRecord> = records.iter().collect();
+        sorted.sort_by(|a, b| a.key.cmp(&b.key));
+        for r in &sorted {
+            input.push_str(&format!("{} {} {}\n", r.key, r.sha256, r.last_modified));
+        }
+        for salt in 0u32.. {
+            let id = ledger::sha256_hex(format!("{input}{salt}").as_bytes())[..24].to_string();
+            if !self.lake.exists(&ledger::ledger_key(&id)).await? {
+                return Ok(id);
+            }
+        }
+        unreachable!("an unbounded range ends only by returning")
+    }
+
     /// The application transaction of this pipeline's next commit to a Delta table.
     #[cfg(feature = "delta")]
     async fn delta_txn(&self, prefix: &str) -> Result<ledger::DeltaTxn> {
@@ -842,8 +999,7 @@ impl<'a> Runner<'a> {
             self.lake.put_json(&akey, &attempts).await?;
             return Ok(None);
         }
-        let rel = lake::relative(&key, &source.raw_prefix()).to_string();
-        let to = format!("failed/{}/{rel}", source.name);
+        let to = failed_key(source, &key);
         self.lake.rename(&key, &to).await?;
         self.lake
             .put_json(&format!("{to}.error.json"), &attempts)
@@ -854,11 +1010,22 @@ impl<'a> Runner<'a> {
     }
 }
 
+/// How many times a batch another run raced runs again within one run.
+const MAX_RACES: usize = 3;
+
+/// Where a raw file goes after `max_attempts` failed runs.
+fn failed_key(source: &SourceConfig, key: &str) -> String {
+    let rel = lake::relative(key, &source.raw_prefix());
+    format!("failed/{}/{rel}", source.name)
+}
+
 /// Why a streamed batch failed.
 enum Failure {
     /// One file broke (index into the batch's files); the rest can run again without it.
     File(usize, Error),
-    /// The batch as a whole (the query, the catalog, the accounting).
+    /// The query failed while it ran over the data: some file's values cause it.
+    Query(Error),
+    /// The batch as a whole (planning the query, the catalog, the accounting).
     Batch(Error),
 }
 

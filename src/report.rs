@@ -186,6 +186,9 @@ pub struct RunReport {
     pub maintenance: Vec<MaintenanceReport>,
     /// Errors outside single files (warehouse, notifications, accounting).
     pub errors: Vec<String>,
+    /// What a person should know that is not an error (an aggregate not built yet, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Seconds spent in each step.
     pub timings: BTreeMap<String, f64>,
 }
@@ -205,6 +208,7 @@ impl RunReport {
             statements: Vec::new(),
             maintenance: Vec::new(),
             errors: Vec::new(),
+            warnings: Vec::new(),
             timings: BTreeMap::new(),
         }
     }
@@ -300,6 +304,9 @@ impl RunReport {
                 f.key,
                 f.error.as_deref().unwrap_or("unknown error")
             ));
+        }
+        for w in &self.warnings {
+            out.push_str(&format!("  warning: {w}\n"));
         }
         for e in &self.errors {
             out.push_str(&format!("  error: {e}\n"));

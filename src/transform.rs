@@ -40,13 +40,15 @@ pub fn session(threads: usize, pool_bytes: usize) -> SessionContext {
         .with_target_partitions(threads.max(1))
         .with_information_schema(true);
     let pool = Arc::new(FairSpillPool::new(pool_bytes.max(16 << 20)));
-    match RuntimeEnvBuilder::new().with_memory_pool(pool).build_arc() {
+    let ctx = match RuntimeEnvBuilder::new().with_memory_pool(pool).build_arc() {
         Ok(runtime) => SessionContext::new_with_config_rt(config, runtime),
         Err(e) => {
             tracing::warn!(error = %e, "no memory pool; running without a memory limit");
             SessionContext::new_with_config(config)
         }
-    }
+    };
+    crate::functions::register(&ctx);
+    ctx
 }
 
 /// A query file's text.
@@ -168,7 +170,7 @@ pub fn check_output(table: &TableConfig, file: &Path, output: &Schema) -> Result
     if let Ok(f) = output.field_with_name(REJECT_REASON)
         && !matches!(
             f.data_type(),
-            DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8
+            DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 | DataType::Null
         )
     {
         return fail(format!(
@@ -177,7 +179,7 @@ pub fn check_output(table: &TableConfig, file: &Path, output: &Schema) -> Result
         ));
     }
     if let Ok(f) = output.field_with_name(DUPLICATE)
-        && f.data_type() != &DataType::Boolean
+        && !matches!(f.data_type(), DataType::Boolean | DataType::Null)
     {
         return fail(format!(
             "{DUPLICATE} must be boolean, not {}",
@@ -421,9 +423,15 @@ impl Router {
                     .collect();
             }
         }
-        let dup: Option<BooleanArray> = batch
-            .column_by_name(DUPLICATE)
-            .map(|d| d.as_boolean().clone());
+        // A NULL literal (`NULL AS _duplicate`) is a column of type Null: no row is flagged.
+        let dup: Option<BooleanArray> = match batch.column_by_name(DUPLICATE) {
+            Some(d) => Some(
+                cast_with_options(d, &DataType::Boolean, &strict)?
+                    .as_boolean()
+                    .clone(),
+            ),
+            None => None,
+        };
         let mut keep = BooleanBuilder::with_capacity(n);
         let mut reject = BooleanBuilder::with_capacity(n);
         let mut ids = Vec::with_capacity(n);

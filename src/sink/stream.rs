@@ -7,7 +7,9 @@
 //! earlier one before it ever reaches a file. A row that loses after it was written is a late
 //! loser: the few files holding one are rewritten without it when the batch ends, on all
 //! threads. The dedup index keeps, per key, a 128-bit fingerprint, its order value and where its
-//! winning row is: 40 bytes in a table, whatever the key (freed before the files are finished).
+//! winning row is, and a hash of its values (a row identical to one the table holds is a
+//! duplicate, not a replacement): 48 bytes in a table, whatever the key (freed before the files
+//! are finished).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -49,6 +51,10 @@ pub struct SinkOptions {
     pub memory_limit: usize,
     /// Files open for writing at once.
     pub max_writers: usize,
+    /// Whether new rows may meet rows the table holds (it has a catalog entry): then the index
+    /// keeps a hash of each winning row's values, so that a row identical to a held one is a
+    /// duplicate. A first load skips the hashing.
+    pub compare_values: bool,
 }
 
 /// A Parquet file the sink wrote.
@@ -70,13 +76,15 @@ const LOST: u64 = u64::MAX;
 
 /// One key's best row: the key's fingerprint, its order value (or, for orders that are not
 /// numbers, dates or timestamps, where its bytes are in the arena), its lineage (file index << 40
-/// | source row) and its location (segment << 32 | row in segment). 40 bytes, whatever the key.
+/// | source row), its location (segment << 32 | row in segment) and a 64-bit hash of its values.
+/// 48 bytes, whatever the key.
 #[derive(Clone, Copy)]
 struct Entry {
     fp: u128,
     order: u64,
     lineage: u64,
     loc: u64,
+    values: u64,
 }
 
 /// Key -> best row, for the keys of one shard (keys are spread over shards by fingerprint, so
@@ -149,14 +157,17 @@ impl DedupIndex {
         }
     }
 
-    /// Whether (a, la) ranks above (b, lb).
-    fn beats(a: OrderValue<'_>, la: u64, b: OrderValue<'_>, lb: u64) -> bool {
-        let by_order = match (a, b) {
+    fn order_cmp(a: OrderValue<'_>, b: OrderValue<'_>) -> std::cmp::Ordering {
+        match (a, b) {
             (OrderValue::Int(x), OrderValue::Int(y)) => x.cmp(&y),
             (OrderValue::Bytes(x), OrderValue::Bytes(y)) => x.cmp(y),
             _ => std::cmp::Ordering::Equal,
-        };
-        by_order.then(la.cmp(&lb)).is_gt()
+        }
+    }
+
+    /// Whether (a, la) ranks above (b, lb).
+    fn beats(a: OrderValue<'_>, la: u64, b: OrderValue<'_>, lb: u64) -> bool {
+        Self::order_cmp(a, b).then(la.cmp(&lb)).is_gt()
     }
 
     /// Offers a row; returns the location and lineage of the row that lost, if any.
@@ -166,6 +177,7 @@ impl DedupIndex {
         order: OrderValue<'_>,
         lineage: u64,
         loc: u64,
+        values: u64,
     ) -> Option<(u64, u64)> {
         let bytes = matches!(order, OrderValue::Bytes(_));
         let (h, _) = slot(fp);
@@ -178,6 +190,7 @@ impl DedupIndex {
                 e.order = stored;
                 e.lineage = lineage;
                 e.loc = loc;
+                e.values = values;
             }
             return Some((e.loc, e.lineage));
         }
@@ -187,14 +200,21 @@ impl DedupIndex {
             order: stored,
             lineage,
             loc,
+            values,
         };
         self.table.insert_unique(h, entry, |e| slot(e.fp).0);
         None
     }
 
     /// Compares a row the table already holds with the new row of its key: `true` if the new
-    /// row replaces it. A new row that is older loses: its location and lineage are returned.
-    fn against_existing(&mut self, fp: u128, order: OrderValue<'_>) -> (bool, Option<(u64, u64)>) {
+    /// row replaces it. A new row that is older, or identical to the held one (same order, same
+    /// values), loses: its location and lineage are returned.
+    fn against_existing(
+        &mut self,
+        fp: u128,
+        order: OrderValue<'_>,
+        values: u64,
+    ) -> (bool, Option<(u64, u64)>) {
         let bytes = matches!(order, OrderValue::Bytes(_));
         let (h, _) = slot(fp);
         let Some(e) = self.table.find(h, |e| e.fp == fp).copied() else {
@@ -203,8 +223,10 @@ impl DedupIndex {
         if e.loc == LOST {
             return (false, None);
         }
-        // Ties go to the new row.
-        if !Self::beats(order, 0, self.order_of(&e, bytes), 1) {
+        let identical = e.values == values
+            && Self::order_cmp(order, self.order_of(&e, bytes)) == std::cmp::Ordering::Equal;
+        // Other ties go to the new row.
+        if !identical && !Self::beats(order, 0, self.order_of(&e, bytes), 1) {
             return (true, None);
         }
         if let Some(e) = self.table.find_mut(h, |e| e.fp == fp) {
@@ -376,8 +398,10 @@ pub struct TableSink {
     parts: Option<KeyEncoder>,
     keys: Option<(KeyEncoder, KeyEncoder)>,
     fingerprints: Fingerprinter,
+    /// The columns (and types) a row's values are hashed over: the table's, partitions included.
+    value_columns: Vec<(String, DataType)>,
     index: Vec<Mutex<DedupIndex>>,
-    /// Keys in the index (about 48 bytes each with the table's slack).
+    /// Keys in the index (about 56 bytes each with the table's slack).
     keys_held: AtomicUsize,
     state: Mutex<State>,
 }
@@ -422,6 +446,14 @@ impl TableSink {
             )),
             _ => None,
         };
+        let value_columns = if opts.compare_values {
+            full.fields()
+                .iter()
+                .map(|f| (f.name().clone(), f.data_type().clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(TableSink {
             props: OnceLock::new(),
             opts,
@@ -430,6 +462,7 @@ impl TableSink {
             parts,
             keys,
             fingerprints: Fingerprinter::new(),
+            value_columns,
             keys_held: AtomicUsize::new(0),
             index: (0..SHARDS).map(|_| Mutex::default()).collect(),
             state: Mutex::new(State {
@@ -578,7 +611,11 @@ impl TableSink {
                 .collect::<Result<_>>()?
         };
         let keyed = match &self.keys {
-            Some((k, o)) => Some((KeyBytes::new(k, batch)?, Orders::new(o, batch)?)),
+            Some((k, o)) => Some((
+                KeyBytes::new(k, batch)?,
+                Orders::new(o, batch)?,
+                self.value_hashes(batch)?,
+            )),
             None => None,
         };
         let file = batch
@@ -608,7 +645,7 @@ impl TableSink {
         };
         let mut losers = Vec::new();
         let mut new_keys = 0;
-        if let Some((keys, orders)) = &keyed {
+        if let Some((keys, orders, values)) = &keyed {
             // Fingerprints of the rows offered (dropped rows are not).
             let mut fps = vec![0u128; n];
             let mut by_shard: Vec<Vec<u32>> = vec![Vec::new(); SHARDS];
@@ -643,7 +680,7 @@ impl TableSink {
                         file.as_ref().map(|f| f.value(i)).unwrap_or(0),
                         source_row.as_ref().map(|r| r.value(i)).unwrap_or(0),
                     );
-                    match index.offer(fps[i], orders.get(i), lineage, loc) {
+                    match index.offer(fps[i], orders.get(i), lineage, loc, values[i]) {
                         Some(lost) => losers.push(lost),
                         None => new_keys += 1,
                     }
@@ -664,7 +701,7 @@ impl TableSink {
     /// Bytes of rows to hold back now: the buffer's share, less what the dedup index has
     /// grown into beyond its own share (half the limit).
     fn buffer_now(&self) -> usize {
-        let index = self.keys_held.load(Ordering::Relaxed) * 48;
+        let index = self.keys_held.load(Ordering::Relaxed) * 56;
         let room = (self.opts.memory_limit / 2).saturating_sub(index);
         self.opts.buffer_bytes.min(room.max(1 << 20))
     }
@@ -779,11 +816,12 @@ impl TableSink {
         };
         let keys = KeyBytes::new(k, batch)?;
         let orders = Orders::new(o, batch)?;
+        let values = self.value_hashes(batch)?;
         let mut replaced = Vec::with_capacity(n);
         let mut losers = Vec::new();
-        for i in 0..n {
+        for (i, &v) in values.iter().enumerate() {
             let fp = self.fingerprints.of(keys.get(i));
-            let (r, lost) = lock(&self.index[slot(fp).1]).against_existing(fp, orders.get(i));
+            let (r, lost) = lock(&self.index[slot(fp).1]).against_existing(fp, orders.get(i), v);
             losers.extend(lost);
             replaced.push(r);
         }
@@ -792,6 +830,31 @@ impl TableSink {
             Self::lose(&mut state, loc, lineage);
         }
         Ok(BooleanArray::from(replaced))
+    }
+
+    /// A hash of each row's values over the table's columns (cast to the table's types, so
+    /// that a new row and the stored row it repeats hash alike); a column the batch lacks counts
+    /// as null. All zero when values are not compared.
+    fn value_hashes(&self, batch: &RecordBatch) -> Result<Vec<u64>> {
+        let n = batch.num_rows();
+        if self.value_columns.is_empty() {
+            return Ok(vec![0; n]);
+        }
+        let mut arrays = Vec::with_capacity(self.value_columns.len());
+        for (name, ty) in &self.value_columns {
+            arrays.push(match batch.column_by_name(name) {
+                Some(a) if a.data_type() == ty => a.clone(),
+                Some(a) => cast(a, ty)?,
+                None => datafusion::arrow::array::new_null_array(ty, n),
+            });
+        }
+        let mut hashes = vec![0u64; n];
+        datafusion::common::hash_utils::create_hashes(
+            &arrays,
+            &datafusion::common::hash_utils::RandomState::default(),
+            &mut hashes,
+        )?;
+        Ok(hashes)
     }
 
     /// Writes rows a table already holds (its file layout) back into partition `dir`.
@@ -1102,6 +1165,7 @@ mod tests {
                 buffer_bytes: buffer,
                 memory_limit: 1 << 30,
                 max_writers: writers,
+                compare_values: true,
             };
             let s = schema();
             let full = Schema::new(s.fields()[..3].to_vec());

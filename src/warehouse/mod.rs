@@ -34,11 +34,17 @@ pub fn aggregate_key(name: &str) -> String {
     format!("{}/{name}.parquet", lake::warehouse_prefix(name))
 }
 
-/// Rebuilds the aggregates whose inputs changed since their last build.
-pub async fn refresh(config: &Config, lake: &Lake, threads: usize) -> Result<Vec<AggregateReport>> {
+/// Rebuilds the aggregates whose inputs changed since their last build. Returns the rebuilt
+/// ones and a warning for each one that cannot be built yet.
+pub async fn refresh(
+    config: &Config,
+    lake: &Lake,
+    threads: usize,
+) -> Result<(Vec<AggregateReport>, Vec<String>)> {
     let mut built = Vec::new();
+    let mut waiting = Vec::new();
     if config.aggregates.is_empty() {
-        return Ok(built);
+        return Ok((built, waiting));
     }
     let ledger = Ledger::load(lake).await?;
     let ctx = transform::session(threads, config.engine.budget().limit / 2);
@@ -54,7 +60,11 @@ pub async fn refresh(config: &Config, lake: &Lake, threads: usize) -> Result<Vec
                     .iter()
                     .find(|t| !registered.contains(&t.name) && e.to_string().contains(&t.name));
                 if let Some(t) = missing {
-                    tracing::info!(aggregate = %agg.name, table = %t.name, "not built yet: the table has no data");
+                    tracing::warn!(aggregate = %agg.name, table = %t.name, "not built yet: the table has no data");
+                    waiting.push(format!(
+                        "aggregate {} not built yet: its input table {} has no data",
+                        agg.name, t.name
+                    ));
                     continue;
                 }
                 return Err(transform::query_error(&path, &sql, e));
@@ -95,7 +105,7 @@ pub async fn refresh(config: &Config, lake: &Lake, threads: usize) -> Result<Vec
             seconds: t.elapsed().as_secs_f64(),
         });
     }
-    Ok(built)
+    Ok((built, waiting))
 }
 
 /// Plans every aggregate against the given (empty) tables, for `validate`.

@@ -291,3 +291,147 @@ fn validate_catches_a_missing_partition_column_and_a_bad_schema_file() {
         "{err}"
     );
 }
+
+/// A log source read with `to_timestamp` on a `%a %b %d` format (as syslog-style exports
+/// carry), which fails the query on a value that does not parse.
+fn strict_logs() -> Project {
+    let p = Project::single_table(
+        "logs",
+        "csv",
+        r#"[{ name = "line", type = "int64" }, { name = "t", type = "string" }]"#,
+        "SELECT line, to_timestamp(t, '%a %b %d %H:%M:%S %Y') AS ts, _source_file, _source_row FROM logs",
+    );
+    let mut config = std::fs::read_to_string(p.config()).unwrap();
+    config.push_str("\n[retry]\nmax_attempts = 1\n");
+    std::fs::write(p.config(), config).unwrap();
+    p
+}
+
+fn log_file(first: i64, bad_at: Option<i64>) -> Vec<u8> {
+    let mut s = String::from("line,t\n");
+    for i in first..first + 50 {
+        let hour = if Some(i) == bad_at { 25 } else { 4 };
+        s.push_str(&format!("{i},Sun Dec 04 {hour:02}:47:44 2005\n"));
+    }
+    s.into_bytes()
+}
+
+#[test]
+fn a_query_error_fails_only_the_files_whose_values_cause_it() {
+    let p = strict_logs();
+    for k in 0..5 {
+        let bad = (k == 3).then_some(k * 100 + 17);
+        p.add_raw("logs", &format!("f{k}.csv"), &log_file(k * 100, bad));
+    }
+    let (code, r) = p.run();
+    assert_eq!(code, 1, "{r:#}");
+    let counts = file_counts(&r);
+    for k in [0, 1, 2, 4] {
+        let c = &counts[&format!("logs/f{k}.csv")];
+        assert_eq!(c.0, "processed", "f{k}: {r:#}");
+        assert_eq!(c.2, 50, "f{k}: {r:#}");
+    }
+    assert_eq!(counts["logs/f3.csv"].0, "failed", "{r:#}");
+    assert_eq!(p.rows("processed/logs_clean"), 200);
+    let failed: Vec<&serde_json::Value> = r["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["status"] == "failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{r:#}");
+    let error = failed[0]["error"].as_str().unwrap();
+    assert!(error.contains("25:47:44"), "the file's own value: {error}");
+    // After max_attempts (1 here) it is in failed/ beside its error.
+    assert!(p.lake().join("failed/logs/f3.csv").exists());
+    let error_json = p.lake().join("failed/logs/f3.csv.error.json");
+    assert!(error_json.exists());
+
+    // The query fixed with try_to_timestamp (NULL where no format matches) and a reason, the
+    // file put back: it is processed, its bad row rejected, and its old error goes.
+    std::fs::write(
+        p.path().join("logs.sql"),
+        "SELECT line, try_to_timestamp(t, '%a %b %d %H:%M:%S %Y') AS ts, \
+         CASE WHEN try_to_timestamp(t, '%a %b %d %H:%M:%S %Y') IS NULL THEN 'invalid t: ' || t END AS _reject_reason, \
+         _source_file, _source_row FROM logs",
+    )
+    .unwrap();
+    std::fs::rename(
+        p.lake().join("failed/logs/f3.csv"),
+        p.lake().join("raw/logs/f3.csv"),
+    )
+    .unwrap();
+    let (code, r) = p.run();
+    assert_eq!(code, 0, "{r:#}");
+    let c = &file_counts(&r)["logs/f3.csv"];
+    assert_eq!((c.0.as_str(), c.2, c.3), ("processed", 49, 1), "{r:#}");
+    assert!(!error_json.exists(), "the stale error.json is removed");
+    assert!(p.files("failed").is_empty(), "{:?}", p.files("failed"));
+    let out = p.sluice(&[
+        "query",
+        "SELECT _source_row, _reject_reason FROM logs_clean_rejected",
+        "--format",
+        "csv",
+    ]);
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        got.contains("19,invalid t: Sun Dec 04 25:47:44 2005"),
+        "{got}"
+    );
+}
+
+#[test]
+fn a_query_error_over_one_file_fails_it_alone_and_a_mismatching_weekday_is_null() {
+    let p = strict_logs();
+    p.add_raw("logs", "good.csv", &log_file(0, None));
+    p.add_raw("logs", "bad.csv", &log_file(100, Some(101)));
+    let (code, r) = p.run();
+    assert_eq!(code, 1, "{r:#}");
+    let counts = file_counts(&r);
+    assert_eq!(counts["logs/good.csv"].0, "processed", "{r:#}");
+    assert_eq!(counts["logs/bad.csv"].0, "failed", "{r:#}");
+    let bad = r["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["status"] == "failed")
+        .unwrap();
+    assert!(
+        bad["key"].as_str().unwrap().ends_with("bad.csv")
+            && !bad["error"].as_str().unwrap().contains("good.csv"),
+        "{bad:#}"
+    );
+
+    // `Mon Dec 04 2005` names the wrong weekday: NULL from try_to_timestamp, a rejected row.
+    let p = Project::single_table(
+        "logs",
+        "csv",
+        r#"[{ name = "line", type = "int64" }, { name = "t", type = "string" }]"#,
+        "SELECT line, try_to_timestamp(t, '%a %b %d %H:%M:%S %Y') AS ts, \
+         CASE WHEN try_to_timestamp(t, '%a %b %d %H:%M:%S %Y') IS NULL THEN 'invalid t: ' || t END AS _reject_reason, \
+         NULL AS _duplicate, _source_file, _source_row FROM logs",
+    );
+    p.add_raw(
+        "logs",
+        "w.csv",
+        b"line,t\n1,Sun Dec 04 04:47:44 2005\n2,Mon Dec 04 04:47:44 2005\n",
+    );
+    let (code, r) = p.run();
+    assert_eq!(code, 0, "{r:#}");
+    let c = &file_counts(&r)["logs/w.csv"];
+    assert_eq!((c.2, c.3), (1, 1), "{r:#}");
+}
+
+#[test]
+fn a_null_literal_reject_reason_is_accepted() {
+    let p = Project::single_table(
+        "events",
+        "jsonl",
+        r#"[{ name = "id", type = "int64" }]"#,
+        "SELECT id, NULL AS _reject_reason, _source_file, _source_row FROM events",
+    );
+    p.add_raw("events", "e.jsonl", b"{\"id\": 1}\n{\"id\": 2}\n");
+    let (code, r) = p.run();
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(p.rows("processed/events_clean"), 2);
+}

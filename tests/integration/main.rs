@@ -7,6 +7,7 @@ mod concurrency;
 mod crash;
 #[cfg(feature = "delta")]
 mod delta;
+mod exactly_once;
 mod formats;
 #[cfg(feature = "lambda")]
 mod lambda;

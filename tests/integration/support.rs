@@ -92,9 +92,9 @@ impl Project {
 
     /// Writes a raw file.
     pub fn add_raw(&self, source: &str, name: &str, data: &[u8]) {
-        let dir = self.lake().join("raw").join(source);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(name), data).unwrap();
+        let path = self.lake().join("raw").join(source).join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, data).unwrap();
     }
 
     /// Copies one fixture file into `raw/`.
