@@ -8,6 +8,7 @@ mod crash;
 #[cfg(feature = "delta")]
 mod delta;
 mod formats;
+mod hive;
 #[cfg(feature = "lambda")]
 mod lambda;
 mod memory;
