@@ -598,7 +598,10 @@ pub struct SyncedTable {
 
 /// A partition folder's values, unescaped, in folder order (as Glue holds them).
 fn dir_values(dir: &str) -> Vec<String> {
-    parse_partition_dir(dir).into_iter().map(|(_, v)| v).collect()
+    parse_partition_dir(dir)
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect()
 }
 
 /// A table's data files: a Delta table's active files (a file it removed stays on disk until

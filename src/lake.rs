@@ -458,7 +458,25 @@ pub fn path(key: &str) -> Path {
 /// 0x7F) and `"` `#` `%` `'` `*` `/` `:` `=` `?` `\` `{` `[` `]` `^`. Everything else, non-ASCII
 /// included, stays as it is.
 fn hive_escapes(c: char) -> bool {
-    matches!(c, '\0'..='\x1F' | '\x7F' | '"' | '#' | '%' | '\'' | '*' | '/' | ':' | '=' | '?' | '\\' | '{' | '[' | ']' | '^')
+    matches!(
+        c,
+        '\0'..='\x1F'
+            | '\x7F'
+            | '"'
+            | '#'
+            | '%'
+            | '\''
+            | '*'
+            | '/'
+            | ':'
+            | '='
+            | '?'
+            | '\\'
+            | '{'
+            | '['
+            | ']'
+            | '^'
+    )
 }
 
 /// Escapes a partition column name or value as Hive does in folder names: each character
@@ -525,7 +543,9 @@ mod tests {
         );
         // Not escaped by Hive: these stay.
         assert_eq!(hive_escape("x y}<>|~`!@$&()+,;"), "x y}<>|~`!@$&()+,;");
-        for v in ["c:d=e", "a/b", "é#1?", "50%", "x y", "t\u{1}", "%zz", "%4", "日本"] {
+        for v in [
+            "c:d=e", "a/b", "é#1?", "50%", "x y", "t\u{1}", "%zz", "%4", "日本",
+        ] {
             assert_eq!(hive_unescape(&hive_escape(v)), v);
         }
         // Folders an older sluice wrote (object_store's encoding) read back the same.

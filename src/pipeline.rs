@@ -732,7 +732,10 @@ impl<'a> Runner<'a> {
                 let to = format!(
                     "{}/{}/part-{id}.parquet",
                     lake::rejected_prefix(&table.name),
-                    lake::partition_segment(REJECTED_PARTITION, &Utc::now().date_naive().to_string())
+                    lake::partition_segment(
+                        REJECTED_PARTITION,
+                        &Utc::now().date_naive().to_string()
+                    )
                 );
                 let from = format!("{}/{to}", ledger::staging_prefix(&id));
                 staged.push((path, from.clone()));

@@ -1139,10 +1139,17 @@ pub(crate) fn a_row_moving_partition_deregisters_the_emptied_one(delta: bool) {
         days(&["d1", "d3"])
     );
     // k moves from d1 to d2: d1 holds nothing now.
-    moto.put(bucket, "data/raw/events/2.csv", b"id,day,ts\nk,d2,2\n".to_vec());
+    moto.put(
+        bucket,
+        "data/raw/events/2.csv",
+        b"id,day,ts\nk,d2,2\n".to_vec(),
+    );
     let (code, report) = run_json(&moto, &p, &[]);
     assert_eq!(code, 0, "{report:#}");
-    assert_eq!(report["tables"]["events_clean"]["rows_replaced"], 1, "{report:#}");
+    assert_eq!(
+        report["tables"]["events_clean"]["rows_replaced"], 1,
+        "{report:#}"
+    );
     assert_eq!(
         moto.partitions("moves", "events_clean"),
         days(&["d2", "d3"])

@@ -10,21 +10,8 @@ use crate::support::*;
 
 /// Partition values with each character Hive escapes, and some it does not.
 pub const VALUES: &[&str] = &[
-    "c:d=e",
-    "a/b",
-    "é#1?",
-    "50%",
-    "x y",
-    "t\u{1}ab",
-    "q\"q",
-    "s'q",
-    "st*r",
-    "[br]",
-    "{c}",
-    "ca^t",
-    "b\\s",
-    "a<b>|~}`",
-    "plain",
+    "c:d=e", "a/b", "é#1?", "50%", "x y", "t\u{1}ab", "q\"q", "s'q", "st*r", "[br]", "{c}", "ca^t",
+    "b\\s", "a<b>|~}`", "plain",
 ];
 
 /// The folder Hive (and Spark) names for each of [`VALUES`].
@@ -105,7 +92,10 @@ pub fn assert_sluice_reads_tags(p: &Project) {
             "SELECT id FROM events_clean WHERE tag = '{}'",
             v.replace('\'', "''")
         );
-        let ids: Vec<Value> = query(p, &sql).into_iter().map(|r| r["id"].clone()).collect();
+        let ids: Vec<Value> = query(p, &sql)
+            .into_iter()
+            .map(|r| r["id"].clone())
+            .collect();
         assert_eq!(ids, vec![json!(i)], "{sql}");
     }
 }
