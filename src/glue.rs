@@ -21,7 +21,7 @@ use datafusion::arrow::datatypes::DataType;
 use crate::catalog::{self, REJECTED_PARTITION, TableMeta};
 use crate::error::{Error, Result};
 use crate::lake::{self, Lake, STATE};
-use crate::ledger::{self, Commit};
+use crate::ledger::{self, Commit, TableChange};
 use crate::sink::{TableFile, parse_partition_dir};
 
 const INPUT_FORMAT: &str = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat";
@@ -415,36 +415,13 @@ impl Glue {
                 }
             }
             // Partitions whose files this commit replaced may hold none now.
-            let added = dirs.get(processed.name.as_str());
-            let mut emptied: BTreeSet<String> = change
-                .removed
-                .iter()
-                .filter_map(|k| k.strip_prefix(&format!("{}/", processed.prefix)))
-                .map(|rel| lake::parent_dir(rel).to_string())
-                .filter(|d| !d.is_empty() && !added.is_some_and(|a| a.contains(d)))
-                .collect();
-            if emptied.is_empty() {
-                continue;
+            let emptied =
+                emptied(lake, &processed, change, dirs.get(processed.name.as_str())).await?;
+            if !emptied.is_empty() {
+                let values: Vec<Vec<String>> = emptied.into_iter().collect();
+                let n = self.delete_partitions(&processed.name, &values).await?;
+                tracing::info!(table = %processed.name, partitions = ?values, deleted = n, "Glue partitions left without files deregistered");
             }
-            if processed.delta {
-                for f in data_files(lake, true, &processed.prefix).await? {
-                    emptied.remove(&f.dir);
-                }
-            } else {
-                let mut held = Vec::new();
-                for dir in &emptied {
-                    let under = format!("{}/{dir}", processed.prefix);
-                    if !crate::sink::table_files(lake, &under).await?.is_empty() {
-                        held.push(dir.clone());
-                    }
-                }
-                for dir in held {
-                    emptied.remove(&dir);
-                }
-            }
-            let values: Vec<Vec<String>> = emptied.iter().map(|d| dir_values(d)).collect();
-            let n = self.delete_partitions(&processed.name, &values).await?;
-            tracing::info!(table = %processed.name, partitions = ?emptied, deleted = n, "Glue partitions left without files deregistered");
         }
         Ok(())
     }
@@ -594,6 +571,58 @@ pub struct SyncedTable {
     pub registered: usize,
     /// Partitions deregistered: Glue had them, the lake holds no files in them.
     pub deregistered: usize,
+}
+
+/// The partitions (their values) whose files `change` replaced in the table of `shape` and
+/// that hold no data file now. A partition is its values, whatever the spelling of its folder
+/// (older sluice versions escaped other characters): one the commit added files to under any
+/// spelling is not empty.
+async fn emptied(
+    lake: &Lake,
+    shape: &Shape,
+    change: &TableChange,
+    added: Option<&BTreeSet<String>>,
+) -> Result<BTreeSet<Vec<String>>> {
+    let prefix = format!("{}/", shape.prefix);
+    let added: BTreeSet<Vec<String>> = added.into_iter().flatten().map(|d| dir_values(d)).collect();
+    // Values -> the folders of replaced files with those values.
+    let mut candidates: BTreeMap<Vec<String>, BTreeSet<String>> = BTreeMap::new();
+    for key in &change.removed {
+        let Some(rel) = key.strip_prefix(&prefix) else {
+            continue;
+        };
+        let dir = lake::parent_dir(rel);
+        let values = dir_values(dir);
+        if !dir.is_empty() && !added.contains(&values) {
+            candidates
+                .entry(values)
+                .or_default()
+                .insert(dir.to_string());
+        }
+    }
+    if candidates.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    if shape.delta {
+        for f in data_files(lake, true, &shape.prefix).await? {
+            candidates.remove(&dir_values(&f.dir));
+        }
+    } else {
+        let mut held = Vec::new();
+        for (values, dirs) in &candidates {
+            for dir in dirs {
+                let under = format!("{}/{dir}", shape.prefix);
+                if !crate::sink::table_files(lake, &under).await?.is_empty() {
+                    held.push(values.clone());
+                    break;
+                }
+            }
+        }
+        for values in held {
+            candidates.remove(&values);
+        }
+    }
+    Ok(candidates.into_keys().collect())
 }
 
 /// A partition folder's values, unescaped, in folder order (as Glue holds them).
