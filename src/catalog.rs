@@ -7,6 +7,13 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::{ScanArgs, ScanResult, Session, TableProvider};
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::logical_expr::expr::InList;
+use datafusion::logical_expr::{
+    BinaryExpr, Expr, Operator, TableProviderFilterPushDown, TableType,
+};
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use serde::{Deserialize, Serialize};
 
@@ -264,6 +271,7 @@ pub async fn register_table(
     };
     ctx.register_parquet(meta.name.as_str(), lake.url(&processed), opts)
         .await?;
+    hive_listing(ctx, &meta.name, &meta.partition_types()?)?;
     let rejected = lake::rejected_prefix(&meta.name);
     lake.ensure_prefix(&rejected)?;
     let rschema = to_schema(&meta.rejected_columns)?;
@@ -279,6 +287,125 @@ pub async fn register_table(
     )
     .await?;
     Ok(())
+}
+
+/// Puts a registered listing table behind [`HiveListing`].
+fn hive_listing(ctx: &SessionContext, name: &str, partitions: &[(String, DataType)]) -> Result<()> {
+    if partitions.is_empty() {
+        return Ok(());
+    }
+    if let Some(inner) = ctx.deregister_table(name)? {
+        let columns = partitions.iter().map(|(c, _)| c.clone()).collect();
+        ctx.register_table(name, Arc::new(HiveListing { inner, columns }))?;
+    }
+    Ok(())
+}
+
+/// A partitioned listing table whose folders are Hive-escaped (`tag=c%3Ad`).
+///
+/// DataFusion reads the values back unescaped (it percent-decodes partition folders), but for
+/// a filter `col = 'value'` it lists only the folder it spells itself (object_store's path
+/// encoding, which differs from Hive's for `:`, `=`, `'`, `<`, `>`, `|`, `~`, `}`, `` ` ``) and
+/// would miss the rows. Such a filter reaches it as `col IN ('value')`: the same rows, files
+/// still pruned by partition value, only the prefix listing skipped.
+#[derive(Debug)]
+struct HiveListing {
+    inner: Arc<dyn TableProvider>,
+    /// The partition columns.
+    columns: Vec<String>,
+}
+
+impl HiveListing {
+    /// The filter with each `col = literal` whose folder DataFusion would misspell as
+    /// `col IN (literal)`.
+    fn unprefixed(&self, filter: &Expr) -> datafusion::common::Result<Expr> {
+        filter
+            .clone()
+            .transform_up(|e| {
+                let Expr::BinaryExpr(BinaryExpr {
+                    left,
+                    op: Operator::Eq,
+                    right,
+                }) = &e
+                else {
+                    return Ok(Transformed::no(e));
+                };
+                let (column, value, col, lit) = match (left.as_ref(), right.as_ref()) {
+                    (c @ Expr::Column(column), l @ Expr::Literal(value, _))
+                    | (l @ Expr::Literal(value, _), c @ Expr::Column(column)) => {
+                        (column, value, c, l)
+                    }
+                    _ => return Ok(Transformed::no(e)),
+                };
+                if !self.columns.contains(&column.name) {
+                    return Ok(Transformed::no(e));
+                }
+                let value = value.to_string();
+                let theirs =
+                    object_store::path::Path::from_iter([format!("{}={value}", column.name)]);
+                if theirs.as_ref() == lake::partition_segment(&column.name, &value) {
+                    return Ok(Transformed::no(e));
+                }
+                let (col, lit) = (col.clone(), lit.clone());
+                Ok(Transformed::yes(Expr::InList(InList::new(
+                    Box::new(col),
+                    vec![lit],
+                    false,
+                ))))
+            })
+            .map(|t| t.data)
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for HiveListing {
+    fn schema(&self) -> SchemaRef {
+        self.inner.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        self.inner.table_type()
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::common::Result<Vec<TableProviderFilterPushDown>> {
+        self.inner.supports_filters_pushdown(filters)
+    }
+
+    fn statistics(&self) -> Option<datafusion::common::Statistics> {
+        self.inner.statistics()
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::common::Result<Arc<dyn ExecutionPlan>> {
+        let args = ScanArgs::default()
+            .with_projection(projection.map(|p| p.as_slice()))
+            .with_filters(Some(filters))
+            .with_limit(limit);
+        Ok(self.scan_with_args(state, args).await?.into_inner())
+    }
+
+    async fn scan_with_args<'a>(
+        &self,
+        state: &dyn Session,
+        args: ScanArgs<'a>,
+    ) -> datafusion::common::Result<ScanResult> {
+        let filters = args
+            .filters()
+            .unwrap_or_default()
+            .iter()
+            .map(|f| self.unprefixed(f))
+            .collect::<datafusion::common::Result<Vec<_>>>()?;
+        let args = args.with_filters(Some(&filters));
+        self.inner.scan_with_args(state, args).await
+    }
 }
 
 #[cfg(feature = "delta")]

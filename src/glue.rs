@@ -2,6 +2,9 @@
 //! become external Parquet tables that Redshift Spectrum and Athena read, and each partition a
 //! commit writes is added to them.
 //!
+//! A partition left without files (its last rows replaced by rows of another partition) is
+//! deregistered: Athena's Hive connector can fail on a partition whose location holds nothing.
+//!
 //! Registration is part of exactly-once: a commit leaves a marker
 //! (`_sluice/catalog/unregistered/<commit>`) before its commit point and removes it once its
 //! partitions are registered, so a crash in between is repaired by the next run.
@@ -10,15 +13,16 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aws_sdk_glue::Client;
 use aws_sdk_glue::types::{
-    Column, DatabaseInput, PartitionInput, SerDeInfo, StorageDescriptor, TableInput,
+    Column, DatabaseInput, PartitionInput, PartitionValueList, SerDeInfo, StorageDescriptor,
+    TableInput,
 };
 use datafusion::arrow::datatypes::DataType;
 
 use crate::catalog::{self, REJECTED_PARTITION, TableMeta};
 use crate::error::{Error, Result};
 use crate::lake::{self, Lake, STATE};
-use crate::ledger::{self, Commit};
-use crate::sink::parse_partition_dir;
+use crate::ledger::{self, Commit, TableChange};
+use crate::sink::{TableFile, parse_partition_dir};
 
 const INPUT_FORMAT: &str = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat";
 const OUTPUT_FORMAT: &str = "org.apache.hadoop.hive.ql.io.parquet.MapredParquetOutputFormat";
@@ -28,6 +32,8 @@ const SYMLINK_INPUT_FORMAT: &str = "org.apache.hadoop.hive.ql.io.SymlinkTextInpu
 const SYMLINK_OUTPUT_FORMAT: &str = "org.apache.hadoop.hive.ql.io.HiveIgnoreKeyTextOutputFormat";
 /// `BatchCreatePartition` takes at most this many partitions a call.
 const BATCH: usize = 100;
+/// `BatchDeletePartition` takes at most this many partitions a call.
+const DELETE_BATCH: usize = 25;
 
 /// A Glue database the lake's tables are registered in.
 #[derive(Debug, Clone)]
@@ -337,12 +343,8 @@ impl Glue {
             let inputs = chunk
                 .iter()
                 .map(|dir| {
-                    let values = parse_partition_dir(dir)
-                        .into_iter()
-                        .map(|(_, v)| v)
-                        .collect::<Vec<_>>();
                     PartitionInput::builder()
-                        .set_values(Some(values))
+                        .set_values(Some(dir_values(dir)))
                         .storage_descriptor(storage(
                             lake.url(&format!("{prefix}/{dir}")),
                             shape.columns.clone(),
@@ -412,8 +414,92 @@ impl Glue {
                     tracing::info!(table = %shape.name, new = n, of = d.len(), "Glue partitions registered");
                 }
             }
+            // Partitions whose files this commit replaced may hold none now.
+            let emptied =
+                emptied(lake, &processed, change, dirs.get(processed.name.as_str())).await?;
+            if !emptied.is_empty() {
+                let values: Vec<Vec<String>> = emptied.into_iter().collect();
+                let n = self.delete_partitions(&processed.name, &values).await?;
+                tracing::info!(table = %processed.name, partitions = ?values, deleted = n, "Glue partitions left without files deregistered");
+            }
         }
         Ok(())
+    }
+
+    /// Deletes partitions (by their values) from a table, 25 a call; partitions Glue does not
+    /// have are no error. Returns how many it deleted.
+    async fn delete_partitions(&self, table: &str, values: &[Vec<String>]) -> Result<usize> {
+        let mut deleted = 0;
+        for chunk in values.chunks(DELETE_BATCH) {
+            let list = chunk
+                .iter()
+                .map(|v| {
+                    PartitionValueList::builder()
+                        .set_values(Some(v.clone()))
+                        .build()
+                        .map_err(|e| fail(e.to_string()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let out = self
+                .client
+                .batch_delete_partition()
+                .database_name(&self.database)
+                .table_name(table)
+                .set_partitions_to_delete(Some(list))
+                .send()
+                .await
+                .map_err(|e| {
+                    fail(format!(
+                        "cannot delete partitions of {}.{table}: {}",
+                        self.database,
+                        crate::aws::describe(&e)
+                    ))
+                })?;
+            let mut missing = 0;
+            for e in out.errors() {
+                let detail = e.error_detail();
+                let code = detail.and_then(|d| d.error_code()).unwrap_or_default();
+                if code == "EntityNotFoundException" {
+                    missing += 1;
+                    continue;
+                }
+                return Err(fail(format!(
+                    "cannot delete partition {:?} of {}.{table}: {code}: {}",
+                    e.partition_values(),
+                    self.database,
+                    detail.and_then(|d| d.error_message()).unwrap_or_default()
+                )));
+            }
+            deleted += chunk.len() - missing;
+        }
+        Ok(deleted)
+    }
+
+    /// The values of every partition Glue holds for a table (none if the table is missing).
+    async fn partition_values(&self, table: &str) -> Result<Vec<Vec<String>>> {
+        let mut pages = self
+            .client
+            .get_partitions()
+            .database_name(&self.database)
+            .table_name(table)
+            .exclude_column_schema(true)
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            match page {
+                Ok(page) => out.extend(page.partitions().iter().map(|p| p.values().to_vec())),
+                Err(e) if crate::aws::code(&e) == Some("EntityNotFoundException") => break,
+                Err(e) => {
+                    return Err(fail(format!(
+                        "cannot list partitions of {}.{table}: {}",
+                        self.database,
+                        crate::aws::describe(&e)
+                    )));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Registers the commits a crash left unregistered (their markers); a marker whose commit
@@ -434,23 +520,128 @@ impl Glue {
     }
 
     /// Registers every table of the lake's catalog and every partition found under its
-    /// prefixes (recovery, backfill, or moving from a crawler). Safe to run again.
-    pub async fn sync(&self, lake: &Lake) -> Result<Vec<(String, usize, usize)>> {
+    /// prefixes (recovery, backfill, or moving from a crawler), and deregisters partitions
+    /// that hold no files in the lake. Safe to run again. Returns, per Glue table, the
+    /// partitions in the lake, those newly registered and those deregistered.
+    pub async fn sync(&self, lake: &Lake) -> Result<Vec<SyncedTable>> {
         let mut out = Vec::new();
         for meta in catalog::all_tables(lake).await? {
             self.ensure_tables(lake, &meta).await?;
             for shape in shapes(&meta)? {
-                let dirs: BTreeSet<String> = crate::sink::table_files(lake, &shape.prefix)
+                let dirs: BTreeSet<String> = data_files(lake, shape.delta, &shape.prefix)
                     .await?
                     .into_iter()
                     .map(|f| f.dir)
+                    .filter(|d| !d.is_empty())
                     .collect();
-                let n = self.add_partitions(lake, &shape, &dirs).await?;
-                out.push((shape.name.clone(), dirs.len(), n));
+                let registered = self.add_partitions(lake, &shape, &dirs).await?;
+                let live: BTreeSet<Vec<String>> = dirs.iter().map(|d| dir_values(d)).collect();
+                let stale: Vec<Vec<String>> = self
+                    .partition_values(&shape.name)
+                    .await?
+                    .into_iter()
+                    .filter(|v| !live.contains(v))
+                    .collect();
+                let deregistered = if stale.is_empty() {
+                    0
+                } else {
+                    tracing::info!(table = %shape.name, partitions = ?stale, "deregistering Glue partitions without files");
+                    self.delete_partitions(&shape.name, &stale).await?
+                };
+                out.push(SyncedTable {
+                    table: shape.name.clone(),
+                    partitions: dirs.len(),
+                    registered,
+                    deregistered,
+                });
             }
         }
         Ok(out)
     }
+}
+
+/// What `catalog sync` did to one Glue table.
+#[derive(Debug, Clone)]
+pub struct SyncedTable {
+    /// The Glue table.
+    pub table: String,
+    /// Partitions holding files in the lake.
+    pub partitions: usize,
+    /// Partitions newly registered.
+    pub registered: usize,
+    /// Partitions deregistered: Glue had them, the lake holds no files in them.
+    pub deregistered: usize,
+}
+
+/// The partitions (their values) whose files `change` replaced in the table of `shape` and
+/// that hold no data file now. A partition is its values, whatever the spelling of its folder
+/// (older sluice versions escaped other characters): one the commit added files to under any
+/// spelling is not empty.
+async fn emptied(
+    lake: &Lake,
+    shape: &Shape,
+    change: &TableChange,
+    added: Option<&BTreeSet<String>>,
+) -> Result<BTreeSet<Vec<String>>> {
+    let prefix = format!("{}/", shape.prefix);
+    let added: BTreeSet<Vec<String>> = added.into_iter().flatten().map(|d| dir_values(d)).collect();
+    // Values -> the folders of replaced files with those values.
+    let mut candidates: BTreeMap<Vec<String>, BTreeSet<String>> = BTreeMap::new();
+    for key in &change.removed {
+        let Some(rel) = key.strip_prefix(&prefix) else {
+            continue;
+        };
+        let dir = lake::parent_dir(rel);
+        let values = dir_values(dir);
+        if !dir.is_empty() && !added.contains(&values) {
+            candidates
+                .entry(values)
+                .or_default()
+                .insert(dir.to_string());
+        }
+    }
+    if candidates.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    if shape.delta {
+        for f in data_files(lake, true, &shape.prefix).await? {
+            candidates.remove(&dir_values(&f.dir));
+        }
+    } else {
+        let mut held = Vec::new();
+        for (values, dirs) in &candidates {
+            for dir in dirs {
+                let under = format!("{}/{dir}", shape.prefix);
+                if !crate::sink::table_files(lake, &under).await?.is_empty() {
+                    held.push(values.clone());
+                    break;
+                }
+            }
+        }
+        for values in held {
+            candidates.remove(&values);
+        }
+    }
+    Ok(candidates.into_keys().collect())
+}
+
+/// A partition folder's values, unescaped, in folder order (as Glue holds them).
+fn dir_values(dir: &str) -> Vec<String> {
+    parse_partition_dir(dir)
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// A table's data files: a Delta table's active files (a file it removed stays on disk until
+/// `vacuum`), a plain table's Parquet files.
+async fn data_files(lake: &Lake, delta: bool, prefix: &str) -> Result<Vec<TableFile>> {
+    #[cfg(feature = "delta")]
+    if delta {
+        return crate::delta::active_files(lake, prefix).await;
+    }
+    let _ = delta;
+    crate::sink::table_files(lake, prefix).await
 }
 
 fn same_columns(table: &aws_sdk_glue::types::Table, shape: &Shape) -> bool {

@@ -458,9 +458,114 @@ pub fn path(key: &str) -> Path {
     Path::parse(key).unwrap_or_else(|_| Path::from(key))
 }
 
-/// One encoded path segment, e.g. a Hive partition folder `col=value`.
-pub fn segment(text: &str) -> String {
-    object_store::path::PathPart::from(text)
-        .as_ref()
-        .to_string()
+/// Whether Hive's path escaping (`FileUtils.escapePathName`, and Spark's
+/// `ExternalCatalogUtils.escapePathName`) escapes a character: the ASCII controls (0x00-0x1F,
+/// 0x7F) and `"` `#` `%` `'` `*` `/` `:` `=` `?` `\` `{` `[` `]` `^`. Everything else, non-ASCII
+/// included, stays as it is.
+fn hive_escapes(c: char) -> bool {
+    matches!(
+        c,
+        '\0'..='\x1F'
+            | '\x7F'
+            | '"'
+            | '#'
+            | '%'
+            | '\''
+            | '*'
+            | '/'
+            | ':'
+            | '='
+            | '?'
+            | '\\'
+            | '{'
+            | '['
+            | ']'
+            | '^'
+    )
+}
+
+/// Escapes a partition column name or value as Hive does in folder names: each character
+/// [`hive_escapes`] names becomes `%XX` (uppercase hex), e.g. `c:d=e` -> `c%3Ad%3De`, `é#1` ->
+/// `é%231`.
+pub fn hive_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if hive_escapes(c) {
+            out.push_str(&format!("%{:02X}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Reverses [`hive_escape`] (Hive's `unescapePathName`): every `%XX` becomes its byte. The bytes
+/// are read as UTF-8, so folders an older sluice wrote (`%C3%A9` for `é`) read back too; a
+/// result that is not UTF-8 leaves the text as it was, as DataFusion does.
+pub fn hive_unescape(text: &str) -> String {
+    if !text.contains('%') {
+        return text.to_string();
+    }
+    let bytes = text.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8(out).unwrap_or_else(|_| text.to_string())
+}
+
+/// A Hive partition folder `column=value`, both escaped as Hive escapes them
+/// ([`hive_escape`]). That text is the folder's name on disk and in S3 as it is: a lake key
+/// holding it parses as an object_store [`Path`] unchanged (no controls, no `/`), and
+/// `LocalFileSystem` maps such a path to the same file name.
+pub fn partition_segment(column: &str, value: &str) -> String {
+    format!("{}={}", hive_escape(column), hive_escape(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hive_escaping_matches_hive() {
+        assert_eq!(partition_segment("tag", "c:d=e"), "tag=c%3Ad%3De");
+        assert_eq!(hive_escape("é#1?"), "é%231%3F");
+        assert_eq!(hive_escape("50% a/b"), "50%25 a%2Fb");
+        assert_eq!(
+            hive_escape("\u{1}\"'*\\{[]^\u{7f}"),
+            "%01%22%27%2A%5C%7B%5B%5D%5E%7F"
+        );
+        // Not escaped by Hive: these stay.
+        assert_eq!(hive_escape("x y}<>|~`!@$&()+,;"), "x y}<>|~`!@$&()+,;");
+        for v in [
+            "c:d=e", "a/b", "é#1?", "50%", "x y", "t\u{1}", "%zz", "%4", "日本",
+        ] {
+            assert_eq!(hive_unescape(&hive_escape(v)), v);
+        }
+        // Folders an older sluice wrote (object_store's encoding) read back the same.
+        assert_eq!(hive_unescape("%C3%A9%231%3F"), "é#1?");
+        assert_eq!(hive_unescape("%FF"), "%FF");
+    }
+
+    #[test]
+    fn escaped_keys_reach_the_disk_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+        let seg = partition_segment("tag", "é:%\u{1}[x]");
+        let key = format!("t/{seg}/part.parquet");
+        let file = store.path_to_filesystem(&path(&key)).unwrap();
+        assert_eq!(file, dir.path().canonicalize().unwrap().join(&key));
+        assert_eq!(path(&key).as_ref(), key);
+    }
 }

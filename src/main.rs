@@ -246,8 +246,18 @@ async fn dispatch(cli: Cli) -> Result<u8> {
                 ));
             };
             let glue = Glue::new(db).await;
-            for (table, found, added) in glue.sync(&lake).await? {
-                println!("{db}.{table}: {found} partitions in the lake, {added} newly registered");
+            for t in glue.sync(&lake).await? {
+                let mut line = format!(
+                    "{db}.{}: {} partitions in the lake, {} newly registered",
+                    t.table, t.partitions, t.registered
+                );
+                if t.deregistered > 0 {
+                    line.push_str(&format!(
+                        ", {} deregistered (no files left)",
+                        t.deregistered
+                    ));
+                }
+                println!("{line}");
             }
             Ok(0)
         }

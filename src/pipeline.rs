@@ -866,7 +866,10 @@ impl<'a> Runner<'a> {
                 let to = format!(
                     "{}/{}/part-{id}.parquet",
                     lake::rejected_prefix(&table.name),
-                    lake::segment(&format!("{REJECTED_PARTITION}={}", Utc::now().date_naive()))
+                    lake::partition_segment(
+                        REJECTED_PARTITION,
+                        &Utc::now().date_naive().to_string()
+                    )
                 );
                 let from = format!("{}/{to}", ledger::staging_prefix(&id));
                 staged.push((path, from.clone()));

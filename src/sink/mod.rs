@@ -116,7 +116,8 @@ pub fn decode_parquet(key: &str, data: Bytes) -> Result<Vec<RecordBatch>> {
     Ok(reader.collect::<std::result::Result<Vec<_>, _>>()?)
 }
 
-/// The Hive folder of each row, e.g. `event_date=2024-03-01` (encoded as a lake path).
+/// The Hive folder of each row, e.g. `event_date=2024-03-01`, its values escaped as Hive
+/// escapes them (`tag=c%3Ad`).
 pub(crate) fn partition_dirs(batch: &RecordBatch, partition_by: &[String]) -> Result<Vec<String>> {
     let n = batch.num_rows();
     let mut dirs = vec![String::new(); n];
@@ -131,7 +132,7 @@ pub(crate) fn partition_dirs(batch: &RecordBatch, partition_by: &[String]) -> Re
             if !d.is_empty() {
                 d.push('/');
             }
-            d.push_str(&lake::segment(&format!("{col}={}", fmt.value(i))));
+            d.push_str(&lake::partition_segment(col, &fmt.value(i).to_string()));
         }
     }
     Ok(dirs)
@@ -176,36 +177,15 @@ pub fn nullable(schema: &Schema) -> SchemaRef {
     ))
 }
 
-/// Parses `a=1/b=x` into its values, decoded.
+/// Parses a partition folder `a=1/b=x` into its columns and values, unescaped
+/// ([`lake::hive_unescape`]): each segment splits at its first `=`, as Hive escapes `=`.
 pub fn parse_partition_dir(dir: &str) -> Vec<(String, String)> {
     dir.split('/')
         .filter_map(|seg| {
-            let decoded = percent_decode(seg);
-            decoded
-                .split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
+            seg.split_once('=')
+                .map(|(k, v)| (lake::hive_unescape(k), lake::hive_unescape(v)))
         })
         .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push(h * 16 + l);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A data file of a table and the partition it sits in.
@@ -319,9 +299,20 @@ mod tests {
 
     #[test]
     fn partition_dirs_round_trip() {
-        let seg = lake::segment("k=a/b%c");
-        let parsed = parse_partition_dir(&seg);
-        assert_eq!(parsed, vec![("k".to_string(), "a/b%c".to_string())]);
+        let dir = format!(
+            "{}/{}",
+            lake::partition_segment("k", "a/b%c=d"),
+            lake::partition_segment("t", "é:1")
+        );
+        assert_eq!(dir, "k=a%2Fb%25c%3Dd/t=é%3A1");
+        let parsed = parse_partition_dir(&dir);
+        let want = [("k", "a/b%c=d"), ("t", "é:1")].map(|(k, v)| (k.to_string(), v.to_string()));
+        assert_eq!(parsed, want);
+        // A folder an older sluice wrote: `=` unescaped, non-ASCII percent-encoded.
+        assert_eq!(
+            parse_partition_dir("k=c:d=e/t=%C3%A9"),
+            [("k", "c:d=e"), ("t", "é")].map(|(k, v)| (k.to_string(), v.to_string()))
+        );
     }
 
     #[test]

@@ -1089,3 +1089,138 @@ fn a_long_run_keeps_its_messages_invisible() {
     }
     stop(child);
 }
+
+/// A table `events_clean` in `s3://<bucket>/data`, registered in Glue database `moves`:
+/// partitioned by `day`, one row per `id` (the greatest `ts` wins); Delta with `delta`.
+fn moving_rows_project(moto: &Moto, bucket: &str, delta: bool) -> Project {
+    moto.create_bucket(bucket);
+    let p = Project::single_table(
+        "events",
+        "csv",
+        r#"[{ name = "id", type = "string" }, { name = "day", type = "string" }, { name = "ts", type = "int64" }]"#,
+        "SELECT id, day, ts, _source_file, _source_row FROM events",
+    );
+    p.edit_config(
+        "root = \"lake\"",
+        &format!(
+            "root = \"s3://{bucket}/data\"\n\n[catalog]\nkind = \"glue\"\ndatabase = \"moves\""
+        ),
+    );
+    p.edit_config(
+        "source = \"events\"",
+        &format!(
+            "source = \"events\"\npartition_by = [\"day\"]\nunique_key = [\"id\"]\norder_by = \"ts\"{}",
+            if delta { "\nformat = \"delta\"" } else { "" }
+        ),
+    );
+    p
+}
+
+fn days(values: &[&str]) -> Vec<Vec<String>> {
+    values.iter().map(|v| vec![v.to_string()]).collect()
+}
+
+/// A row whose newer version lands in another partition empties its old partition: the
+/// commit deregisters it from Glue, and `catalog sync` deletes Glue partitions without files
+/// in the lake (a Delta table's: without active files).
+pub(crate) fn a_row_moving_partition_deregisters_the_emptied_one(delta: bool) {
+    let moto = Moto::start();
+    let bucket = "moves";
+    let p = moving_rows_project(&moto, bucket, delta);
+    moto.put(
+        bucket,
+        "data/raw/events/1.csv",
+        b"id,day,ts\nk,d1,1\nm,d3,1\n".to_vec(),
+    );
+    let (code, report) = run_json(&moto, &p, &[]);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(
+        moto.partitions("moves", "events_clean"),
+        days(&["d1", "d3"])
+    );
+    // k moves from d1 to d2: d1 holds nothing now.
+    moto.put(
+        bucket,
+        "data/raw/events/2.csv",
+        b"id,day,ts\nk,d2,2\n".to_vec(),
+    );
+    let (code, report) = run_json(&moto, &p, &[]);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(
+        report["tables"]["events_clean"]["rows_replaced"], 1,
+        "{report:#}"
+    );
+    assert_eq!(
+        moto.partitions("moves", "events_clean"),
+        days(&["d2", "d3"])
+    );
+    let (_, out, err) = sluice(
+        &moto,
+        &p,
+        &[
+            "query",
+            "SELECT id, day FROM events_clean ORDER BY id",
+            "--format",
+            "csv",
+        ],
+    );
+    assert_eq!(out.trim_end(), "id,day\nk,d2\nm,d3", "{err}");
+    let d1 = moto.keys(bucket, "data/processed/events_clean/day=d1");
+    let manifest = moto.keys(
+        bucket,
+        "data/processed/events_clean/_symlink_format_manifest/day=d1",
+    );
+    if delta {
+        // The removed file stays for older versions; its manifest is gone.
+        assert_eq!(d1.len(), 1, "{d1:?}");
+        assert!(manifest.is_empty(), "{manifest:?}");
+    } else {
+        assert!(d1.is_empty(), "{d1:?}");
+    }
+
+    // A partition Glue holds without files in the lake (an older sluice left it, or its
+    // files were deleted by hand): `catalog sync` deletes it, and registers nothing stale.
+    let location = format!("s3://{bucket}/data/processed/events_clean/day=d1/");
+    moto.block_on(async {
+        moto.glue()
+            .create_partition()
+            .database_name("moves")
+            .table_name("events_clean")
+            .partition_input(
+                aws_sdk_glue::types::PartitionInput::builder()
+                    .values("d1")
+                    .storage_descriptor(
+                        aws_sdk_glue::types::StorageDescriptor::builder()
+                            .location(location)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap()
+    });
+    assert_eq!(
+        moto.partitions("moves", "events_clean"),
+        days(&["d1", "d2", "d3"])
+    );
+    let (code, out, err) = sluice(&moto, &p, &["catalog", "sync"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            "moves.events_clean: 2 partitions in the lake, 0 newly registered, 1 deregistered"
+        ),
+        "{out}"
+    );
+    assert_eq!(
+        moto.partitions("moves", "events_clean"),
+        days(&["d2", "d3"])
+    );
+    let (_, again, _) = sluice(&moto, &p, &["catalog", "sync"]);
+    assert!(!again.contains("deregistered"), "{again}");
+}
+
+#[test]
+fn a_row_moving_partition_deregisters_the_emptied_one_in_glue() {
+    a_row_moving_partition_deregisters_the_emptied_one(false);
+}

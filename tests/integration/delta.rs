@@ -2,7 +2,6 @@
 //! back by sluice and by a reader nobody here wrote (the `deltalake` Python package), exactly
 //! once across crashes, with symlink manifests, time travel, compaction and vacuum.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
@@ -24,21 +23,6 @@ fn delta_project() -> Project {
         ),
     )
     .unwrap();
-    p
-}
-
-/// The Python interpreter of a venv with `deltalake` and `pyarrow` (`.ci/run` makes it).
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("SLUICE_PYDELTA") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("HOME").unwrap_or_default();
-    let p = PathBuf::from(home).join(".cache/sluice-pydelta/bin/python");
-    assert!(
-        p.exists(),
-        "{} not found: `bash .ci/run` installs the deltalake Python package (or set SLUICE_PYDELTA)",
-        p.display()
-    );
     p
 }
 
@@ -422,4 +406,58 @@ fn delta_on_s3_commits_conditionally_and_glue_reads_it_through_symlink_manifests
         logs.storage_descriptor().unwrap().input_format(),
         Some("org.apache.hadoop.hive.ql.io.parquet.MapredParquetInputFormat")
     );
+}
+
+#[test]
+fn a_row_moving_partition_deregisters_the_emptied_one_of_a_delta_table() {
+    crate::aws::a_row_moving_partition_deregisters_the_emptied_one(true);
+}
+
+#[test]
+fn delta_partition_values_are_unescaped_in_the_log_and_read_back_exactly() {
+    use crate::hive::{VALUES, assert_sluice_reads_tags, assert_tags, tagged_project};
+    let p = tagged_project("\nformat = \"delta\"");
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report:#}");
+    let table = p.lake().join("processed/events_clean");
+    // The log holds each value as it is, and the path of its file escaped twice: the folder
+    // is Hive-escaped, and the path a URI (as Spark writes it).
+    let log = std::fs::read_to_string(table.join("_delta_log/00000000000000000001.json")).unwrap();
+    let adds: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter_map(|a| a.get("add").cloned())
+        .collect();
+    assert_eq!(adds.len(), VALUES.len());
+    for a in &adds {
+        let tag = a["partitionValues"]["tag"].as_str().unwrap();
+        assert!(VALUES.contains(&tag), "{a}");
+    }
+    let colon = adds
+        .iter()
+        .find(|a| a["partitionValues"]["tag"] == "c:d=e")
+        .unwrap();
+    assert!(
+        colon["path"]
+            .as_str()
+            .unwrap()
+            .starts_with("tag=c%253Ad%253De/"),
+        "{colon}"
+    );
+    assert_sluice_reads_tags(&p);
+    // The deltalake Python package reads every value back.
+    let script = "import json, sys, os\n\
+        from deltalake import DeltaTable\n\
+        t = DeltaTable(sys.argv[1]).to_pyarrow_table()\n\
+        print(json.dumps(list(zip(t.column('id').to_pylist(), t.column('tag').to_pylist()))))\n\
+        sys.stdout.flush()\n\
+        os._exit(0)\n";
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .arg(&table)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "python: {}", text(&out));
+    assert_tags("deltalake", &serde_json::from_slice(&out.stdout).unwrap());
 }

@@ -9,6 +9,7 @@ mod crash;
 mod delta;
 mod exactly_once;
 mod formats;
+mod hive;
 #[cfg(feature = "lambda")]
 mod lambda;
 mod memory;

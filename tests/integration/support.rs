@@ -248,6 +248,23 @@ pub fn file_counts(report: &Value) -> BTreeMap<String, (String, u64, u64, u64, u
         .collect()
 }
 
+/// The Python interpreter of the venv `.ci/run` makes with `deltalake`, `pyarrow` and `duckdb`
+/// (readers nobody here wrote); `SLUICE_PYDELTA` names another. Missing, the test fails.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("SLUICE_PYDELTA") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let p = PathBuf::from(home).join(".cache/sluice-pydelta/bin/python");
+    assert!(
+        p.exists(),
+        "{} not found: `bash .ci/run` installs deltalake, pyarrow and duckdb in a venv (or set \
+         SLUICE_PYDELTA)",
+        p.display()
+    );
+    p
+}
+
 /// Output as text, for messages.
 pub fn text(out: &Output) -> String {
     format!(
