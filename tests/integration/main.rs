@@ -15,3 +15,4 @@ mod pipeline;
 mod postgres;
 mod redshift;
 mod support;
+mod timeouts;
