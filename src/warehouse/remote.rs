@@ -166,21 +166,21 @@ fn parameters(config: &Config, run_id: &str, at: DateTime<Utc>) -> BTreeMap<Stri
 
 enum Backend {
     Redshift(Box<RedshiftData>),
-    Postgres(Postgres),
+    Postgres(Box<Postgres>),
 }
 
 impl Backend {
     /// Connects for `step`, waiting no longer than the run's `deadline`.
     async fn connect(config: &Config, step: &str, deadline: &Deadline) -> Result<Backend> {
         Ok(match config.warehouse.kind {
-            WarehouseKind::Postgres => Backend::Postgres(
+            WarehouseKind::Postgres => Backend::Postgres(Box::new(
                 deadline
                     .bound(
                         &format!("{step} (connecting to postgres)"),
                         Postgres::connect(config, step),
                     )
                     .await?,
-            ),
+            )),
             _ => Backend::Redshift(Box::new(RedshiftData::new(&config.warehouse).await)),
         })
     }
@@ -392,7 +392,7 @@ async fn run_unit(
                 Backend::Postgres(pg) => {
                     if pg.is_closed() {
                         let step_name = format!("{LOAD_STEP} (connecting to postgres)");
-                        *pg = deadline
+                        **pg = deadline
                             .bound(&step_name, Postgres::connect(config, LOAD_STEP))
                             .await?;
                     }

@@ -223,6 +223,7 @@ fn a_silent_webhook_times_out_naming_its_endpoint_and_a_fixed_one_gets_the_next_
     p.add_raw("app_logs", "broken.jsonl.gz", b"\x1f\x8b\x08\x00garbage");
     let (code, report, out, took) = run(&p, &[]);
     let notifying = since_finished(&report);
+    eprintln!("silent webhook: notification {notifying:.2}s, run {took:?}");
     assert_eq!(code, 1, "{out}");
     assert!(
         silent.accepted() >= 1,
@@ -278,6 +279,7 @@ fn max_runtime_stops_the_run_at_a_safe_point_and_leaves_no_lock_behind() {
     assert!(took < Duration::from_secs(90), "the run took {took:?}");
     assert_eq!(report["status"], "failed", "{report:#}");
     let errors = report["errors"].to_string();
+    eprintln!("max_runtime 6s: run {took:?}, {errors}");
     assert!(
         errors.contains("max_runtime 6s reached at step "),
         "{errors}"
@@ -317,4 +319,65 @@ fn max_runtime_stops_the_run_at_a_safe_point_and_leaves_no_lock_behind() {
     );
     assert!(took < Duration::from_secs(90), "the rerun took {took:?}");
     assert_example_tables(&p);
+}
+
+#[test]
+fn a_postgres_statement_past_its_timeout_is_cancelled_and_the_next_run_runs_it_again() {
+    let pg = Pg::start();
+    let p = Project::with_fixtures();
+    append_config(
+        &p,
+        &format!(
+            "[warehouse]\nkind = \"postgres\"\nurl = \"{}\"\npassword = \"env:SLUICE_TEST_PG_PASSWORD\"\n\
+             call = [\"SELECT pg_sleep(60)\"]\n\n[timeouts]\nstatement = \"2s\"\n",
+            pg.url()
+        ),
+    );
+    let (code, report, out, _) = run(&p, &[]);
+    assert_eq!(code, 1, "{out}");
+    let errors = report["errors"].to_string();
+    assert!(errors.contains("warehouse load: statement "), "{errors}");
+    let endpoint = format!(
+        "call 1 on postgres 127.0.0.1:{}/postgres timed out after 2s",
+        pg.port
+    );
+    assert!(errors.contains(&endpoint), "{errors}");
+    let waited = report["timings"]["warehouse load"].as_f64().unwrap();
+    eprintln!("statement timeout 2s: warehouse load {waited:.2}s");
+    assert!(
+        (1.9..15.0).contains(&waited),
+        "warehouse load took {waited}s"
+    );
+    // Failed once, not retried now; nothing committed in the warehouse.
+    let statements = report["statements"].as_array().unwrap();
+    assert_eq!(statements.len(), 1, "{report:#}");
+    assert_eq!(statements[0]["status"], "failed");
+    assert_eq!(pg.count("sluice_loads"), 0);
+    // The server was asked to cancel it: without that, the sleep would go on for a minute
+    // (a server notices a closed connection only when the statement ends).
+    let start = Instant::now();
+    let sleeping = || {
+        pg.query(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE query LIKE 'SELECT pg_sleep%' AND state = 'active' \
+             AND pid <> pg_backend_pid()",
+        )[0][0]
+            .clone()
+    };
+    while sleeping().as_deref() != Some("0") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the statement still runs on the server"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_example_tables(&p);
+    assert!(p.files("_sluice/locks").is_empty());
+
+    // The fix: the next run runs the step again, once.
+    p.edit_config("SELECT pg_sleep(60)", "SELECT 1");
+    let (code, report, out, _) = run(&p, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(report["statements"][0]["status"], "finished", "{report:#}");
+    assert_eq!(pg.count("sluice_loads"), 1);
 }
