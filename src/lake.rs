@@ -253,6 +253,7 @@ impl Lake {
                 }
             };
         };
+        tracing::debug!(key, size = meta.size, "downloading in ranges");
         std::fs::create_dir_all(&self.scratch).map_err(fail)?;
         let mut file = tempfile::tempfile_in(&self.scratch).map_err(fail)?;
         let mut start = 0u64;

@@ -73,12 +73,10 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 }
 
 impl Postgres {
-    /// Connects with the config's URL or host/port/user/password, TLS as `sslmode` asks, and
-    /// creates the marker table if missing; `step` names what the connection is for in
-    /// messages. The whole connect phase gives up after `[timeouts] connect`.
-    pub async fn connect(config: &Config, step: &str) -> Result<Postgres> {
+    /// The connection settings of the config's URL or host/port/user/password, and the
+    /// server as `host:port/db` for messages.
+    fn settings(config: &Config) -> Result<(tokio_postgres::Config, String)> {
         let w = &config.warehouse;
-        let timeouts = config.timeouts.get();
         let mut pg: tokio_postgres::Config = match &w.url {
             Some(url) => url.parse().map_err(|e| {
                 Error::config(
@@ -111,8 +109,8 @@ impl Postgres {
             });
         }
         pg.application_name("sluice");
-        // The TCP connect of each address; the bound below covers TLS and startup too.
-        pg.connect_timeout(timeouts.connect);
+        // The TCP connect of each address; `connect` bounds TLS and startup too.
+        pg.connect_timeout(config.timeouts.get().connect);
         let target = format!(
             "{}:{}/{}",
             pg.get_hosts()
@@ -126,6 +124,23 @@ impl Postgres {
             pg.get_ports().first().copied().unwrap_or(5432),
             pg.get_dbname().unwrap_or("")
         );
+        Ok((pg, target))
+    }
+
+    /// The configured server as `host:port/db`, for messages.
+    pub fn target(config: &Config) -> String {
+        Postgres::settings(config)
+            .map(|(_, t)| t)
+            .unwrap_or_else(|_| "(an invalid warehouse.url)".to_string())
+    }
+
+    /// Connects with the config's URL or host/port/user/password, TLS as `sslmode` asks, and
+    /// creates the marker table if missing; `step` names what the connection is for in
+    /// messages. The whole connect phase gives up after `[timeouts] connect`.
+    pub async fn connect(config: &Config, step: &str) -> Result<Postgres> {
+        let w = &config.warehouse;
+        let timeouts = config.timeouts.get();
+        let (pg, target) = Postgres::settings(config)?;
         let tls = tls_connector(config)?;
         let connecting = async {
             pg.connect(tls.clone())

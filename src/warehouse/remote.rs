@@ -176,7 +176,10 @@ impl Backend {
             WarehouseKind::Postgres => Backend::Postgres(Box::new(
                 deadline
                     .bound(
-                        &format!("{step} (connecting to postgres)"),
+                        &format!(
+                            "{step} (connecting to postgres {})",
+                            Postgres::target(config)
+                        ),
                         Postgres::connect(config, step),
                     )
                     .await?,
@@ -391,7 +394,10 @@ async fn run_unit(
                 }
                 Backend::Postgres(pg) => {
                     if pg.is_closed() {
-                        let step_name = format!("{LOAD_STEP} (connecting to postgres)");
+                        let step_name = format!(
+                            "{LOAD_STEP} (connecting to postgres {})",
+                            Postgres::target(config)
+                        );
                         **pg = deadline
                             .bound(&step_name, Postgres::connect(config, LOAD_STEP))
                             .await?;

@@ -302,7 +302,11 @@ fn max_runtime_stops_the_run_at_a_safe_point_and_leaves_no_lock_behind() {
         "{:?}",
         p.files("_sluice/claims")
     );
-    if errors.contains("warehouse load (connecting to postgres)") {
+    let waiting = format!(
+        "warehouse load (connecting to postgres 127.0.0.1:{}/postgres)",
+        silent.port
+    );
+    if errors.contains(&waiting) {
         // Stopped while waiting for the warehouse: every commit before it stands.
         assert!(silent.accepted() >= 1);
         assert_example_tables(&p);
