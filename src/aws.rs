@@ -1,10 +1,12 @@
 //! Shared AWS setup: one SDK config per process from the standard chain (environment, profile,
 //! SSO, web identity, container and instance credentials; `AWS_REGION`; `AWS_ENDPOINT_URL` and
-//! `AWS_ENDPOINT_URL_<SERVICE>`), rustls on ring for TLS, and the same credentials handed to
-//! object_store for the S3 lake.
+//! `AWS_ENDPOINT_URL_<SERVICE>`), rustls on ring for TLS, the `[timeouts]` of the config
+//! (connect, each attempt, each operation with its retries), and the same credentials handed
+//! to object_store for the S3 lake.
 
 use std::sync::Arc;
 
+use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_credential_types::provider::ProvideCredentials;
 // The same error types in every SDK crate.
@@ -29,8 +31,16 @@ pub fn http_client() -> SharedHttpClient {
 pub async fn config() -> &'static SdkConfig {
     CONFIG
         .get_or_init(|| async {
+            let t = crate::timeout::get();
             aws_config::defaults(BehaviorVersion::latest())
                 .http_client(http_client())
+                .timeout_config(
+                    TimeoutConfig::builder()
+                        .connect_timeout(t.connect)
+                        .operation_attempt_timeout(t.request)
+                        .operation_timeout(t.operation)
+                        .build(),
+                )
                 .load()
                 .await
         })

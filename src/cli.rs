@@ -17,6 +17,10 @@ pub struct Cli {
     /// Memory the run may use, e.g. 512MiB (overrides `engine.memory_limit`).
     #[arg(long, global = true)]
     pub memory_limit: Option<String>,
+    /// How long a run may last, e.g. 2h (overrides `engine.max_runtime`): then it stops at its
+    /// next safe point, releases its locks and fails (exit 1); its commits stand.
+    #[arg(long, global = true)]
+    pub max_runtime: Option<String>,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,

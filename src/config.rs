@@ -44,6 +44,9 @@ pub struct Config {
     /// Query engine settings.
     #[serde(default)]
     pub engine: EngineConfig,
+    /// How long network calls may take.
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
     /// The folder the config was loaded from: relative paths start here.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -396,6 +399,27 @@ impl WarehouseConfig {
     }
 }
 
+/// A duration as [`parse_duration`] reads it: `2s`, `30m`, `1h30m`, `1h0m5s`; below a second
+/// in milliseconds (`250ms`).
+pub fn format_duration(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    if secs == 0 {
+        return format!("{}ms", d.as_millis());
+    }
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if m > 0 || (h > 0 && s > 0) {
+        out.push_str(&format!("{m}m"));
+    }
+    if s > 0 {
+        out.push_str(&format!("{s}s"));
+    }
+    out
+}
+
 /// Parses a duration such as `30m`, `90s`, `2h`, `1h30m` or `45` (seconds).
 pub fn parse_duration(text: &str) -> std::result::Result<std::time::Duration, String> {
     let t = text.trim();
@@ -497,6 +521,106 @@ pub struct EngineConfig {
     /// buffers, open writers and the query engine's pool are cut from it; sorts and joins in a
     /// query spill to disk beyond their share.
     pub memory_limit: Option<String>,
+    /// How long a run may last, e.g. `"2h"`; then it stops at its next safe point (between
+    /// sources, before a commit, between warehouse steps, while waiting for the network),
+    /// releases its locks and fails. Default: no limit.
+    pub max_runtime: Option<String>,
+}
+
+/// `[timeouts]`: every network call gives up after these (durations such as `"30s"`, `"5m"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// Opening a connection, TCP, TLS and PostgreSQL's startup and login included: PostgreSQL,
+    /// webhooks, S3 and the other AWS services.
+    #[serde(default = "default_connect_timeout")]
+    pub connect: String,
+    /// One PostgreSQL statement, or one step's COPY, before it is cancelled.
+    #[serde(default = "default_statement_timeout")]
+    pub statement: String,
+    /// One request to S3 or another AWS service, the answer's body included (each attempt).
+    #[serde(default = "default_request_timeout")]
+    pub request: String,
+    /// One AWS call with its retries.
+    #[serde(default = "default_operation_timeout")]
+    pub operation: String,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig {
+            connect: default_connect_timeout(),
+            statement: default_statement_timeout(),
+            request: default_request_timeout(),
+            operation: default_operation_timeout(),
+        }
+    }
+}
+
+// A connection that is not up after 30 s will not come up: the default of most clients (curl
+// takes 300 s), and well above a TLS handshake across the world (< 1 s).
+fn default_connect_timeout() -> String {
+    "30s".to_string()
+}
+// A load copies a whole unit of commits and a call rebuilds aggregates: minutes on a big
+// backlog, never an hour; as long as a Redshift statement's `deadline`.
+fn default_statement_timeout() -> String {
+    "30m".to_string()
+}
+// The largest S3 requests are an 8 MiB part of an upload and a 16 MiB range of a download:
+// 5 minutes is 55 KB/s, far below any link that works; SQS long polls take 20 s.
+fn default_request_timeout() -> String {
+    "5m".to_string()
+}
+// Three attempts of a request (the SDK's standard retries).
+fn default_operation_timeout() -> String {
+    "15m".to_string()
+}
+
+/// The checked timeouts of `[timeouts]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// See [`TimeoutsConfig::connect`].
+    pub connect: std::time::Duration,
+    /// See [`TimeoutsConfig::statement`].
+    pub statement: std::time::Duration,
+    /// See [`TimeoutsConfig::request`].
+    pub request: std::time::Duration,
+    /// See [`TimeoutsConfig::operation`].
+    pub operation: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        TimeoutsConfig::default().parsed().unwrap_or(Timeouts {
+            connect: std::time::Duration::from_secs(30),
+            statement: std::time::Duration::from_secs(1800),
+            request: std::time::Duration::from_secs(300),
+            operation: std::time::Duration::from_secs(900),
+        })
+    }
+}
+
+impl TimeoutsConfig {
+    /// The durations, or the first key that is not one (or is zero).
+    pub fn parsed(&self) -> std::result::Result<Timeouts, String> {
+        let get = |key: &str, text: &str| match parse_duration(text) {
+            Ok(d) if d.is_zero() => Err(format!("timeouts.{key} must be more than 0s")),
+            Ok(d) => Ok(d),
+            Err(e) => Err(format!("timeouts.{key}: {e}")),
+        };
+        Ok(Timeouts {
+            connect: get("connect", &self.connect)?,
+            statement: get("statement", &self.statement)?,
+            request: get("request", &self.request)?,
+            operation: get("operation", &self.operation)?,
+        })
+    }
+
+    /// The durations (checked when the config was loaded).
+    pub fn get(&self) -> Timeouts {
+        self.parsed().unwrap_or_default()
+    }
 }
 
 /// Default memory limit of a run.
@@ -537,6 +661,13 @@ impl EngineConfig {
     /// The configured worker threads, or all cores.
     pub fn threads(&self) -> usize {
         self.threads.unwrap_or_else(all_cores)
+    }
+
+    /// The run's time limit (checked when the config was loaded); `None`: no limit.
+    pub fn max_runtime(&self) -> Option<std::time::Duration> {
+        self.max_runtime
+            .as_deref()
+            .and_then(|s| parse_duration(s).ok())
     }
 
     /// The memory limit in bytes (checked when the config was loaded).
@@ -739,6 +870,14 @@ impl Config {
             && let Err(e) = parse_size(limit)
         {
             return err(format!("engine.memory_limit: {e}"));
+        }
+        if let Some(limit) = &self.engine.max_runtime
+            && let Err(e) = parse_duration(limit)
+        {
+            return err(format!("engine.max_runtime: {e}"));
+        }
+        if let Err(e) = self.timeouts.parsed() {
+            return err(e);
         }
         if let Some(rest) = self.lake.root.strip_prefix("s3://")
             && rest.split('/').next().is_none_or(str::is_empty)
@@ -1025,6 +1164,52 @@ partition_by = ["event_date"]
         let e = check("kind = \"postgres\"\nhost = \"h\"\ntables = [\"nope\"]").unwrap_err();
         assert!(e.contains("\"nope\", which is not a [[table]]"), "{e}");
         check("kind = \"postgres\"\nhost = \"h\"\ncall = [\"CALL a()\", \"b.sql\"]").unwrap();
+    }
+
+    #[test]
+    fn timeouts_have_defaults_and_are_checked() {
+        let c = Config::parse(MINIMAL, Path::new("sluice.toml")).unwrap();
+        let t = c.timeouts.get();
+        assert_eq!(t.connect, std::time::Duration::from_secs(30));
+        assert_eq!(t.statement, std::time::Duration::from_secs(1800));
+        assert_eq!(c.engine.max_runtime(), None);
+        let with = |extra: &str| {
+            Config::parse(&format!("{MINIMAL}\n{extra}"), Path::new("sluice.toml"))
+                .map_err(|e| e.to_string())
+        };
+        let c = with("[timeouts]\nconnect = \"2s\"\n[engine]\nmax_runtime = \"1h30m\"").unwrap();
+        assert_eq!(c.timeouts.get().connect, std::time::Duration::from_secs(2));
+        assert_eq!(
+            c.engine.max_runtime(),
+            Some(std::time::Duration::from_secs(5400))
+        );
+        let e = with("[timeouts]\nstatement = \"soon\"").unwrap_err();
+        assert!(e.contains("timeouts.statement"), "{e}");
+        let e = with("[timeouts]\nconnect = \"0s\"").unwrap_err();
+        assert!(e.contains("more than 0s"), "{e}");
+        let e = with("[timeouts]\nconect = \"2s\"").unwrap_err();
+        assert!(e.contains("conect"), "{e}");
+        let e = with("[engine]\nmax_runtime = \"2 hours\"").unwrap_err();
+        assert!(e.contains("engine.max_runtime"), "{e}");
+    }
+
+    #[test]
+    fn durations_format_as_they_parse() {
+        for (secs, text) in [
+            (2, "2s"),
+            (1800, "30m"),
+            (5400, "1h30m"),
+            (3605, "1h0m5s"),
+            (7200, "2h"),
+        ] {
+            let d = std::time::Duration::from_secs(secs);
+            assert_eq!(format_duration(d), text);
+            assert_eq!(parse_duration(text), Ok(d));
+        }
+        assert_eq!(
+            format_duration(std::time::Duration::from_millis(250)),
+            "250ms"
+        );
     }
 
     #[test]

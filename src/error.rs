@@ -78,6 +78,20 @@ pub enum Error {
     #[error("warehouse {target}: {message}")]
     Warehouse { target: String, message: String },
 
+    /// A network call got no answer in time; `what` names the call and its endpoint.
+    #[error("{step}: {what} timed out after {after}")]
+    Timeout {
+        step: String,
+        what: String,
+        after: String,
+    },
+
+    /// The run passed `max_runtime` and stopped at this step (its commits stand).
+    #[error(
+        "max_runtime {limit} reached at step {step}; the run stopped there, its commits stand and the next run carries on"
+    )]
+    MaxRuntime { limit: String, step: String },
+
     /// Plain I/O outside the lake (config files, local output).
     #[error("{context}: {source}")]
     Io {

@@ -18,10 +18,12 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
 use object_store::{
-    GetResultPayload, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    ClientOptions, GetOptions, GetRange, GetResultPayload, ObjectMeta, ObjectStore, ObjectStoreExt,
+    PutMode, PutOptions, PutPayload,
 };
 use tokio::io::AsyncWriteExt;
 
+use crate::config::Timeouts;
 use crate::error::{Error, Result};
 
 /// Where the pipeline keeps its own state.
@@ -55,10 +57,11 @@ pub struct Lake {
 }
 
 impl Lake {
-    /// Opens a lake: `s3://bucket/prefix` or a local folder (created if needed).
-    pub async fn open(location: &str) -> Result<Lake> {
+    /// Opens a lake: `s3://bucket/prefix` or a local folder (created if needed); S3 requests
+    /// give up after the `timeouts` (connect, and each request with its answer).
+    pub async fn open(location: &str, timeouts: &Timeouts) -> Result<Lake> {
         match location.strip_prefix("s3://") {
-            Some(rest) => Lake::open_s3(rest).await,
+            Some(rest) => Lake::open_s3(rest, timeouts).await,
             None => Lake::open_local(FsPath::new(location)),
         }
     }
@@ -80,7 +83,7 @@ impl Lake {
 
     /// Opens a lake in S3 (`bucket/prefix` after `s3://`), with the SDK's credentials, region
     /// and endpoint (`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`).
-    async fn open_s3(rest: &str) -> Result<Lake> {
+    async fn open_s3(rest: &str, timeouts: &Timeouts) -> Result<Lake> {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         let prefix = prefix.trim_matches('/').to_string();
         if bucket.is_empty() {
@@ -95,7 +98,12 @@ impl Lake {
         let mut builder = AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_region(region)
-            .with_credentials(Arc::new(crate::aws::S3Credentials));
+            .with_credentials(Arc::new(crate::aws::S3Credentials))
+            .with_client_options(
+                ClientOptions::new()
+                    .with_connect_timeout(timeouts.connect)
+                    .with_timeout(timeouts.request),
+            );
         if let Some(endpoint) = crate::aws::endpoint_url("s3") {
             builder = builder
                 .with_allow_http(endpoint.starts_with("http://"))
@@ -220,22 +228,59 @@ impl Lake {
     }
 
     /// A reader of an object's bytes: a local file is read in place; a remote object is
-    /// downloaded into an unnamed scratch file first (bounded memory, whatever its size).
+    /// downloaded into an unnamed scratch file first (bounded memory, whatever its size), in
+    /// ranges of [`DOWNLOAD_RANGE`] bytes when it is larger, so that each request ends well
+    /// within the request timeout whatever the object's size.
     pub async fn reader(&self, key: &str) -> Result<Box<dyn std::io::Read + Send>> {
-        let got = self.store.get(&path(key)).await?;
-        match got.payload {
-            GetResultPayload::File(file, _) => Ok(Box::new(file)),
-            GetResultPayload::Stream(mut stream) => {
-                let fail = |e| Error::io(format!("cannot download {key} to scratch"), e);
-                std::fs::create_dir_all(&self.scratch).map_err(fail)?;
-                let mut file = tempfile::tempfile_in(&self.scratch).map_err(fail)?;
-                while let Some(part) = stream.try_next().await? {
-                    file.write_all(&part).map_err(fail)?;
+        let fail = |e| Error::io(format!("cannot download {key} to scratch"), e);
+        let p = path(key);
+        let large = match self.is_s3() {
+            true => Some(self.store.head(&p).await?).filter(|m| m.size > DOWNLOAD_RANGE),
+            false => None,
+        };
+        let Some(meta) = large else {
+            let got = self.store.get(&p).await?;
+            return match got.payload {
+                GetResultPayload::File(file, _) => Ok(Box::new(file)),
+                GetResultPayload::Stream(mut stream) => {
+                    std::fs::create_dir_all(&self.scratch).map_err(fail)?;
+                    let mut file = tempfile::tempfile_in(&self.scratch).map_err(fail)?;
+                    while let Some(part) = stream.try_next().await? {
+                        file.write_all(&part).map_err(fail)?;
+                    }
+                    file.seek(SeekFrom::Start(0)).map_err(fail)?;
+                    Ok(Box::new(file))
                 }
-                file.seek(SeekFrom::Start(0)).map_err(fail)?;
-                Ok(Box::new(file))
+            };
+        };
+        tracing::debug!(key, size = meta.size, "downloading in ranges");
+        std::fs::create_dir_all(&self.scratch).map_err(fail)?;
+        let mut file = tempfile::tempfile_in(&self.scratch).map_err(fail)?;
+        let mut start = 0u64;
+        while start < meta.size {
+            let opts = GetOptions {
+                range: Some(GetRange::Bounded(
+                    start..(start + DOWNLOAD_RANGE).min(meta.size),
+                )),
+                // The same version of the object throughout.
+                if_match: meta.e_tag.clone(),
+                ..Default::default()
+            };
+            let mut stream = self.store.get_opts(&p, opts).await?.into_stream();
+            let before = start;
+            while let Some(part) = stream.try_next().await? {
+                file.write_all(&part).map_err(fail)?;
+                start += part.len() as u64;
+            }
+            if start == before {
+                return Err(Error::Read {
+                    key: key.to_string(),
+                    message: format!("the object ended at byte {start} of {}", meta.size),
+                });
             }
         }
+        file.seek(SeekFrom::Start(0)).map_err(fail)?;
+        Ok(Box::new(file))
     }
 
     /// SHA-256 of an object's bytes, hex, read in pieces.
@@ -423,6 +468,9 @@ impl Lake {
         self.put(key, data).await
     }
 }
+
+/// Remote objects larger than this are downloaded in ranges of this size (one request each).
+pub const DOWNLOAD_RANGE: u64 = 16 << 20;
 
 /// `processed/<table>`
 pub fn processed_prefix(table: &str) -> String {

@@ -33,8 +33,9 @@ fn config_path() -> PathBuf {
 async fn handle(event: LambdaEvent<Value>) -> Result<Value> {
     let path = config_path();
     let mut config = Config::load(&path)?;
+    crate::timeout::set(config.timeouts.get());
     config.resolve_secrets().await?;
-    let lake = Lake::open(&config.lake_root()).await?;
+    let lake = Lake::open(&config.lake_root(), &config.timeouts.get()).await?;
     match trigger::handle_event(&config, lake, &event.payload.to_string(), false).await? {
         None => Ok(serde_json::json!({ "status": "nothing_to_do" })),
         Some(report) if report.status == RunStatus::Failed => Err(Error::State {

@@ -29,6 +29,7 @@ pub mod report;
 pub mod secrets;
 pub mod sink;
 pub mod source;
+pub mod timeout;
 pub mod transform;
 pub mod trigger;
 pub mod validate;

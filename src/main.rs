@@ -92,14 +92,20 @@ fn init_logging(cli: &Cli) {
 
 async fn load(cli: &Cli, config_path: &Path) -> Result<(Config, Lake)> {
     let mut config = Config::load(config_path)?;
+    sluice::timeout::set(config.timeouts.get());
     config.resolve_secrets().await?;
     if let Some(limit) = &cli.memory_limit {
         sluice::config::parse_size(limit)
             .map_err(|e| Error::config(config_path, format!("--memory-limit: {e}")))?;
         config.engine.memory_limit = Some(limit.clone());
     }
+    if let Some(limit) = &cli.max_runtime {
+        sluice::config::parse_duration(limit)
+            .map_err(|e| Error::config(config_path, format!("--max-runtime: {e}")))?;
+        config.engine.max_runtime = Some(limit.clone());
+    }
     let root = cli.lake.clone().unwrap_or_else(|| config.lake_root());
-    let lake = Lake::open(&root).await?;
+    let lake = Lake::open(&root, &config.timeouts.get()).await?;
     Ok((config, lake))
 }
 

@@ -126,13 +126,25 @@ async fn publish(
     )))
 }
 
+/// `host:port` of a URL, for messages (no path, query or credentials).
+fn endpoint(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))
+        .unwrap_or_else(|| "(an invalid URL)".to_string())
+}
+
 async fn post(url: &str, report: &RunReport, config: &NotifyConfig) -> Result<()> {
     let fail = |message: String| Error::Notify {
-        target: redact(url),
+        target: format!("webhook {}", endpoint(url)),
         message: redact(&message),
     };
+    // The whole request within `timeout_secs`, its connection within `[timeouts] connect`.
+    let timeout = Duration::from_secs(config.timeout_secs);
+    let connect = crate::timeout::get().connect.min(timeout);
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(config.timeout_secs))
+        .connect_timeout(connect)
+        .timeout(timeout)
         .build()
         .map_err(|e| fail(e.to_string()))?;
     let mut last = String::new();
@@ -143,11 +155,24 @@ async fn post(url: &str, report: &RunReport, config: &NotifyConfig) -> Result<()
         match client.post(url).json(report).send().await {
             Ok(r) if r.status().is_success() => return Ok(()),
             Ok(r) => last = format!("HTTP {}", r.status()),
-            Err(e) => last = e.to_string(),
+            Err(e) if e.is_timeout() && e.is_connect() => {
+                last = format!(
+                    "connecting timed out after {}",
+                    crate::config::format_duration(connect)
+                )
+            }
+            Err(e) if e.is_timeout() => {
+                last = format!(
+                    "no answer within {}",
+                    crate::config::format_duration(timeout)
+                )
+            }
+            Err(e) => last = crate::error::chain(&e.without_url()),
         }
     }
     Err(fail(format!(
-        "{last} (after {} attempts)",
-        config.retries + 1
+        "{last} (after {} attempt{})",
+        config.retries + 1,
+        if config.retries == 0 { "" } else { "s" }
     )))
 }

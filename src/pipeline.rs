@@ -32,6 +32,7 @@ use crate::sink;
 use crate::sink::stream::{RowFile, SinkOptions, TableSink};
 use crate::source::feed::{Feed, FeedFile, FeedPartition};
 use crate::source::{self, SOURCE_FILE, SOURCE_ROW, SourceSchema};
+use crate::timeout::Deadline;
 use crate::transform::{self, Counts, Router};
 use crate::warehouse;
 use tracing::Instrument;
@@ -113,6 +114,8 @@ pub struct Runner<'a> {
     wait: Duration,
     glue: tokio::sync::OnceCell<Option<Glue>>,
     only: Option<BTreeSet<String>>,
+    /// `max_runtime` from the runner's start.
+    deadline: Deadline,
 }
 
 impl<'a> Runner<'a> {
@@ -128,6 +131,7 @@ impl<'a> Runner<'a> {
             wait: Duration::from_secs(config.lake.lock_wait_secs),
             glue: tokio::sync::OnceCell::new(),
             only: None,
+            deadline: Deadline::after(config.engine.max_runtime()),
         }
     }
 
@@ -151,15 +155,34 @@ impl<'a> Runner<'a> {
             .as_ref()
     }
 
+    /// Takes the commit lock, waiting no longer than the lock wait or the run's `max_runtime`.
     async fn lock(&self) -> Result<()> {
-        lock::acquire(&self.lake, COMMIT_LOCK, &self.me, self.ttl, self.wait).await
+        let wait = self.deadline.cap(self.wait);
+        match lock::acquire(&self.lake, COMMIT_LOCK, &self.me, self.ttl, wait).await {
+            Err(Error::Locked { .. }) if self.deadline.passed() => {
+                Err(self.deadline.reached("waiting for the commit lock"))
+            }
+            other => other,
+        }
+    }
+
+    /// Lets go of the claims of files this run took and will not commit (the run stops at
+    /// `max_runtime`): the next run takes them again, and no attempt is counted against them.
+    async fn release_claims(&self, claimed: &[ObjectMeta]) {
+        for meta in claimed {
+            let key = ledger::claim_key(meta.location.as_ref());
+            if let Err(e) = lock::release(&self.lake, &key, &self.me).await {
+                tracing::warn!(key = %key, error = %e, "cannot release a claim; it goes stale");
+            }
+        }
     }
 
     async fn unlock(&self) -> Result<()> {
         lock::release(&self.lake, COMMIT_LOCK, &self.me).await
     }
 
-    /// Runs the whole pipeline once.
+    /// Runs the whole pipeline once. Past `max_runtime` the run stops at the next safe point
+    /// with the error in its report (which is saved as always); locks and claims are released.
     pub async fn run(&self, progress: &Progress) -> Result<RunReport> {
         let result = self.run_inner(progress).await;
         self.lake.drop_scratch(&self.me.run_id);
@@ -168,6 +191,22 @@ impl<'a> Runner<'a> {
 
     async fn run_inner(&self, progress: &Progress) -> Result<RunReport> {
         let mut report = RunReport::start(&self.me.run_id);
+        match self.run_steps(&mut report, progress).await {
+            Ok(()) => {}
+            Err(e @ Error::MaxRuntime { .. }) => {
+                tracing::error!(error = %e, "run stopped");
+                report.errors.push(e.to_string());
+            }
+            Err(e) => return Err(e),
+        }
+        report.finish();
+        self.lake
+            .put_json(&format!("{STATE}/runs/{}.json", report.run_id), &report)
+            .await?;
+        Ok(report)
+    }
+
+    async fn run_steps(&self, report: &mut RunReport, progress: &Progress) -> Result<()> {
         let prepared = prepare(self.config)?;
         let t = Instant::now();
         self.lock().await?;
@@ -185,13 +224,15 @@ impl<'a> Runner<'a> {
         }
         report.time("recover", t);
         for p in &prepared {
+            self.deadline
+                .check(&format!("source {} (before it started)", p.source.name))?;
             progress.step(format!("{}: discovering files", p.source.name));
             // A batch another run raced (it committed some of the same files or content first)
             // committed nothing: it runs again, and those files are duplicates now.
             let mut tries = 0;
             loop {
                 let done = self
-                    .process_source(p, &mut report, progress)
+                    .process_source(p, report, progress)
                     .instrument(
                         tracing::info_span!("table", source = %p.source.name, table = %p.table.name),
                     )
@@ -201,6 +242,7 @@ impl<'a> Runner<'a> {
                         tries += 1;
                         tracing::warn!(source = %p.source.name, keys = %keys, "another run committed some of this batch's files first; running the batch again");
                     }
+                    Err(e @ Error::MaxRuntime { .. }) => return Err(e),
                     Err(e) => {
                         tracing::error!(source = %p.source.name, error = %e, "source failed");
                         report.errors.push(format!("source {}: {e}", p.source.name));
@@ -210,6 +252,7 @@ impl<'a> Runner<'a> {
                 }
             }
         }
+        self.deadline.check("warehouse (before the aggregates)")?;
         progress.step("warehouse");
         let t = Instant::now();
         self.lock().await?;
@@ -230,23 +273,33 @@ impl<'a> Runner<'a> {
         report.time("warehouse", t);
         fault::point("warehouse");
         if self.config.warehouse.kind != WarehouseKind::Embedded {
+            self.deadline.check("warehouse load (before it started)")?;
             progress.step("warehouse load");
             let t = Instant::now();
-            let loaded =
-                warehouse::remote::sync(self.config, &self.lake, &self.me, &mut report.statements)
-                    .instrument(tracing::info_span!("step", step = "warehouse-load"))
-                    .await;
-            if let Err(e) = loaded {
-                tracing::error!(error = %e, "warehouse load failed");
-                report.errors.push(format!("warehouse: {e}"));
-            }
+            let loaded = warehouse::remote::sync(
+                self.config,
+                &self.lake,
+                &self.me,
+                &self.deadline,
+                &mut report.statements,
+            )
+            .instrument(tracing::info_span!("step", step = "warehouse-load"))
+            .await;
             report.time("warehouse load", t);
+            match loaded {
+                Ok(()) => {}
+                Err(e @ Error::MaxRuntime { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::error!(error = %e, "warehouse load failed");
+                    report.errors.push(match e {
+                        // Names its step already.
+                        Error::Timeout { .. } => e.to_string(),
+                        e => format!("warehouse: {e}"),
+                    });
+                }
+            }
         }
-        report.finish();
-        self.lake
-            .put_json(&format!("{STATE}/runs/{}.json", report.run_id), &report)
-            .await?;
-        Ok(report)
+        Ok(())
     }
 
     /// Finds the new files of a source (all under its prefix, or the ones named by
@@ -375,6 +428,14 @@ impl<'a> Runner<'a> {
         }
         report.time("hash", t);
 
+        // A safe point: nothing of this batch is written yet.
+        if let Err(e) = self.deadline.check(&format!(
+            "source {} (before reading its files)",
+            source.name
+        )) {
+            self.release_claims(&claimed).await;
+            return Err(e);
+        }
         // Read, query, route and write in one stream. A file that breaks half-way is left out
         // and the batch runs again without it.
         progress.step(format!("{}: reading {} files", source.name, fresh.len()));
@@ -436,7 +497,19 @@ impl<'a> Runner<'a> {
         let mut committed: Option<(Commit, TableReport, HashMap<String, Counts>)> = None;
         if !records.is_empty() {
             progress.step(format!("{}: committing", source.name));
-            self.lock().await?;
+            // A safe point: the batch's files are in scratch only.
+            let step = format!("source {} (before its commit)", source.name);
+            let locked = match self.deadline.check(&step) {
+                Ok(()) => self.lock().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = locked {
+                if matches!(e, Error::MaxRuntime { .. }) {
+                    let _ = std::fs::remove_dir_all(&scratch);
+                    self.release_claims(&claimed).await;
+                }
+                return Err(e);
+            }
             let result = self
                 .commit(p, &mut ledger, &records, streamed)
                 .instrument(tracing::info_span!("step", step = "commit"))
@@ -447,14 +520,7 @@ impl<'a> Runner<'a> {
                 Err(e @ Error::Raced { .. }) => {
                     let _ = std::fs::remove_dir_all(&scratch);
                     released?;
-                    for m in &claimed {
-                        lock::release(
-                            &self.lake,
-                            &ledger::claim_key(m.location.as_ref()),
-                            &self.me,
-                        )
-                        .await?;
-                    }
+                    self.release_claims(&claimed).await;
                     return Err(e);
                 }
                 Err(e) => {

@@ -158,13 +158,16 @@ pub async fn watch_queue(
     wait: i32,
 ) -> Result<()> {
     let sqs = Sqs::new(crate::aws::config().await);
+    // A long poll answers within `wait`: keep it inside the request timeout.
+    let longest = (crate::timeout::get().request.as_secs() as i32 - 5).max(0);
+    let wait = wait.clamp(0, 20).min(longest);
     let stop = stop_flag();
     while !stop.load(Ordering::SeqCst) {
         let received = sqs
             .receive_message()
             .queue_url(queue)
             .max_number_of_messages(10)
-            .wait_time_seconds(wait.clamp(0, 20))
+            .wait_time_seconds(wait)
             .visibility_timeout(visibility)
             .send();
         let out = tokio::select! {

@@ -1,8 +1,15 @@
 //! PostgreSQL wire protocol (any PostgreSQL, or a Redshift cluster endpoint): committed
 //! Parquet files streamed in with `COPY ... FROM STDIN (FORMAT binary)`, and statements run
 //! once each, every load and call in one transaction with its marker row.
+//!
+//! Timeouts (`[timeouts]`): the whole connect phase (TCP, TLS, startup and login) gives up
+//! after `connect`; a statement or a step's COPY after `statement`, when the server is asked
+//! to cancel it and the connection is dropped (its transaction rolls back; a retry connects
+//! again).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use chrono::{DateTime, NaiveDate};
@@ -20,7 +27,7 @@ use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::catalog::TableMeta;
-use crate::config::Config;
+use crate::config::{Config, format_duration};
 use crate::error::{Error, Result};
 use crate::lake::Lake;
 use crate::sink::{TableFile, read_table_file};
@@ -31,6 +38,13 @@ pub struct Postgres {
     marker_table: String,
     /// `host:port/db`, for messages.
     pub target: String,
+    /// The step it serves (`warehouse load`, `warehouse deploy`), for messages.
+    step: String,
+    tls: MakeRustlsConnect,
+    connect_timeout: Duration,
+    statement_timeout: Duration,
+    /// A statement timed out: the connection is in an unknown state and is not used again.
+    broken: AtomicBool,
 }
 
 fn fail(message: impl Into<String>) -> Error {
@@ -59,9 +73,9 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 }
 
 impl Postgres {
-    /// Connects with the config's URL or host/port/user/password, TLS as `sslmode` asks, and
-    /// creates the marker table if missing.
-    pub async fn connect(config: &Config) -> Result<Postgres> {
+    /// The connection settings of the config's URL or host/port/user/password, and the
+    /// server as `host:port/db` for messages.
+    fn settings(config: &Config) -> Result<(tokio_postgres::Config, String)> {
         let w = &config.warehouse;
         let mut pg: tokio_postgres::Config = match &w.url {
             Some(url) => url.parse().map_err(|e| {
@@ -95,7 +109,8 @@ impl Postgres {
             });
         }
         pg.application_name("sluice");
-        pg.connect_timeout(std::time::Duration::from_secs(10));
+        // The TCP connect of each address; `connect` bounds TLS and startup too.
+        pg.connect_timeout(config.timeouts.get().connect);
         let target = format!(
             "{}:{}/{}",
             pg.get_hosts()
@@ -109,11 +124,36 @@ impl Postgres {
             pg.get_ports().first().copied().unwrap_or(5432),
             pg.get_dbname().unwrap_or("")
         );
+        Ok((pg, target))
+    }
+
+    /// The configured server as `host:port/db`, for messages.
+    pub fn target(config: &Config) -> String {
+        Postgres::settings(config)
+            .map(|(_, t)| t)
+            .unwrap_or_else(|_| "(an invalid warehouse.url)".to_string())
+    }
+
+    /// Connects with the config's URL or host/port/user/password, TLS as `sslmode` asks, and
+    /// creates the marker table if missing; `step` names what the connection is for in
+    /// messages. The whole connect phase gives up after `[timeouts] connect`.
+    pub async fn connect(config: &Config, step: &str) -> Result<Postgres> {
+        let w = &config.warehouse;
+        let timeouts = config.timeouts.get();
+        let (pg, target) = Postgres::settings(config)?;
         let tls = tls_connector(config)?;
-        let (client, connection) = pg
-            .connect(tls)
-            .await
-            .map_err(|e| fail(format!("cannot connect to {target}: {}", describe(&e))))?;
+        let connecting = async {
+            pg.connect(tls.clone())
+                .await
+                .map_err(|e| fail(format!("cannot connect to {target}: {}", describe(&e))))
+        };
+        let (client, connection) = crate::timeout::within(
+            timeouts.connect,
+            step,
+            || format!("connecting to postgres {target}"),
+            connecting,
+        )
+        .await?;
         let conn_target = target.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -124,31 +164,76 @@ impl Postgres {
             client,
             marker_table: w.marker_table.clone(),
             target,
+            step: step.to_string(),
+            tls,
+            connect_timeout: timeouts.connect,
+            statement_timeout: timeouts.statement,
+            broken: AtomicBool::new(false),
         };
-        me.client
-            .batch_execute(&format!(
-                "CREATE TABLE IF NOT EXISTS {} (\
-                   load_id text PRIMARY KEY, \
-                   target text NOT NULL, \
-                   rows bigint, \
-                   loaded_at timestamptz NOT NULL DEFAULT now())",
-                me.marker_table
-            ))
-            .await
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {} (\
+               load_id text PRIMARY KEY, \
+               target text NOT NULL, \
+               rows bigint, \
+               loaded_at timestamptz NOT NULL DEFAULT now())",
+            me.marker_table
+        );
+        let created =
+            tokio::time::timeout(me.statement_timeout, me.client.batch_execute(&create)).await;
+        me.settle(created, || format!("creating {}", me.marker_table))
+            .await?
             .map_err(|e| fail(format!("creating {}: {}", me.marker_table, describe(&e))))?;
         Ok(me)
     }
 
-    /// Whether the server closed the connection (a retry connects again).
+    /// Whether the connection cannot be used any more: the server closed it, or a statement
+    /// timed out on it (a retry connects again).
     pub fn is_closed(&self) -> bool {
-        self.client.is_closed()
+        self.client.is_closed() || self.broken.load(Ordering::SeqCst)
+    }
+
+    /// The outcome of a statement bounded by the statement timeout: past it, the server is
+    /// asked to cancel the statement (within the connect timeout), the connection is marked
+    /// broken and the error names the step, `what` and the server.
+    async fn settle<T>(
+        &self,
+        outcome: std::result::Result<T, tokio::time::error::Elapsed>,
+        what: impl FnOnce() -> String,
+    ) -> Result<T> {
+        match outcome {
+            Ok(v) => Ok(v),
+            Err(_) => {
+                self.broken.store(true, Ordering::SeqCst);
+                let cancel = self.client.cancel_token();
+                match tokio::time::timeout(
+                    self.connect_timeout,
+                    cancel.cancel_query(self.tls.clone()),
+                )
+                .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(target = %self.target, error = %describe(&e), "cannot cancel the statement")
+                    }
+                    Err(_) => {
+                        tracing::warn!(target = %self.target, "cannot cancel the statement: no answer")
+                    }
+                }
+                Err(Error::Timeout {
+                    step: self.step.clone(),
+                    what: format!("{} on postgres {}", what(), self.target),
+                    after: format_duration(self.statement_timeout),
+                })
+            }
+        }
     }
 
     /// Runs DDL (several statements, as a file holds them) outside any marker.
     pub async fn batch(&self, sql: &str) -> Result<()> {
-        self.client
-            .batch_execute(sql)
-            .await
+        let ran =
+            tokio::time::timeout(self.statement_timeout, self.client.batch_execute(sql)).await;
+        self.settle(ran, || "a DDL statement".to_string())
+            .await?
             .map_err(|e| fail(describe(&e)))
     }
 
@@ -156,18 +241,9 @@ impl Postgres {
     /// marker is there already.
     pub async fn execute_once(&mut self, sql: &str, load_id: &str) -> Result<Option<u64>> {
         let marker = self.marker_table.clone();
-        let tx = self
-            .client
-            .transaction()
-            .await
-            .map_err(|e| fail(describe(&e)))?;
-        if done(&tx, &marker, load_id).await? {
-            return Ok(None);
-        }
-        let rows = tx.execute(sql, &[]).await.map_err(|e| fail(describe(&e)))?;
-        mark(&tx, &marker, load_id, "statement", rows).await?;
-        tx.commit().await.map_err(|e| fail(describe(&e)))?;
-        Ok(Some(rows))
+        let work = execute_once(&mut self.client, &marker, sql, load_id);
+        let ran = tokio::time::timeout(self.statement_timeout, work).await;
+        self.settle(ran, || format!("statement {load_id}")).await?
     }
 
     /// Streams the rows of `files` into `target` with binary COPY, in one transaction with a
@@ -181,82 +257,106 @@ impl Postgres {
         files: &[TableFile],
     ) -> Result<(u64, usize, usize)> {
         let marker = self.marker_table.clone();
-        let full = meta.full_schema()?;
-        let partitions = meta.partition_types()?;
-        let probe = self
-            .client
-            .prepare(&format!("SELECT * FROM {target} LIMIT 0"))
-            .await
-            .map_err(|e| fail(format!("target table {target}: {}", describe(&e))))?;
-        // Every file column must be in the target; partition columns go in where it has them.
-        let mut columns: Vec<(usize, String, Type)> = Vec::new();
-        for (i, f) in full.fields().iter().enumerate() {
-            let found = probe.columns().iter().find(|c| c.name() == f.name());
-            match found {
-                Some(c) => {
-                    check_type(f.name(), f.data_type(), c.type_(), target)?;
-                    columns.push((i, f.name().clone(), c.type_().clone()));
-                }
-                None if partitions.iter().any(|(p, _)| p == f.name()) => {}
-                None => {
-                    return Err(fail(format!(
-                        "target table {target} has no column {} (table {} has it)",
-                        f.name(),
-                        meta.name
-                    )));
-                }
-            }
-        }
-        let types: Vec<Type> = columns.iter().map(|(_, _, t)| t.clone()).collect();
-        let copy_sql = format!(
-            "COPY {target} ({}) FROM STDIN (FORMAT binary)",
-            columns
-                .iter()
-                .map(|(_, n, _)| format!("\"{}\"", n.replace('"', "\"\"")))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let tx = self
-            .client
-            .transaction()
-            .await
-            .map_err(|e| fail(describe(&e)))?;
-        let (mut rows, mut loaded, mut skipped) = (0u64, 0usize, 0usize);
-        for file in files {
-            let load_id = format!("{target}:{}", file.key);
-            if done(&tx, &marker, &load_id).await? {
-                skipped += 1;
-                continue;
-            }
-            if !lake.exists(&file.key).await? {
-                // Replaced by a later commit, whose file holds its rows.
-                tracing::warn!(key = %file.key, "file to load is gone (its partition was rewritten since); skipped");
-                continue;
-            }
-            let batches = read_table_file(lake, file, &partitions, &full).await?;
-            let sink = tx
-                .copy_in(&copy_sql)
-                .await
-                .map_err(|e| fail(format!("{copy_sql}: {}", describe(&e))))?;
-            let writer = BinaryCopyInWriter::new(sink, &types);
-            pin_mut!(writer);
-            for batch in &batches {
-                write_batch(writer.as_mut(), batch, &columns, &file.key).await?;
-            }
-            let n = writer.finish().await.map_err(|e| {
-                fail(format!(
-                    "loading {} into {target}: {}",
-                    file.key,
-                    describe(&e)
-                ))
-            })?;
-            mark(&tx, &marker, &load_id, target, n).await?;
-            rows += n;
-            loaded += 1;
-        }
-        tx.commit().await.map_err(|e| fail(describe(&e)))?;
-        Ok((rows, loaded, skipped))
+        let work = copy_files(&mut self.client, &marker, lake, meta, target, files);
+        let ran = tokio::time::timeout(self.statement_timeout, work).await;
+        self.settle(ran, || format!("COPY into {target}")).await?
     }
+}
+
+async fn execute_once(
+    client: &mut tokio_postgres::Client,
+    marker: &str,
+    sql: &str,
+    load_id: &str,
+) -> Result<Option<u64>> {
+    let tx = client.transaction().await.map_err(|e| fail(describe(&e)))?;
+    if done(&tx, marker, load_id).await? {
+        return Ok(None);
+    }
+    let rows = tx.execute(sql, &[]).await.map_err(|e| fail(describe(&e)))?;
+    mark(&tx, marker, load_id, "statement", rows).await?;
+    tx.commit().await.map_err(|e| fail(describe(&e)))?;
+    Ok(Some(rows))
+}
+
+async fn copy_files(
+    client: &mut tokio_postgres::Client,
+    marker: &str,
+    lake: &Lake,
+    meta: &TableMeta,
+    target: &str,
+    files: &[TableFile],
+) -> Result<(u64, usize, usize)> {
+    let full = meta.full_schema()?;
+    let partitions = meta.partition_types()?;
+    let probe = client
+        .prepare(&format!("SELECT * FROM {target} LIMIT 0"))
+        .await
+        .map_err(|e| fail(format!("target table {target}: {}", describe(&e))))?;
+    // Every file column must be in the target; partition columns go in where it has them.
+    let mut columns: Vec<(usize, String, Type)> = Vec::new();
+    for (i, f) in full.fields().iter().enumerate() {
+        let found = probe.columns().iter().find(|c| c.name() == f.name());
+        match found {
+            Some(c) => {
+                check_type(f.name(), f.data_type(), c.type_(), target)?;
+                columns.push((i, f.name().clone(), c.type_().clone()));
+            }
+            None if partitions.iter().any(|(p, _)| p == f.name()) => {}
+            None => {
+                return Err(fail(format!(
+                    "target table {target} has no column {} (table {} has it)",
+                    f.name(),
+                    meta.name
+                )));
+            }
+        }
+    }
+    let types: Vec<Type> = columns.iter().map(|(_, _, t)| t.clone()).collect();
+    let copy_sql = format!(
+        "COPY {target} ({}) FROM STDIN (FORMAT binary)",
+        columns
+            .iter()
+            .map(|(_, n, _)| format!("\"{}\"", n.replace('"', "\"\"")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let tx = client.transaction().await.map_err(|e| fail(describe(&e)))?;
+    let (mut rows, mut loaded, mut skipped) = (0u64, 0usize, 0usize);
+    for file in files {
+        let load_id = format!("{target}:{}", file.key);
+        if done(&tx, marker, &load_id).await? {
+            skipped += 1;
+            continue;
+        }
+        if !lake.exists(&file.key).await? {
+            // Replaced by a later commit, whose file holds its rows.
+            tracing::warn!(key = %file.key, "file to load is gone (its partition was rewritten since); skipped");
+            continue;
+        }
+        let batches = read_table_file(lake, file, &partitions, &full).await?;
+        let sink = tx
+            .copy_in(&copy_sql)
+            .await
+            .map_err(|e| fail(format!("{copy_sql}: {}", describe(&e))))?;
+        let writer = BinaryCopyInWriter::new(sink, &types);
+        pin_mut!(writer);
+        for batch in &batches {
+            write_batch(writer.as_mut(), batch, &columns, &file.key).await?;
+        }
+        let n = writer.finish().await.map_err(|e| {
+            fail(format!(
+                "loading {} into {target}: {}",
+                file.key,
+                describe(&e)
+            ))
+        })?;
+        mark(&tx, marker, &load_id, target, n).await?;
+        rows += n;
+        loaded += 1;
+    }
+    tx.commit().await.map_err(|e| fail(describe(&e)))?;
+    Ok((rows, loaded, skipped))
 }
 
 async fn done(tx: &tokio_postgres::Transaction<'_>, marker: &str, load_id: &str) -> Result<bool> {

@@ -25,6 +25,7 @@ use crate::ledger::{self, Commit, Ledger, sha256_hex};
 use crate::lock::{self, Holder};
 use crate::report::StatementReport;
 use crate::sink::TableFile;
+use crate::timeout::Deadline;
 
 /// What the warehouse has and what is on its way there.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -165,17 +166,31 @@ fn parameters(config: &Config, run_id: &str, at: DateTime<Utc>) -> BTreeMap<Stri
 
 enum Backend {
     Redshift(Box<RedshiftData>),
-    Postgres(Postgres),
+    Postgres(Box<Postgres>),
 }
 
 impl Backend {
-    async fn connect(config: &Config) -> Result<Backend> {
+    /// Connects for `step`, waiting no longer than the run's `deadline`.
+    async fn connect(config: &Config, step: &str, deadline: &Deadline) -> Result<Backend> {
         Ok(match config.warehouse.kind {
-            WarehouseKind::Postgres => Backend::Postgres(Postgres::connect(config).await?),
+            WarehouseKind::Postgres => Backend::Postgres(Box::new(
+                deadline
+                    .bound(
+                        &format!(
+                            "{step} (connecting to postgres {})",
+                            Postgres::target(config)
+                        ),
+                        Postgres::connect(config, step),
+                    )
+                    .await?,
+            )),
             _ => Backend::Redshift(Box::new(RedshiftData::new(&config.warehouse).await)),
         })
     }
 }
+
+/// The step of the run that loads the warehouse, in messages.
+const LOAD_STEP: &str = "warehouse load";
 
 /// Why a step did not finish.
 enum Stop {
@@ -183,6 +198,9 @@ enum Stop {
     Retry(String),
     /// Not worth one: aborted by someone, or still running at the deadline.
     Final(String),
+    /// Not worth one, and the run stops with this error as it is: a timeout, or the run's
+    /// `max_runtime`.
+    Error(Error),
 }
 
 struct Journal<'a> {
@@ -202,11 +220,13 @@ impl Journal<'_> {
 }
 
 /// Loads and calls every unit the warehouse has not finished; the statements sent are added to
-/// `report`, failed ones included.
+/// `report`, failed ones included. Past the run's `deadline` it stops between steps (or while
+/// waiting for one) with [`Error::MaxRuntime`]; the lock is released in every case.
 pub async fn sync(
     config: &Config,
     lake: &Lake,
     me: &Holder,
+    deadline: &Deadline,
     report: &mut Vec<StatementReport>,
 ) -> Result<()> {
     let w = &config.warehouse;
@@ -218,7 +238,7 @@ pub async fn sync(
         tracing::info!("another run is loading the warehouse; new commits wait for the next run");
         return Ok(());
     }
-    let result = sync_locked(config, lake, &me.run_id, report).await;
+    let result = sync_locked(config, lake, &me.run_id, deadline, report).await;
     lock::release(lake, LOCK, me).await?;
     result
 }
@@ -227,6 +247,7 @@ async fn sync_locked(
     config: &Config,
     lake: &Lake,
     run_id: &str,
+    deadline: &Deadline,
     report: &mut Vec<StatementReport>,
 ) -> Result<()> {
     let steps = steps(config)?;
@@ -269,12 +290,15 @@ async fn sync_locked(
         };
         journal.save(Some(&unit)).await?;
         if backend.is_none() {
-            backend = Some(Backend::connect(config).await?);
+            backend = Some(Backend::connect(config, LOAD_STEP, deadline).await?);
         }
         let Some(b) = backend.as_mut() else {
             continue;
         };
-        run_unit(config, lake, b, &journal, &steps, &mut unit, report).await?;
+        run_unit(
+            config, lake, b, &journal, &steps, &mut unit, deadline, report,
+        )
+        .await?;
         journal.done.extend(unit.commits.iter().cloned());
         journal.save(None).await?;
     }
@@ -332,6 +356,7 @@ async fn new_unit(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_unit(
     config: &Config,
     lake: &Lake,
@@ -339,6 +364,7 @@ async fn run_unit(
     journal: &Journal<'_>,
     steps: &[Step],
     unit: &mut Unit,
+    deadline: &Deadline,
     report: &mut Vec<StatementReport>,
 ) -> Result<()> {
     let max_attempts = config.retry.max_attempts;
@@ -360,15 +386,30 @@ async fn run_unit(
         };
         let mut tries = 1;
         loop {
+            // A safe point: the unit is saved, the next run resumes it at this step.
+            deadline.check(&format!("{LOAD_STEP} (before {name})"))?;
             let outcome = match backend {
                 Backend::Redshift(rs) => {
-                    redshift_step(config, lake, rs, journal, step, unit, attempt).await
+                    redshift_step(config, lake, rs, journal, step, unit, attempt, deadline).await
                 }
                 Backend::Postgres(pg) => {
                     if pg.is_closed() {
-                        *pg = Postgres::connect(config).await?;
+                        let step_name = format!(
+                            "{LOAD_STEP} (connecting to postgres {})",
+                            Postgres::target(config)
+                        );
+                        **pg = deadline
+                            .bound(&step_name, Postgres::connect(config, LOAD_STEP))
+                            .await?;
                     }
-                    postgres_step(config, lake, pg, step, unit, attempt).await
+                    // Abandoning the wait drops the connection: its transaction rolls back,
+                    // and the next run runs the step again.
+                    let waiting = format!("{LOAD_STEP} ({name} on postgres {})", pg.target);
+                    deadline
+                        .bound(&waiting, async {
+                            Ok(postgres_step(config, lake, pg, step, unit, attempt).await)
+                        })
+                        .await?
                 }
             };
             match outcome {
@@ -388,7 +429,7 @@ async fn run_unit(
                         Stop::Retry(msg) if tries < max_attempts => {
                             let pause = Duration::from_secs(1 << (tries - 1).min(6));
                             tracing::warn!(step = %name, attempt, error = %msg, "warehouse statement failed; retrying in {}s", pause.as_secs());
-                            tokio::time::sleep(pause).await;
+                            tokio::time::sleep(deadline.cap(pause)).await;
                             attempt += 1;
                             tries += 1;
                         }
@@ -398,6 +439,7 @@ async fn run_unit(
                                 message: format!("{name}: {msg}"),
                             });
                         }
+                        Stop::Error(e) => return Err(e),
                     }
                 }
             }
@@ -426,6 +468,7 @@ fn statement(name: &str, id: &str, status: &str, attempt: u32) -> StatementRepor
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn redshift_step(
     config: &Config,
     lake: &Lake,
@@ -434,6 +477,7 @@ async fn redshift_step(
     step: &Step,
     unit: &mut Unit,
     attempt: u32,
+    run_deadline: &Deadline,
 ) -> StepOutcome {
     let name = step.name();
     let failed = |id: &str, msg: String, stop: fn(String) -> Stop| {
@@ -479,7 +523,9 @@ async fn redshift_step(
             id
         }
     };
-    let deadline = config.warehouse.deadline();
+    // Past the run's max_runtime the statement keeps running; the next run waits for it.
+    let deadline = run_deadline.cap(config.warehouse.deadline());
+    let capped = deadline < config.warehouse.deadline();
     match rs.wait(&id, deadline).await {
         Ok(Ended::Finished { seconds, rows }) => {
             let mut rec = statement(&name, &id, "finished", attempt);
@@ -496,6 +542,12 @@ async fn redshift_step(
                 rec,
             ))
         }
+        Ok(Ended::Running) if capped => Err((
+            Stop::Error(run_deadline.reached(&format!(
+                "{LOAD_STEP} (waiting for {name}, statement {id}, which keeps running)"
+            ))),
+            statement(&name, &id, "submitted", attempt),
+        )),
         Ok(Ended::Running) => {
             let msg = format!(
                 "statement {id} is still running after {}; Redshift keeps running it and the next run waits for it again",
@@ -563,7 +615,11 @@ async fn postgres_step(
     let failed = |id: &str, e: Error| {
         let mut rec = statement(&name, id, "failed", attempt);
         rec.error = Some(e.to_string());
-        (Stop::Retry(e.to_string()), rec)
+        match e {
+            // Not retried now: the statement ran for the whole timeout; the next run tries again.
+            Error::Timeout { .. } => (Stop::Error(e), rec),
+            e => (Stop::Retry(e.to_string()), rec),
+        }
     };
     match step {
         Step::Copy(table) => {
@@ -735,7 +791,7 @@ pub async fn deploy(config: &Config) -> Result<Vec<(String, usize)>> {
             params.entry(k.to_string()).or_insert_with(|| v.clone());
         }
     }
-    let backend = Backend::connect(config).await?;
+    let backend = Backend::connect(config, "warehouse deploy", &Deadline::none()).await?;
     let mut out = Vec::new();
     for path in files {
         let text = std::fs::read_to_string(&path)

@@ -1009,6 +1009,18 @@ fn large_outputs_are_uploaded_in_parts() {
     let (code, report) = run_json(&moto, &p, &[]);
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(moto.keys("big", "lake/processed/tickets_clean").len(), 1);
+    // The raw file, larger than a download range, was read whole: the ledger holds the
+    // SHA-256 of the bytes read, which is the file's.
+    let raw = std::fs::read(&csv).unwrap();
+    assert!(raw.len() as u64 > sluice::lake::DOWNLOAD_RANGE);
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&raw))
+    };
+    let ledger: Vec<String> = moto.keys("big", "lake/_sluice/ledger");
+    assert_eq!(ledger.len(), 1, "{ledger:?}");
+    let entry: Value = serde_json::from_slice(&moto.get("big", &ledger[0])).unwrap();
+    assert_eq!(entry["files"][0]["sha256"], sha.as_str(), "{entry:#}");
     let written = report["tables"]["tickets_clean"]["rows_written"]
         .as_u64()
         .unwrap();

@@ -17,3 +17,4 @@ mod pipeline;
 mod postgres;
 mod redshift;
 mod support;
+mod timeouts;

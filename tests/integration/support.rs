@@ -13,6 +13,15 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The binary under test: `SLUICE_TEST_BIN` if set (a copy of this worktree's build, when
+/// several worktrees share one target folder and overwrite each other's binaries), else the one
+/// cargo built.
+pub fn binary() -> PathBuf {
+    std::env::var_os("SLUICE_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sluice")))
+}
+
 /// A temp folder with the example project: `sluice.toml`, `queries/`, `schemas/`, `lake/`.
 pub struct Project {
     pub dir: tempfile::TempDir,
@@ -105,7 +114,7 @@ impl Project {
 
     /// A command for the binary with this project's config.
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        let mut c = Command::new(binary());
         c.arg("--config").arg(self.config()).args(args);
         c.env_remove("RUST_LOG");
         c
