@@ -13,5 +13,6 @@ mod lambda;
 mod memory;
 mod pipeline;
 mod postgres;
+mod redact;
 mod redshift;
 mod support;
