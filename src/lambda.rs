@@ -59,7 +59,9 @@ pub async fn serve() -> Result<()> {
                     |_| serde_json::json!({ "error": "the answer could not be masked" }),
                 )
             })
-            .map_err(|e| lambda_runtime::Error::from(crate::redact::mask(&e.to_string()).into_owned()))
+            .map_err(|e| {
+                lambda_runtime::Error::from(crate::redact::mask(&e.to_string()).into_owned())
+            })
     };
     lambda_runtime::run(service_fn(handler))
         .await

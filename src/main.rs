@@ -12,8 +12,8 @@ use sluice::cli::{CatalogAction, Cli, Command, LogFormat, WarehouseAction};
 use sluice::config::{CatalogKind, Config};
 use sluice::glue::Glue;
 use sluice::lake::Lake;
-use sluice::report::{RunReport, RunStatus};
 use sluice::redact::{self, Masked};
+use sluice::report::{RunReport, RunStatus};
 use sluice::{Error, Result, demo, fault, inspect, report, trigger, validate};
 
 fn main() -> ExitCode {

@@ -181,9 +181,7 @@ fn secret_name(name: &str) -> bool {
 /// Whether a path segment or query value of a plain config value looks like a token: long, with
 /// letters and digits.
 fn long_token(s: &str) -> bool {
-    s.len() >= 16
-        && s.chars().any(|c| c.is_ascii_digit())
-        && s.chars().any(|c| c.is_alphabetic())
+    s.len() >= 16 && s.chars().any(|c| c.is_ascii_digit()) && s.chars().any(|c| c.is_alphabetic())
 }
 
 /// Whether a part of a secret URL looks like a token: long, or letters and digits mixed.
@@ -448,7 +446,10 @@ mod tests {
         let out = mask(&err);
         assert_eq!(out, "error sending request for url ([secret:hooks#down])");
         // The parts alone, too.
-        assert_eq!(mask("GET /hook/Tok3n-Path-x1"), "GET /hook/[secret:hooks#down]");
+        assert_eq!(
+            mask("GET /hook/Tok3n-Path-x1"),
+            "GET /hook/[secret:hooks#down]"
+        );
         assert_eq!(mask("t=Qu3ry-T0k."), "t=[secret:hooks#down].");
     }
 
@@ -475,7 +476,10 @@ mod tests {
             "https://hooks.example.com/services/T0AB12CD/B0XYZ789/[redacted:notify.on_success]"
         );
         config_value("lake.root", "s3://bucket/prefix-2024-x", None);
-        assert_eq!(mask("s3://bucket/prefix-2024-x"), "s3://bucket/prefix-2024-x");
+        assert_eq!(
+            mask("s3://bucket/prefix-2024-x"),
+            "s3://bucket/prefix-2024-x"
+        );
         assert_eq!(
             mask("a plain-pass-word b kw-pass-1"),
             "a [redacted:warehouse.password] b [redacted:warehouse.url]"
@@ -505,7 +509,10 @@ mod tests {
             w.write_all(b"WARN x=log-line-").unwrap();
             w.write_all(b"secret done\n").unwrap();
         }
-        assert_eq!(String::from_utf8(sink).unwrap(), "WARN x=[secret:log] done\n");
+        assert_eq!(
+            String::from_utf8(sink).unwrap(),
+            "WARN x=[secret:log] done\n"
+        );
     }
 
     #[test]

@@ -211,7 +211,10 @@ fn secret_values_never_reach_logs_reports_the_lake_or_notifications() {
             "secret_arn",
             "arn:aws:secretsmanager:us-east-1:123456789012:secret:hidden-rs-admin",
         ),
-        ("iam_role", "arn:aws:iam::123456789012:role/hidden-copy-role"),
+        (
+            "iam_role",
+            "arn:aws:iam::123456789012:role/hidden-copy-role",
+        ),
     ];
     moto.secret(
         "sluice/hooks",
@@ -325,11 +328,19 @@ fn secret_values_never_reach_logs_reports_the_lake_or_notifications() {
     let ran = sluice(&moto, &fake, &p, &["-vv", "--log-format", "json", "run"]);
     keep("a failing run with JSON logs", &ran);
     assert_eq!(ran.code, 1, "{}", ran.stderr);
-    assert!(ran.stdout.contains("[secret:sluice/hooks#down]"), "{}", ran.stdout);
+    assert!(
+        ran.stdout.contains("[secret:sluice/hooks#down]"),
+        "{}",
+        ran.stdout
+    );
     for line in ran.stderr.lines().filter(|l| l.starts_with('{')) {
         serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("{e}: {line}"));
     }
-    assert!(ran.stderr.contains("[secret:sluice/hooks#down]"), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("[secret:sluice/hooks#down]"),
+        "{}",
+        ran.stderr
+    );
 
     // 3. Succeeding: the warehouse reachable, deployed and loaded.
     std::fs::write(p.config(), postgres("url")).unwrap();
@@ -339,7 +350,9 @@ fn secret_values_never_reach_logs_reports_the_lake_or_notifications() {
     p.add_raw(
         "support_tickets",
         "extra-1.csv",
-        &tickets(&["T-9001,2024-03-04T10:00:00Z,2024-03-04T11:00:00Z,open,high,a@example.com,Hi,Body,ann"]),
+        &tickets(&[
+            "T-9001,2024-03-04T10:00:00Z,2024-03-04T11:00:00Z,open,high,a@example.com,Hi,Body,ann",
+        ]),
     );
     let ran = sluice(&moto, &fake, &p, &["-vv", "run", "--json"]);
     keep("a succeeding run", &ran);
@@ -350,7 +363,9 @@ fn secret_values_never_reach_logs_reports_the_lake_or_notifications() {
     p.add_raw(
         "support_tickets",
         "extra-2.csv",
-        &tickets(&["T-9002,2024-03-04T10:00:00Z,2024-03-04T11:00:00Z,open,high,b@example.com,Hi,Body,bob"]),
+        &tickets(&[
+            "T-9002,2024-03-04T10:00:00Z,2024-03-04T11:00:00Z,open,high,b@example.com,Hi,Body,bob",
+        ]),
     );
     let ran = sluice(&moto, &fake, &p, &["-vv", "--log-format", "json", "run"]);
     keep("a succeeding run with JSON logs", &ran);
@@ -381,7 +396,9 @@ fn secret_values_never_reach_logs_reports_the_lake_or_notifications() {
     p.add_raw(
         "support_tickets",
         "extra-3.csv",
-        &tickets(&["T-9003,2024-03-04T10:00:00Z,2024-03-04T11:00:00Z,open,high,c@example.com,Hi,Body,cy"]),
+        &tickets(&[
+            "T-9003,2024-03-04T10:00:00Z,2024-03-04T11:00:00Z,open,high,c@example.com,Hi,Body,cy",
+        ]),
     );
     let ran = sluice(&moto, &fake, &p, &["-vv", "run", "--json"]);
     keep("a run with Redshift failing", &ran);
@@ -397,7 +414,9 @@ fn secret_values_never_reach_logs_reports_the_lake_or_notifications() {
     p.add_raw(
         "support_tickets",
         "extra-4.csv",
-        &tickets(&["T-9004,2024-03-04T10:00:00Z,2024-03-04T11:00:00Z,open,high,d@example.com,Hi,Body,di"]),
+        &tickets(&[
+            "T-9004,2024-03-04T10:00:00Z,2024-03-04T11:00:00Z,open,high,d@example.com,Hi,Body,di",
+        ]),
     );
     let ran = sluice(&moto, &fake, &p, &["-vv", "run", "--json"]);
     keep("a run with Redshift succeeding", &ran);
@@ -418,8 +437,14 @@ fn secret_values_never_reach_logs_reports_the_lake_or_notifications() {
         leaks.extend(needles.find(place, text));
     }
     assert!(seen.iter().any(|(f, _)| f.contains("/_sluice/runs/")));
-    assert!(seen.iter().any(|(f, _)| f.contains("/_sluice/loads/redshift.json")));
-    assert!(seen.iter().any(|(f, _)| f.ends_with(".error.json after a failing run")));
+    assert!(
+        seen.iter()
+            .any(|(f, _)| f.contains("/_sluice/loads/redshift.json"))
+    );
+    assert!(
+        seen.iter()
+            .any(|(f, _)| f.ends_with(".error.json after a failing run"))
+    );
     let messages = moto.drain(&inbox);
     let subjects: Vec<&str> = messages
         .iter()
@@ -441,7 +466,12 @@ fn secret_values_never_reach_logs_reports_the_lake_or_notifications() {
         assert!(v["status"].is_string(), "{b}");
         leaks.extend(needles.find("a webhook body", b.as_bytes()));
     }
-    assert!(leaks.is_empty(), "{} leaks:\n{}", leaks.len(), leaks.join("\n"));
+    assert!(
+        leaks.is_empty(),
+        "{} leaks:\n{}",
+        leaks.len(),
+        leaks.join("\n")
+    );
     // The failure notifications carry the failing files and the warehouse's error, masked.
     assert!(bodies.iter().any(|b| b.contains("broken-1.jsonl.gz")));
     assert!(bodies.iter().any(|b| {
