@@ -840,21 +840,26 @@ impl Config {
                     )
                 })?;
             }
+            if !v.starts_with("secret:") {
+                crate::redact::config_value(key, v, None);
+            }
         }
         Ok(())
     }
 
     /// Resolves `secret:` references through Secrets Manager (each secret fetched once), then
-    /// checks the config again with the values. The values are remembered only to be redacted
-    /// from messages ([`crate::secrets::redact`]).
+    /// checks the config again with the values. Every value, and the sensitive parts of it, is
+    /// registered to be masked in every output ([`crate::redact`]).
     pub async fn resolve_secrets(&mut self) -> Result<()> {
         let path = self.path.clone();
         let mut resolved = false;
         for (key, v) in self.referable() {
             if let Some(reference) = v.strip_prefix("secret:") {
-                *v = crate::secrets::fetch(reference)
+                let reference = reference.to_string();
+                *v = crate::secrets::fetch(&reference)
                     .await
                     .map_err(|e| Error::config(&path, format!("{key}: {e}")))?;
+                crate::redact::config_value(key, v, Some(&reference));
                 resolved = true;
             }
         }

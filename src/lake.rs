@@ -467,6 +467,17 @@ impl Lake {
         })?;
         self.put(key, data).await
     }
+
+    /// Writes a run report or a failure record (JSON) with every sensitive value masked
+    /// ([`crate::redact`]). State files the lake reads back to work (ledger, manifests) go
+    /// through [`Lake::put_json`] instead: their content must stay as it is.
+    pub async fn put_report<T: serde::Serialize>(&self, key: &str, value: &T) -> Result<()> {
+        let data = crate::redact::to_json(value).map_err(|e| Error::State {
+            path: key.to_string(),
+            message: e.to_string(),
+        })?;
+        self.put(key, data).await
+    }
 }
 
 /// Remote objects larger than this are downloaded in ranges of this size (one request each).

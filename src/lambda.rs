@@ -51,10 +51,18 @@ async fn handle(event: LambdaEvent<Value>) -> Result<Value> {
 
 /// Serves invocations until Lambda stops the process.
 pub async fn serve() -> Result<()> {
+    // The answer and the error go to Lambda's API, and on to logs: masked like every output.
     let handler = |event| async move {
         handle(event)
             .await
-            .map_err(|e| lambda_runtime::Error::from(e.to_string()))
+            .map(|answer| {
+                serde_json::from_str(&crate::redact::mask(&answer.to_string())).unwrap_or_else(
+                    |_| serde_json::json!({ "error": "the answer could not be masked" }),
+                )
+            })
+            .map_err(|e| {
+                lambda_runtime::Error::from(crate::redact::mask(&e.to_string()).into_owned())
+            })
     };
     lambda_runtime::run(service_fn(handler))
         .await

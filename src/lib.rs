@@ -25,6 +25,7 @@ pub mod lock;
 pub mod maintain;
 pub mod notify;
 pub mod pipeline;
+pub mod redact;
 pub mod report;
 pub mod secrets;
 pub mod sink;

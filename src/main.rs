@@ -12,6 +12,7 @@ use sluice::cli::{CatalogAction, Cli, Command, LogFormat, WarehouseAction};
 use sluice::config::{CatalogKind, Config};
 use sluice::glue::Glue;
 use sluice::lake::Lake;
+use sluice::redact::{self, Masked};
 use sluice::report::{RunReport, RunStatus};
 use sluice::{Error, Result, demo, fault, inspect, report, trigger, validate};
 
@@ -35,7 +36,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("sluice: {}", sluice::secrets::redact(&e.to_string()));
+            redact::eprint(&format!("sluice: {e}\n"));
             ExitCode::from(if e.is_usage() { 2 } else { 1 })
         }
     }
@@ -47,7 +48,7 @@ fn serve_lambda() -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(Masked(std::io::stderr))
         .json()
         .flatten_event(true)
         .with_current_span(false)
@@ -61,7 +62,7 @@ fn serve_lambda() -> ExitCode {
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sluice: {e}");
+            redact::eprint(&format!("sluice: {e}\n"));
             ExitCode::from(1)
         }
     }
@@ -74,9 +75,12 @@ fn init_logging(cli: &Cli) {
         _ => "debug",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // Every line masked (secret values, passwords); colours only on a terminal, not with
+    // NO_COLOR.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(redact::stderr_colour())
+        .with_writer(Masked(std::io::stderr));
     match cli.log_format {
         // One object a line, with the fields of the enclosing spans (run id, source, table,
         // file, step) on every line.
@@ -118,33 +122,31 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             let (config, lake) = load(&cli, &cli.config).await?;
             let report = trigger::run(&config, lake, None, !json).await?;
             if *json {
-                println!("{}", to_json(&report)?);
+                redact::print(&format!("{}\n", to_json(&report)?));
             } else {
-                print!("{}", report.summary());
+                redact::print(&report.summary());
             }
             Ok(exit_code(&report))
         }
         Command::Validate => {
             let config = Config::load(&cli.config)?;
-            print!("{}", validate::validate(&config).await?);
+            redact::print(&validate::validate(&config).await?);
             Ok(0)
         }
         Command::Status { json } => {
             let (config, lake) = load(&cli, &cli.config).await?;
             let status = inspect::status(&config, &lake).await?;
             if *json {
-                println!("{}", to_json(&status)?);
+                redact::print(&format!("{}\n", to_json(&status)?));
             } else {
-                print!("{}", status.human());
+                redact::print(&status.human());
             }
             Ok(0)
         }
         Command::Query { sql, format, as_of } => {
             let (config, lake) = load(&cli, &cli.config).await?;
-            println!(
-                "{}",
-                inspect::query(&lake, sql, *format, config.engine.threads(), *as_of).await?
-            );
+            let out = inspect::query(&lake, sql, *format, config.engine.threads(), *as_of).await?;
+            redact::print(&format!("{out}\n"));
             Ok(0)
         }
         Command::Compact { table, target_size } => {
@@ -153,7 +155,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
                 .map_err(|e| Error::config(&config.path, format!("--target-size: {e}")))?;
             let report =
                 sluice::maintain::compact(&config, &lake, table.as_deref(), size as u64).await?;
-            print!("{}", report.summary());
+            redact::print(&report.summary());
             Ok(exit_code(&report))
         }
         Command::Vacuum {
@@ -174,7 +176,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
                 *dry_run,
             )
             .await?;
-            print!("{}", report.summary());
+            redact::print(&report.summary());
             Ok(exit_code(&report))
         }
         Command::Generate {
@@ -194,7 +196,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
                 path: "generator".into(),
                 message: e.to_string(),
             })??;
-            eprintln!("wrote {bytes} bytes");
+            redact::eprint(&format!("wrote {bytes} bytes\n"));
             Ok(0)
         }
         Command::HandleEvent { event, json } => {
@@ -208,14 +210,14 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             let (config, lake) = load(&cli, &cli.config).await?;
             match trigger::handle_event(&config, lake, &text, !json).await? {
                 None => {
-                    eprintln!("the event names no object of the lake; nothing to do");
+                    redact::eprint("the event names no object of the lake; nothing to do\n");
                     Ok(0)
                 }
                 Some(report) => {
                     if *json {
-                        println!("{}", to_json(&report)?);
+                        redact::print(&format!("{}\n", to_json(&report)?));
                     } else {
-                        print!("{}", report.summary());
+                        redact::print(&report.summary());
                     }
                     Ok(exit_code(&report))
                 }
@@ -263,7 +265,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
                         t.deregistered
                     ));
                 }
-                println!("{line}");
+                redact::print(&format!("{line}\n"));
             }
             Ok(0)
         }
@@ -272,7 +274,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         } => {
             let (config, _lake) = load(&cli, &cli.config).await?;
             for (file, statements) in sluice::warehouse::remote::deploy(&config).await? {
-                println!("{file}: {statements} statements");
+                redact::print(&format!("{file}: {statements} statements\n"));
             }
             Ok(0)
         }
@@ -281,29 +283,26 @@ async fn dispatch(cli: Cli) -> Result<u8> {
                 .clone()
                 .unwrap_or_else(|| demo::default_dir(&report::new_run_id()));
             let config_path = demo::scaffold(&dir)?;
-            println!("demo project in {}", dir.display());
+            redact::print(&format!("demo project in {}\n", dir.display()));
             let (config, lake) = load(&cli, &config_path).await?;
             let report = trigger::run(&config, lake.clone(), None, true).await?;
-            print!("{}", report.summary());
+            redact::print(&report.summary());
             for agg in &config.aggregates {
                 let sql = format!("SELECT * FROM {} ORDER BY 1, 2 LIMIT 6", agg.name);
-                println!("\n{sql}");
-                println!(
-                    "{}",
-                    inspect::query(
-                        &lake,
-                        &sql,
-                        sluice::cli::OutputFormat::Table,
-                        config.engine.threads(),
-                        None
-                    )
-                    .await?
-                );
+                let out = inspect::query(
+                    &lake,
+                    &sql,
+                    sluice::cli::OutputFormat::Table,
+                    config.engine.threads(),
+                    None,
+                )
+                .await?;
+                redact::print(&format!("\n{sql}\n{out}\n"));
             }
-            println!(
-                "\nexplore it: sluice --config {} query \"SELECT count(*) FROM app_logs\"",
+            redact::print(&format!(
+                "\nexplore it: sluice --config {} query \"SELECT count(*) FROM app_logs\"\n",
                 config_path.display()
-            );
+            ));
             Ok(exit_code(&report))
         }
     }

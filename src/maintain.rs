@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::catalog::{self, TableMeta};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::lake::{self, Lake, STATE};
+use crate::lake::{self, Lake};
 use crate::ledger::COMMIT_LOCK;
 use crate::lock::{self, Holder};
 use crate::report::{self, MaintenanceReport, RunReport};
@@ -87,7 +87,7 @@ where
     let mut report = tracing::Instrument::instrument(f(RunReport::start(&run_id)), span).await;
     lock::release(lake, COMMIT_LOCK, &me).await?;
     report.finish();
-    lake.put_json(&format!("{STATE}/runs/{}.json", report.run_id), &report)
+    lake.put_report(&crate::report::run_key(&report.run_id), &report)
         .await?;
     for e in crate::notify::notify(&config.notify, &config.pipeline_name(), &report).await {
         report.errors.push(e.to_string());

@@ -71,9 +71,9 @@ pub async fn notify(config: &NotifyConfig, pipeline: &str, report: &RunReport) -
     errors
 }
 
-/// The subject line of a run's message (SNS allows 100 characters).
+/// The subject line of a run's message (SNS allows 100 characters), masked.
 pub fn subject(pipeline: &str, report: &RunReport) -> String {
-    let mut s: String = format!("sluice {pipeline}: run {}", report.status.label())
+    let mut s: String = redact(&format!("sluice {pipeline}: run {}", report.status.label()))
         .chars()
         .filter(|c| c.is_ascii_graphic() || *c == ' ')
         .collect();
@@ -147,12 +147,18 @@ async fn post(url: &str, report: &RunReport, config: &NotifyConfig) -> Result<()
         .timeout(timeout)
         .build()
         .map_err(|e| fail(e.to_string()))?;
+    // The body as the lake's copy of the report: secret values masked.
+    let body = crate::redact::to_json(report).map_err(|e| fail(e.to_string()))?;
     let mut last = String::new();
     for attempt in 0..=config.retries {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt.min(6)))).await;
         }
-        match client.post(url).json(report).send().await {
+        let request = client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone());
+        match request.send().await {
             Ok(r) if r.status().is_success() => return Ok(()),
             Ok(r) => last = format!("HTTP {}", r.status()),
             Err(e) if e.is_timeout() && e.is_connect() => {

@@ -21,7 +21,7 @@ use crate::config::{CatalogKind, Config, SourceConfig, TableConfig, TableFormat,
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::glue::{self, Glue};
-use crate::lake::{self, Lake, STATE};
+use crate::lake::{self, Lake};
 use crate::ledger::{
     self, AttemptError, Attempts, COMMIT_LOCK, Commit, FileOutcome, FileRecord, Ledger, Move,
     TableChange,
@@ -201,7 +201,7 @@ impl<'a> Runner<'a> {
         }
         report.finish();
         self.lake
-            .put_json(&format!("{STATE}/runs/{}.json", report.run_id), &report)
+            .put_report(&crate::report::run_key(&report.run_id), &report)
             .await?;
         Ok(report)
     }
@@ -1065,13 +1065,13 @@ impl<'a> Runner<'a> {
             error: error.to_string(),
         });
         if attempts.attempts < self.config.retry.max_attempts {
-            self.lake.put_json(&akey, &attempts).await?;
+            self.lake.put_report(&akey, &attempts).await?;
             return Ok(None);
         }
         let to = failed_key(source, &key);
         self.lake.rename(&key, &to).await?;
         self.lake
-            .put_json(&format!("{to}.error.json"), &attempts)
+            .put_report(&format!("{to}.error.json"), &attempts)
             .await?;
         self.lake.delete(&akey).await?;
         tracing::error!(key = %key, to = %to, attempts = attempts.attempts, "file moved to failed/");

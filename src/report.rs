@@ -315,6 +315,11 @@ impl RunReport {
     }
 }
 
+/// The lake key of a run's saved report: `_sluice/runs/<run_id>.json`.
+pub fn run_key(run_id: &str) -> String {
+    format!("{}/runs/{run_id}.json", crate::lake::STATE)
+}
+
 /// A new run id: UTC time, then 6 hex digits.
 pub fn new_run_id() -> String {
     let now = Utc::now();

@@ -1,28 +1,19 @@
 //! `secret:<name or arn>[#<json key>]` config values, resolved through AWS Secrets Manager.
 //!
-//! Each secret is fetched once a process. Resolved values are kept only so that
-//! [`redact`] can take them out of any message before it is logged or reported.
+//! Each secret is fetched once a process. Every resolved value is registered with
+//! [`crate::redact`], which masks it in every output.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 
-/// Values already fetched (by secret id) and the values to redact (with their reference).
-struct Known {
-    fetched: HashMap<String, String>,
-    redact: Vec<(String, String)>,
-}
+/// Values already fetched, by secret id.
+static FETCHED: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
 
-static KNOWN: Mutex<Option<Known>> = Mutex::new(None);
-
-fn with_known<T>(f: impl FnOnce(&mut Known) -> T) -> T {
-    let mut guard = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
-    let known = guard.get_or_insert_with(|| Known {
-        fetched: HashMap::new(),
-        redact: Vec::new(),
-    });
-    f(known)
+fn with_fetched<T>(f: impl FnOnce(&mut HashMap<String, String>) -> T) -> T {
+    let mut guard = FETCHED.lock().unwrap_or_else(|e| e.into_inner());
+    f(guard.get_or_insert_with(HashMap::new))
 }
 
 fn fail(reference: &str, message: impl std::fmt::Display) -> Error {
@@ -39,7 +30,7 @@ pub async fn fetch(reference: &str) -> Result<String> {
         Some((id, key)) => (id, Some(key)),
         None => (reference, None),
     };
-    let cached = with_known(|k| k.fetched.get(id).cloned());
+    let cached = with_fetched(|k| k.get(id).cloned());
     let text = match cached {
         Some(t) => t,
         None => {
@@ -56,7 +47,9 @@ pub async fn fetch(reference: &str) -> Result<String> {
                     .map_err(|_| fail(reference, "the binary secret is not UTF-8 text"))?,
                 (None, None) => return Err(fail(reference, "the secret has no value")),
             };
-            with_known(|k| k.fetched.insert(id.to_string(), text.clone()));
+            // Masked from here on, in case something quotes the secret whole.
+            crate::redact::secret(&text, id);
+            with_fetched(|k| k.insert(id.to_string(), text.clone()));
             text
         }
     };
@@ -78,27 +71,14 @@ pub async fn fetch(reference: &str) -> Result<String> {
     Ok(value)
 }
 
-/// Marks `value` as secret: [`redact`] replaces it with `secret:<reference>`.
+/// Marks `value` as secret: [`redact`] replaces it with `[secret:<reference>]`.
 pub fn remember(value: &str, reference: &str) {
-    if value.len() >= 4 {
-        with_known(|k| {
-            k.redact
-                .push((value.to_string(), format!("secret:{reference}")))
-        });
-    }
+    crate::redact::secret(value, reference);
 }
 
-/// `text` with every resolved secret value replaced by its reference.
+/// `text` with every registered sensitive value masked ([`crate::redact::mask`]).
 pub fn redact(text: &str) -> String {
-    with_known(|k| {
-        let mut out = text.to_string();
-        for (value, reference) in &k.redact {
-            if out.contains(value.as_str()) {
-                out = out.replace(value.as_str(), reference);
-            }
-        }
-        out
-    })
+    crate::redact::mask(text).into_owned()
 }
 
 #[cfg(test)]
@@ -110,7 +90,7 @@ mod tests {
         remember("hunter2-token", "prod/hook#token");
         assert_eq!(
             redact("POST https://x/hunter2-token failed"),
-            "POST https://x/secret:prod/hook#token failed"
+            "POST https://x/[secret:prod/hook#token] failed"
         );
         assert_eq!(redact("nothing here"), "nothing here");
     }

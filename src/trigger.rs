@@ -17,7 +17,6 @@ use crate::lake::Lake;
 use crate::notify;
 use crate::pipeline::{Progress, Runner};
 use crate::report::{self, FileStatus, RunReport, RunStatus};
-use crate::secrets::redact;
 
 /// Runs the pipeline once (over `only`, when given) and sends the notifications.
 pub async fn run(
@@ -40,7 +39,7 @@ async fn run_as(
     human: bool,
     run_id: &str,
 ) -> Result<RunReport> {
-    let mut runner = Runner::new(config, lake, run_id);
+    let mut runner = Runner::new(config, lake.clone(), run_id);
     if let Some(keys) = only {
         runner = runner.only(keys);
     }
@@ -48,17 +47,15 @@ async fn run_as(
     let result = runner.run(&progress).await;
     progress.finish();
     let mut report = result?;
-    // No secret value leaves in a report, whatever error quoted it.
-    for e in report.errors.iter_mut() {
-        *e = redact(e);
-    }
-    for f in report.files.iter_mut() {
-        if let Some(e) = f.error.as_mut() {
-            *e = redact(e);
-        }
-    }
-    for e in notify::notify(&config.notify, &config.pipeline_name(), &report).await {
-        report.errors.push(e.to_string());
+    // Every sink masks secret values (crate::redact): the saved report, the notifications,
+    // the output.
+    let undelivered = notify::notify(&config.notify, &config.pipeline_name(), &report).await;
+    if !undelivered.is_empty() {
+        report
+            .errors
+            .extend(undelivered.iter().map(ToString::to_string));
+        lake.put_report(&report::run_key(&report.run_id), &report)
+            .await?;
     }
     Ok(report)
 }
@@ -132,7 +129,7 @@ pub async fn watch_prefixes(config: &Config, lake: Lake, interval: Duration) -> 
     while !stop.load(Ordering::SeqCst) {
         match run(config, lake.clone(), None, false).await {
             Ok(r) if r.status == RunStatus::NothingToDo => {}
-            Ok(r) => eprint!("{}", r.summary()),
+            Ok(r) => crate::redact::eprint(&r.summary()),
             Err(e) => tracing::error!(error = %e, "run failed"),
         }
         pause(interval, &stop).await;
@@ -200,7 +197,7 @@ pub async fn watch_queue(
             keeper.abort();
             match result {
                 Ok(r) => {
-                    eprint!("{}", r.summary());
+                    crate::redact::eprint(&r.summary());
                     Some(r)
                 }
                 Err(e) => {

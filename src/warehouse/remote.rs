@@ -211,9 +211,16 @@ struct Journal<'a> {
 
 impl Journal<'_> {
     async fn save(&self, unit: Option<&Unit>) -> Result<()> {
+        // The warehouse's error texts may quote a secret value; the rest must stay as it is.
+        let mut inflight = unit.cloned();
+        for st in inflight.iter_mut().flat_map(|u| u.statements.iter_mut()) {
+            if let Some(e) = st.error.as_mut() {
+                *e = crate::redact::mask(e).into_owned();
+            }
+        }
         let state = LoadState {
             done: self.done.clone(),
-            inflight: unit.cloned(),
+            inflight,
         };
         self.lake.put_json(&self.key, &state).await
     }

@@ -15,6 +15,7 @@ mod lambda;
 mod memory;
 mod pipeline;
 mod postgres;
+mod redact;
 mod redshift;
 mod support;
 mod timeouts;

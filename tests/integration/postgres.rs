@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::support::{Project, text, tickets};
 
-pub const PASSWORD: &str = "s3cret-pw";
+pub(crate) const PASSWORD: &str = "s3cret-pw";
 
 /// A PostgreSQL server of this test's own.
 pub struct Pg {
