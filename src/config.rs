@@ -1007,6 +1007,24 @@ partition_by = ["event_date"]
     }
 
     #[test]
+    fn csv_max_field_size_takes_bytes_or_a_size() {
+        let with = |v: &str| {
+            let text = MINIMAL.replace(
+                "schema = \"schemas/logs.toml\"",
+                &format!("schema = \"schemas/logs.toml\"\ncsv = {{ max_field_size = {v} }}"),
+            );
+            Config::parse(&text, Path::new("sluice.toml")).map(|c| c.sources[0].csv.max_field_size)
+        };
+        assert_eq!(with("4096").unwrap(), 4096);
+        assert_eq!(with("\"4MiB\"").unwrap(), 4 << 20);
+        let e = with("0").unwrap_err().to_string();
+        assert!(e.contains("max_field_size"), "{e}");
+        assert!(with("\"lots\"").is_err());
+        let c = Config::parse(MINIMAL, Path::new("sluice.toml")).unwrap();
+        assert_eq!(c.sources[0].csv.max_field_size, 1 << 20);
+    }
+
+    #[test]
     fn unknown_key_is_named_with_its_line() {
         let text = MINIMAL.replace("partition_by", "partiton_by");
         let e = Config::parse(&text, Path::new("sluice.toml"))

@@ -365,22 +365,23 @@ fn an_unclosed_quote_rejects_its_record_alone_and_the_summary_warns() {
     assert!(reason.starts_with("unclosed quote at line 701"), "{reason}");
     assert_eq!(rejected[0]["_raw_record"], broken);
 
+    // Every record after it is there: 1,300 of them, from the next line on.
     let after = query_json(
         &p,
-        "SELECT count(*) AS n, min(_source_row) AS first FROM support_tickets \
-         WHERE _source_row > 701",
+        "SELECT count(*) AS n, min(ticket_id) AS first FROM support_tickets \
+         WHERE ticket_id > 'TCK-00000700'",
     );
-    assert_eq!(
-        (&after[0]["n"], &after[0]["first"]),
-        (&serde_json::json!(1300), &serde_json::json!(702))
-    );
+    assert_eq!(after[0]["n"], 1300);
+    assert_eq!(after[0]["first"], "TCK-00000701");
+    let total = query_json(&p, "SELECT count(*) AS n FROM support_tickets");
+    assert_eq!(total[0]["n"], 1999);
+    // The lone CR stayed in its field; the record was not split.
     let cr = query_json(
         &p,
-        "SELECT subject, agent_id, _source_row FROM support_tickets WHERE ticket_id = 'TCK-00001200'",
+        "SELECT subject, agent_id FROM support_tickets WHERE ticket_id = 'TCK-00001200'",
     );
     assert_eq!(cr[0]["subject"], "Subject\r1200");
     assert_eq!(cr[0]["agent_id"], "agent001");
-    assert_eq!(cr[0]["_source_row"], 1201);
 }
 
 /// A CSV exported the way a spreadsheet does (a BOM, CRLF line ends, quoted newlines, commas
@@ -391,20 +392,21 @@ fn a_spreadsheet_export_reads_right() {
     let data = "\u{feff}ticket_id,created_at,updated_at,status,priority,customer_email,subject,body,agent\r\n\
         TCK-S1,2024-03-02 10:00:00,2024-03-02 11:00:00,open,low,s1@example.com,\"Hello, world\",\"line one\r\nline two \"\"quoted\"\"\",agent002\r\n\
         TCK-S2,2024-03-02 10:00:00,2024-03-02 11:00:00,closed,high,s2@example.com,Plain,\"\",\"agent003\"\r\n\
-        TCK-S3,2024-03-02 10:00:00,2024-03-02 11:00:00,open,low,s3@example.com,Third,plain body,agent004\r\n";
+        TCK-S3,2024-03-02 10:00:00,2024-03-02 11:00:00,open,low,s3@example.com,Third,plain body,agent004\r\n\
+        TCK-S4,short,record\r\n";
     p.add_raw("support_tickets", "export.csv", data.as_bytes());
     let (code, report) = p.run();
     assert_eq!(code, 0, "{report:#}");
     let f = &report["files"][0];
     assert_eq!(
         (&f["rows_read"], &f["rows_written"]),
-        (&serde_json::json!(3), &serde_json::json!(3)),
+        (&serde_json::json!(4), &serde_json::json!(3)),
         "{f}"
     );
     assert!(f.get("unclosed_quotes").is_none(), "{f}");
     let rows = query_json(
         &p,
-        "SELECT ticket_id, subject, body, agent_id, _source_row FROM support_tickets ORDER BY ticket_id",
+        "SELECT ticket_id, subject, body, agent_id FROM support_tickets ORDER BY ticket_id",
     );
     assert_eq!(rows[0]["subject"], "Hello, world");
     assert_eq!(rows[0]["body"], "line one\r\nline two \"quoted\"");
@@ -412,9 +414,13 @@ fn a_spreadsheet_export_reads_right() {
     assert_eq!(rows[1]["agent_id"], "agent003");
     assert!(rows[1]["body"].is_null(), "\"\" is the null value");
     assert_eq!(rows[2]["agent_id"], "agent004");
-    let lines: Vec<i64> = rows
-        .iter()
-        .map(|r| r["_source_row"].as_i64().unwrap())
-        .collect();
-    assert_eq!(lines, [2, 4, 5]);
+    assert_eq!(rows.len(), 3);
+    // Lines count from the BOM's line, a quoted CRLF included.
+    let bad = query_json(
+        &p,
+        "SELECT _source_row, _raw_record FROM support_tickets_rejected",
+    );
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(bad[0]["_source_row"], 6);
+    assert_eq!(bad[0]["_raw_record"], "TCK-S4,short,record");
 }
