@@ -169,6 +169,12 @@ pub struct CsvOptions {
     /// A field equal to this is null.
     #[serde(default)]
     pub null_value: String,
+    /// The longest a quoted field may be (bytes, or a size such as `"4MiB"`; default 1 MiB). A
+    /// quote whose field runs past it, or to the end of the file, is an unclosed quote: its
+    /// record (to the end of that quote's line) is rejected alone and reading goes on at the
+    /// next line. Also bounds a rejected record's `_raw_record` (cut with a mark beyond it).
+    #[serde(default = "default_max_field_size", deserialize_with = "de_field_size")]
+    pub max_field_size: usize,
 }
 
 impl Default for CsvOptions {
@@ -178,8 +184,33 @@ impl Default for CsvOptions {
             quote: default_quote(),
             header: true,
             null_value: String::new(),
+            max_field_size: default_max_field_size(),
         }
     }
+}
+
+fn default_max_field_size() -> usize {
+    1 << 20
+}
+
+/// `csv.max_field_size`: a number of bytes or a size string.
+fn de_field_size<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    let bytes = match Size::deserialize(d)? {
+        Size::Bytes(n) => usize::try_from(n).map_err(serde::de::Error::custom)?,
+        Size::Text(t) => parse_bytes(&t).map_err(serde::de::Error::custom)?,
+    };
+    if bytes == 0 {
+        return Err(serde::de::Error::custom(
+            "csv.max_field_size must be at least 1 byte",
+        ));
+    }
+    Ok(bytes)
 }
 
 fn default_delimiter() -> char {
@@ -687,6 +718,15 @@ impl EngineConfig {
 /// Parses a size such as `512MiB`, `1.5GB`, `2g` or `1048576` (bytes); K/M/G/T are powers of
 /// 1024, like Spark and DuckDB read them.
 pub fn parse_size(text: &str) -> std::result::Result<usize, String> {
+    let bytes = parse_bytes(text)?;
+    if bytes < 64 << 20 {
+        return Err(format!("\"{text}\" is too small: at least 64MiB"));
+    }
+    Ok(bytes)
+}
+
+/// Parses a size as [`parse_size`] does, without its 64 MiB floor.
+pub fn parse_bytes(text: &str) -> std::result::Result<usize, String> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -708,11 +748,7 @@ pub fn parse_size(text: &str) -> std::result::Result<usize, String> {
             ));
         }
     };
-    let bytes = value * scale;
-    if bytes < (64 << 20) as f64 {
-        return Err(format!("\"{text}\" is too small: at least 64MiB"));
-    }
-    Ok(bytes as usize)
+    Ok((value * scale) as usize)
 }
 
 /// The number of cores this process may use.
@@ -1112,6 +1148,24 @@ partition_by = ["event_date"]
         assert_eq!(c.sources[0].raw_prefix(), "raw/logs");
         assert_eq!(c.lake_root(), "/x/lake");
         assert_eq!(c.retry.max_attempts, 3);
+    }
+
+    #[test]
+    fn csv_max_field_size_takes_bytes_or_a_size() {
+        let with = |v: &str| {
+            let text = MINIMAL.replace(
+                "schema = \"schemas/logs.toml\"",
+                &format!("schema = \"schemas/logs.toml\"\ncsv = {{ max_field_size = {v} }}"),
+            );
+            Config::parse(&text, Path::new("sluice.toml")).map(|c| c.sources[0].csv.max_field_size)
+        };
+        assert_eq!(with("4096").unwrap(), 4096);
+        assert_eq!(with("\"4MiB\"").unwrap(), 4 << 20);
+        let e = with("0").unwrap_err().to_string();
+        assert!(e.contains("max_field_size"), "{e}");
+        assert!(with("\"lots\"").is_err());
+        let c = Config::parse(MINIMAL, Path::new("sluice.toml")).unwrap();
+        assert_eq!(c.sources[0].csv.max_field_size, 1 << 20);
     }
 
     #[test]

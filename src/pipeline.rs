@@ -570,6 +570,14 @@ impl<'a> Runner<'a> {
                     f.rows_written = c.written;
                     f.rows_rejected = c.rejected;
                     f.rows_duplicate = c.duplicate;
+                    f.unclosed_quotes = c.unclosed_quotes;
+                    if c.unclosed_quotes > 0 {
+                        tracing::warn!(
+                            key = %r.key,
+                            records = c.unclosed_quotes,
+                            "records with an unclosed quote rejected, each alone"
+                        );
+                    }
                 }
                 if let Some(d) = &r.duplicate_of {
                     f.error = Some(format!("same content as {d}, already ingested"));
@@ -818,7 +826,10 @@ impl<'a> Runner<'a> {
             .iter()
             .map(|r| (r.good_rows, r.malformed.len() as u64))
             .collect();
-        let counts = router.finish(&totals)?;
+        let mut counts = router.finish(&totals)?;
+        for (c, r) in counts.iter_mut().zip(&reads) {
+            c.unclosed_quotes = r.malformed.iter().filter(|m| m.unclosed_quote).count() as u64;
+        }
         let unreadable = reads
             .iter_mut()
             .enumerate()

@@ -67,11 +67,19 @@ pub struct FileReport {
     pub rows_rejected: u64,
     /// Rows dropped as duplicates.
     pub rows_duplicate: u64,
+    /// Of the rejected rows: CSV records with an unclosed quote, each rejected alone (reading
+    /// went on at the next line).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unclosed_quotes: u64,
     /// Why it failed, or what it duplicates.
     pub error: Option<String>,
     /// Where the raw file went (archive or failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moved_to: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl FileReport {
@@ -85,6 +93,7 @@ impl FileReport {
             rows_written: 0,
             rows_rejected: 0,
             rows_duplicate: 0,
+            unclosed_quotes: 0,
             error: None,
             moved_to: None,
         }
@@ -296,6 +305,13 @@ impl RunReport {
                     .map(|v| format!(", version {v}"))
                     .unwrap_or_default(),
                 m.seconds
+            ));
+        }
+        for f in self.files.iter().filter(|f| f.unclosed_quotes > 0) {
+            out.push_str(&format!(
+                "  warning {}: {} records with an unclosed quote rejected (each alone, reading \
+                 went on at the next line)\n",
+                f.key, f.unclosed_quotes
             ));
         }
         for f in self.files.iter().filter(|f| f.status == FileStatus::Failed) {

@@ -266,6 +266,8 @@ pub struct Counts {
     pub rejected: u64,
     /// Rows dropped as duplicates.
     pub duplicate: u64,
+    /// Of the rejected rows: CSV records with an unclosed quote (each rejected alone).
+    pub unclosed_quotes: u64,
 }
 
 impl Counts {

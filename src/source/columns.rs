@@ -10,7 +10,7 @@ use datafusion::arrow::array::{
 use datafusion::arrow::datatypes::{DataType, Field, Int32Type, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 
-use super::{BATCH_ROWS, ColumnType, Malformed, ReadOutput, SourceSchema};
+use super::{BATCH_ROWS, ColumnType, Malformed, RAW_LIMIT, ReadOutput, SourceSchema};
 use crate::error::Result;
 
 /// Name of the column holding the raw file's key.
@@ -78,6 +78,7 @@ pub struct RowBuilder<'c> {
     cols: Vec<ColBuilder>,
     rows: Vec<i64>,
     out: ReadOutput,
+    raw_limit: usize,
 }
 
 impl<'c> RowBuilder<'c> {
@@ -89,7 +90,14 @@ impl<'c> RowBuilder<'c> {
             cols: Self::fresh(ctx),
             rows: Vec::with_capacity(BATCH_ROWS),
             out: ReadOutput::default(),
+            raw_limit: RAW_LIMIT,
         }
+    }
+
+    /// Bounds the raw text of malformed records at `limit` bytes (cut with a mark beyond).
+    pub fn raw_limit(mut self, limit: usize) -> Self {
+        self.raw_limit = limit;
+        self
     }
 
     fn fresh(ctx: &ReadContext) -> Vec<ColBuilder> {
@@ -149,12 +157,20 @@ impl<'c> RowBuilder<'c> {
 
     /// Records a malformed record.
     pub fn malformed(&mut self, row: u64, reason: impl Into<String>, raw: &[u8]) {
-        let raw = String::from_utf8_lossy(raw);
         self.out.malformed.push(Malformed {
             row,
             reason: reason.into(),
-            raw: truncate(raw.trim_end_matches(['\r', '\n']), 65_536).to_string(),
+            raw: raw_text(raw, self.raw_limit),
+            unclosed_quote: false,
         });
+    }
+
+    /// Records a CSV record rejected for an unclosed quote.
+    pub fn unclosed_quote(&mut self, row: u64, reason: impl Into<String>, raw: &[u8]) {
+        self.malformed(row, reason, raw);
+        if let Some(m) = self.out.malformed.last_mut() {
+            m.unclosed_quote = true;
+        }
     }
 
     fn flush(&mut self) -> Result<(), String> {
@@ -214,6 +230,22 @@ fn parse_bool(v: &str) -> Option<bool> {
         "false" | "FALSE" | "False" | "0" => Some(false),
         _ => None,
     }
+}
+
+/// A record's raw bytes as text (invalid UTF-8 replaced, without its line end); one longer than
+/// `limit` bytes is cut there and marked, never cut silently.
+pub fn raw_text(raw: &[u8], limit: usize) -> String {
+    let text = String::from_utf8_lossy(raw);
+    let text = text.trim_end_matches(['\r', '\n']);
+    if text.len() <= limit {
+        return text.to_string();
+    }
+    format!(
+        "{}... [truncated: {} of {} bytes]",
+        truncate(text, limit),
+        truncate(text, limit).len(),
+        text.len()
+    )
 }
 
 /// At most `max` bytes of `s`, cut at a character boundary.

@@ -1,6 +1,11 @@
 //! CSV reader: a header matched to the schema by name, quoted fields with delimiters, doubled
 //! quotes and newlines inside, and a malformed row for a record with the wrong number of fields
 //! or invalid UTF-8.
+//!
+//! Lines end at LF or CRLF; a lone CR is data (in both readers). A quote that is never closed
+//! (its field runs to the end of the file, past `csv.max_field_size`, or spans lines up to a
+//! "closing" quote that is followed by text) does not swallow the rest of the file: its record,
+//! to the end of that quote's line, is rejected alone, and reading goes on at the next line.
 
 use super::ReadOutput;
 use super::columns::{ReadContext, RowBuilder};
@@ -19,16 +24,19 @@ pub(super) fn read(
         None => Ok(ReadOutput::default()),
         Some((mapping, end)) => {
             let line = 1 + memchr::memchr_iter(b'\n', &data[..end]).count() as u64;
-            read_records(ctx, opts, key, &data[end..], line, &mapping)
+            read_records(ctx, opts, key, &data[end..], line, &mapping, true)
         }
     }
 }
 
+/// The tolerant reader over `data`: records end at LF only (the CR of a CRLF is taken off the
+/// last field by the caller), so that a lone CR stays data.
 fn reader<'d>(opts: &CsvOptions, data: &'d [u8]) -> csv::Reader<&'d [u8]> {
     csv::ReaderBuilder::new()
         .delimiter(opts.delimiter as u8)
         .quote(opts.quote as u8)
         .double_quote(true)
+        .terminator(csv::Terminator::Any(b'\n'))
         .has_headers(false)
         .flexible(true)
         .from_reader(data)
@@ -59,11 +67,7 @@ pub(super) fn read_header(
     {
         return Ok(None);
     }
-    let mut end = reader.position().byte() as usize;
-    // The reader stops between the CR and the LF of a CRLF.
-    if data[..end].ends_with(b"\r") && data.get(end) == Some(&b'\n') {
-        end += 1;
-    }
+    let end = (reader.position().byte() as usize).min(data.len());
     if !complete && (end >= data.len() || !data[..end].ends_with(b"\n")) {
         return Ok(None);
     }
@@ -91,11 +95,13 @@ pub(super) fn read_header(
 }
 
 /// Reads CSV records (no header); `first_line` is the line `data` starts at, `mapping` from
-/// [`read_header`]. A chunk whose quotes all open, close or double inside a field, and whose
-/// records are all UTF-8, is read by the SIMD reader; any other chunk (a stray quote inside a
-/// field, a lone CR, invalid UTF-8) by the tolerant one, which reads such records the way the
-/// `csv` crate does and names the column of invalid UTF-8. Both give the same rows for a chunk
-/// both can read.
+/// [`read_header`], `last` whether `data` ends the file. A chunk whose quotes all open, close
+/// or double inside a field (none longer than `csv.max_field_size`), and whose records are all
+/// UTF-8, is read by the SIMD reader; any other chunk (a stray quote inside a field, a lone CR
+/// at a line start, invalid UTF-8, an unclosed quote) by the tolerant one, which reads such
+/// records the way the `csv` crate does and names the column of invalid UTF-8. Both give the
+/// same rows for a chunk both can read. Records with an unclosed quote ([`scan`]) are rejected
+/// alone and the records between them read as above.
 pub(super) fn read_records(
     ctx: &ReadContext,
     opts: &CsvOptions,
@@ -103,41 +109,234 @@ pub(super) fn read_records(
     data: &[u8],
     first_line: u64,
     mapping: &[Option<usize>],
+    last: bool,
 ) -> Result<ReadOutput> {
     let layout = Layout::new(ctx, opts, mapping);
-    if plain_quoting(data, opts.delimiter as u8, opts.quote as u8)
-        && let Some(out) = read_fast(ctx, &layout, key, data, first_line)
+    let (delimiter, quote) = (opts.delimiter as u8, opts.quote as u8);
+    if plain_quoting(data, delimiter, quote, opts.max_field_size) {
+        if let Some(out) = read_fast(ctx, &layout, key, data, first_line) {
+            return out;
+        }
+        return read_tolerant(ctx, &layout, key, data, first_line);
+    }
+    let found = scan(data, delimiter, quote, opts.max_field_size, true);
+    if found.bad.is_empty() {
+        return read_tolerant(ctx, &layout, key, data, first_line);
+    }
+    let lines = |b: &[u8]| memchr::memchr_iter(b'\n', b).count() as u64;
+    let mut out = ReadOutput::default();
+    let mut rejected = RowBuilder::new(ctx, key).raw_limit(opts.max_field_size);
+    let (mut at, mut line) = (0, first_line);
+    for bad in &found.bad {
+        let part = &data[at..bad.start];
+        let mut rows = read_clean(ctx, &layout, key, part, line)?;
+        out.batches.append(&mut rows.batches);
+        out.malformed.append(&mut rows.malformed);
+        line += lines(part);
+        let quote_line = line + lines(&data[bad.start..bad.quote]);
+        let why = match bad.why {
+            Unclosed::PastBound => format!(
+                "the quoted field runs past csv.max_field_size ({} bytes)",
+                opts.max_field_size
+            ),
+            Unclosed::AtEnd if last => "the quoted field runs to the end of the file".into(),
+            Unclosed::AtEnd => "no quote closes the field".into(),
+            Unclosed::Text(close) => format!(
+                "the next quote (line {}) is followed by text, not a delimiter or line end",
+                quote_line + lines(&data[bad.quote..close])
+            ),
+        };
+        let raw = &data[bad.start..bad.end];
+        let reason = format!("unclosed quote at line {quote_line}: {why}");
+        tracing::debug!(
+            key,
+            line = quote_line,
+            "unclosed quote: record rejected alone"
+        );
+        rejected.unclosed_quote(line, reason, raw);
+        line += lines(raw);
+        at = bad.end;
+    }
+    let mut rows = read_clean(ctx, &layout, key, &data[at..], line)?;
+    out.batches.append(&mut rows.batches);
+    let mut bad = rejected.finish().map_err(|message| Error::Read {
+        key: key.to_string(),
+        message,
+    })?;
+    out.malformed.append(&mut bad.malformed);
+    out.malformed.append(&mut rows.malformed);
+    out.malformed.sort_by_key(|m| m.row);
+    Ok(out)
+}
+
+/// Records without unclosed quotes: by the SIMD reader if it can, else the tolerant one.
+fn read_clean(
+    ctx: &ReadContext,
+    layout: &Layout<'_>,
+    key: &str,
+    data: &[u8],
+    first_line: u64,
+) -> Result<ReadOutput> {
+    let opts = layout.opts;
+    if plain_quoting(
+        data,
+        opts.delimiter as u8,
+        opts.quote as u8,
+        opts.max_field_size,
+    ) && let Some(out) = read_fast(ctx, layout, key, data, first_line)
     {
         return out;
     }
-    read_tolerant(ctx, &layout, key, data, first_line)
+    read_tolerant(ctx, layout, key, data, first_line)
 }
 
-/// Whether every quote in `data` (which starts at a record) opens a field, closes one or is
-/// doubled inside one, and every CR outside quotes ends a line: what the two readers read alike.
-fn plain_quoting(data: &[u8], delimiter: u8, quote: u8) -> bool {
-    let mut inside = false;
+/// Whether every quote in `data` (which starts at a record) opens a field, closes one (no more
+/// than `max` bytes later) or is doubled inside one, and every CR outside quotes is data in the
+/// middle of a line or the CR of a CRLF: what the two readers read alike.
+fn plain_quoting(data: &[u8], delimiter: u8, quote: u8, max: usize) -> bool {
+    let mut open: Option<usize> = None;
     let mut marks = memchr::memchr2_iter(quote, b'\r', data);
     while let Some(p) = marks.next() {
         let next = data.get(p + 1).copied();
         if data[p] == b'\r' {
-            if !inside && next != Some(b'\n') {
+            let line_start = p == 0 || data[p - 1] == b'\n';
+            if open.is_none() && next != Some(b'\n') && (line_start || next.is_none()) {
+                // simd-csv skips a CR that starts a line and drops one that ends the data.
                 return false;
             }
-        } else if !inside {
+            if open.is_some()
+                && next == Some(quote)
+                && matches!(data.get(p + 2), None | Some(b'\n' | b'\r'))
+            {
+                // simd-csv drops a CR that ends the record's last field, even inside quotes.
+                return false;
+            }
+        } else if let Some(o) = open {
+            if next == Some(quote) {
+                marks.next(); // a doubled quote
+            } else if next.is_none_or(|b| b == delimiter || b == b'\n')
+                || (next == Some(b'\r') && data.get(p + 2) == Some(&b'\n'))
+            {
+                if p - o - 1 > max {
+                    return false;
+                }
+                open = None;
+            } else {
+                return false;
+            }
+        } else {
             if p > 0 && data[p - 1] != b'\n' && data[p - 1] != delimiter {
                 return false;
             }
-            inside = true;
-        } else if next == Some(quote) {
-            marks.next(); // a doubled quote
-        } else if next.is_none_or(|b| b == delimiter || b == b'\n' || b == b'\r') {
-            inside = false;
-        } else {
-            return false;
+            open = Some(p);
         }
     }
-    !inside
+    open.is_none()
+}
+
+/// Why a quote counts as unclosed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unclosed {
+    /// No quote closes its field before the end of the data.
+    AtEnd,
+    /// Its field would run past `csv.max_field_size`.
+    PastBound,
+    /// Its field spans lines up to a quote (at this offset) that is followed by text: that quote
+    /// opens another field, it does not close this one.
+    Text(usize),
+}
+
+/// A record with an unclosed quote: from its start to just after the newline that ends the
+/// quote's line (or the data's end).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct BadRecord {
+    /// Where the record starts.
+    pub start: usize,
+    /// Where the unclosed quote is.
+    pub quote: usize,
+    /// Where reading goes on.
+    pub end: usize,
+    /// Why the quote counts as unclosed.
+    pub why: Unclosed,
+}
+
+/// What [`scan`] found.
+#[derive(Debug, Default)]
+pub(super) struct Scan {
+    /// The records with an unclosed quote, in order.
+    pub bad: Vec<BadRecord>,
+    /// Where the last complete record ends (records with an unclosed quote included).
+    pub last_end: Option<usize>,
+}
+
+/// Finds the records of `data` (which starts at a record) forward, the way the tolerant reader
+/// splits them (a quote opens a field only at its start; a closing quote followed by text goes
+/// on as unquoted text), and the quotes that do not close ([`Unclosed`]). With `complete`,
+/// `data` ends the input; otherwise the scan stops at a record it cannot finish yet.
+///
+/// This visits every quote and newline: the feed and the reader call it only for data that
+/// quote parity or [`plain_quoting`] found irregular, never on the fast path.
+pub(super) fn scan(data: &[u8], delimiter: u8, quote: u8, max: usize, complete: bool) -> Scan {
+    let mut out = Scan::default();
+    let (mut pos, mut record) = (0, 0);
+    while let Some(off) = memchr::memchr2(quote, b'\n', &data[pos..]) {
+        let m = pos + off;
+        if data[m] == b'\n' {
+            pos = m + 1;
+            record = pos;
+            out.last_end = Some(pos);
+            continue;
+        }
+        if m != record && data[m - 1] != delimiter {
+            pos = m + 1; // a quote inside an unquoted field: text
+            continue;
+        }
+        // A quote opening a field: where does it close?
+        let mut c = m + 1;
+        let close = loop {
+            match memchr::memchr(quote, &data[c..]) {
+                None => break None,
+                Some(o) if data.get(c + o + 1) == Some(&quote) => c += o + 2,
+                Some(o) => break Some(c + o),
+            }
+        };
+        let why = match close {
+            Some(c) if c - m - 1 > max => Unclosed::PastBound,
+            None if data.len() - m - 1 > max => Unclosed::PastBound,
+            None if complete => Unclosed::AtEnd,
+            None => break,
+            // Not known yet whether it is doubled.
+            Some(c) if c + 1 == data.len() && !complete => break,
+            Some(c) => {
+                let ends = match data.get(c + 1) {
+                    None => true,
+                    Some(&b) if b == delimiter || b == b'\n' => true,
+                    Some(b'\r') => matches!(data.get(c + 2), None | Some(b'\n')),
+                    Some(_) => false,
+                };
+                if ends || memchr::memchr(b'\n', &data[m..c]).is_none() {
+                    pos = c + 1;
+                    continue;
+                }
+                Unclosed::Text(c)
+            }
+        };
+        let end = match memchr::memchr(b'\n', &data[m..]) {
+            Some(e) => m + e + 1,
+            None if complete => data.len(),
+            None => break,
+        };
+        out.bad.push(BadRecord {
+            start: record,
+            quote: m,
+            end,
+            why,
+        });
+        pos = end;
+        record = end;
+        out.last_end = Some(end);
+    }
+    out
 }
 
 /// The SIMD reader (`simd-csv`): `None` if a record is not UTF-8, so that the tolerant reader
@@ -156,7 +355,7 @@ fn read_fast(
         .has_headers(false)
         .from_bytes(data);
     let mut record = simd_csv::ByteRecord::new();
-    let mut rows = RowBuilder::new(ctx, key);
+    let mut rows = RowBuilder::new(ctx, key).raw_limit(opts.max_field_size);
     let (mut start, mut line) = (0, first_line);
     while reader.read_byte_record(&mut record) {
         let end = (reader.position() as usize).min(data.len());
@@ -182,10 +381,12 @@ fn read_fast(
 /// A record's bytes `raw` as read, starting at `line`, without the blank lines the read skipped
 /// before it; and the line the record itself starts at.
 fn past_blank_lines(raw: &[u8], line: u64) -> (u64, &[u8]) {
-    let blank = raw
+    let lead = raw
         .iter()
         .take_while(|&&b| b == b'\n' || b == b'\r')
         .count();
+    // Whole lines only: a lone CR starting the record is its data.
+    let blank = memchr::memrchr(b'\n', &raw[..lead]).map_or(0, |p| p + 1);
     let at = line + memchr::memchr_iter(b'\n', &raw[..blank]).count() as u64;
     (at, &raw[blank..])
 }
@@ -264,7 +465,7 @@ fn read_tolerant(
     let mut reader = reader(opts, data);
     let mut record = csv::StringRecord::new();
     let mut bytes = csv::ByteRecord::new();
-    let mut rows = RowBuilder::new(ctx, key);
+    let mut rows = RowBuilder::new(ctx, key).raw_limit(opts.max_field_size);
     let offset = first_line - 1;
     loop {
         let start = reader.position().byte() as usize;
@@ -277,9 +478,21 @@ fn read_tolerant(
         };
         let end = reader.position().byte() as usize;
         let raw = &data[start.min(data.len())..end.min(data.len())];
+        // Records end at LF: the CR of a CRLF (outside quotes, so the raw record ends with it)
+        // is still on the last field.
+        let crlf = raw.ends_with(b"\r\n");
         let (line, raw) = past_blank_lines(raw, line);
         if text {
-            layout.add(&mut rows, record.len(), |j| record.get(j), line, raw);
+            let last = record.len().saturating_sub(1);
+            let field = |j| {
+                let f = record.get(j)?;
+                Some(if j == last && crlf {
+                    f.strip_suffix('\r').unwrap_or(f)
+                } else {
+                    f
+                })
+            };
+            layout.add(&mut rows, record.len(), field, line, raw);
             continue;
         }
         // Not UTF-8: the same record again, as bytes.
@@ -290,12 +503,20 @@ fn read_tolerant(
         {
             continue;
         }
-        let bad = bytes
-            .iter()
+        let last = bytes.len().saturating_sub(1);
+        let field_bytes = |j| {
+            let f = bytes.get(j)?;
+            Some(if j == last && crlf {
+                f.strip_suffix(b"\r").unwrap_or(f)
+            } else {
+                f
+            })
+        };
+        let bad = (0..bytes.len())
             .zip(layout.mapping)
-            .find_map(|(field, target)| {
+            .find_map(|(j, target)| {
                 let i = (*target)?;
-                let e = std::str::from_utf8(field).err()?;
+                let e = std::str::from_utf8(field_bytes(j)?).err()?;
                 Some(format!(
                     "invalid UTF-8 in column {} at byte {}",
                     ctx.names[i],
@@ -309,7 +530,7 @@ fn read_tolerant(
             // Invalid bytes only in columns the schema does not take (or a record of the wrong
             // length, which says so).
             _ => {
-                let field = |j| bytes.get(j).and_then(|f| std::str::from_utf8(f).ok());
+                let field = |j| field_bytes(j).and_then(|f| std::str::from_utf8(f).ok());
                 layout.add(&mut rows, bytes.len(), field, line, raw);
             }
         }
@@ -412,7 +633,7 @@ mod tests {
     fn fast_and_tolerant_readers_agree() {
         let data: &[u8] = b"id,body,extra\r\n1,\"a, \"\"b\"\"\r\nc\",x\r\n\r\n\n2,NULL,y\n\
             3,\"\",\"\"\"\"\"\"\"\"\nonly,two\n\"4\",plain,z";
-        assert!(plain_quoting(&data[15..], b',', b'"'));
+        assert!(plain_quoting(&data[15..], b',', b'"', 1 << 20));
         let (slow, fast) = both(data);
         assert_eq!(Some(&slow), fast.as_ref());
         let (rows, bad) = slow;
@@ -441,7 +662,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let body = &tickets.as_bytes()[end..];
-        assert!(plain_quoting(body, b',', b'"'));
+        assert!(plain_quoting(body, b',', b'"', 1 << 20));
         let layout = Layout::new(&c, &opts, &mapping);
         let slow = table(&read_tolerant(&c, &layout, "t", body, 2).unwrap());
         let fast = read_fast(&c, &layout, "t", body, 2).unwrap().unwrap();
@@ -457,13 +678,14 @@ mod tests {
             (&b"1,He said \"hi\" twice\n"[..], false),
             (b"1,\"ab\"c\n", false),
             (b"1, \"ab\"\n", false),
-            (b"1,a\r2,b\n", false),
+            (b"1,a\r2,b\n", true),
+            (b"1,a\n\r2,b\n", false),
             (b"1,\"open\n", false),
             (b"1,\"a\r\nb\"\r\n", true),
             (b"\"1\",\"\"\n", true),
         ] {
             assert_eq!(
-                plain_quoting(data, b',', b'"'),
+                plain_quoting(data, b',', b'"', 1 << 20),
                 plain,
                 "{:?}",
                 String::from_utf8_lossy(data)
@@ -496,6 +718,189 @@ mod tests {
                 .rows_read(),
             0
         );
+    }
+
+    fn opts(max: usize) -> CsvOptions {
+        CsvOptions {
+            max_field_size: max,
+            ..CsvOptions::default()
+        }
+    }
+
+    /// Rows and malformed records of a whole file read with `csv.max_field_size = max`; and
+    /// which malformed records were unclosed quotes.
+    fn read_max(data: &[u8], max: usize) -> (Table, Vec<bool>) {
+        let out = read(&ctx(), &opts(max), "k", data).unwrap();
+        let unclosed = out.malformed.iter().map(|m| m.unclosed_quote).collect();
+        (table(&out), unclosed)
+    }
+
+    fn row(cells: &[&str]) -> Vec<String> {
+        cells.iter().map(|c| c.to_string()).collect()
+    }
+
+    /// A quote that never closes rejects its line alone, wherever it is; later rows keep their
+    /// lines; a quoted field with newlines that does close is read whole.
+    #[test]
+    fn an_unclosed_quote_rejects_its_line_alone() {
+        // In the middle, with no quote after it: it would run to the end of the file.
+        let (t, unclosed) = read_max(b"id,body\n1,a\n2,\"open\n3,c\n4,d\n", 1 << 20);
+        assert_eq!(
+            t.0,
+            [
+                row(&["1", "a", "2"]),
+                row(&["3", "c", "4"]),
+                row(&["4", "d", "5"])
+            ]
+        );
+        assert_eq!(
+            t.1,
+            [(
+                3,
+                "unclosed quote at line 3: the quoted field runs to the end of the file".into(),
+                "2,\"open".into()
+            )]
+        );
+        assert_eq!(unclosed, [true]);
+        // In the middle, before a quoted field with a newline (the next quote opens it).
+        let data = b"id,body\n1,a\n2,\"open\n3,\"fine\nstill fine\"\n4,d\n";
+        let (t, _) = read_max(data, 1 << 20);
+        assert_eq!(
+            t.0,
+            [
+                row(&["1", "a", "2"]),
+                row(&["3", "fine\nstill fine", "4"]),
+                row(&["4", "d", "6"])
+            ]
+        );
+        assert_eq!(t.1.len(), 1);
+        assert_eq!((t.1[0].0, t.1[0].2.as_str()), (3, "2,\"open"));
+        assert!(
+            t.1[0]
+                .1
+                .starts_with("unclosed quote at line 3: the next quote (line 4)"),
+            "{}",
+            t.1[0].1
+        );
+        // At the last line, with and without its newline; CRLF.
+        for data in [
+            &b"id,body\n1,a\n2,\"open at the end\n"[..],
+            b"id,body\n1,a\n2,\"open at the end",
+            b"id,body\r\n1,a\r\n2,\"open at the end\r\n",
+        ] {
+            let (t, _) = read_max(data, 1 << 20);
+            assert_eq!(t.0, [row(&["1", "a", "2"])]);
+            assert_eq!(t.1.len(), 1);
+            assert_eq!((t.1[0].0, t.1[0].2.as_str()), (3, "2,\"open at the end"));
+        }
+        // Quoted fields with newlines, CRLF and doubled quotes that close are not unclosed.
+        let data = b"id,body\r\n1,\"x\r\ny \"\"z\"\"\"\r\n2,\"\"\r\n";
+        let (t, _) = read_max(data, 1 << 20);
+        assert_eq!(
+            t.0,
+            [row(&["1", "x\r\ny \"z\"", "2"]), row(&["2", "<null>", "4"])]
+        );
+        assert!(t.1.is_empty());
+    }
+
+    /// A quoted field of exactly `csv.max_field_size` bytes is read; one byte more is an
+    /// unclosed quote, its raw text cut at the bound with a mark.
+    #[test]
+    fn a_quoted_field_past_the_bound_is_an_unclosed_quote() {
+        let data = b"id,body\n1,\"0123\n56789\"\n2,\"0123\n567890\"\n3,x\n";
+        let (t, unclosed) = read_max(data, 10);
+        assert_eq!(
+            t.0,
+            [row(&["1", "0123\n56789", "2"]), row(&["3", "x", "6"])]
+        );
+        assert_eq!(
+            t.1,
+            [
+                (
+                    4,
+                    "unclosed quote at line 4: the quoted field runs past csv.max_field_size \
+                     (10 bytes)"
+                        .into(),
+                    "2,\"0123".into()
+                ),
+                // The next line is read on its own (its quote is text).
+                (5, "expected 2 fields, found 1".into(), "567890\"".into())
+            ]
+        );
+        assert_eq!(unclosed, [true, false]);
+        // On one line: the raw text is cut at the bound, with a mark.
+        let (t, _) = read_max(b"id,body\n1,\"0123456789\"\n2,\"01234567890\"\n3,x\n", 10);
+        assert_eq!(t.0.len(), 2);
+        assert_eq!(t.1[0].0, 3);
+        assert_eq!(t.1[0].2, "2,\"0123456... [truncated: 10 of 15 bytes]");
+    }
+
+    /// A lone CR is data, in both readers; CR LF ends a line; a record is never split at a CR.
+    #[test]
+    fn a_lone_cr_is_data_in_both_readers() {
+        let data: &[u8] = b"id,body,extra\n1,a\rb,x\n2,y,z\r\n3,\"q\r\",w\r\n4,\"v\"\r\n";
+        assert!(plain_quoting(&data[14..], b',', b'"', 1 << 20));
+        let (slow, fast) = both(data);
+        assert_eq!(Some(&slow), fast.as_ref());
+        assert_eq!(
+            slow.0,
+            [
+                row(&["1", "a\rb", "2"]),
+                row(&["2", "y", "3"]),
+                row(&["3", "q\r", "4"])
+            ]
+        );
+        assert_eq!(
+            slow.1,
+            [(5, "expected 3 fields, found 2".into(), "4,\"v\"".into())]
+        );
+        // A CR starting a line or ending the file: the tolerant reader, the same rule.
+        let data = b"id,body\n1,a\n\r2,b\r\n3,c\r";
+        assert!(!plain_quoting(&data[8..], b',', b'"', 1 << 20));
+        let out = read(&ctx(), &CsvOptions::default(), "k", data).unwrap();
+        assert_eq!(out.rows_read(), 3);
+        assert_eq!(
+            table(&out).0,
+            [
+                row(&["1", "a", "2"]),
+                row(&["\r2", "b", "3"]),
+                row(&["3", "c\r", "4"])
+            ]
+        );
+        // Mixed LF, CRLF, blank lines and a stray quote (the tolerant reader).
+        let data = b"id,body\n1,He said \"hi\"\r\n\r\n2,a\rb\n\n3,\"c\"\r\n";
+        let out = read(&ctx(), &CsvOptions::default(), "k", data).unwrap();
+        assert_eq!(
+            table(&out).0,
+            [
+                row(&["1", "He said \"hi\"", "2"]),
+                row(&["2", "a\rb", "4"]),
+                row(&["3", "c", "6"])
+            ]
+        );
+    }
+
+    /// The scan finds records as the tolerant reader does, and the quotes that do not close.
+    #[test]
+    fn scan_finds_record_ends_and_unclosed_quotes() {
+        let s = scan(b"a,\"x\ny\"\nb,c\"d\n", b',', b'"', 100, false);
+        assert_eq!((s.bad.len(), s.last_end), (0, Some(14)));
+        // Not complete: an open quote might close in data not read yet.
+        let s = scan(b"a,b\nc,\"open\nd\n", b',', b'"', 100, false);
+        assert_eq!((s.bad.len(), s.last_end), (0, Some(4)));
+        let s = scan(b"a,b\nc,\"open\nd\n", b',', b'"', 5, false);
+        assert_eq!(
+            s.bad,
+            [BadRecord {
+                start: 4,
+                quote: 6,
+                end: 12,
+                why: Unclosed::PastBound
+            }]
+        );
+        assert_eq!(s.last_end, Some(14));
+        let s = scan(b"a,b\nc,\"open\nd\n", b',', b'"', 100, true);
+        assert_eq!(s.bad[0].why, Unclosed::AtEnd);
     }
 
     #[test]

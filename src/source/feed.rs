@@ -3,7 +3,11 @@
 //! large the files are.
 //!
 //! JSON lines are cut at a newline; CSV at a newline outside quotes (quote parity from the start
-//! of the chunk, which always starts at a record); JSON documents and Parquet files are one chunk.
+//! of the chunk, which always starts at a record, counted from the back), checked against the
+//! quotes just before it; JSON documents and Parquet files are one chunk. When parity cannot be
+//! trusted (an unclosed quote or a stray one inverts it, so a chunk would end inside a field or
+//! grow to the end of the file), the chunk is scanned forward for its true last record end, an
+//! unclosed quote ending its record at the end of its line (`csv::scan`); only then.
 //! A file that cannot be opened (say a CSV header without a schema column) fails before any of
 //! its rows are out; a file that breaks half-way (a truncated gzip) stops the feed, and the caller
 //! runs the batch again without it.
@@ -22,7 +26,7 @@ use sha2::{Digest, Sha256};
 
 use super::columns::ReadContext;
 use super::{Compression, Malformed, ReadOutput, SourceSchema, csv, json, parquet};
-use crate::config::{Format, SourceConfig};
+use crate::config::{CsvOptions, Format, SourceConfig};
 use crate::error::{Error, Result};
 
 /// A raw file to feed: its key and a reader of its stored (maybe compressed) bytes.
@@ -62,6 +66,8 @@ struct Chunk {
     data: Vec<u8>,
     first_line: u64,
     mapping: Option<Arc<Vec<Option<usize>>>>,
+    /// Whether the chunk ends the file.
+    last: bool,
     /// For a plain file: its hash and this chunk's turn in it.
     turn: Option<(Arc<OrderedSha>, u64)>,
 }
@@ -204,6 +210,7 @@ impl Feed {
                     &chunk.data,
                     chunk.first_line,
                     chunk.mapping.as_deref().map(Vec::as_slice).unwrap_or(&[]),
+                    chunk.last,
                 ),
                 Format::Parquet => parquet::read(
                     &self.ctx,
@@ -435,7 +442,7 @@ impl Feed {
             }
             let found = match self.source.format {
                 Format::Jsonl => memchr::memrchr(b'\n', &open.carry).map(|p| p + 1),
-                Format::Csv => last_record_end(&open.carry, self.source.csv.quote as u8),
+                Format::Csv => csv_record_end(&open.carry, &self.source.csv),
                 Format::Json | Format::Parquet => None,
             };
             match found {
@@ -461,6 +468,7 @@ impl Feed {
             data,
             first_line,
             mapping: open.mapping.clone(),
+            last: open.eof && open.carry.is_empty(),
             turn: open.plain.then(|| {
                 open.seq += 1;
                 (open.hash.clone(), open.seq - 1)
@@ -513,26 +521,66 @@ impl PartitionStream for FeedPartition {
     }
 }
 
-/// The end of the last complete CSV record in `data` (which starts at a record): just after
-/// the last newline outside quotes, that is with an even number of quotes before it. Searched
-/// from the end, so that the cost is one count of the quotes, not a visit of every newline.
-fn last_record_end(data: &[u8], quote: u8) -> Option<usize> {
+/// The end of the last complete CSV record in `data` (which starts at a record). Quote parity
+/// ([`last_record_end`]) finds it unless a stray or unclosed quote inverted the parity: then the
+/// newline found is inside a quoted field ([`closed_before`] tells), or none is found in more
+/// than `csv.max_field_size` bytes, and a forward scan finds the true end instead.
+fn csv_record_end(data: &[u8], opts: &CsvOptions) -> Option<usize> {
+    let (delimiter, quote, max) = (opts.delimiter as u8, opts.quote as u8, opts.max_field_size);
+    match last_record_end(data, quote) {
+        Some((end, 0)) => Some(end),
+        Some((end, _)) if closed_before(data, end - 1, delimiter, quote) => Some(end),
+        None if data.len() <= max => None,
+        _ => {
+            let found = csv::scan(data, delimiter, quote, max, false);
+            tracing::debug!(
+                unclosed = found.bad.len(),
+                "CSV quote parity does not hold: chunk end found by a forward scan"
+            );
+            found.last_end
+        }
+    }
+}
+
+/// The end of the last CSV record in `data` (which starts at a record) by quote parity: just
+/// after the last newline with an even number of quotes before it, and that number. Searched from
+/// the end, so that the cost is one count of the quotes, not a visit of every newline.
+fn last_record_end(data: &[u8], quote: u8) -> Option<(usize, usize)> {
     let mut quotes = memchr::memchr_iter(quote, data).count();
     let mut end = data.len();
     while let Some(p) = memchr::memrchr(b'\n', &data[..end]) {
         quotes -= memchr::memchr_iter(quote, &data[p..end]).count();
         if quotes.is_multiple_of(2) {
-            return Some(p + 1);
+            return Some((p + 1, quotes));
         }
         end = p;
     }
     None
 }
 
+/// Whether the quotes just before the newline at `nl` close their field, as they do at a record
+/// end: the last quote (looked for in the 64 KiB before) must be followed by a delimiter or a
+/// line end, and its run of quotes must close the field (an even run opens and closes it at the
+/// field's start, an odd one ends a field after text). An opening quote followed by text, or a
+/// doubled quote inside a field, says that parity put the newline inside a quoted field.
+fn closed_before(data: &[u8], nl: usize, delimiter: u8, quote: u8) -> bool {
+    let from = nl.saturating_sub(64 << 10);
+    let Some(q) = memchr::memrchr(quote, &data[from..nl]).map(|q| from + q) else {
+        return true;
+    };
+    if !matches!(data[q + 1], b'\n' | b'\r') && data[q + 1] != delimiter {
+        return false;
+    }
+    let run = data[..=q].iter().rev().take_while(|&&b| b == quote).count();
+    let first = q + 1 - run;
+    let at_field_start = first == 0 || data[first - 1] == delimiter || data[first - 1] == b'\n';
+    run.is_multiple_of(2) == at_field_start
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{CsvOptions, Format, SourceConfig};
+    use crate::config::{Format, SourceConfig};
     use crate::generate::{Kind, sample};
     use datafusion::arrow::array::{Array, AsArray, StringArray};
     use datafusion::arrow::datatypes::Int64Type;
@@ -646,10 +694,118 @@ mod tests {
         assert!(want.0.len() > 2900 && want.0[0].1 == 2);
     }
 
+    fn csv_feed(schema: &SourceSchema, data: &[u8], chunk: usize, max: usize) -> Feed {
+        let mut src = source(Format::Csv);
+        src.csv.max_field_size = max;
+        let file = FeedFile {
+            key: "raw/s/f".into(),
+            reader: Box::new(std::io::Cursor::new(data.to_vec())),
+        };
+        Feed::new(&src, schema, vec![file], chunk)
+    }
+
+    /// An unclosed quote in the benchmark's tickets (quoted bodies with newlines after it, so
+    /// that quote parity is inverted from there on): only its line is rejected, in small chunks
+    /// as in one, and every later row keeps its line.
+    #[test]
+    fn an_unclosed_quote_in_tickets_rejects_one_line() {
+        let tickets = SourceSchema::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/support_tickets.toml"),
+        )
+        .unwrap();
+        let data = sample(Kind::Tickets, 3000, 3);
+        let clean = drain(&feed(Format::Csv, &tickets, data.as_bytes(), 1 << 30));
+        let at = clean.0[1500].1 as u64;
+        let offset = memchr::memchr_iter(b'\n', data.as_bytes())
+            .nth(at as usize - 2)
+            .unwrap()
+            + 1;
+        let mut broken = data.as_bytes()[..offset].to_vec();
+        broken.extend_from_slice(b"TCK-X,2024-03-01 00:00:00,2024-03-01 00:00:00,open,low,a@b.c,Hi,\"never closed, agent001\n");
+        broken.extend_from_slice(&data.as_bytes()[offset..]);
+        let shift = |l: u64| if l >= at { l + 1 } else { l };
+        let rows: Vec<(String, i64)> = clean
+            .0
+            .iter()
+            .map(|(v, l)| (v.clone(), shift(*l as u64) as i64))
+            .collect();
+        for (chunk, max) in [(1 << 30, 1 << 20), (64 << 10, 1 << 20), (64 << 10, 4096)] {
+            let got = drain(&csv_feed(&tickets, &broken, chunk, max));
+            assert_eq!(got.0, rows, "chunk {chunk}, max {max}");
+            let mut bad: Vec<(u64, String)> = clean
+                .1
+                .iter()
+                .map(|(l, r)| (shift(*l), r.clone()))
+                .collect();
+            let unclosed = got
+                .1
+                .iter()
+                .find(|(l, _)| *l == at)
+                .unwrap_or_else(|| panic!("{:?}", got.1));
+            assert!(
+                unclosed
+                    .1
+                    .starts_with(&format!("unclosed quote at line {at}: ")),
+                "{unclosed:?}"
+            );
+            bad.push(unclosed.clone());
+            bad.sort();
+            let mut got_bad = got.1.clone();
+            got_bad.sort();
+            assert_eq!(got_bad, bad, "chunk {chunk}, max {max}");
+        }
+    }
+
+    /// An unclosed quote with no quote after it: chunks stay near their size (the feed does not
+    /// read the rest of the file as one record), the line alone is rejected.
+    #[test]
+    fn an_unclosed_quote_does_not_grow_the_chunk_to_the_end_of_the_file() {
+        let col = |n: &str| crate::source::ColumnDef {
+            name: n.into(),
+            ty: crate::source::ColumnType::String,
+        };
+        let schema = SourceSchema {
+            columns: vec![col("id"), col("body")],
+        };
+        let mut data = String::from("id,body\n");
+        for i in 1..=40_000 {
+            if i == 700 {
+                data.push_str("700,\"broken\n");
+            } else {
+                data.push_str(&format!("{i},text {i}\n"));
+            }
+        }
+        let feed = csv_feed(&schema, data.as_bytes(), 64 << 10, 4096);
+        let mut biggest = 0;
+        while let Some(c) = feed.next_chunk() {
+            biggest = biggest.max(c.data.len());
+        }
+        assert!(biggest < 200 << 10, "{biggest}");
+        for (chunk, max, why) in [
+            (64 << 10, 4096, "runs past csv.max_field_size (4096 bytes)"),
+            (1 << 30, 4096, "runs past csv.max_field_size (4096 bytes)"),
+            (1 << 30, 1 << 20, "runs to the end of the file"),
+        ] {
+            let (rows, bad, _) = drain(&csv_feed(&schema, data.as_bytes(), chunk, max));
+            assert_eq!(rows.len(), 39_999);
+            assert!(
+                rows.iter()
+                    .all(|(v, l)| *l == v.parse::<i64>().unwrap() + 1)
+            );
+            assert_eq!(
+                bad,
+                [(
+                    701,
+                    format!("unclosed quote at line 701: the quoted field {why}")
+                )]
+            );
+        }
+    }
+
     #[test]
     fn csv_records_end_outside_quotes() {
         let data = b"a,\"x\ny\",1\nb,\"\"\"q\"\"\n\",2\nc,\"open\n";
-        let end = last_record_end(data, b'"').unwrap();
+        let end = last_record_end(data, b'"').unwrap().0;
         assert_eq!(&data[..end], b"a,\"x\ny\",1\nb,\"\"\"q\"\"\n\",2\n");
         assert_eq!(last_record_end(b"\"no end\n", b'"'), None);
     }

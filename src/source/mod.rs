@@ -33,9 +33,14 @@ pub struct Malformed {
     pub row: u64,
     /// Why it was not read.
     pub reason: String,
-    /// The record's text (invalid UTF-8 replaced).
+    /// The record's text (invalid UTF-8 replaced); beyond a bound, cut with a mark saying so.
     pub raw: String,
+    /// A CSV record rejected for an unclosed quote (counted apart in the report).
+    pub unclosed_quote: bool,
 }
+
+/// Bound of a malformed record's raw text, unless the source sets one (`csv.max_field_size`).
+pub const RAW_LIMIT: usize = 1 << 20;
 
 /// What a reader made of one file.
 #[derive(Debug, Clone, Default)]

@@ -434,4 +434,136 @@ fn a_null_literal_reject_reason_is_accepted() {
     let (code, r) = p.run();
     assert_eq!(code, 0, "{r:#}");
     assert_eq!(p.rows("processed/events_clean"), 2);
+
+/// Rows of a query, as JSON.
+fn query_json(p: &Project, sql: &str) -> Vec<serde_json::Value> {
+    let out = p.sluice(&["query", sql, "--format", "json"]);
+    let rows: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
+    rows.as_array().unwrap().clone()
+}
+
+/// Issue 14: an unclosed quote at line 701 of a 2,001-line file (header and 2,000 records)
+/// rejects that record alone, not the 1,300 lines after it; a lone CR inside an unquoted field
+/// is data (no extra record); the summary warns.
+#[test]
+fn an_unclosed_quote_rejects_its_record_alone_and_the_summary_warns() {
+    let p = Project::empty();
+    let filler = "the customer wrote again about the order and the card; ".repeat(10);
+    let mut rows: Vec<String> = (1..=2000)
+        .map(|i| {
+            format!(
+                "TCK-{i:08},2024-03-01 00:00:00,2024-03-01 01:00:00,open,low,c{i}@example.com,\
+                 Subject {i},\"body {i}, {filler}\",agent001"
+            )
+        })
+        .collect();
+    let broken = "TCK-00000700,2024-03-01 00:00:00,2024-03-01 01:00:00,open,low,\
+                  c700@example.com,Subject 700,\"body 700 never closes,agent001";
+    rows[699] = broken.to_string();
+    rows[1199] = rows[1199].replace("Subject 1200", "Subject\r1200");
+    let refs: Vec<&str> = rows.iter().map(String::as_str).collect();
+    let data = tickets(&refs);
+    assert!(data.len() > 1 << 20, "more than one chunk: {}", data.len());
+    p.add_raw("support_tickets", "2024-03-01.csv", &data);
+
+    let out = p.sluice(&["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains(
+            "warning raw/support_tickets/2024-03-01.csv: 1 records with an unclosed quote rejected"
+        ),
+        "{summary}"
+    );
+    let runs = p.files("_sluice/runs");
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.lake().join(&runs[0])).unwrap()).unwrap();
+    check_accounting(&report);
+    let f = &report["files"][0];
+    assert_eq!(
+        (
+            &f["rows_read"],
+            &f["rows_written"],
+            &f["rows_rejected"],
+            &f["unclosed_quotes"]
+        ),
+        (
+            &serde_json::json!(2000),
+            &serde_json::json!(1999),
+            &serde_json::json!(1),
+            &serde_json::json!(1)
+        ),
+        "{f}"
+    );
+
+    let rejected = query_json(
+        &p,
+        "SELECT _source_row, _reject_reason, _raw_record FROM support_tickets_rejected",
+    );
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0]["_source_row"], 701);
+    let reason = rejected[0]["_reject_reason"].as_str().unwrap();
+    assert!(reason.starts_with("unclosed quote at line 701"), "{reason}");
+    assert_eq!(rejected[0]["_raw_record"], broken);
+
+    // Every record after it is there: 1,300 of them, from the next line on.
+    let after = query_json(
+        &p,
+        "SELECT count(*) AS n, min(ticket_id) AS first FROM support_tickets \
+         WHERE ticket_id > 'TCK-00000700'",
+    );
+    assert_eq!(after[0]["n"], 1300);
+    assert_eq!(after[0]["first"], "TCK-00000701");
+    let total = query_json(&p, "SELECT count(*) AS n FROM support_tickets");
+    assert_eq!(total[0]["n"], 1999);
+    // The lone CR stayed in its field; the record was not split.
+    let cr = query_json(
+        &p,
+        "SELECT subject, agent_id FROM support_tickets WHERE ticket_id = 'TCK-00001200'",
+    );
+    assert_eq!(cr[0]["subject"], "Subject\r1200");
+    assert_eq!(cr[0]["agent_id"], "agent001");
+}
+
+/// A CSV exported the way a spreadsheet does (a BOM, CRLF line ends, quoted newlines, commas
+/// and doubled quotes) reads right: no CR left on the last column, no unclosed quote.
+#[test]
+fn a_spreadsheet_export_reads_right() {
+    let p = Project::empty();
+    let data = "\u{feff}ticket_id,created_at,updated_at,status,priority,customer_email,subject,body,agent\r\n\
+        TCK-S1,2024-03-02 10:00:00,2024-03-02 11:00:00,open,low,s1@example.com,\"Hello, world\",\"line one\r\nline two \"\"quoted\"\"\",agent002\r\n\
+        TCK-S2,2024-03-02 10:00:00,2024-03-02 11:00:00,closed,high,s2@example.com,Plain,\"\",\"agent003\"\r\n\
+        TCK-S3,2024-03-02 10:00:00,2024-03-02 11:00:00,open,low,s3@example.com,Third,plain body,agent004\r\n\
+        TCK-S4,short,record\r\n";
+    p.add_raw("support_tickets", "export.csv", data.as_bytes());
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report:#}");
+    let f = &report["files"][0];
+    assert_eq!(
+        (&f["rows_read"], &f["rows_written"]),
+        (&serde_json::json!(4), &serde_json::json!(3)),
+        "{f}"
+    );
+    assert!(f.get("unclosed_quotes").is_none(), "{f}");
+    let rows = query_json(
+        &p,
+        "SELECT ticket_id, subject, body, agent_id FROM support_tickets ORDER BY ticket_id",
+    );
+    assert_eq!(rows[0]["subject"], "Hello, world");
+    assert_eq!(rows[0]["body"], "line one\r\nline two \"quoted\"");
+    assert_eq!(rows[0]["agent_id"], "agent002");
+    assert_eq!(rows[1]["agent_id"], "agent003");
+    assert!(rows[1]["body"].is_null(), "\"\" is the null value");
+    assert_eq!(rows[2]["agent_id"], "agent004");
+    assert_eq!(rows.len(), 3);
+    // Lines count from the BOM's line, a quoted CRLF included.
+    let bad = query_json(
+        &p,
+        "SELECT _source_row, _raw_record FROM support_tickets_rejected",
+    );
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(bad[0]["_source_row"], 6);
+    assert_eq!(bad[0]["_raw_record"], "TCK-S4,short,record");
 }

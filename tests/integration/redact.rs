@@ -309,7 +309,8 @@ fn secret_values_never_reach_logs_reports_the_lake_or_notifications() {
     assert_eq!(r["status"], "failed");
     let errors = r["errors"].to_string();
     assert!(
-        errors.contains("notification to [secret:sluice/hooks#down] failed"),
+        // A webhook's error names only its host and port (the target is a secret).
+        errors.contains("notification to webhook 127.0.0.1:"),
         "{errors}"
     );
     assert!(errors.contains("cannot connect to"), "{errors}");
@@ -331,7 +332,7 @@ fn secret_values_never_reach_logs_reports_the_lake_or_notifications() {
     keep("a failing run with JSON logs", &ran);
     assert_eq!(ran.code, 1, "{}", ran.stderr);
     assert!(
-        ran.stdout.contains("[secret:sluice/hooks#down]"),
+        ran.stdout.contains("notification to webhook 127.0.0.1:"),
         "{}",
         ran.stdout
     );
