@@ -434,6 +434,7 @@ fn a_null_literal_reject_reason_is_accepted() {
     let (code, r) = p.run();
     assert_eq!(code, 0, "{r:#}");
     assert_eq!(p.rows("processed/events_clean"), 2);
+}
 
 /// Rows of a query, as JSON.
 fn query_json(p: &Project, sql: &str) -> Vec<serde_json::Value> {
