@@ -3,7 +3,8 @@
 
 use crate::support::*;
 
-const STEPS: [&str; 7] = [
+/// Every `--crash-at` point, in the order a run passes them.
+pub const STEPS: [&str; 7] = [
     "claimed",
     "read",
     "staged",

@@ -7,16 +7,6 @@ use std::path::Path;
 
 use crate::support::*;
 
-const POINTS: [&str; 7] = [
-    "claimed",
-    "read",
-    "staged",
-    "committed",
-    "published",
-    "archived",
-    "warehouse",
-];
-
 /// A plain table `t_clean` (no key) over CSV files of `id,v`.
 fn plain() -> Project {
     Project::single_table(
@@ -176,7 +166,8 @@ fn random_uploads_renames_crashes_and_concurrent_runs_ingest_each_content_once()
                     );
                 }
                 14..=17 => {
-                    let at = POINTS[rng.below(POINTS.len() as u64) as usize];
+                    let at =
+                        crate::crash::STEPS[rng.below(crate::crash::STEPS.len() as u64) as usize];
                     log.push(format!("{step}: run, crash at {at}"));
                     let out = p.sluice(&["run", "--json", "--crash-at", at]);
                     if out.status.success() {
@@ -243,6 +234,20 @@ fn random_uploads_renames_crashes_and_concurrent_runs_ingest_each_content_once()
     }
 }
 
+/// The files under a lake prefix with their modification times.
+fn file_times(p: &Project, prefix: &str) -> Vec<(String, std::time::SystemTime)> {
+    p.files(prefix)
+        .into_iter()
+        .map(|f| {
+            let m = std::fs::metadata(p.lake().join(&f))
+                .unwrap()
+                .modified()
+                .unwrap();
+            (f, m)
+        })
+        .collect()
+}
+
 #[test]
 fn rows_identical_to_held_rows_in_other_bytes_are_duplicates_and_nothing_is_rewritten() {
     let p = Project::empty();
@@ -260,17 +265,7 @@ fn rows_identical_to_held_rows_in_other_bytes_are_duplicates_and_nothing_is_rewr
     let (code, r) = p.run();
     assert_eq!(code, 0, "{r:#}");
     assert_eq!(r["tables"]["support_tickets"]["rows_written"], 200);
-    let before: Vec<(String, std::time::SystemTime)> = p
-        .files("processed/support_tickets")
-        .into_iter()
-        .map(|f| {
-            let m = std::fs::metadata(p.lake().join(&f))
-                .unwrap()
-                .modified()
-                .unwrap();
-            (f, m)
-        })
-        .collect();
+    let before = file_times(&p, "processed/support_tickets");
     // The same rows with CRLF line ends: other bytes, the same rows.
     let crlf = String::from_utf8(lf).unwrap().replace('\n', "\r\n");
     p.add_raw("support_tickets", "crlf.csv", crlf.as_bytes());
@@ -283,17 +278,7 @@ fn rows_identical_to_held_rows_in_other_bytes_are_duplicates_and_nothing_is_rewr
     assert_eq!(f["rows_written"], 0, "{r:#}");
     let t = &r["tables"]["support_tickets"];
     assert_eq!(t["rows_replaced"].as_u64().unwrap_or(0), 0, "{r:#}");
-    let after: Vec<(String, std::time::SystemTime)> = p
-        .files("processed/support_tickets")
-        .into_iter()
-        .map(|f| {
-            let m = std::fs::metadata(p.lake().join(&f))
-                .unwrap()
-                .modified()
-                .unwrap();
-            (f, m)
-        })
-        .collect();
+    let after = file_times(&p, "processed/support_tickets");
     assert_eq!(before, after, "no partition file was rewritten");
     // One changed value with the same updated_at still replaces its row.
     let mut changed = rows.clone();

@@ -3,7 +3,6 @@
 //! error naming the step and the endpoint, its commits stand, and the next run carries on;
 //! `--max-runtime` stops a run at a safe point, with its report saved and no lock left behind.
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -12,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::postgres::{PASSWORD, Pg};
-use crate::support::{Project, assert_example_tables, text};
+use crate::support::{Project, assert_example_tables, text, webhook_server};
 
 /// A loopback server that accepts connections and never answers them: it holds each socket
 /// until it is dropped, or until `life` has passed (it stops by itself).
@@ -64,36 +63,6 @@ impl Drop for Silent {
             let _ = t.join();
         }
     }
-}
-
-/// A loopback HTTP server answering 200 to `requests` requests, handing over each body.
-fn answering_webhook(requests: usize) -> (String, std::sync::mpsc::Receiver<String>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(requests) {
-            let mut stream = stream.unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut len = 0;
-            loop {
-                let mut line = String::new();
-                reader.read_line(&mut line).unwrap();
-                if line == "\r\n" || line.is_empty() {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap();
-                }
-            }
-            let mut body = vec![0; len];
-            reader.read_exact(&mut body).unwrap();
-            let _ = tx.send(String::from_utf8(body).unwrap());
-            let reply = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
-            stream.write_all(reply.as_bytes()).unwrap();
-        }
-    });
-    (url, rx)
 }
 
 /// Appends to the project's config.
@@ -252,7 +221,7 @@ fn a_silent_webhook_times_out_naming_its_endpoint_and_a_fixed_one_gets_the_next_
     assert_eq!(p.rows("processed/support_tickets") as u64, written);
 
     // The fix: a webhook that answers gets the next run's report.
-    let (url, rx) = answering_webhook(1);
+    let (url, rx) = webhook_server(200, 1);
     p.edit_config(&hook, &url);
     p.add_fixture("app_logs", "2024-03-01.jsonl");
     let (code, report, out, _) = run(&p, &[]);
