@@ -239,3 +239,36 @@ fn a_changed_object_under_the_same_key_is_a_new_version() {
     assert_eq!(p.rows("processed/support_tickets"), 2);
     assert_eq!(p.files("archive").len(), 2, "{:?}", p.files("archive"));
 }
+
+#[test]
+fn an_aggregate_whose_input_has_no_data_yet_is_a_warning_and_no_scratch_is_left() {
+    let p = Project::empty();
+    p.add_fixture("app_logs", "2024-03-01.jsonl");
+    let (code, r) = p.run();
+    assert_eq!(code, 0, "{r:#}");
+    let warnings = r["warnings"].to_string();
+    assert!(
+        warnings.contains(
+            "aggregate daily_ticket_stats not built yet: its input table support_tickets has no data"
+        ),
+        "{r:#}"
+    );
+    let out = p.sluice(&["run"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("warning: aggregate daily_ticket_stats"),
+        "{}",
+        text(&out)
+    );
+    let out = p.sluice(&["query", "SELECT * FROM daily_ticket_stats"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("see the last run's warnings"),
+        "{}",
+        text(&out)
+    );
+    // Each run's scratch folder goes with it.
+    let tmp = p.lake().join("_sluice/tmp");
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
