@@ -42,6 +42,30 @@ pub struct Glue {
     database: String,
 }
 
+/// The per-partition errors of a batch call: those with `harmless` (the partition already was as
+/// asked) are counted, any other is the call's error, naming the partition's values.
+fn partition_errors(
+    errors: &[aws_sdk_glue::types::PartitionError],
+    harmless: &str,
+    what: &str,
+) -> Result<usize> {
+    let mut counted = 0;
+    for e in errors {
+        let detail = e.error_detail();
+        let code = detail.and_then(|d| d.error_code()).unwrap_or_default();
+        if code == harmless {
+            counted += 1;
+            continue;
+        }
+        return Err(fail(format!(
+            "{what}: {:?}: {code}: {}",
+            e.partition_values(),
+            detail.and_then(|d| d.error_message()).unwrap_or_default()
+        )));
+    }
+    Ok(counted)
+}
+
 fn fail(message: impl Into<String>) -> Error {
     Error::Aws {
         service: "glue".into(),
@@ -368,21 +392,11 @@ impl Glue {
                         crate::aws::describe(&e)
                     ))
                 })?;
-            let mut existed = 0;
-            for e in out.errors() {
-                let detail = e.error_detail();
-                let code = detail.and_then(|d| d.error_code()).unwrap_or_default();
-                if code == "AlreadyExistsException" {
-                    existed += 1;
-                    continue;
-                }
-                return Err(fail(format!(
-                    "cannot add partition {:?} to {}.{table}: {code}: {}",
-                    e.partition_values(),
-                    self.database,
-                    detail.and_then(|d| d.error_message()).unwrap_or_default()
-                )));
-            }
+            let existed = partition_errors(
+                out.errors(),
+                "AlreadyExistsException",
+                &format!("cannot add a partition to {}.{table}", self.database),
+            )?;
             added += chunk.len() - existed;
         }
         Ok(added)
@@ -455,21 +469,11 @@ impl Glue {
                         crate::aws::describe(&e)
                     ))
                 })?;
-            let mut missing = 0;
-            for e in out.errors() {
-                let detail = e.error_detail();
-                let code = detail.and_then(|d| d.error_code()).unwrap_or_default();
-                if code == "EntityNotFoundException" {
-                    missing += 1;
-                    continue;
-                }
-                return Err(fail(format!(
-                    "cannot delete partition {:?} of {}.{table}: {code}: {}",
-                    e.partition_values(),
-                    self.database,
-                    detail.and_then(|d| d.error_message()).unwrap_or_default()
-                )));
-            }
+            let missing = partition_errors(
+                out.errors(),
+                "EntityNotFoundException",
+                &format!("cannot delete a partition of {}.{table}", self.database),
+            )?;
             deleted += chunk.len() - missing;
         }
         Ok(deleted)
