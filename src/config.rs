@@ -250,6 +250,27 @@ pub struct TableConfig {
     /// commit appears at once, versioned; needs the `delta` build feature).
     #[serde(default)]
     pub format: TableFormat,
+    /// Data files are closed at about this size (default 128MiB): new rows go to new files, a
+    /// rewritten file only shrinks, rows of other files are never merged in.
+    pub target_file_size: Option<String>,
+}
+
+impl TableConfig {
+    /// `target_file_size` in bytes (checked by validation).
+    pub fn target_file_size(&self) -> u64 {
+        self.target_file_size
+            .as_deref()
+            .and_then(|t| parse_bytes(t).ok())
+            .unwrap_or(128 << 20) as u64
+    }
+
+    /// Whether rows are kept one per key (`unique_key` with `order_by`): such tables have a key
+    /// index.
+    pub fn keyed(&self) -> Option<&str> {
+        self.order_by
+            .as_deref()
+            .filter(|_| !self.unique_key.is_empty())
+    }
 }
 
 /// Table formats.
@@ -957,6 +978,18 @@ impl Config {
             }
             if !tables.insert(t.name.as_str()) {
                 return err(format!("table \"{}\" is defined twice", t.name));
+            }
+            if let Some(size) = &t.target_file_size {
+                match parse_bytes(size) {
+                    Ok(b) if b >= 1 << 20 => {}
+                    Ok(_) => {
+                        return err(format!(
+                            "table \"{}\": target_file_size \"{size}\" is too small: at least 1MiB",
+                            t.name
+                        ));
+                    }
+                    Err(e) => return err(format!("table \"{}\": target_file_size: {e}", t.name)),
+                }
             }
             if self.source(&t.source).is_none() {
                 return err(format!(

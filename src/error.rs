@@ -62,6 +62,15 @@ pub enum Error {
     #[error("another run committed {keys} while this batch ran")]
     Raced { keys: String },
 
+    /// A table's key index is damaged, of another format, or disagrees with the table's files.
+    #[error("key index of table {table}: {message}")]
+    Index { table: String, message: String },
+
+    /// A table's key index disagreed with the table (or another run rebuilt it) while a batch
+    /// was committed: nothing of the batch was committed; it runs again with a rebuilt index.
+    #[error("key index of table {table} was out of date ({message}); the batch runs again")]
+    IndexStale { table: String, message: String },
+
     /// A notification could not be delivered (never undoes committed data).
     #[error("notification to {target} failed: {message}")]
     Notify { target: String, message: String },

@@ -227,11 +227,30 @@ impl Lake {
         Ok(self.store.get(&path(key)).await?.bytes().await?)
     }
 
-    /// A reader of an object's bytes: a local file is read in place; a remote object is
+    /// Bytes `range` of an object.
+    pub async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
+        Ok(self.store.get_range(&path(key), range).await?)
+    }
+
+    /// Several ranges of an object (object_store coalesces close ones into one request).
+    pub async fn get_ranges(
+        &self,
+        key: &str,
+        ranges: &[std::ops::Range<u64>],
+    ) -> Result<Vec<Bytes>> {
+        Ok(self.store.get_ranges(&path(key), ranges).await?)
+    }
+
+    /// A reader of an object's bytes (see [`Lake::local_file`]).
+    pub async fn reader(&self, key: &str) -> Result<Box<dyn std::io::Read + Send>> {
+        Ok(Box::new(self.local_file(key).await?))
+    }
+
+    /// An object as a local file: a folder lake's file is opened in place; a remote object is
     /// downloaded into an unnamed scratch file first (bounded memory, whatever its size), in
     /// ranges of [`DOWNLOAD_RANGE`] bytes when it is larger, so that each request ends well
     /// within the request timeout whatever the object's size.
-    pub async fn reader(&self, key: &str) -> Result<Box<dyn std::io::Read + Send>> {
+    pub async fn local_file(&self, key: &str) -> Result<std::fs::File> {
         let fail = |e| Error::io(format!("cannot download {key} to scratch"), e);
         let p = path(key);
         let large = match self.is_s3() {
@@ -241,7 +260,7 @@ impl Lake {
         let Some(meta) = large else {
             let got = self.store.get(&p).await?;
             return match got.payload {
-                GetResultPayload::File(file, _) => Ok(Box::new(file)),
+                GetResultPayload::File(file, _) => Ok(file),
                 GetResultPayload::Stream(mut stream) => {
                     std::fs::create_dir_all(&self.scratch).map_err(fail)?;
                     let mut file = tempfile::tempfile_in(&self.scratch).map_err(fail)?;
@@ -249,7 +268,7 @@ impl Lake {
                         file.write_all(&part).map_err(fail)?;
                     }
                     file.seek(SeekFrom::Start(0)).map_err(fail)?;
-                    Ok(Box::new(file))
+                    Ok(file)
                 }
             };
         };
@@ -280,7 +299,7 @@ impl Lake {
             }
         }
         file.seek(SeekFrom::Start(0)).map_err(fail)?;
-        Ok(Box::new(file))
+        Ok(file)
     }
 
     /// SHA-256 of an object's bytes, hex, read in pieces.

@@ -71,6 +71,12 @@ pub struct TableChange {
     pub removed: Vec<String>,
     /// Partition folders this commit touched.
     pub partitions: Vec<String>,
+    /// Key index files to move into `_sluice/index/<table>/` after the data (the head last).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub index: Vec<Move>,
+    /// Key index runs the new head no longer names, deleted once it is in place.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub index_removed: Vec<String>,
     /// For a Delta table: the pipeline's application transaction this commit carries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<DeltaTxn>,
@@ -302,6 +308,16 @@ pub async fn publish(lake: &Lake, commit: &Commit) -> Result<()> {
                     lake.delete(r).await?;
                 }
             }
+        }
+        // The key index follows the data it describes: runs, then the head that names them.
+        for m in &t.index {
+            if lake.exists(&m.from).await? {
+                lake.rename(&m.from, &m.to).await?;
+            }
+        }
+        crate::fault::point("indexed");
+        for r in &t.index_removed {
+            lake.delete(r).await?;
         }
     }
     crate::fault::point("published");

@@ -16,6 +16,7 @@ pub mod fault;
 pub mod functions;
 pub mod generate;
 pub mod glue;
+pub mod index;
 pub mod inspect;
 pub mod lake;
 #[cfg(feature = "lambda")]

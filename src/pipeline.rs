@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use datafusion::arrow::compute::{filter_record_batch, not};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::streaming::StreamingTable;
 use datafusion::physical_plan::ExecutionPlanProperties;
@@ -21,6 +20,7 @@ use crate::config::{CatalogKind, Config, SourceConfig, TableConfig, TableFormat,
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::glue::{self, Glue};
+use crate::index;
 use crate::lake::{self, Lake};
 use crate::ledger::{
     self, AttemptError, Attempts, COMMIT_LOCK, Commit, FileOutcome, FileRecord, Ledger, Move,
@@ -241,6 +241,10 @@ impl<'a> Runner<'a> {
                     Err(Error::Raced { keys }) if tries < MAX_RACES => {
                         tries += 1;
                         tracing::warn!(source = %p.source.name, keys = %keys, "another run committed some of this batch's files first; running the batch again");
+                    }
+                    Err(e @ Error::IndexStale { .. }) if tries < MAX_RACES => {
+                        tries += 1;
+                        tracing::warn!(source = %p.source.name, error = %e, "running the batch again");
                     }
                     Err(e @ Error::MaxRuntime { .. }) => return Err(e),
                     Err(e) => {
@@ -517,7 +521,7 @@ impl<'a> Runner<'a> {
             let released = self.unlock().await;
             match result {
                 Ok(c) => committed = Some(c),
-                Err(e @ Error::Raced { .. }) => {
+                Err(e @ (Error::Raced { .. } | Error::IndexStale { .. })) => {
                     let _ = std::fs::remove_dir_all(&scratch);
                     released?;
                     self.release_claims(&claimed).await;
@@ -742,7 +746,6 @@ impl<'a> Runner<'a> {
         );
         proposed.delta = p.table.format == TableFormat::Delta;
         let held = TableMeta::load(&self.lake, &p.table.name).await?;
-        let compare_values = held.is_some();
         let meta = match held {
             Some(old) => old.evolve(&proposed)?,
             None => proposed.clone(),
@@ -751,6 +754,11 @@ impl<'a> Runner<'a> {
             glue.check(&meta).await?;
         }
         let full = meta.full_schema()?;
+        // Fingerprints of keys are those of the table's key index.
+        let sip = match p.table.keyed() {
+            Some(_) => index::sip_for(&self.lake, &p.table.name).await,
+            None => [0, 0],
+        };
         let opts = SinkOptions {
             partition_by: p.table.partition_by.clone(),
             unique_key: p.table.unique_key.clone(),
@@ -759,7 +767,8 @@ impl<'a> Runner<'a> {
             buffer_bytes: budget.buffer_bytes,
             memory_limit: budget.limit,
             max_writers: budget.max_writers,
-            compare_values,
+            sip,
+            target_file_size: p.table.target_file_size(),
         };
         let sink = Arc::new(TableSink::new(
             opts,
@@ -844,6 +853,7 @@ impl<'a> Runner<'a> {
             unreadable,
             proposed,
             full,
+            sip,
         })
     }
 
@@ -891,36 +901,23 @@ impl<'a> Runner<'a> {
                         .into(),
                 });
             }
-            let partition_types = meta.partition_types()?;
-            let existing = existing_files(&self.lake, &meta, &processed).await?;
-            if table.order_by.is_some() && !existing.is_empty() {
-                // Which files hold rows that new rows replace (a new row older than the held
-                // one is dropped instead)...
-                let mut rewrite = Vec::new();
-                for f in &existing {
-                    for b in sink::read_table_file(&self.lake, f, &partition_types, &s.full).await?
-                    {
-                        if s.sink.against_existing(&b)?.true_count() > 0 {
-                            rewrite.push(f);
-                            break;
-                        }
-                    }
-                }
-                // ...whose other rows are carried over into their partition's new file; the
-                // other files stay as they are.
-                for f in rewrite {
-                    for b in sink::read_table_file(&self.lake, f, &partition_types, &s.full).await?
-                    {
-                        let replaced = s.sink.against_existing(&b)?;
-                        table_report.rows_replaced += replaced.true_count() as u64;
-                        let kept = filter_record_batch(&b, &not(&replaced)?)?;
-                        s.sink.carry_over(&f.dir, &kept)?;
-                    }
-                    change.removed.push(f.key.clone());
-                    change.partitions.push(f.dir.clone());
-                }
-            }
-            let files = s.sink.finish(self.threads)?;
+            let scratch = self
+                .lake
+                .scratch(&self.me.run_id, &format!("{}-commit", table.name));
+            let merged = index::merge(
+                &self.lake,
+                &meta,
+                table,
+                &s.sink,
+                s.sip,
+                self.threads,
+                &scratch,
+            )
+            .await?;
+            table_report.rows_replaced = merged.replaced;
+            table_report.index_rebuilt = merged.rebuilt.clone();
+            let files = merged.files;
+            let mut file_keys = Vec::with_capacity(files.len());
             let mut per_dir: HashMap<&str, usize> = HashMap::new();
             for f in &files {
                 let n = per_dir.entry(f.dir.as_str()).or_default();
@@ -936,8 +933,52 @@ impl<'a> Runner<'a> {
                 };
                 let from = format!("{}/{to}", ledger::staging_prefix(&id));
                 staged.push((f.path.clone(), from.clone()));
+                file_keys.push(to.clone());
                 change.added.push(Move { from, to });
                 change.partitions.push(f.dir.clone());
+            }
+            // Files holding replaced rows, rewritten without them (in place of the old file).
+            let mut rewritten_keys = Vec::with_capacity(merged.rewritten.len());
+            for (k, rw) in merged.rewritten.iter().enumerate() {
+                table_report.files_rewritten += 1;
+                table_report.bytes_rewritten += rw.old_bytes;
+                change.removed.push(rw.old.key.clone());
+                change.partitions.push(rw.old.dir.clone());
+                if let Some(path) = &rw.new {
+                    let name = format!("part-{id}-r{k}.parquet");
+                    let to = match rw.old.dir.as_str() {
+                        "" => format!("{processed}/{name}"),
+                        dir => format!("{processed}/{dir}/{name}"),
+                    };
+                    let from = format!("{}/{to}", ledger::staging_prefix(&id));
+                    staged.push((path.clone(), from.clone()));
+                    change.added.push(Move {
+                        from,
+                        to: to.clone(),
+                    });
+                    rewritten_keys.push(Some(to));
+                } else {
+                    rewritten_keys.push(None);
+                }
+            }
+            if let Some(pending) = merged.index {
+                let (index_files, replaced_runs) = pending
+                    .finish(
+                        &self.lake,
+                        &id,
+                        &files,
+                        &file_keys,
+                        &merged.rewritten,
+                        &rewritten_keys,
+                        &scratch,
+                    )
+                    .await?;
+                for (path, to) in index_files {
+                    let from = format!("{}/{to}", ledger::staging_prefix(&id));
+                    staged.push((path, from.clone()));
+                    change.index.push(Move { from, to });
+                }
+                change.index_removed = replaced_runs;
             }
             if let Some((path, _rows)) = s.rejects.finish()? {
                 let to = format!(
@@ -1126,18 +1167,6 @@ struct Streamed {
     unreadable: HashMap<usize, Error>,
     proposed: TableMeta,
     full: SchemaRef,
-}
-
-/// The data files a table holds now: a Delta table's active files, or a plain table's listing.
-async fn existing_files(
-    lake: &Lake,
-    meta: &TableMeta,
-    prefix: &str,
-) -> Result<Vec<sink::TableFile>> {
-    #[cfg(feature = "delta")]
-    if meta.delta {
-        return crate::delta::active_files(lake, prefix).await;
-    }
-    let _ = meta;
-    sink::table_files(lake, prefix).await
+    /// The key of its fingerprints.
+    sip: [u64; 2],
 }

@@ -117,8 +117,17 @@ pub struct TableReport {
     pub rows_duplicate: u64,
     /// Older rows of the table replaced by newer versions of their key.
     pub rows_replaced: u64,
+    /// Files of the table rewritten without replaced rows.
+    #[serde(default)]
+    pub files_rewritten: u64,
+    /// Bytes of the files rewritten (their size before).
+    #[serde(default)]
+    pub bytes_rewritten: u64,
     /// Partition folders written.
     pub partitions: Vec<String>,
+    /// The key index was rebuilt from the table's files, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_rebuilt: Option<String>,
 }
 
 /// One aggregate of the warehouse.
@@ -279,6 +288,16 @@ impl RunReport {
                 t.rows_replaced,
                 t.partitions.len()
             ));
+            if t.files_rewritten > 0 {
+                out.push_str(&format!(
+                    "  {name}: {} files rewritten ({:.1} MB)\n",
+                    t.files_rewritten,
+                    t.bytes_rewritten as f64 / 1e6
+                ));
+            }
+            if let Some(why) = &t.index_rebuilt {
+                out.push_str(&format!("  {name}: key index rebuilt ({why})\n"));
+            }
         }
         for a in &self.warehouse {
             out.push_str(&format!("  warehouse {}: {} rows\n", a.name, a.rows));

@@ -1,5 +1,5 @@
-//! The sink: dedup by `unique_key`, Hive-partitioned Parquet files, and the merge with rows a
-//! table already holds (only partitions holding affected keys are rewritten).
+//! The sink: dedup by `unique_key`, Hive-partitioned Parquet files, and reading a table's files
+//! back (partition columns restored).
 
 pub mod stream;
 
@@ -227,29 +227,40 @@ pub async fn read_table_file(
     let data = lake.get(&file.key).await?;
     let batches = decode_parquet(&file.key, data)?;
     let values = parse_partition_dir(&file.dir);
-    let mut out = Vec::with_capacity(batches.len());
-    for b in batches {
-        let n = b.num_rows();
-        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(full_schema.fields().len());
-        for f in full_schema.fields() {
-            if let Some((_, ty)) = partition_types.iter().find(|(name, _)| name == f.name()) {
-                let v = values
-                    .iter()
-                    .find(|(k, _)| k == f.name())
-                    .map(|(_, v)| v.clone())
-                    .unwrap_or_default();
-                let scalar = ScalarValue::try_from_string(v, ty)?;
-                arrays.push(scalar.to_array_of_size(n)?);
-            } else {
-                match b.column_by_name(f.name()) {
-                    Some(a) => arrays.push(datafusion::arrow::compute::cast(a, f.data_type())?),
-                    None => arrays.push(datafusion::arrow::array::new_null_array(f.data_type(), n)),
-                }
+    batches
+        .iter()
+        .map(|b| restore_partitions(b, &values, partition_types, full_schema))
+        .collect()
+}
+
+/// A batch of a table file with `full_schema`'s columns: partition columns from the folder's
+/// `values`, the others cast from the file's (null where an older file lacks them).
+pub fn restore_partitions(
+    b: &RecordBatch,
+    values: &[(String, String)],
+    partition_types: &[(String, DataType)],
+    full_schema: &SchemaRef,
+) -> Result<RecordBatch> {
+    let n = b.num_rows();
+    let mut arrays: Vec<ArrayRef> = Vec::with_capacity(full_schema.fields().len());
+    for f in full_schema.fields() {
+        if let Some((_, ty)) = partition_types.iter().find(|(name, _)| name == f.name()) {
+            let v = values
+                .iter()
+                .find(|(k, _)| k == f.name())
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+            let scalar = ScalarValue::try_from_string(v, ty)?;
+            arrays.push(scalar.to_array_of_size(n)?);
+        } else {
+            match b.column_by_name(f.name()) {
+                Some(a) if a.data_type() == f.data_type() => arrays.push(a.clone()),
+                Some(a) => arrays.push(cast(a, f.data_type())?),
+                None => arrays.push(new_null_array(f.data_type(), n)),
             }
         }
-        out.push(RecordBatch::try_new(full_schema.clone(), arrays)?);
     }
-    Ok(out)
+    Ok(RecordBatch::try_new(full_schema.clone(), arrays)?)
 }
 
 /// Row-comparable encodings of some columns of a batch.

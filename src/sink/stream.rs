@@ -32,6 +32,7 @@ use siphasher::sip128::SipHasher13;
 
 use super::{KeyEncoder, conform, mostly_distinct, nullable, partition_dirs, writer_properties};
 use crate::error::{Error, Result};
+use crate::index::{Entries, OrderKind, OrderValue, Shape, order_cmp};
 use crate::source::{SOURCE_FILE, SOURCE_ROW};
 
 /// How a table is written.
@@ -51,10 +52,10 @@ pub struct SinkOptions {
     pub memory_limit: usize,
     /// Files open for writing at once.
     pub max_writers: usize,
-    /// Whether new rows may meet rows the table holds (it has a catalog entry): then the index
-    /// keeps a hash of each winning row's values, so that a row identical to a held one is a
-    /// duplicate. A first load skips the hashing.
-    pub compare_values: bool,
+    /// The key of the fingerprints: the table's key index's.
+    pub sip: [u64; 2],
+    /// Bytes at which a file is closed and the partition's next rows go to a new one.
+    pub target_file_size: u64,
 }
 
 /// A Parquet file the sink wrote.
@@ -106,8 +107,8 @@ const SHARDS: usize = 16;
 struct Fingerprinter(u64, u64);
 
 impl Fingerprinter {
-    fn new() -> Fingerprinter {
-        Fingerprinter(rand::random(), rand::random())
+    fn new(sip: [u64; 2]) -> Fingerprinter {
+        Fingerprinter(sip[0], sip[1])
     }
 
     fn of(&self, key: &[u8]) -> u128 {
@@ -120,13 +121,6 @@ impl Fingerprinter {
 /// The table position of a fingerprint and its shard: different bits of it.
 fn slot(fp: u128) -> (u64, usize) {
     (fp as u64, (fp >> 64) as usize % SHARDS)
-}
-
-/// An order value: a number compared as such, or bytes compared as bytes.
-#[derive(Clone, Copy)]
-enum OrderValue<'a> {
-    Int(u64),
-    Bytes(&'a [u8]),
 }
 
 impl DedupIndex {
@@ -157,17 +151,9 @@ impl DedupIndex {
         }
     }
 
-    fn order_cmp(a: OrderValue<'_>, b: OrderValue<'_>) -> std::cmp::Ordering {
-        match (a, b) {
-            (OrderValue::Int(x), OrderValue::Int(y)) => x.cmp(&y),
-            (OrderValue::Bytes(x), OrderValue::Bytes(y)) => x.cmp(y),
-            _ => std::cmp::Ordering::Equal,
-        }
-    }
-
     /// Whether (a, la) ranks above (b, lb).
     fn beats(a: OrderValue<'_>, la: u64, b: OrderValue<'_>, lb: u64) -> bool {
-        Self::order_cmp(a, b).then(la.cmp(&lb)).is_gt()
+        order_cmp(a, b).then(la.cmp(&lb)).is_gt()
     }
 
     /// Offers a row; returns the location and lineage of the row that lost, if any.
@@ -224,7 +210,7 @@ impl DedupIndex {
             return (false, None);
         }
         let identical = e.values == values
-            && Self::order_cmp(order, self.order_of(&e, bytes)) == std::cmp::Ordering::Equal;
+            && order_cmp(order, self.order_of(&e, bytes)) == std::cmp::Ordering::Equal;
         // Other ties go to the new row.
         if !identical && !Self::beats(order, 0, self.order_of(&e, bytes), 1) {
             return (true, None);
@@ -274,11 +260,7 @@ impl Orders {
     fn new(enc: &KeyEncoder, batch: &RecordBatch) -> Result<Orders> {
         let col = enc.columns.first().and_then(|c| batch.column_by_name(c));
         if let Some(a) = col
-            && (a.data_type().is_integer()
-                || matches!(
-                    a.data_type(),
-                    DataType::Date32 | DataType::Date64 | DataType::Timestamp(_, _)
-                ))
+            && OrderKind::of(a.data_type()) == OrderKind::Int
             && let Ok(v) = cast(a, &DataType::Int64)
         {
             let v = v.as_primitive::<Int64Type>();
@@ -301,6 +283,88 @@ impl Orders {
             Orders::Int(v) => OrderValue::Int(v[i]),
             Orders::Rows(r) => OrderValue::Bytes(r.row(i).data()),
         }
+    }
+}
+
+/// How rows become index entries: key fingerprints, order values and value hashes, the same
+/// for new rows in the sink and for rows read back from a table's files.
+pub struct Keying {
+    kind: OrderKind,
+    key: KeyEncoder,
+    order: KeyEncoder,
+    fingerprints: Fingerprinter,
+    /// The columns (and types) a row's values are hashed over: the table's, partitions included.
+    values: Vec<(String, DataType)>,
+}
+
+impl Keying {
+    /// Keying for rows shaped like `rows` (whose key and order columns have the table's
+    /// types), hashing values over `full`'s columns.
+    pub fn new(
+        rows: &Schema,
+        full: &Schema,
+        unique_key: &[String],
+        order_by: &str,
+        sip: [u64; 2],
+    ) -> Result<Keying> {
+        let kind = OrderKind::of(rows.field_with_name(order_by)?.data_type());
+        Ok(Keying {
+            kind,
+            key: KeyEncoder::new(rows, unique_key)?,
+            order: KeyEncoder::new(rows, &[order_by.to_string()])?,
+            fingerprints: Fingerprinter::new(sip),
+            values: full
+                .fields()
+                .iter()
+                .map(|f| (f.name().clone(), f.data_type().clone()))
+                .collect(),
+        })
+    }
+
+    /// Keying for whole rows of a table (its full schema).
+    pub fn for_table(full: &SchemaRef, shape: &Shape, sip: [u64; 2]) -> Result<Keying> {
+        Keying::new(full, full, &shape.unique_key, &shape.order_by, sip)
+    }
+
+    /// The key fingerprint of each row.
+    pub fn fingerprints(&self, batch: &RecordBatch) -> Result<Vec<u128>> {
+        let keys = KeyBytes::new(&self.key, batch)?;
+        Ok((0..batch.num_rows())
+            .map(|i| self.fingerprints.of(keys.get(i)))
+            .collect())
+    }
+
+    /// Adds every row of `batch` to `out`, in `group`.
+    pub fn entries(&self, batch: &RecordBatch, group: u32, out: &mut Entries) -> Result<()> {
+        let fps = self.fingerprints(batch)?;
+        let orders = Orders::new(&self.order, batch)?;
+        let values = self.value_hashes(batch)?;
+        for (i, fp) in fps.into_iter().enumerate() {
+            out.push(fp, orders.get(i), values[i], group);
+        }
+        Ok(())
+    }
+
+    /// A hash of each row's values over the table's columns (cast to the table's types, so
+    /// that a new row and the stored row it repeats hash alike; a fixed seed, so that hashes
+    /// kept in the index compare across runs); a column the batch lacks counts as null.
+    fn value_hashes(&self, batch: &RecordBatch) -> Result<Vec<u64>> {
+        let n = batch.num_rows();
+        let mut arrays = Vec::with_capacity(self.values.len());
+        for (name, ty) in &self.values {
+            arrays.push(match batch.column_by_name(name) {
+                Some(a) if a.data_type() == ty => a.clone(),
+                Some(a) => cast(a, ty)?,
+                None => datafusion::arrow::array::new_null_array(ty, n),
+            });
+        }
+        let mut hashes = vec![0u64; n];
+        datafusion::common::hash_utils::create_hashes(
+            &arrays,
+            &datafusion::common::hash_utils::RandomState::default(),
+            &mut hashes,
+        )?;
+        Ok(hashes)
     }
 }
 
@@ -350,6 +414,12 @@ impl PartWriter {
             w.write(batch)?;
         }
         self.files[file].1 += batch.num_rows() as u64;
+        // A file that reached the target size is done: the partition's next rows start another.
+        if let Some(w) = &self.writer
+            && (w.bytes_written() + w.in_progress_size()) as u64 >= sink.opts.target_file_size
+        {
+            self.close()?;
+        }
         Ok((file, start))
     }
 
@@ -396,10 +466,7 @@ pub struct TableSink {
     scratch: PathBuf,
     file_schema: SchemaRef,
     parts: Option<KeyEncoder>,
-    keys: Option<(KeyEncoder, KeyEncoder)>,
-    fingerprints: Fingerprinter,
-    /// The columns (and types) a row's values are hashed over: the table's, partitions included.
-    value_columns: Vec<(String, DataType)>,
+    keying: Option<Keying>,
     index: Vec<Mutex<DedupIndex>>,
     /// Keys in the index (about 56 bytes each with the table's slack).
     keys_held: AtomicUsize,
@@ -439,20 +506,11 @@ impl TableSink {
         } else {
             Some(KeyEncoder::new(valid, &opts.partition_by)?)
         };
-        let keys = match &opts.order_by {
-            Some(order) if !opts.unique_key.is_empty() => Some((
-                KeyEncoder::new(valid, &opts.unique_key)?,
-                KeyEncoder::new(valid, std::slice::from_ref(order))?,
-            )),
+        let keying = match &opts.order_by {
+            Some(order) if !opts.unique_key.is_empty() => {
+                Some(Keying::new(valid, full, &opts.unique_key, order, opts.sip)?)
+            }
             _ => None,
-        };
-        let value_columns = if opts.compare_values {
-            full.fields()
-                .iter()
-                .map(|f| (f.name().clone(), f.data_type().clone()))
-                .collect()
-        } else {
-            Vec::new()
         };
         Ok(TableSink {
             props: OnceLock::new(),
@@ -460,9 +518,7 @@ impl TableSink {
             scratch: scratch.to_path_buf(),
             file_schema,
             parts,
-            keys,
-            fingerprints: Fingerprinter::new(),
-            value_columns,
+            keying,
             keys_held: AtomicUsize::new(0),
             index: (0..SHARDS).map(|_| Mutex::default()).collect(),
             state: Mutex::new(State {
@@ -610,11 +666,12 @@ impl TableSink {
                 })
                 .collect::<Result<_>>()?
         };
-        let keyed = match &self.keys {
-            Some((k, o)) => Some((
-                KeyBytes::new(k, batch)?,
-                Orders::new(o, batch)?,
-                self.value_hashes(batch)?,
+        let keyed = match &self.keying {
+            Some(k) => Some((
+                k,
+                KeyBytes::new(&k.key, batch)?,
+                Orders::new(&k.order, batch)?,
+                k.value_hashes(batch)?,
             )),
             None => None,
         };
@@ -645,13 +702,13 @@ impl TableSink {
         };
         let mut losers = Vec::new();
         let mut new_keys = 0;
-        if let Some((keys, orders, values)) = &keyed {
+        if let Some((keying, keys, orders, values)) = &keyed {
             // Fingerprints of the rows offered (dropped rows are not).
             let mut fps = vec![0u128; n];
             let mut by_shard: Vec<Vec<u32>> = vec![Vec::new(); SHARDS];
             for (i, fp) in fps.iter_mut().enumerate() {
                 if kept(i) {
-                    *fp = self.fingerprints.of(keys.get(i));
+                    *fp = keying.fingerprints.of(keys.get(i));
                     by_shard[slot(*fp).1].push(i as u32);
                 }
             }
@@ -806,73 +863,26 @@ impl TableSink {
         Ok(())
     }
 
-    /// Rows a table already holds (all its columns, partition columns included) meet the new
-    /// ones: returns which of them a new row replaces. A new row older than the held one is
-    /// dropped instead, as a duplicate of its file. Asking twice gives the same answer.
-    pub fn against_existing(&self, batch: &RecordBatch) -> Result<BooleanArray> {
-        let n = batch.num_rows();
-        let Some((k, o)) = &self.keys else {
-            return Ok(BooleanArray::from(vec![false; n]));
-        };
-        let keys = KeyBytes::new(k, batch)?;
-        let orders = Orders::new(o, batch)?;
-        let values = self.value_hashes(batch)?;
-        let mut replaced = Vec::with_capacity(n);
-        let mut losers = Vec::new();
-        for (i, &v) in values.iter().enumerate() {
-            let fp = self.fingerprints.of(keys.get(i));
-            let (r, lost) = lock(&self.index[slot(fp).1]).against_existing(fp, orders.get(i), v);
-            losers.extend(lost);
-            replaced.push(r);
+    /// The fingerprints of the batch's keys, sorted (the key index looks them up).
+    pub fn fingerprints(&self) -> Vec<u128> {
+        let mut out = Vec::with_capacity(self.keys_held.load(Ordering::Relaxed));
+        for shard in &self.index {
+            out.extend(lock(shard).table.iter().map(|e| e.fp));
         }
-        let mut state = lock(&self.state);
-        for (loc, lineage) in losers {
-            Self::lose(&mut state, loc, lineage);
-        }
-        Ok(BooleanArray::from(replaced))
+        out.sort_unstable();
+        out
     }
 
-    /// A hash of each row's values over the table's columns (cast to the table's types, so
-    /// that a new row and the stored row it repeats hash alike); a column the batch lacks counts
-    /// as null. All zero when values are not compared.
-    fn value_hashes(&self, batch: &RecordBatch) -> Result<Vec<u64>> {
-        let n = batch.num_rows();
-        if self.value_columns.is_empty() {
-            return Ok(vec![0; n]);
+    /// A row the table already holds meets the new row of its key (`fp`): `true` if the new
+    /// row replaces it; a new row older than the held one, or identical to it (same order, same
+    /// values), is dropped instead, as a duplicate of its file. Asking twice gives the same
+    /// answer.
+    pub fn against_held(&self, fp: u128, order: OrderValue<'_>, values: u64) -> bool {
+        let (replaced, lost) = lock(&self.index[slot(fp).1]).against_existing(fp, order, values);
+        if let Some((loc, lineage)) = lost {
+            Self::lose(&mut lock(&self.state), loc, lineage);
         }
-        let mut arrays = Vec::with_capacity(self.value_columns.len());
-        for (name, ty) in &self.value_columns {
-            arrays.push(match batch.column_by_name(name) {
-                Some(a) if a.data_type() == ty => a.clone(),
-                Some(a) => cast(a, ty)?,
-                None => datafusion::arrow::array::new_null_array(ty, n),
-            });
-        }
-        let mut hashes = vec![0u64; n];
-        datafusion::common::hash_utils::create_hashes(
-            &arrays,
-            &datafusion::common::hash_utils::RandomState::default(),
-            &mut hashes,
-        )?;
-        Ok(hashes)
-    }
-
-    /// Writes rows a table already holds (its file layout) back into partition `dir`.
-    pub fn carry_over(&self, dir: &str, batch: &RecordBatch) -> Result<()> {
-        if batch.num_rows() == 0 {
-            return Ok(());
-        }
-        let rows = conform(batch, &self.file_schema)?;
-        let (writer, jobs) = {
-            let mut state = lock(&self.state);
-            let p = self.partition(&mut state, dir) as usize;
-            let mut jobs = Jobs::default();
-            self.touch(&mut state, p, &mut jobs);
-            (state.writers[p].clone(), jobs)
-        };
-        self.run(jobs)?;
-        lock(&writer).write(self, &rows)?;
-        Ok(())
+        replaced
     }
 
     /// Rows dropped as duplicates, per source file index.
@@ -881,17 +891,31 @@ impl TableSink {
     }
 
     /// Writes what is still buffered, closes every file and rewrites the files that hold late
-    /// losers. Returns the non-empty files.
-    pub fn finish(&self, threads: usize) -> Result<Vec<OutFile>> {
+    /// losers. Returns the non-empty files and, with a `unique_key`, the key index entries of
+    /// the rows written (their group: the index of their file in the list).
+    pub fn finish(&self, threads: usize) -> Result<(Vec<OutFile>, Option<Entries>)> {
         let (jobs, writers, late) = {
             let mut state = lock(&self.state);
             let jobs = self.seal(&mut state, true);
             (jobs, state.writers.clone(), std::mem::take(&mut state.late))
         };
-        // Every row was offered: the index has done its work, and its memory goes to the
-        // writers and rewrites that follow.
+        // Every row was offered: the winners become index entries (their group, for now, the
+        // segment they are in), and the index's memory goes to the writers and rewrites that
+        // follow.
+        let mut entries = self.keying.as_ref().map(|k| Entries::new(k.kind));
         for shard in &self.index {
-            *lock(shard) = DedupIndex::default();
+            let index = std::mem::take(&mut *lock(shard));
+            if let Some(out) = entries.as_mut() {
+                let bytes = out.kind() == OrderKind::Bytes;
+                for e in index.table.iter().filter(|e| e.loc != LOST) {
+                    out.push(
+                        e.fp,
+                        index.order_of(e, bytes),
+                        e.values,
+                        (e.loc >> 32) as u32,
+                    );
+                }
+            }
         }
         self.keys_held.store(0, Ordering::Relaxed);
         // Every partition writes what it still holds and closes its file, on all threads.
@@ -913,21 +937,32 @@ impl TableSink {
             self.drop_late(&writers, &late, threads)?;
         }
         let mut out = Vec::new();
+        let mut file_of_seg: HashMap<u32, u32> = HashMap::new();
         for w in &writers {
             let w = lock(w);
-            for (path, rows) in &w.files {
+            let mut numbered = HashMap::new();
+            for (i, (path, rows)) in w.files.iter().enumerate() {
                 if *rows == 0 {
                     let _ = std::fs::remove_file(path);
                     continue;
                 }
+                numbered.insert(i, out.len() as u32);
                 out.push(OutFile {
                     dir: w.dir.clone(),
                     path: path.clone(),
                     rows: *rows,
                 });
             }
+            for pl in &w.placed {
+                if let Some(&f) = numbered.get(&pl.file) {
+                    file_of_seg.insert(pl.seg, f);
+                }
+            }
         }
-        Ok(out)
+        if let Some(e) = entries.as_mut() {
+            e.regroup(|seg| file_of_seg.get(&seg).copied().unwrap_or(u32::MAX));
+        }
+        Ok((out, entries))
     }
 
     /// Rewrites the files that hold rows which lost after they were written.
@@ -1165,7 +1200,8 @@ mod tests {
                 buffer_bytes: buffer,
                 memory_limit: 1 << 30,
                 max_writers: writers,
-                compare_values: true,
+                sip: [3, 4],
+                target_file_size: 128 << 20,
             };
             let s = schema();
             let full = Schema::new(s.fields()[..3].to_vec());
@@ -1173,8 +1209,9 @@ mod tests {
             for (i, rows) in input.iter().enumerate() {
                 sink.push(&batch(rows, 1 + 3 * i as i64), None).unwrap();
             }
-            let files = sink.finish(2).unwrap();
+            let (files, entries) = sink.finish(2).unwrap();
             assert_eq!(sink.duplicates(), vec![4]);
+            assert_eq!(entries.map(|e| e.len()), Some(5), "one index entry per key");
             results.push(read(&files));
         }
         assert_eq!(results[0], results[1]);

@@ -1,0 +1,1697 @@
+//! The key index of a `unique_key` table, kept in the lake under `_sluice/index/<table>/`: for
+//! every key, its 128-bit fingerprint -> the current row's `order_by` value, a hash of the row's
+//! values and the file group holding the row. A commit looks up only its batch's keys and
+//! rewrites only the files that hold keys it replaces; it never lists or reads other files.
+//!
+//! Layout: `head.json` (format, what the keys are, the fingerprint key, the runs, the files and
+//! their groups) and sorted runs `run-<name>.idx`, an LSM: each commit writes one run with its
+//! batch's keys, merged with the newest runs while they are at most twice as large as what is
+//! merged so far, so that run sizes fall geometrically from the oldest to the newest (a binary
+//! counter: O(log n) runs, each entry rewritten O(log n) times in its life). A run is pages of
+//! [`PAGE_ENTRIES`] entries sorted by fingerprint, a directory (each page's first fingerprint,
+//! place and CRC-32) and a trailer; a lookup reads the trailer and the directory, then only the
+//! pages its keys fall in. Index files are staged and published with the commit like its data
+//! files; the head is moved into place last, and only runs the head names are the index.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use datafusion::arrow::array::{BooleanArray, RecordBatch};
+use datafusion::arrow::compute::filter_record_batch;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::TableMeta;
+use crate::config::TableConfig;
+use crate::error::{Error, Result};
+use crate::lake::{self, Lake, STATE};
+use crate::sink::stream::{Keying, OutFile, TableSink};
+use crate::sink::{self, TableFile};
+
+/// The format of index files this sluice writes; an index of another format is rebuilt.
+pub const FORMAT: u32 = 1;
+const MAGIC: &[u8; 8] = b"SLIDX001";
+/// Entries per page: a lookup of k keys reads about k pages.
+const PAGE_ENTRIES: usize = 128;
+const TRAILER: u64 = 40;
+const DIR_ENTRY: usize = 32;
+/// Bytes read at once when a run is read whole (merges, checks).
+const SCAN_SPAN: u64 = 8 << 20;
+
+/// `_sluice/index/<table>`
+pub fn prefix(table: &str) -> String {
+    format!("{STATE}/index/{table}")
+}
+
+/// `_sluice/index/<table>/head.json`
+pub fn head_key(table: &str) -> String {
+    format!("{}/head.json", prefix(table))
+}
+
+/// `_sluice/index/<table>/run-<name>.idx`
+pub fn run_key(table: &str, name: &str) -> String {
+    format!("{}/run-{name}.idx", prefix(table))
+}
+
+/// How order values are kept: numbers, dates and timestamps as order-preserving u64, anything
+/// else as Arrow row-format bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderKind {
+    /// A u64 that sorts as the value does.
+    Int,
+    /// Row-format bytes.
+    Bytes,
+}
+
+impl OrderKind {
+    /// The kind for an `order_by` column of this type.
+    pub fn of(ty: &DataType) -> OrderKind {
+        if ty.is_integer()
+            || matches!(
+                ty,
+                DataType::Date32 | DataType::Date64 | DataType::Timestamp(_, _)
+            )
+        {
+            OrderKind::Int
+        } else {
+            OrderKind::Bytes
+        }
+    }
+}
+
+/// An order value, borrowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OrderValue<'a> {
+    /// A number compared as such.
+    Int(u64),
+    /// Bytes compared as bytes.
+    Bytes(&'a [u8]),
+}
+
+/// An order value, owned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// A number compared as such.
+    Int(u64),
+    /// Bytes compared as bytes.
+    Bytes(Vec<u8>),
+}
+
+impl Order {
+    /// Borrowed.
+    pub fn as_value(&self) -> OrderValue<'_> {
+        match self {
+            Order::Int(v) => OrderValue::Int(*v),
+            Order::Bytes(b) => OrderValue::Bytes(b),
+        }
+    }
+}
+
+impl OrderValue<'_> {
+    fn to_owned(self) -> Order {
+        match self {
+            OrderValue::Int(v) => Order::Int(v),
+            OrderValue::Bytes(b) => Order::Bytes(b.to_vec()),
+        }
+    }
+}
+
+/// What the index holds for a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    /// The file group holding the row.
+    pub group: u32,
+    /// A hash of the row's values.
+    pub values: u64,
+    /// Its `order_by` value.
+    pub order: Order,
+}
+
+#[derive(Clone, Copy)]
+struct Fixed {
+    hi: u64,
+    lo: u64,
+    order: u64,
+    values: u64,
+    group: u32,
+}
+
+impl Fixed {
+    fn fp(&self) -> u128 {
+        ((self.hi as u128) << 64) | self.lo as u128
+    }
+}
+
+/// Index entries in memory (40 bytes each, byte orders in an arena), to be written as a run.
+pub struct Entries {
+    kind: OrderKind,
+    rows: Vec<Fixed>,
+    arena: Vec<u8>,
+}
+
+impl Entries {
+    /// None yet.
+    pub fn new(kind: OrderKind) -> Entries {
+        Entries {
+            kind,
+            rows: Vec::new(),
+            arena: Vec::new(),
+        }
+    }
+
+    /// How order values are kept.
+    pub fn kind(&self) -> OrderKind {
+        self.kind
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Adds an entry.
+    pub fn push(&mut self, fp: u128, order: OrderValue<'_>, values: u64, group: u32) {
+        let order = match order {
+            OrderValue::Int(v) => v,
+            OrderValue::Bytes(b) => {
+                let at = self.arena.len() as u64;
+                self.arena
+                    .extend_from_slice(&(b.len() as u32).to_le_bytes());
+                self.arena.extend_from_slice(b);
+                at
+            }
+        };
+        self.rows.push(Fixed {
+            hi: (fp >> 64) as u64,
+            lo: fp as u64,
+            order,
+            values,
+            group,
+        });
+    }
+
+    fn order(&self, f: &Fixed) -> OrderValue<'_> {
+        match self.kind {
+            OrderKind::Int => OrderValue::Int(f.order),
+            OrderKind::Bytes => {
+                let at = f.order as usize;
+                let mut len = [0u8; 4];
+                len.copy_from_slice(&self.arena[at..at + 4]);
+                let len = u32::from_le_bytes(len) as usize;
+                OrderValue::Bytes(&self.arena[at + 4..at + 4 + len])
+            }
+        }
+    }
+
+    /// Sorts by fingerprint; of entries with one fingerprint, the one with the greatest order
+    /// (the later pushed on a tie) stays.
+    pub fn sort(&mut self) {
+        let mut rows = std::mem::take(&mut self.rows);
+        rows.sort_by(|a, b| {
+            a.fp()
+                .cmp(&b.fp())
+                .then_with(|| order_cmp(self.order(a), self.order(b)))
+        });
+        // Keep the last of each run of equal fingerprints.
+        let mut out: Vec<Fixed> = Vec::with_capacity(rows.len());
+        for r in rows {
+            match out.last_mut() {
+                Some(last) if last.fp() == r.fp() => *last = r,
+                _ => out.push(r),
+            }
+        }
+        self.rows = out;
+    }
+
+    /// Changes every entry's group.
+    pub fn regroup(&mut self, f: impl Fn(u32) -> u32) {
+        for r in &mut self.rows {
+            r.group = f(r.group);
+        }
+    }
+
+    fn get(&self, i: usize) -> (u128, Held) {
+        let f = &self.rows[i];
+        (
+            f.fp(),
+            Held {
+                group: f.group,
+                values: f.values,
+                order: self.order(f).to_owned(),
+            },
+        )
+    }
+}
+
+/// Compares two order values of one kind.
+pub fn order_cmp(a: OrderValue<'_>, b: OrderValue<'_>) -> std::cmp::Ordering {
+    match (a, b) {
+        (OrderValue::Int(x), OrderValue::Int(y)) => x.cmp(&y),
+        (OrderValue::Bytes(x), OrderValue::Bytes(y)) => x.cmp(y),
+        _ => std::cmp::Ordering::Equal,
+    }
+}
+
+/// A run in the head.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RunMeta {
+    /// `run-<name>.idx`.
+    pub name: String,
+    /// Entries in it.
+    pub entries: u64,
+    /// Its size in bytes.
+    pub bytes: u64,
+}
+
+/// A data file of the table and the groups whose rows it holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IndexedFile {
+    /// Groups (a file written by a commit is one group; a rewrite keeps its groups).
+    pub groups: Vec<u32>,
+    /// Rows in it.
+    pub rows: u64,
+    /// Its size in bytes.
+    pub bytes: u64,
+}
+
+/// What a table's keys are; an index of other keys is rebuilt.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Shape {
+    /// The table's `unique_key`.
+    pub unique_key: Vec<String>,
+    /// Its `order_by`.
+    pub order_by: String,
+    /// The type of `order_by` (Arrow's name).
+    pub order_type: String,
+    /// How order values are kept.
+    pub kind: OrderKind,
+}
+
+impl Shape {
+    /// The shape of a table's keys, from its catalog entry.
+    pub fn of(meta: &TableMeta, unique_key: &[String], order_by: &str) -> Result<Shape> {
+        let full = meta.full_schema()?;
+        let ty = full
+            .field_with_name(order_by)
+            .map_err(|_| Error::Schema {
+                table: meta.name.clone(),
+                message: format!("order_by column {order_by} is not a column of the table"),
+            })?
+            .data_type()
+            .clone();
+        Ok(Shape {
+            unique_key: unique_key.to_vec(),
+            order_by: order_by.to_string(),
+            order_type: ty.to_string(),
+            kind: OrderKind::of(&ty),
+        })
+    }
+}
+
+/// `head.json`: the index as of its last commit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Head {
+    /// [`FORMAT`].
+    pub format: u32,
+    /// The table.
+    pub table: String,
+    /// What the keys are.
+    pub shape: Shape,
+    /// The key of the keyed hash that makes fingerprints.
+    pub sip: [u64; 2],
+    /// Runs, oldest first.
+    pub runs: Vec<RunMeta>,
+    /// The table's data files (keys in the lake) and their groups.
+    pub files: BTreeMap<String, IndexedFile>,
+    /// The next unused group.
+    pub next_group: u32,
+    /// The commit (or rebuild) that wrote this head.
+    pub commit: String,
+}
+
+/// A fresh fingerprint key.
+pub fn new_sip() -> [u64; 2] {
+    [rand::random(), rand::random()]
+}
+
+/// The fingerprint key a batch of `table` must use: its index's, or a new one if it has none
+/// that reads.
+pub async fn sip_for(lake: &Lake, table: &str) -> [u64; 2] {
+    match lake.get_json::<Head>(&head_key(table)).await {
+        Ok(Some(h)) if h.format == FORMAT => h.sip,
+        _ => new_sip(),
+    }
+}
+
+fn damaged(table: &str, message: impl Into<String>) -> Error {
+    Error::Index {
+        table: table.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A page's place in a run.
+#[derive(Clone, Copy, Debug)]
+struct PageRef {
+    first: u128,
+    offset: u64,
+    len: u32,
+    crc: u32,
+}
+
+/// A run whose trailer and directory have been read.
+struct Run {
+    key: String,
+    table: String,
+    kind: OrderKind,
+    pages: Vec<PageRef>,
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(x)
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+fn u128_at(b: &[u8], at: usize) -> u128 {
+    let mut x = [0u8; 16];
+    x.copy_from_slice(&b[at..at + 16]);
+    u128::from_le_bytes(x)
+}
+
+impl Run {
+    /// Reads a run's trailer and directory, checking them.
+    async fn open(lake: &Lake, table: &str, meta: &RunMeta, kind: OrderKind) -> Result<Run> {
+        let key = run_key(table, &meta.name);
+        let size = match lake.head(&key).await? {
+            Some(m) => m.size,
+            None => return Err(damaged(table, format!("{key} is missing"))),
+        };
+        if size != meta.bytes || size < TRAILER {
+            return Err(damaged(
+                table,
+                format!("{key} has {size} bytes, the head says {}", meta.bytes),
+            ));
+        }
+        let t = lake.get_range(&key, size - TRAILER..size).await?;
+        if t.len() as u64 != TRAILER || &t[..8] != MAGIC {
+            return Err(damaged(table, format!("{key} has no index trailer")));
+        }
+        let (format, pages, entries, dir_at, dir_crc, k) = (
+            u32_at(&t, 8),
+            u32_at(&t, 12) as usize,
+            u64_at(&t, 16),
+            u64_at(&t, 24),
+            u32_at(&t, 32),
+            t[36],
+        );
+        let want_kind = match kind {
+            OrderKind::Int => 0,
+            OrderKind::Bytes => 1,
+        };
+        if format != FORMAT || k != want_kind || entries != meta.entries {
+            return Err(damaged(
+                table,
+                format!("{key} is not the run the head names"),
+            ));
+        }
+        if dir_at + (pages * DIR_ENTRY) as u64 != size - TRAILER {
+            return Err(damaged(
+                table,
+                format!("{key}: its directory is out of place"),
+            ));
+        }
+        let dir = lake.get_range(&key, dir_at..size - TRAILER).await?;
+        if crc32fast::hash(&dir) != dir_crc {
+            return Err(damaged(
+                table,
+                format!("{key}: its directory fails its checksum"),
+            ));
+        }
+        let pages = (0..pages)
+            .map(|i| {
+                let at = i * DIR_ENTRY;
+                PageRef {
+                    first: u128_at(&dir, at),
+                    offset: u64_at(&dir, at + 16),
+                    len: u32_at(&dir, at + 24),
+                    crc: u32_at(&dir, at + 28),
+                }
+            })
+            .collect();
+        Ok(Run {
+            key,
+            table: table.to_string(),
+            kind,
+            pages,
+        })
+    }
+
+    /// The entries of page `p`, given its bytes.
+    fn decode(&self, p: usize, bytes: &[u8]) -> Result<Vec<(u128, Held)>> {
+        let page = &self.pages[p];
+        if bytes.len() != page.len as usize || crc32fast::hash(bytes) != page.crc {
+            return Err(damaged(
+                &self.table,
+                format!("{}: page {p} fails its checksum", self.key),
+            ));
+        }
+        let mut out = Vec::with_capacity(PAGE_ENTRIES);
+        let mut at = 0;
+        let bad = || damaged(&self.table, format!("{}: page {p} is cut short", self.key));
+        while at < bytes.len() {
+            if at + 28 > bytes.len() {
+                return Err(bad());
+            }
+            let fp = u128_at(bytes, at);
+            let group = u32_at(bytes, at + 16);
+            let values = u64_at(bytes, at + 20);
+            at += 28;
+            let order = match self.kind {
+                OrderKind::Int => {
+                    if at + 8 > bytes.len() {
+                        return Err(bad());
+                    }
+                    at += 8;
+                    Order::Int(u64_at(bytes, at - 8))
+                }
+                OrderKind::Bytes => {
+                    if at + 4 > bytes.len() {
+                        return Err(bad());
+                    }
+                    let len = u32_at(bytes, at) as usize;
+                    at += 4;
+                    if at + len > bytes.len() {
+                        return Err(bad());
+                    }
+                    at += len;
+                    Order::Bytes(bytes[at - len..at].to_vec())
+                }
+            };
+            out.push((
+                fp,
+                Held {
+                    group,
+                    values,
+                    order,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The pages `fps` (sorted) fall in.
+    fn pages_of(&self, fps: &[u128]) -> Vec<usize> {
+        let mut out: Vec<usize> = Vec::new();
+        for &fp in fps {
+            let p = self.pages.partition_point(|pg| pg.first <= fp);
+            if p == 0 {
+                continue;
+            }
+            if out.last() != Some(&(p - 1)) {
+                out.push(p - 1);
+            }
+        }
+        out
+    }
+
+    /// What this run holds for any of `fps` (sorted): reads only their pages.
+    async fn lookup(&self, lake: &Lake, fps: &[u128]) -> Result<Vec<(u128, Held)>> {
+        let pages = self.pages_of(fps);
+        if pages.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Neighbouring pages are read in one range.
+        let mut spans: Vec<(Range<u64>, Vec<usize>)> = Vec::new();
+        for &p in &pages {
+            let pg = self.pages[p];
+            let r = pg.offset..pg.offset + pg.len as u64;
+            match spans.last_mut() {
+                Some((span, ps)) if span.end == r.start && span.end - span.start < SCAN_SPAN => {
+                    span.end = r.end;
+                    ps.push(p);
+                }
+                _ => spans.push((r, vec![p])),
+            }
+        }
+        let ranges: Vec<Range<u64>> = spans.iter().map(|(r, _)| r.clone()).collect();
+        let got = lake.get_ranges(&self.key, &ranges).await?;
+        let wanted: HashSet<u128> = fps.iter().copied().collect();
+        let mut out = Vec::new();
+        for ((span, ps), bytes) in spans.iter().zip(got) {
+            for &p in ps {
+                let pg = self.pages[p];
+                let at = (pg.offset - span.start) as usize;
+                let page = bytes.get(at..at + pg.len as usize).ok_or_else(|| {
+                    damaged(&self.table, format!("{}: page {p} is cut short", self.key))
+                })?;
+                out.extend(
+                    self.decode(p, page)?
+                        .into_iter()
+                        .filter(|(fp, _)| wanted.contains(fp)),
+                );
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Reads a run from its first page to its last, a span at a time.
+struct Scan<'a> {
+    run: &'a Run,
+    next: usize,
+    buf: std::vec::IntoIter<(u128, Held)>,
+}
+
+impl<'a> Scan<'a> {
+    fn new(run: &'a Run) -> Scan<'a> {
+        Scan {
+            run,
+            next: 0,
+            buf: Vec::new().into_iter(),
+        }
+    }
+
+    async fn next(&mut self, lake: &Lake) -> Result<Option<(u128, Held)>> {
+        loop {
+            if let Some(e) = self.buf.next() {
+                return Ok(Some(e));
+            }
+            if self.next >= self.run.pages.len() {
+                return Ok(None);
+            }
+            let start = self.run.pages[self.next].offset;
+            let mut end = self.next;
+            let mut stop = start;
+            while end < self.run.pages.len() && (stop - start < SCAN_SPAN || end == self.next) {
+                stop = self.run.pages[end].offset + self.run.pages[end].len as u64;
+                end += 1;
+            }
+            let bytes = lake.get_range(&self.run.key, start..stop).await?;
+            let mut entries = Vec::new();
+            for p in self.next..end {
+                let pg = self.run.pages[p];
+                let at = (pg.offset - start) as usize;
+                let page = bytes.get(at..at + pg.len as usize).ok_or_else(|| {
+                    damaged(
+                        &self.run.table,
+                        format!("{}: page {p} is cut short", self.run.key),
+                    )
+                })?;
+                entries.extend(self.run.decode(p, page)?);
+            }
+            self.next = end;
+            self.buf = entries.into_iter();
+        }
+    }
+}
+
+/// Writes a run to a local file.
+pub struct RunWriter {
+    out: BufWriter<File>,
+    path: PathBuf,
+    kind: OrderKind,
+    page: Vec<u8>,
+    in_page: usize,
+    first: u128,
+    dir: Vec<u8>,
+    offset: u64,
+    entries: u64,
+    last: Option<u128>,
+}
+
+impl RunWriter {
+    /// A run at `path`.
+    pub fn create(path: &Path, kind: OrderKind) -> Result<RunWriter> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        }
+        let file = File::create(path)
+            .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
+        Ok(RunWriter {
+            out: BufWriter::with_capacity(1 << 20, file),
+            path: path.to_path_buf(),
+            kind,
+            page: Vec::with_capacity(PAGE_ENTRIES * 40),
+            in_page: 0,
+            first: 0,
+            dir: Vec::new(),
+            offset: 0,
+            entries: 0,
+            last: None,
+        })
+    }
+
+    fn fail(&self, e: std::io::Error) -> Error {
+        Error::io(format!("cannot write {}", self.path.display()), e)
+    }
+
+    /// Adds an entry; fingerprints must come in ascending order.
+    pub fn push(&mut self, fp: u128, group: u32, values: u64, order: OrderValue<'_>) -> Result<()> {
+        if self.last.is_some_and(|l| l >= fp) {
+            return Err(Error::State {
+                path: self.path.display().to_string(),
+                message: "index entries out of order".into(),
+            });
+        }
+        self.last = Some(fp);
+        if self.in_page == 0 {
+            self.first = fp;
+        }
+        self.page.extend_from_slice(&fp.to_le_bytes());
+        self.page.extend_from_slice(&group.to_le_bytes());
+        self.page.extend_from_slice(&values.to_le_bytes());
+        match (self.kind, order) {
+            (OrderKind::Int, OrderValue::Int(v)) => self.page.extend_from_slice(&v.to_le_bytes()),
+            (OrderKind::Bytes, OrderValue::Bytes(b)) => {
+                self.page.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                self.page.extend_from_slice(b);
+            }
+            _ => {
+                return Err(Error::State {
+                    path: self.path.display().to_string(),
+                    message: "an order value of the wrong kind".into(),
+                });
+            }
+        }
+        self.in_page += 1;
+        self.entries += 1;
+        if self.in_page == PAGE_ENTRIES {
+            self.end_page()?;
+        }
+        Ok(())
+    }
+
+    fn end_page(&mut self) -> Result<()> {
+        if self.in_page == 0 {
+            return Ok(());
+        }
+        let crc = crc32fast::hash(&self.page);
+        self.dir.extend_from_slice(&self.first.to_le_bytes());
+        self.dir.extend_from_slice(&self.offset.to_le_bytes());
+        self.dir
+            .extend_from_slice(&(self.page.len() as u32).to_le_bytes());
+        self.dir.extend_from_slice(&crc.to_le_bytes());
+        self.out.write_all(&self.page).map_err(|e| self.fail(e))?;
+        self.offset += self.page.len() as u64;
+        self.page.clear();
+        self.in_page = 0;
+        Ok(())
+    }
+
+    /// Writes the directory and trailer: the run's entries and size.
+    pub fn finish(mut self) -> Result<(PathBuf, u64, u64)> {
+        self.end_page()?;
+        let pages = (self.dir.len() / DIR_ENTRY) as u32;
+        let dir_at = self.offset;
+        let mut t = Vec::with_capacity(TRAILER as usize);
+        t.extend_from_slice(MAGIC);
+        t.extend_from_slice(&FORMAT.to_le_bytes());
+        t.extend_from_slice(&pages.to_le_bytes());
+        t.extend_from_slice(&self.entries.to_le_bytes());
+        t.extend_from_slice(&dir_at.to_le_bytes());
+        t.extend_from_slice(&crc32fast::hash(&self.dir).to_le_bytes());
+        t.push(match self.kind {
+            OrderKind::Int => 0,
+            OrderKind::Bytes => 1,
+        });
+        t.extend_from_slice(&[0, 0, 0]);
+        let dir = std::mem::take(&mut self.dir);
+        self.out.write_all(&dir).map_err(|e| self.fail(e))?;
+        self.out.write_all(&t).map_err(|e| self.fail(e))?;
+        self.out.flush().map_err(|e| self.fail(e))?;
+        let bytes = dir_at + dir.len() as u64 + TRAILER;
+        Ok((self.path, self.entries, bytes))
+    }
+}
+
+/// A table's index, opened: its head and its runs' directories.
+pub struct Index {
+    /// The head.
+    pub head: Head,
+    /// Runs, newest first.
+    runs: Vec<Run>,
+    group_files: HashMap<u32, String>,
+}
+
+/// Why an index must be rebuilt before it is used.
+pub enum Unusable {
+    /// There is none.
+    Missing,
+    /// It is damaged, of another format or of other keys.
+    Damaged(String),
+}
+
+impl Index {
+    /// An index with nothing in it.
+    pub fn empty(table: &str, shape: Shape, sip: [u64; 2]) -> Index {
+        Index::from_head(Head {
+            format: FORMAT,
+            table: table.to_string(),
+            shape,
+            sip,
+            runs: Vec::new(),
+            files: BTreeMap::new(),
+            next_group: 0,
+            commit: String::new(),
+        })
+    }
+
+    fn from_head(head: Head) -> Index {
+        let group_files = head
+            .files
+            .iter()
+            .flat_map(|(k, f)| f.groups.iter().map(move |g| (*g, k.clone())))
+            .collect();
+        Index {
+            head,
+            runs: Vec::new(),
+            group_files,
+        }
+    }
+
+    /// Opens a table's index, checking its head and runs against `shape`.
+    pub async fn open(
+        lake: &Lake,
+        table: &str,
+        shape: &Shape,
+    ) -> Result<std::result::Result<Index, Unusable>> {
+        let bytes = match lake.get_opt(&head_key(table)).await? {
+            Some(b) => b,
+            None => return Ok(Err(Unusable::Missing)),
+        };
+        let head: Head = match serde_json::from_slice(&bytes) {
+            Ok(h) => h,
+            Err(e) => {
+                return Ok(Err(Unusable::Damaged(format!(
+                    "its head does not read ({e})"
+                ))));
+            }
+        };
+        if head.format != FORMAT {
+            return Ok(Err(Unusable::Damaged(format!(
+                "it is of format {} (this sluice writes {FORMAT})",
+                head.format
+            ))));
+        }
+        if &head.shape != shape || head.table != table {
+            return Ok(Err(Unusable::Damaged(
+                "it was built for other keys (unique_key, order_by or its type changed)".into(),
+            )));
+        }
+        let mut runs = Vec::with_capacity(head.runs.len());
+        for meta in head.runs.iter().rev() {
+            match Run::open(lake, table, meta, shape.kind).await {
+                Ok(r) => runs.push(r),
+                Err(Error::Index { message, .. }) => return Ok(Err(Unusable::Damaged(message))),
+                Err(e) => return Err(e),
+            }
+        }
+        let mut index = Index::from_head(head);
+        index.runs = runs;
+        Ok(Ok(index))
+    }
+
+    /// The file holding a group's rows.
+    pub fn file_of(&self, group: u32) -> Option<&str> {
+        self.group_files.get(&group).map(String::as_str)
+    }
+
+    /// What the index holds for any of `fps` (sorted): the newest run's entry of each.
+    pub async fn lookup(&self, lake: &Lake, fps: &[u128]) -> Result<HashMap<u128, Held>> {
+        let mut found: HashMap<u128, Held> = HashMap::new();
+        let mut todo: Vec<u128> = fps.to_vec();
+        for run in &self.runs {
+            if todo.is_empty() {
+                break;
+            }
+            for (fp, held) in run.lookup(lake, &todo).await? {
+                found.entry(fp).or_insert(held);
+            }
+            todo.retain(|fp| !found.contains_key(fp));
+        }
+        Ok(found)
+    }
+
+    /// Every entry, sorted by fingerprint (the newest of each key).
+    pub async fn all(&self, lake: &Lake) -> Result<Vec<(u128, Held)>> {
+        let mut out = Vec::new();
+        merge_runs(lake, None, &self.runs, |fp, h| {
+            out.push((fp, h.clone()));
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// The index after a commit: `new` holds the batch's winning rows (groups from `first_group`
+    /// up); `files` the table's files after the commit that differ from now (a file key mapped
+    /// to `None` is gone). The new run (merged with the newest runs while they are at most twice
+    /// the size of what is merged) is written under `scratch`; returns the new head, the run's
+    /// local path and name, and the runs it replaces.
+    pub async fn next(
+        &self,
+        lake: &Lake,
+        commit: &str,
+        mut new: Entries,
+        files: BTreeMap<String, Option<IndexedFile>>,
+        next_group: u32,
+        scratch: &Path,
+    ) -> Result<Next> {
+        new.sort();
+        let mut head = self.head.clone();
+        for (key, f) in files {
+            match f {
+                Some(f) => head.files.insert(key, f),
+                None => head.files.remove(&key),
+            };
+        }
+        head.next_group = next_group;
+        head.commit = commit.to_string();
+        let mut size = new.len() as u64;
+        let mut take = 0;
+        while take < self.runs.len()
+            && self.head.runs[self.head.runs.len() - 1 - take].entries <= 2 * size.max(1)
+        {
+            size += self.head.runs[self.head.runs.len() - 1 - take].entries;
+            take += 1;
+        }
+        let replaced: Vec<String> = self.head.runs[self.head.runs.len() - take..]
+            .iter()
+            .map(|r| run_key(&head.table, &r.name))
+            .collect();
+        head.runs.truncate(self.head.runs.len() - take);
+        if new.is_empty() && take == 0 {
+            return Ok(Next {
+                head,
+                run: None,
+                replaced,
+            });
+        }
+        let path = scratch.join(format!("run-{commit}.idx"));
+        let mut w = RunWriter::create(&path, head.shape.kind)?;
+        merge_runs(lake, Some(&new), &self.runs[..take], |fp, h| {
+            w.push(fp, h.group, h.values, h.order.as_value())
+        })
+        .await?;
+        let (path, entries, bytes) = w.finish()?;
+        head.runs.push(RunMeta {
+            name: commit.to_string(),
+            entries,
+            bytes,
+        });
+        Ok(Next {
+            head,
+            run: Some(path),
+            replaced,
+        })
+    }
+}
+
+/// A commit's index: the new head, the new run (local) and the run keys it replaces.
+pub struct Next {
+    /// The head to publish.
+    pub head: Head,
+    /// The new run's local file (named in the head's last run).
+    pub run: Option<PathBuf>,
+    /// Runs no longer in the head, to delete once it is published.
+    pub replaced: Vec<String>,
+}
+
+/// Calls `emit` with the union of `newest` and `runs` (newest first) in fingerprint order,
+/// the newest entry of each key only.
+async fn merge_runs(
+    lake: &Lake,
+    newest: Option<&Entries>,
+    runs: &[Run],
+    mut emit: impl FnMut(u128, &Held) -> Result<()>,
+) -> Result<()> {
+    let mut scans: Vec<Scan<'_>> = runs.iter().map(Scan::new).collect();
+    // Heads of the sources: 0 is `newest`, then the runs, newest first.
+    let mut heads: Vec<Option<(u128, Held)>> = Vec::with_capacity(scans.len() + 1);
+    let mut at = 0;
+    heads.push(newest.filter(|n| !n.is_empty()).map(|n| n.get(0)));
+    for s in &mut scans {
+        heads.push(s.next(lake).await?);
+    }
+    loop {
+        let Some(min) = heads.iter().flatten().map(|(fp, _)| *fp).min() else {
+            return Ok(());
+        };
+        let mut emitted = false;
+        for i in 0..heads.len() {
+            if heads[i].as_ref().is_none_or(|(fp, _)| *fp != min) {
+                continue;
+            }
+            if !emitted {
+                if let Some((fp, h)) = &heads[i] {
+                    emit(*fp, h)?;
+                }
+                emitted = true;
+            }
+            heads[i] = if i == 0 {
+                at += 1;
+                newest.filter(|n| at < n.len()).map(|n| n.get(at))
+            } else {
+                scans[i - 1].next(lake).await?
+            };
+        }
+    }
+}
+
+/// The data files a table holds now: a Delta table's active files, or a plain table's listing.
+pub async fn table_files(lake: &Lake, meta: &TableMeta) -> Result<Vec<TableFile>> {
+    let prefix = lake::processed_prefix(&meta.name);
+    #[cfg(feature = "delta")]
+    if meta.delta {
+        return crate::delta::active_files(lake, &prefix).await;
+    }
+    sink::table_files(lake, &prefix).await
+}
+
+/// Reads a table's files into index entries, a group per file: the index rebuilt. Returns the
+/// head (without runs) and the entries.
+pub async fn read_table(
+    lake: &Lake,
+    meta: &TableMeta,
+    shape: &Shape,
+    sip: [u64; 2],
+) -> Result<(Head, Entries)> {
+    let full = meta.full_schema()?;
+    let keying = Keying::for_table(&full, shape, sip)?;
+    let partition_types = meta.partition_types()?;
+    let mut entries = Entries::new(shape.kind);
+    let mut head = Index::empty(&meta.name, shape.clone(), sip).head;
+    for (g, f) in table_files(lake, meta).await?.into_iter().enumerate() {
+        let group = g as u32;
+        let file = lake.local_file(&f.key).await?;
+        let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut rows = 0;
+        for_each_batch(file, &f, &partition_types, &full, |_, b| {
+            rows += b.num_rows() as u64;
+            keying.entries(b, group, &mut entries)
+        })?;
+        head.files.insert(
+            f.key.clone(),
+            IndexedFile {
+                groups: vec![group],
+                rows,
+                bytes,
+            },
+        );
+        head.next_group = group + 1;
+    }
+    entries.sort();
+    Ok((head, entries))
+}
+
+/// Calls `f` with each batch of a table file as stored and with its partition columns restored
+/// (the table's full schema).
+fn for_each_batch(
+    file: File,
+    f: &TableFile,
+    partition_types: &[(String, DataType)],
+    full: &SchemaRef,
+    mut each: impl FnMut(&RecordBatch, &RecordBatch) -> Result<()>,
+) -> Result<()> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| Error::Read {
+            key: f.key.clone(),
+            message: e.to_string(),
+        })?
+        .with_batch_size(65_536)
+        .build()?;
+    let values = sink::parse_partition_dir(&f.dir);
+    for b in reader {
+        let b = b?;
+        let whole = sink::restore_partitions(&b, &values, partition_types, full)?;
+        each(&b, &whole)?;
+    }
+    Ok(())
+}
+
+/// A table file rewritten without some keys' rows.
+pub struct Rewritten {
+    /// The new file (local), if any row is left.
+    pub path: Option<PathBuf>,
+    /// Rows left.
+    pub rows: u64,
+    /// Rows taken out.
+    pub dropped: u64,
+}
+
+/// Rewrites a table file without the rows whose key fingerprints are in `drop`, into a local
+/// file at `out` with the table's file columns.
+#[allow(clippy::too_many_arguments)]
+pub async fn rewrite_without(
+    lake: &Lake,
+    meta: &TableMeta,
+    keying: &Keying,
+    f: &TableFile,
+    drop: &HashSet<u128>,
+    compression: &str,
+    out: &Path,
+) -> Result<Rewritten> {
+    let full = meta.full_schema()?;
+    let file_schema = sink::nullable(meta.file_schema()?.as_ref());
+    let partition_types = meta.partition_types()?;
+    let input = lake.local_file(&f.key).await?;
+    let mut writer: Option<ArrowWriter<File>> = None;
+    let (mut rows, mut dropped) = (0u64, 0u64);
+    for_each_batch(input, f, &partition_types, &full, |stored, whole| {
+        let fps = keying.fingerprints(whole)?;
+        let keep: BooleanArray = fps.iter().map(|fp| Some(!drop.contains(fp))).collect();
+        let kept = filter_record_batch(stored, &keep)?;
+        dropped += (stored.num_rows() - kept.num_rows()) as u64;
+        if kept.num_rows() == 0 {
+            return Ok(());
+        }
+        let kept = sink::conform(&kept, &file_schema)?;
+        if writer.is_none() {
+            let plain = sink::mostly_distinct(&kept).unwrap_or_default();
+            let file = File::create(out)
+                .map_err(|e| Error::io(format!("cannot create {}", out.display()), e))?;
+            writer = Some(ArrowWriter::try_new(
+                file,
+                file_schema.clone(),
+                Some(sink::writer_properties(compression, &plain)?),
+            )?);
+        }
+        if let Some(w) = writer.as_mut() {
+            w.write(&kept)?;
+        }
+        rows += kept.num_rows() as u64;
+        Ok(())
+    })?;
+    let path = match writer {
+        Some(w) => {
+            w.close()?;
+            Some(out.to_path_buf())
+        }
+        None => None,
+    };
+    Ok(Rewritten {
+        path,
+        rows,
+        dropped,
+    })
+}
+
+/// Writes a rebuilt index straight into the lake (run, then head, then the old runs go): for
+/// `sluice index rebuild` and a commit that found the index unusable. Call with the commit lock
+/// held.
+pub async fn publish_rebuilt(
+    lake: &Lake,
+    old: Option<&Head>,
+    mut head: Head,
+    entries: &Entries,
+    scratch: &Path,
+) -> Result<Index> {
+    let name = format!(
+        "rebuild-{}",
+        &crate::ledger::sha256_hex(&rand::random::<[u8; 16]>())[..16]
+    );
+    let path = scratch.join(format!("run-{name}.idx"));
+    let mut w = RunWriter::create(&path, head.shape.kind)?;
+    for i in 0..entries.len() {
+        let (fp, h) = entries.get(i);
+        w.push(fp, h.group, h.values, h.order.as_value())?;
+    }
+    let (path, n, bytes) = w.finish()?;
+    head.runs = vec![RunMeta {
+        name: name.clone(),
+        entries: n,
+        bytes,
+    }];
+    head.commit = name.clone();
+    lake.put_file(&run_key(&head.table, &name), &path).await?;
+    lake.put_json(&head_key(&head.table), &head).await?;
+    // Runs of the old head, and any other run file, are not part of the index now.
+    let keep = run_key(&head.table, &name);
+    for m in lake.list(&prefix(&head.table)).await? {
+        let k = m.location.to_string();
+        if k.ends_with(".idx") && k != keep {
+            lake.delete(&k).await?;
+        }
+    }
+    let _ = old;
+    match Index::open(lake, &head.table, &head.shape).await? {
+        Ok(i) => Ok(i),
+        Err(Unusable::Missing) => Err(damaged(&head.table, "its head vanished after a rebuild")),
+        Err(Unusable::Damaged(m)) => Err(damaged(&head.table, m)),
+    }
+}
+
+/// One difference between an index and its table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Difference {
+    /// The key's fingerprint (hex).
+    pub fingerprint: String,
+    /// What the table holds (file, order), if it holds the key.
+    pub table: Option<String>,
+    /// What the index holds.
+    pub index: Option<String>,
+}
+
+/// Compares an index with what its table's files hold; the differences (at most `limit`, and
+/// how many there are in all).
+pub async fn check(
+    lake: &Lake,
+    meta: &TableMeta,
+    index: &Index,
+    limit: usize,
+) -> Result<(Vec<Difference>, u64)> {
+    let (rebuilt, want) = read_table(lake, meta, &index.head.shape, index.head.sip).await?;
+    let have = index.all(lake).await?;
+    let file_of_rebuilt: HashMap<u32, &String> = rebuilt
+        .files
+        .iter()
+        .flat_map(|(k, f)| f.groups.iter().map(move |g| (*g, k)))
+        .collect();
+    let describe_table = |h: &Held| {
+        format!(
+            "{} order {:?} values {:016x}",
+            file_of_rebuilt
+                .get(&h.group)
+                .map(|s| s.as_str())
+                .unwrap_or("?"),
+            h.order,
+            h.values
+        )
+    };
+    let describe_index = |h: &Held| {
+        format!(
+            "{} order {:?} values {:016x}",
+            index.file_of(h.group).unwrap_or("(no file)"),
+            h.order,
+            h.values
+        )
+    };
+    let mut diffs = Vec::new();
+    let mut count = 0u64;
+    let (mut i, mut j) = (0, 0);
+    let mut note = |fp: u128, t: Option<String>, x: Option<String>| {
+        count += 1;
+        if diffs.len() < limit {
+            diffs.push(Difference {
+                fingerprint: format!("{fp:032x}"),
+                table: t,
+                index: x,
+            });
+        }
+    };
+    while i < want.len() || j < have.len() {
+        let a = (i < want.len()).then(|| want.get(i));
+        let b = have.get(j);
+        match (a, b) {
+            (Some((fa, ha)), Some((fb, hb))) if fa == *fb => {
+                let same_file =
+                    file_of_rebuilt.get(&ha.group).map(|s| s.as_str()) == index.file_of(hb.group);
+                if !same_file || ha.order != hb.order || ha.values != hb.values {
+                    note(fa, Some(describe_table(&ha)), Some(describe_index(hb)));
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some((fa, ha)), Some((fb, _))) if fa < *fb => {
+                note(fa, Some(describe_table(&ha)), None);
+                i += 1;
+            }
+            (Some((fa, ha)), None) => {
+                note(fa, Some(describe_table(&ha)), None);
+                i += 1;
+            }
+            (_, Some((fb, hb))) => {
+                note(*fb, None, Some(describe_index(hb)));
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    // Files the head names that the table does not hold, and the other way round.
+    for k in index.head.files.keys() {
+        if !rebuilt.files.contains_key(k) {
+            note(0, None, Some(format!("file {k} (not in the table)")));
+        }
+    }
+    for k in rebuilt.files.keys() {
+        if !index.head.files.contains_key(k) {
+            note(0, Some(format!("file {k} (not in the index)")), None);
+        }
+    }
+    Ok((diffs, count))
+}
+
+/// A table file rewritten by a commit without the rows it replaced.
+pub struct RewrittenFile {
+    /// The file as it was.
+    pub old: TableFile,
+    /// Its size.
+    pub old_bytes: u64,
+    /// The file without those rows (local), if any row is left.
+    pub new: Option<PathBuf>,
+    /// Rows left.
+    pub rows: u64,
+    /// Its groups (the new file keeps them).
+    pub groups: Vec<u32>,
+}
+
+/// A batch's keys met with the table's: the files the commit writes and the index it leaves.
+pub struct Merged {
+    /// Files of new rows.
+    pub files: Vec<OutFile>,
+    /// Files rewritten without replaced rows.
+    pub rewritten: Vec<RewrittenFile>,
+    /// Rows replaced.
+    pub replaced: u64,
+    /// Why the index was rebuilt first, if it was.
+    pub rebuilt: Option<String>,
+    /// The index to update (keyed tables).
+    pub index: Option<Pending>,
+}
+
+/// An index and the entries a commit adds to it, waiting for the commit's file names.
+pub struct Pending {
+    index: Index,
+    entries: Entries,
+}
+
+/// Opens a table's index, or rebuilds it from the table's files (published at once: the index
+/// is derived from them) if it is missing while the table has files, damaged, or of another
+/// format or keys. The reason for a rebuild is returned with it.
+pub async fn open_or_rebuild(
+    lake: &Lake,
+    meta: &TableMeta,
+    shape: &Shape,
+    sip: [u64; 2],
+    scratch: &Path,
+) -> Result<(Index, Option<String>)> {
+    let why = match Index::open(lake, &meta.name, shape).await? {
+        Ok(index) => return Ok((index, None)),
+        Err(Unusable::Missing) => "there was none".to_string(),
+        Err(Unusable::Damaged(why)) => why,
+    };
+    rebuild(lake, meta, shape, sip, scratch, why).await
+}
+
+/// Rebuilds a table's index from its files; an empty table gets an empty index.
+pub async fn rebuild(
+    lake: &Lake,
+    meta: &TableMeta,
+    shape: &Shape,
+    sip: [u64; 2],
+    scratch: &Path,
+    why: String,
+) -> Result<(Index, Option<String>)> {
+    let (head, entries) = read_table(lake, meta, shape, sip).await?;
+    if head.files.is_empty() {
+        lake.delete(&head_key(&meta.name)).await?;
+        return Ok((Index::empty(&meta.name, shape.clone(), sip), None));
+    }
+    tracing::warn!(table = %meta.name, reason = %why, keys = entries.len(), "key index rebuilt from the table's files");
+    let index = publish_rebuilt(lake, None, head, &entries, scratch).await?;
+    Ok((index, Some(why)))
+}
+
+/// Meets a batch's keys (in `sink`) with the table's through its key index: looks up only the
+/// batch's keys, drops the new rows that lose (older than the held row, or identical to it),
+/// finishes the sink's files, and rewrites the files holding replaced rows without them. Call
+/// with the commit lock held. An index that disagrees with the table is deleted and the error
+/// says so: the batch runs again and the index is rebuilt.
+pub async fn merge(
+    lake: &Lake,
+    meta: &TableMeta,
+    table: &TableConfig,
+    sink: &TableSink,
+    sip: [u64; 2],
+    threads: usize,
+    scratch: &Path,
+) -> Result<Merged> {
+    let Some(order_by) = table.keyed() else {
+        let (files, _) = sink.finish(threads)?;
+        return Ok(Merged {
+            files,
+            rewritten: Vec::new(),
+            replaced: 0,
+            rebuilt: None,
+            index: None,
+        });
+    };
+    let shape = Shape::of(meta, &table.unique_key, order_by)?;
+    let (mut index, mut rebuilt) = open_or_rebuild(lake, meta, &shape, sip, scratch).await?;
+    if index.head.sip != sip {
+        return Err(stale(
+            &meta.name,
+            "another run rebuilt the key index while this batch ran",
+        ));
+    }
+    let mut held = HashMap::new();
+    if !index.head.runs.is_empty() {
+        let fps = sink.fingerprints();
+        held = match index.lookup(lake, &fps).await {
+            Ok(h) => h,
+            Err(Error::Index { message, .. }) => {
+                (index, rebuilt) = rebuild(lake, meta, &shape, sip, scratch, message).await?;
+                index.lookup(lake, &fps).await?
+            }
+            Err(e) => return Err(e),
+        };
+    }
+    // The files holding the held rows must be there (a held row that a new one loses to
+    // must not be one a file no longer holds).
+    let mut files_of: BTreeMap<&str, Vec<u128>> = BTreeMap::new();
+    for (fp, h) in &held {
+        match index.file_of(h.group) {
+            Some(f) => files_of.entry(f).or_default().push(*fp),
+            None => {
+                return Err(
+                    forget(lake, &meta.name, format!("group {} has no file", h.group)).await,
+                );
+            }
+        }
+    }
+    for f in files_of.keys() {
+        if !lake.exists(f).await? {
+            return Err(forget(lake, &meta.name, format!("{f} is gone")).await);
+        }
+    }
+    let mut drops: BTreeMap<String, HashSet<u128>> = BTreeMap::new();
+    let mut replaced = 0;
+    for (file, fps) in &files_of {
+        for fp in fps {
+            let h = &held[fp];
+            if sink.against_held(*fp, h.order.as_value(), h.values) {
+                drops.entry(file.to_string()).or_default().insert(*fp);
+                replaced += 1;
+            }
+        }
+    }
+    let (files, entries) = sink.finish(threads)?;
+    let keying = Keying::for_table(&meta.full_schema()?, &shape, sip)?;
+    let mut rewritten = Vec::with_capacity(drops.len());
+    std::fs::create_dir_all(scratch)
+        .map_err(|e| Error::io(format!("cannot create {}", scratch.display()), e))?;
+    for (k, (key, drop)) in drops.into_iter().enumerate() {
+        let prefix = lake::processed_prefix(&meta.name);
+        let old = TableFile {
+            dir: lake::parent_dir(lake::relative(&key, &prefix)).to_string(),
+            key: key.clone(),
+        };
+        let out = scratch.join(format!("rewrite-{k}.parquet"));
+        let rw =
+            rewrite_without(lake, meta, &keying, &old, &drop, &table.compression, &out).await?;
+        if rw.dropped != drop.len() as u64 {
+            return Err(forget(
+                lake,
+                &meta.name,
+                format!(
+                    "{key} holds {} of the {} rows the index places there",
+                    rw.dropped,
+                    drop.len()
+                ),
+            )
+            .await);
+        }
+        let info = index.head.files.get(&key);
+        rewritten.push(RewrittenFile {
+            old,
+            old_bytes: info.map(|f| f.bytes).unwrap_or(0),
+            new: rw.path,
+            rows: rw.rows,
+            groups: info.map(|f| f.groups.clone()).unwrap_or_default(),
+        });
+    }
+    Ok(Merged {
+        files,
+        rewritten,
+        replaced,
+        rebuilt,
+        index: Some(Pending {
+            index,
+            entries: entries.unwrap_or_else(|| Entries::new(shape.kind)),
+        }),
+    })
+}
+
+fn stale(table: &str, message: impl Into<String>) -> Error {
+    Error::IndexStale {
+        table: table.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Deletes an index found to disagree with its table (so that the next try rebuilds it) and
+/// says why.
+async fn forget(lake: &Lake, table: &str, why: String) -> Error {
+    tracing::warn!(table, reason = %why, "the key index disagrees with the table; it is rebuilt");
+    if let Err(e) = lake.delete(&head_key(table)).await {
+        return e;
+    }
+    stale(table, why)
+}
+
+impl Pending {
+    /// The index files of the commit, once its files have names: `files` (new rows) went to
+    /// `file_keys`, the `rewritten` files to `rewritten_keys`. Returns the local files and their
+    /// keys (runs first, the head last) and the runs the head no longer names.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn finish(
+        self,
+        lake: &Lake,
+        commit: &str,
+        files: &[OutFile],
+        file_keys: &[String],
+        rewritten: &[RewrittenFile],
+        rewritten_keys: &[Option<String>],
+        scratch: &Path,
+    ) -> Result<(Vec<(PathBuf, String)>, Vec<String>)> {
+        let base = self.index.head.next_group;
+        let mut entries = self.entries;
+        if files.len() > u32::MAX as usize - base as usize {
+            return Err(damaged(&self.index.head.table, "too many file groups"));
+        }
+        entries.regroup(|i| base + i);
+        let mut changes: BTreeMap<String, Option<IndexedFile>> = BTreeMap::new();
+        for (i, (f, key)) in files.iter().zip(file_keys).enumerate() {
+            let bytes = std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0);
+            changes.insert(
+                key.clone(),
+                Some(IndexedFile {
+                    groups: vec![base + i as u32],
+                    rows: f.rows,
+                    bytes,
+                }),
+            );
+        }
+        for (rw, key) in rewritten.iter().zip(rewritten_keys) {
+            changes.insert(rw.old.key.clone(), None);
+            if let (Some(path), Some(key)) = (&rw.new, key) {
+                let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                changes.insert(
+                    key.clone(),
+                    Some(IndexedFile {
+                        groups: rw.groups.clone(),
+                        rows: rw.rows,
+                        bytes,
+                    }),
+                );
+            }
+        }
+        let next = self
+            .index
+            .next(
+                lake,
+                commit,
+                entries,
+                changes,
+                base + files.len() as u32,
+                scratch,
+            )
+            .await?;
+        let table = next.head.table.clone();
+        let mut out = Vec::new();
+        if let Some(run) = next.run {
+            out.push((run, run_key(&table, commit)));
+        }
+        let head = scratch.join("head.json");
+        let json = serde_json::to_vec_pretty(&next.head).map_err(|e| Error::State {
+            path: head_key(&table),
+            message: e.to_string(),
+        })?;
+        std::fs::write(&head, json)
+            .map_err(|e| Error::io(format!("cannot write {}", head.display()), e))?;
+        out.push((head, head_key(&table)));
+        Ok((out, next.replaced))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lake() -> (tempfile::TempDir, Lake) {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open_local(dir.path()).unwrap();
+        (dir, lake)
+    }
+
+    fn shape() -> Shape {
+        Shape {
+            unique_key: vec!["id".into()],
+            order_by: "v".into(),
+            order_type: "Int64".into(),
+            kind: OrderKind::Int,
+        }
+    }
+
+    /// Runs written, merged and looked up agree with a map kept beside them, over commits of
+    /// random keys (seeded), and lookups read only what they ask for.
+    #[tokio::test]
+    async fn runs_agree_with_a_model_over_many_commits() {
+        let (dir, lake) = lake();
+        let scratch = dir.path().join("scratch");
+        let mut model: BTreeMap<u128, Held> = BTreeMap::new();
+        let mut index = Index::empty("t", shape(), [1, 2]);
+        let mut seed = 7u64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for commit in 0..40u32 {
+            let mut new = Entries::new(OrderKind::Int);
+            let n = 1 + rnd() % 700;
+            for _ in 0..n {
+                // Keys from a small space, so that commits replace each other's keys.
+                let fp = ((rnd() % 5000) as u128)
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835);
+                let h = Held {
+                    group: commit,
+                    values: rnd(),
+                    order: Order::Int(rnd() % 100),
+                };
+                new.push(fp, h.order.as_value(), h.values, h.group);
+            }
+            new.sort();
+            for i in 0..new.len() {
+                let (fp, h) = new.get(i);
+                model.insert(fp, h);
+            }
+            let id = format!("c{commit}");
+            let next = index
+                .next(&lake, &id, new, BTreeMap::new(), commit + 1, &scratch)
+                .await
+                .unwrap();
+            if let Some(p) = &next.run {
+                lake.put_file(&run_key("t", &id), p).await.unwrap();
+            }
+            lake.put_json(&head_key("t"), &next.head).await.unwrap();
+            for r in &next.replaced {
+                lake.delete(r).await.unwrap();
+            }
+            index = match Index::open(&lake, "t", &shape()).await.unwrap() {
+                Ok(i) => i,
+                Err(_) => panic!("index does not open"),
+            };
+            assert!(
+                index.head.runs.len() <= 12,
+                "runs stay few: {}",
+                index.head.runs.len()
+            );
+            let all = index.all(&lake).await.unwrap();
+            assert_eq!(all.len(), model.len());
+            assert!(
+                all.iter()
+                    .zip(&model)
+                    .all(|(a, b)| a.0 == *b.0 && a.1 == *b.1)
+            );
+            let probe: Vec<u128> = model.keys().copied().step_by(37).collect();
+            let got = index.lookup(&lake, &probe).await.unwrap();
+            assert_eq!(got.len(), probe.len());
+            for fp in &probe {
+                assert_eq!(got.get(fp), model.get(fp));
+            }
+            assert!(index.lookup(&lake, &[3, 5]).await.unwrap().is_empty());
+        }
+    }
+
+    /// A flipped byte or a cut file is found, never read as entries.
+    #[tokio::test]
+    async fn damage_is_found() {
+        let (dir, lake) = lake();
+        let scratch = dir.path().join("scratch");
+        let mut new = Entries::new(OrderKind::Bytes);
+        for i in 0..1000u128 {
+            new.push(
+                i * 7919,
+                OrderValue::Bytes(format!("v{i}").as_bytes()),
+                i as u64,
+                1,
+            );
+        }
+        let index = Index::empty("t", shape_bytes(), [1, 2]);
+        let next = index
+            .next(&lake, "c1", new, BTreeMap::new(), 2, &scratch)
+            .await
+            .unwrap();
+        let run = next.run.unwrap();
+        let data = std::fs::read(&run).unwrap();
+        lake.put_file(&run_key("t", "c1"), &run).await.unwrap();
+        lake.put_json(&head_key("t"), &next.head).await.unwrap();
+        let opened = Index::open(&lake, "t", &shape_bytes()).await.unwrap();
+        let Ok(index) = opened else {
+            panic!("a whole index opens")
+        };
+        assert_eq!(index.lookup(&lake, &[7919 * 5]).await.unwrap().len(), 1);
+        let key = dir.path().join(run_key("t", "c1"));
+        // A flipped byte in a page.
+        let mut bad = data.clone();
+        bad[100] ^= 0x40;
+        std::fs::write(&key, &bad).unwrap();
+        let opened = Index::open(&lake, "t", &shape_bytes()).await.unwrap();
+        let Ok(index) = opened else {
+            panic!("the directory is whole")
+        };
+        let e = index.lookup(&lake, &[0, 7919]).await.unwrap_err();
+        assert!(e.to_string().contains("checksum"), "{e}");
+        // Cut short.
+        std::fs::write(&key, &data[..data.len() - 10]).unwrap();
+        assert!(matches!(
+            Index::open(&lake, "t", &shape_bytes()).await.unwrap(),
+            Err(Unusable::Damaged(_))
+        ));
+        // A head that does not read.
+        std::fs::write(dir.path().join(head_key("t")), b"{\"format\": 1,").unwrap();
+        assert!(matches!(
+            Index::open(&lake, "t", &shape_bytes()).await.unwrap(),
+            Err(Unusable::Damaged(_))
+        ));
+    }
+
+    fn shape_bytes() -> Shape {
+        Shape {
+            order_type: "Utf8".into(),
+            kind: OrderKind::Bytes,
+            ..shape()
+        }
+    }
+}
