@@ -9,6 +9,8 @@
 //! commit the symlink manifests Spectrum and Athena read are rewritten for the partitions it
 //! touched.
 
+mod stats;
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Once};
 
@@ -20,6 +22,7 @@ use deltalake::kernel::{Action, Add, MetadataExt, Remove, StructType, Transactio
 use deltalake::logstore::{LogStore, LogStoreFactory, ObjectStoreRef, StorageConfig};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use futures::{StreamExt, TryStreamExt};
 use url::Url;
 
 use crate::catalog::{REJECTED_PARTITION, TableMeta};
@@ -171,6 +174,41 @@ fn partition_values(dir: &str) -> HashMap<String, Option<String>> {
         .collect()
 }
 
+/// How many added files' footers are read at once.
+const FOOTERS_IN_FLIGHT: usize = 16;
+
+/// The `add` action of a published data file: its size, partition values (from its folder)
+/// and statistics (from its Parquet footer, read with ranged reads of the file's end).
+async fn add_action(
+    lake: &Lake,
+    prefix: &str,
+    key: &str,
+    partition_by: &[String],
+    now: i64,
+) -> Result<Add> {
+    let rel = lake::relative(key, prefix).to_string();
+    let dir = lake::parent_dir(&rel);
+    let size = lake
+        .head(key)
+        .await?
+        .ok_or_else(|| fail(prefix, format!("{key} is missing")))?
+        .size;
+    let footer = stats::footer(lake.store().as_ref(), lake::path(key), size)
+        .await
+        .map_err(|e| fail(prefix, format!("{key}: {e}")))?;
+    let stats = stats::stats_json(&footer, partition_by)
+        .map_err(|e| fail(prefix, format!("{key}: {e}")))?;
+    Ok(Add {
+        partition_values: partition_values(dir),
+        path: rel,
+        size: size as i64,
+        modification_time: now,
+        data_change: true,
+        stats: Some(stats),
+        ..Default::default()
+    })
+}
+
 /// One Delta commit of a sluice commit's files in one table: adds, removes, and the
 /// transaction `(app_id, version)`; nothing if that version is committed already.
 async fn commit_files(
@@ -205,23 +243,12 @@ async fn commit_files(
         actions.push(Action::Metadata(metadata));
     }
     let now = Utc::now().timestamp_millis();
-    for key in added {
-        let rel = lake::relative(key, prefix).to_string();
-        let dir = lake::parent_dir(&rel);
-        let size = lake
-            .head(key)
-            .await?
-            .ok_or_else(|| fail(prefix, format!("{key} is missing")))?
-            .size;
-        actions.push(Action::Add(Add {
-            partition_values: partition_values(dir),
-            path: rel,
-            size: size as i64,
-            modification_time: now,
-            data_change: true,
-            ..Default::default()
-        }));
-    }
+    let adds: Vec<Add> = futures::stream::iter(added)
+        .map(|key| add_action(lake, prefix, key, partition_by, now))
+        .buffered(FOOTERS_IN_FLIGHT)
+        .try_collect()
+        .await?;
+    actions.extend(adds.into_iter().map(Action::Add));
     for key in removed {
         let rel = lake::relative(key, prefix).to_string();
         let dir = lake::parent_dir(&rel);
