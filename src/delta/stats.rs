@@ -106,15 +106,26 @@ pub fn stats_json(meta: &ParquetMetaData, partition_by: &[String]) -> Result<Str
         if field.data_type().is_nested() {
             continue;
         }
-        let column = Column::new(meta, &schema, field)?;
+        // A column whose statistics cannot be read has none (the others still do).
+        let column = match Column::new(meta, &schema, field) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(column = %field.name(), "no Delta statistics: {e}");
+                continue;
+            }
+        };
         if let Some(n) = column.null_count() {
             stats.null_count.insert(field.name().clone(), n);
         }
-        if let Some((min, max)) = column.bounds()? {
-            if let (Some(min), Some(max)) = (bound(&min, false), bound(&max, true)) {
-                stats.min_values.insert(field.name().clone(), min);
-                stats.max_values.insert(field.name().clone(), max);
+        match column.bounds() {
+            Ok(Some((min, max))) => {
+                if let (Some(min), Some(max)) = (bound(&min, false), bound(&max, true)) {
+                    stats.min_values.insert(field.name().clone(), min);
+                    stats.max_values.insert(field.name().clone(), max);
+                }
             }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(column = %field.name(), "no Delta min/max: {e}"),
         }
     }
     serde_json::to_string(&stats).map_err(|e| e.to_string())
@@ -225,6 +236,7 @@ fn bound(v: &ScalarValue, upper: bool) -> Option<Box<RawValue>> {
             let day = DateTime::from_timestamp_millis(*ms)?;
             serde_json::to_string(&day.format("%Y-%m-%d").to_string()).ok()?
         }
+        S::Dictionary(_, value) => return bound(value, upper),
         S::TimestampSecond(Some(t), tz) => timestamp(*t, TimeUnit::Second, tz.is_some(), upper)?,
         S::TimestampMillisecond(Some(t), tz) => {
             timestamp(*t, TimeUnit::Millisecond, tz.is_some(), upper)?
@@ -313,6 +325,114 @@ fn truncate_max(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{
+        BooleanArray, Date32Array, Decimal128Array, Float64Array, Int64Array, RecordBatch,
+        StringArray, TimestampMicrosecondArray,
+    };
+    use datafusion::arrow::datatypes::DataType;
+    use object_store::memory::InMemory;
+    use parquet::arrow::ArrowWriter;
+    use parquet::file::properties::WriterProperties;
+    use serde_json::{Value, json};
+
+    /// A Parquet file of these columns in row groups of two rows, and its stats as Delta has
+    /// them (the footer read back through ranged reads of an object store).
+    async fn stats_of(batch: RecordBatch, partition_by: &[String]) -> Value {
+        let props = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(2))
+            .build();
+        let mut buf = Vec::new();
+        let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let store = InMemory::new();
+        let path = Path::from("t/part.parquet");
+        let size = buf.len() as u64;
+        store.put(&path, buf.into()).await.unwrap();
+        let meta = footer(&store, path, size).await.unwrap();
+        assert!(meta.row_groups().len() > 1);
+        serde_json::from_str(&stats_json(&meta, partition_by).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn stats_span_the_row_groups_and_leave_out_partitions_and_booleans() {
+        let long = format!("{}tail", "z".repeat(40));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("name", DataType::Utf8, true),
+            Field::new("score", DataType::Float64, true),
+            Field::new("day", DataType::Date32, true),
+            Field::new(
+                "at",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
+            Field::new("price", DataType::Decimal128(10, 2), true),
+            Field::new("ok", DataType::Boolean, true),
+            Field::new("empty", DataType::Int64, true),
+            Field::new("part", DataType::Utf8, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(vec![
+                    Some(5),
+                    None,
+                    Some(-3),
+                    Some(9),
+                    Some(1),
+                ])),
+                Arc::new(StringArray::from(vec![
+                    Some("b"),
+                    Some("a"),
+                    None,
+                    Some(long.as_str()),
+                    Some("c"),
+                ])),
+                Arc::new(Float64Array::from(vec![1.5, 0.25, 2.0, -1.0, 0.0])),
+                Arc::new(Date32Array::from(vec![19783, 19784, 19785, 19786, 19790])),
+                Arc::new(
+                    TimestampMicrosecondArray::from(vec![
+                        1_709_287_200_000_500,
+                        1_709_287_200_000_000,
+                        1_709_287_201_000_000,
+                        1_709_287_202_123_456,
+                        1_709_287_200_000_001,
+                    ])
+                    .with_timezone("UTC"),
+                ),
+                Arc::new(
+                    Decimal128Array::from(vec![12345, -5, 100, 0, 99999])
+                        .with_precision_and_scale(10, 2)
+                        .unwrap(),
+                ),
+                Arc::new(BooleanArray::from(vec![true, false, true, true, true])),
+                Arc::new(Int64Array::from(vec![None::<i64>; 5])),
+                Arc::new(StringArray::from(vec!["p"; 5])),
+            ],
+        )
+        .unwrap();
+        let s = stats_of(batch, &["part".to_string()]).await;
+        assert_eq!(s["numRecords"], 5);
+        assert_eq!(
+            s["minValues"],
+            json!({"id": -3, "name": "a", "score": -1.0, "day": "2024-03-01",
+                   "at": "2024-03-01T10:00:00.000Z", "price": -0.05})
+        );
+        let max_name = format!("{}\u{7f}", "z".repeat(32));
+        assert_eq!(
+            s["maxValues"],
+            json!({"id": 9, "name": max_name, "score": 2.0, "day": "2024-03-08",
+                   "at": "2024-03-01T10:00:02.124Z", "price": 999.99})
+        );
+        assert_eq!(
+            s["nullCount"],
+            json!({"id": 1, "name": 1, "score": 0, "day": 0, "at": 0, "price": 0, "ok": 0,
+                   "empty": 5})
+        );
+    }
 
     #[test]
     fn strings_are_cut_to_delta_prefix_with_a_tie_breaker_on_the_maximum() {
