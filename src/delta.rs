@@ -20,7 +20,7 @@ use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add, MetadataExt, Remove, StructType, Transaction};
 use deltalake::logstore::{LogStore, LogStoreFactory, ObjectStoreRef, StorageConfig};
-use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::protocol::{DeltaOperation, MergePredicate, SaveMode};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use futures::{StreamExt, TryStreamExt};
 use url::Url;
@@ -196,17 +196,47 @@ async fn add_action(
     let footer = stats::footer(lake.store().as_ref(), lake::path(key), size)
         .await
         .map_err(|e| fail(prefix, format!("{key}: {e}")))?;
+    // Statistics are optional in the protocol: a file whose footer they cannot be made from
+    // is committed without them rather than not at all.
     let stats = stats::stats_json(&footer, partition_by)
-        .map_err(|e| fail(prefix, format!("{key}: {e}")))?;
+        .inspect_err(|e| tracing::warn!(file = key, "no Delta statistics: {e}"))
+        .ok();
     Ok(Add {
         partition_values: partition_values(dir),
         path: rel,
         size: size as i64,
         modification_time: now,
         data_change: true,
-        stats: Some(stats),
+        stats,
         ..Default::default()
     })
+}
+
+/// What a commit did, in its `commitInfo`: only added files is a blind append (`WRITE`, mode
+/// `Append`); also removing files means rows were replaced by key, which Spark writes as a
+/// `MERGE` (matched rows updated, the others inserted).
+fn operation(partition_by: &[String], replaces: bool) -> DeltaOperation {
+    if replaces {
+        DeltaOperation::Merge {
+            predicate: None,
+            merge_predicate: None,
+            matched_predicates: vec![MergePredicate {
+                action_type: "update".into(),
+                predicate: None,
+            }],
+            not_matched_predicates: vec![MergePredicate {
+                action_type: "insert".into(),
+                predicate: None,
+            }],
+            not_matched_by_source_predicates: Vec::new(),
+        }
+    } else {
+        DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: (!partition_by.is_empty()).then(|| partition_by.to_vec()),
+            predicate: None,
+        }
+    }
 }
 
 /// One Delta commit of a sluice commit's files in one table: adds, removes, and the
@@ -261,11 +291,7 @@ async fn commit_files(
             ..Default::default()
         }));
     }
-    let operation = DeltaOperation::Write {
-        mode: SaveMode::Append,
-        partition_by: (!partition_by.is_empty()).then(|| partition_by.to_vec()),
-        predicate: None,
-    };
+    let operation = operation(partition_by, !removed.is_empty());
     CommitBuilder::from(
         CommitProperties::default().with_application_transaction(Transaction::new(app_id, version)),
     )

@@ -484,6 +484,18 @@ fn adds(table: &std::path::Path, version: u64) -> Vec<Value> {
         .collect()
 }
 
+/// A commit's operation and its parameters (`commitInfo`).
+fn operation(table: &std::path::Path, version: u64) -> (String, Value) {
+    let info = log_actions(table, version)
+        .into_iter()
+        .find_map(|a| a.get("commitInfo").cloned())
+        .unwrap();
+    (
+        info["operation"].as_str().unwrap().to_string(),
+        info["operationParameters"].clone(),
+    )
+}
+
 #[test]
 fn delta_adds_carry_the_statistics_readers_skip_files_by() {
     let p = delta_project();
@@ -593,4 +605,95 @@ fn delta_adds_carry_the_statistics_readers_skip_files_by() {
     assert_eq!(py["files"], held.len(), "{py}");
     assert_eq!(py["hit"], 1, "one file can hold {first}: {py}");
     assert_eq!(py["rows"], 1, "{py}");
+}
+
+#[test]
+fn a_commit_that_replaces_rows_is_a_merge_and_one_that_only_adds_an_append() {
+    let p = Project::single_table(
+        "events",
+        "jsonl",
+        r#"[{ name = "id", type = "int64" }, { name = "day", type = "string" }, { name = "v", type = "int64" }]"#,
+        "SELECT id, day, v, _source_file, _source_row FROM events",
+    );
+    p.edit_config(
+        "source = \"events\"",
+        "source = \"events\"\nformat = \"delta\"\npartition_by = [\"day\"]\n\
+         unique_key = [\"id\"]\norder_by = \"v\"",
+    );
+    p.add_raw(
+        "events",
+        "e0.jsonl",
+        b"{\"id\": 1, \"day\": \"d1\", \"v\": 1}\n{\"id\": 2, \"day\": \"d1\", \"v\": 1}\n\
+          {\"id\": 3, \"day\": \"d2\", \"v\": 1}\n",
+    );
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report}");
+    let table = p.lake().join("processed/events_clean");
+    let (op, params) = operation(&table, 1);
+    assert_eq!(op, "WRITE", "{params}");
+    assert_eq!(params["mode"], "Append", "{params}");
+    // A new key only: another append.
+    p.add_raw(
+        "events",
+        "e1.jsonl",
+        b"{\"id\": 4, \"day\": \"d2\", \"v\": 1}\n",
+    );
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report}");
+    let (op, params) = operation(&table, 2);
+    assert_eq!(op, "WRITE", "{params}");
+    assert_eq!(params["mode"], "Append", "{params}");
+    assert!(
+        log_actions(&table, 2)
+            .iter()
+            .all(|a| a.get("remove").is_none())
+    );
+    // A newer row of key 2: the file that held it is rewritten (removed, and added again with
+    // the rows it keeps and the new one).
+    p.add_raw(
+        "events",
+        "e2.jsonl",
+        b"{\"id\": 2, \"day\": \"d1\", \"v\": 5}\n",
+    );
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(
+        report["tables"]["events_clean"]["rows_replaced"], 1,
+        "{report}"
+    );
+    let actions = log_actions(&table, 3);
+    assert!(
+        actions.iter().any(|a| a.get("remove").is_some()),
+        "{actions:?}"
+    );
+    let (op, params) = operation(&table, 3);
+    assert_eq!(op, "MERGE", "{params}");
+    assert!(params.get("mode").is_none(), "{params}");
+    // The new file's statistics hold what it has.
+    let d1 = adds(&table, 3)
+        .into_iter()
+        .find(|a| a["partitionValues"]["day"] == "d1")
+        .expect("d1 rewritten");
+    assert_eq!(d1["stats"]["numRecords"], 2, "{d1}");
+    assert_eq!(d1["stats"]["minValues"]["id"], 1, "{d1}");
+    assert_eq!(d1["stats"]["maxValues"]["id"], 2, "{d1}");
+    assert_eq!(d1["stats"]["maxValues"]["v"], 5, "{d1}");
+    // delta-rs' Python package reads the same history.
+    let script = "import json, sys, os\n\
+        from deltalake import DeltaTable\n\
+        h = DeltaTable(sys.argv[1]).history()\n\
+        print(json.dumps({str(c['version']): [c['operation'], c.get('operationParameters', {}).get('mode')] for c in h}))\n\
+        sys.stdout.flush()\n\
+        os._exit(0)\n";
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .arg(&table)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "python: {}", text(&out));
+    let h: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(h["1"], serde_json::json!(["WRITE", "Append"]), "{h}");
+    assert_eq!(h["2"], serde_json::json!(["WRITE", "Append"]), "{h}");
+    assert_eq!(h["3"][0], "MERGE", "{h}");
 }
