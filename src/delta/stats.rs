@@ -41,23 +41,28 @@ const STRING_PREFIX: usize = 32;
 /// How far past the prefix a maximum may reach for a place to cut it.
 const STRING_PREFIX_LIMIT: usize = 2 * STRING_PREFIX;
 
-/// The first request reads this much of the file's end: the footer and its length in one
-/// request for the files sluice writes (a larger footer takes a second, exact one).
-const FOOTER_HINT: usize = 64 * 1024;
+/// The first request reads the last quarter of the file, at most this much: the footer and its
+/// length in one request for the files sluice writes (a larger footer takes a second request, of
+/// exactly the rest of it), and never the whole file.
+const FOOTER_HINT: u64 = 64 * 1024;
 
-/// Reads byte ranges of one object for parquet's footer reader.
+/// Reads byte ranges of one object for parquet's footer reader, counting the bytes read.
 struct Ranges<'a> {
     store: &'a dyn ObjectStore,
     path: Path,
+    read: u64,
 }
 
-impl MetadataFetch for Ranges<'_> {
+impl MetadataFetch for &mut Ranges<'_> {
     fn fetch(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
         async move {
-            self.store
+            let bytes = self
+                .store
                 .get_range(&self.path, range)
                 .await
-                .map_err(|e| ParquetError::External(Box::new(e)))
+                .map_err(|e| ParquetError::External(Box::new(e)))?;
+            self.read += bytes.len() as u64;
+            Ok(bytes)
         }
         .boxed()
     }
@@ -70,9 +75,19 @@ pub async fn footer(
     path: Path,
     size: u64,
 ) -> Result<ParquetMetaData, String> {
+    let mut ranges = Ranges {
+        store,
+        path,
+        read: 0,
+    };
+    read_footer(&mut ranges, size).await
+}
+
+async fn read_footer(ranges: &mut Ranges<'_>, size: u64) -> Result<ParquetMetaData, String> {
+    let hint = (size / 4).min(FOOTER_HINT) as usize;
     ParquetMetaDataReader::new()
-        .with_prefetch_hint(Some(FOOTER_HINT))
-        .load_and_finish(Ranges { store, path }, size)
+        .with_prefetch_hint(Some(hint))
+        .load_and_finish(ranges, size)
         .await
         .map_err(|e| e.to_string())
 }
@@ -354,6 +369,44 @@ mod tests {
         let meta = footer(&store, path, size).await.unwrap();
         assert!(meta.row_groups().len() > 1);
         serde_json::from_str(&stats_json(&meta, partition_by).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_the_footer_is_read() {
+        for rows in [10, 200_000] {
+            let schema = Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)]));
+            let ids = Int64Array::from((0..rows).collect::<Vec<i64>>());
+            let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(ids)]).unwrap();
+            let mut buf = Vec::new();
+            let mut w = ArrowWriter::try_new(&mut buf, schema, None).unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+            let size = buf.len() as u64;
+            let tail: [u8; 4] = buf[buf.len() - 8..buf.len() - 4].try_into().unwrap();
+            let footer_len = u64::from(u32::from_le_bytes(tail)) + 8;
+            let store = InMemory::new();
+            let path = Path::from("part.parquet");
+            store.put(&path, buf.into()).await.unwrap();
+            let mut ranges = Ranges {
+                store: &store,
+                path,
+                read: 0,
+            };
+            let meta = read_footer(&mut ranges, size).await.unwrap();
+            assert_eq!(meta.file_metadata().num_rows(), rows);
+            // The footer, plus what the first request read before it (at most a quarter of
+            // the file, and 64 KiB).
+            let most = footer_len + (size / 4).min(FOOTER_HINT);
+            let read = ranges.read;
+            assert!(read >= footer_len, "{rows} rows: {read} of {size} bytes");
+            assert!(
+                read <= most,
+                "{rows} rows: {read} of {size}, footer {footer_len}"
+            );
+            if rows > 10 {
+                assert!(read < size / 10, "{read} of {size} bytes");
+            }
+        }
     }
 
     #[tokio::test]
