@@ -1,13 +1,14 @@
 //! Delta Lake tables (`format = "delta"`, build feature `delta`), by delta-rs.
 //!
 //! sluice writes and stages a Delta table's Parquet files exactly as for plain tables; publishing
-//! a commit then turns its files into one Delta commit: `add` actions for the new files, `remove`
-//! actions for the files a rewritten partition replaces (they stay on disk for readers of older
-//! versions until `vacuum`), and the pipeline's application transaction (`txn`: app id and a
-//! version that grows by one a commit). A publish that finds its version already in the table
-//! (a crash after the Delta commit, before the ledger caught up) commits nothing. After each
-//! commit the symlink manifests Spectrum and Athena read are rewritten for the partitions it
-//! touched.
+//! a commit then turns its files into one Delta commit: `add` actions for the new files (with
+//! their statistics, from their Parquet footers: `delta/stats.rs`), `remove` actions for the
+//! files a rewritten partition replaces (they stay on disk for readers of older versions until
+//! `vacuum`), and the pipeline's application transaction (`txn`: app id and a version that grows
+//! by one a commit). The commit is a `WRITE` (append) when it only adds files, a `MERGE` when it
+//! also removes some. A publish that finds its version already in the table (a crash after the
+//! Delta commit, before the ledger caught up) commits nothing. After each commit the symlink
+//! manifests Spectrum and Athena read are rewritten for the partitions it touched.
 
 mod stats;
 
