@@ -353,6 +353,21 @@ fn delta_on_s3_commits_conditionally_and_glue_reads_it_through_symlink_manifests
             .any(|k| k.ends_with("00000000000000000001.json")),
         "{logs:?}"
     );
+    // Each add's statistics, from its footer read with ranged GETs of the bucket.
+    let log = moto.get(
+        "lake",
+        "data/processed/support_tickets/_delta_log/00000000000000000001.json",
+    );
+    let mut rows = 0;
+    for line in String::from_utf8_lossy(&log).lines() {
+        let action: Value = serde_json::from_str(line).unwrap();
+        if let Some(add) = action.get("add") {
+            let stats: Value = serde_json::from_str(add["stats"].as_str().unwrap()).unwrap();
+            assert!(stats["minValues"]["ticket_id"].is_string(), "{stats}");
+            rows += stats["numRecords"].as_u64().unwrap();
+        }
+    }
+    assert_eq!(rows, TICKETS_ROWS as u64);
     let (_, out, err) = sluice(
         &moto,
         &p,
