@@ -213,9 +213,9 @@ async fn add_action(
     })
 }
 
-/// What a commit did, in its `commitInfo`: only added files is a blind append (`WRITE`, mode
-/// `Append`); also removing files means rows were replaced by key, which Spark writes as a
-/// `MERGE` (matched rows updated, the others inserted).
+/// What a commit did, in its `commitInfo`: one that only adds files is a `WRITE` in mode
+/// `Append`; one that also removes files replaced rows by key, which Spark writes as a `MERGE`
+/// (matched rows updated, the others inserted).
 fn operation(partition_by: &[String], replaces: bool) -> DeltaOperation {
     if replaces {
         DeltaOperation::Merge {
