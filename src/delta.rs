@@ -1,13 +1,16 @@
 //! Delta Lake tables (`format = "delta"`, build feature `delta`), by delta-rs.
 //!
 //! sluice writes and stages a Delta table's Parquet files exactly as for plain tables; publishing
-//! a commit then turns its files into one Delta commit: `add` actions for the new files, `remove`
-//! actions for the files a rewritten partition replaces (they stay on disk for readers of older
-//! versions until `vacuum`), and the pipeline's application transaction (`txn`: app id and a
-//! version that grows by one a commit). A publish that finds its version already in the table
-//! (a crash after the Delta commit, before the ledger caught up) commits nothing. After each
-//! commit the symlink manifests Spectrum and Athena read are rewritten for the partitions it
-//! touched.
+//! a commit then turns its files into one Delta commit: `add` actions for the new files (with
+//! their statistics, from their Parquet footers: `delta/stats.rs`), `remove` actions for the
+//! files a rewritten partition replaces (they stay on disk for readers of older versions until
+//! `vacuum`), and the pipeline's application transaction (`txn`: app id and a version that grows
+//! by one a commit). The commit is a `WRITE` (append) when it only adds files, a `MERGE` when it
+//! also removes some. A publish that finds its version already in the table (a crash after the
+//! Delta commit, before the ledger caught up) commits nothing. After each commit the symlink
+//! manifests Spectrum and Athena read are rewritten for the partitions it touched.
+
+mod stats;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Once};
@@ -18,8 +21,9 @@ use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, Add, MetadataExt, Remove, StructType, Transaction};
 use deltalake::logstore::{LogStore, LogStoreFactory, ObjectStoreRef, StorageConfig};
-use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::protocol::{DeltaOperation, MergePredicate, SaveMode};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use futures::{StreamExt, TryStreamExt};
 use url::Url;
 
 use crate::catalog::{REJECTED_PARTITION, TableMeta};
@@ -171,6 +175,71 @@ fn partition_values(dir: &str) -> HashMap<String, Option<String>> {
         .collect()
 }
 
+/// How many added files' footers are read at once.
+const FOOTERS_IN_FLIGHT: usize = 16;
+
+/// The `add` action of a published data file: its size, partition values (from its folder)
+/// and statistics (from its Parquet footer, read with ranged reads of the file's end).
+async fn add_action(
+    lake: &Lake,
+    prefix: &str,
+    key: &str,
+    partition_by: &[String],
+    now: i64,
+) -> Result<Add> {
+    let rel = lake::relative(key, prefix).to_string();
+    let dir = lake::parent_dir(&rel);
+    let size = lake
+        .head(key)
+        .await?
+        .ok_or_else(|| fail(prefix, format!("{key} is missing")))?
+        .size;
+    let footer = stats::footer(lake.store().as_ref(), lake::path(key), size)
+        .await
+        .map_err(|e| fail(prefix, format!("{key}: {e}")))?;
+    // Statistics are optional in the protocol: a file whose footer they cannot be made from
+    // is committed without them rather than not at all.
+    let stats = stats::stats_json(&footer, partition_by)
+        .inspect_err(|e| tracing::warn!(file = key, "no Delta statistics: {e}"))
+        .ok();
+    Ok(Add {
+        partition_values: partition_values(dir),
+        path: rel,
+        size: size as i64,
+        modification_time: now,
+        data_change: true,
+        stats,
+        ..Default::default()
+    })
+}
+
+/// What a commit did, in its `commitInfo`: one that only adds files is a `WRITE` in mode
+/// `Append`; one that also removes files replaced rows by key, which Spark writes as a `MERGE`
+/// (matched rows updated, the others inserted).
+fn operation(partition_by: &[String], replaces: bool) -> DeltaOperation {
+    if replaces {
+        DeltaOperation::Merge {
+            predicate: None,
+            merge_predicate: None,
+            matched_predicates: vec![MergePredicate {
+                action_type: "update".into(),
+                predicate: None,
+            }],
+            not_matched_predicates: vec![MergePredicate {
+                action_type: "insert".into(),
+                predicate: None,
+            }],
+            not_matched_by_source_predicates: Vec::new(),
+        }
+    } else {
+        DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: (!partition_by.is_empty()).then(|| partition_by.to_vec()),
+            predicate: None,
+        }
+    }
+}
+
 /// One Delta commit of a sluice commit's files in one table: adds, removes, and the
 /// transaction `(app_id, version)`; nothing if that version is committed already.
 async fn commit_files(
@@ -205,23 +274,12 @@ async fn commit_files(
         actions.push(Action::Metadata(metadata));
     }
     let now = Utc::now().timestamp_millis();
-    for key in added {
-        let rel = lake::relative(key, prefix).to_string();
-        let dir = lake::parent_dir(&rel);
-        let size = lake
-            .head(key)
-            .await?
-            .ok_or_else(|| fail(prefix, format!("{key} is missing")))?
-            .size;
-        actions.push(Action::Add(Add {
-            partition_values: partition_values(dir),
-            path: rel,
-            size: size as i64,
-            modification_time: now,
-            data_change: true,
-            ..Default::default()
-        }));
-    }
+    let adds: Vec<Add> = futures::stream::iter(added)
+        .map(|key| add_action(lake, prefix, key, partition_by, now))
+        .buffered(FOOTERS_IN_FLIGHT)
+        .try_collect()
+        .await?;
+    actions.extend(adds.into_iter().map(Action::Add));
     for key in removed {
         let rel = lake::relative(key, prefix).to_string();
         let dir = lake::parent_dir(&rel);
@@ -234,11 +292,7 @@ async fn commit_files(
             ..Default::default()
         }));
     }
-    let operation = DeltaOperation::Write {
-        mode: SaveMode::Append,
-        partition_by: (!partition_by.is_empty()).then(|| partition_by.to_vec()),
-        predicate: None,
-    };
+    let operation = operation(partition_by, !removed.is_empty());
     CommitBuilder::from(
         CommitProperties::default().with_application_transaction(Transaction::new(app_id, version)),
     )

@@ -353,6 +353,21 @@ fn delta_on_s3_commits_conditionally_and_glue_reads_it_through_symlink_manifests
             .any(|k| k.ends_with("00000000000000000001.json")),
         "{logs:?}"
     );
+    // Each add's statistics, from its footer read with ranged GETs of the bucket.
+    let log = moto.get(
+        "lake",
+        "data/processed/support_tickets/_delta_log/00000000000000000001.json",
+    );
+    let mut rows = 0;
+    for line in String::from_utf8_lossy(&log).lines() {
+        let action: Value = serde_json::from_str(line).unwrap();
+        if let Some(add) = action.get("add") {
+            let stats: Value = serde_json::from_str(add["stats"].as_str().unwrap()).unwrap();
+            assert!(stats["minValues"]["ticket_id"].is_string(), "{stats}");
+            rows += stats["numRecords"].as_u64().unwrap();
+        }
+    }
+    assert_eq!(rows, TICKETS_ROWS as u64);
     let (_, out, err) = sluice(
         &moto,
         &p,
@@ -460,4 +475,240 @@ fn delta_partition_values_are_unescaped_in_the_log_and_read_back_exactly() {
         .unwrap();
     assert!(out.status.success(), "python: {}", text(&out));
     assert_tags("deltalake", &serde_json::from_slice(&out.stdout).unwrap());
+}
+
+/// The actions of one commit of the table at `table`: each line of its log file, parsed.
+fn log_actions(table: &std::path::Path, version: u64) -> Vec<Value> {
+    let path = table.join(format!("_delta_log/{version:020}.json"));
+    let log = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    log.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .collect()
+}
+
+/// The `add` actions of a commit, each with its `stats` parsed.
+fn adds(table: &std::path::Path, version: u64) -> Vec<Value> {
+    log_actions(table, version)
+        .into_iter()
+        .filter_map(|a| a.get("add").cloned())
+        .map(|mut a| {
+            let stats = a["stats"].as_str().expect("stats in every add").to_string();
+            a["stats"] = serde_json::from_str(&stats).unwrap();
+            a
+        })
+        .collect()
+}
+
+/// A commit's operation and its parameters (`commitInfo`).
+fn operation(table: &std::path::Path, version: u64) -> (String, Value) {
+    let info = log_actions(table, version)
+        .into_iter()
+        .find_map(|a| a.get("commitInfo").cloned())
+        .unwrap();
+    (
+        info["operation"].as_str().unwrap().to_string(),
+        info["operationParameters"].clone(),
+    )
+}
+
+#[test]
+fn delta_adds_carry_the_statistics_readers_skip_files_by() {
+    let p = delta_project();
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report}");
+    let table = p.lake().join("processed/support_tickets");
+    let added = adds(&table, 1);
+    // What the data holds, partition by partition (one file each in this batch).
+    let held = count(
+        &p,
+        "SELECT CAST(event_date AS VARCHAR) AS d, count(*) AS n, min(ticket_id) AS min_id, \
+         max(ticket_id) AS max_id, CAST(min(created_ts) AS VARCHAR) AS min_created, \
+         CAST(max(updated_ts) AS VARCHAR) AS max_updated, count(*) - count(agent_id) AS no_agent \
+         FROM support_tickets GROUP BY event_date ORDER BY d",
+        None,
+    );
+    assert_eq!(added.len(), held.len(), "{added:?}");
+    for h in &held {
+        let d = h["d"].as_str().unwrap();
+        let a = added
+            .iter()
+            .find(|a| a["partitionValues"]["event_date"] == d)
+            .unwrap_or_else(|| panic!("no add for {d}: {added:?}"));
+        let s = &a["stats"];
+        assert_eq!(s["numRecords"], h["n"], "{a}");
+        assert_eq!(s["minValues"]["ticket_id"], h["min_id"], "{a}");
+        assert_eq!(s["maxValues"]["ticket_id"], h["max_id"], "{a}");
+        // Timestamps (without time zone here) at millisecond precision, as the protocol has them.
+        let min_created = format!("{}.000", h["min_created"].as_str().unwrap());
+        assert_eq!(s["minValues"]["created_ts"], min_created.as_str(), "{a}");
+        let max_updated = format!("{}.000", h["max_updated"].as_str().unwrap());
+        assert_eq!(s["maxValues"]["updated_ts"], max_updated.as_str(), "{a}");
+        assert_eq!(s["nullCount"]["agent_id"], h["no_agent"], "{a}");
+        assert_eq!(s["nullCount"]["status"], 0, "{a}");
+        // The partition column is in partitionValues, not in the statistics.
+        for part in ["minValues", "maxValues", "nullCount"] {
+            assert!(s[part].get("event_date").is_none(), "{a}");
+        }
+        // Long strings are cut to a 32-character prefix; a cut maximum gets a tie-breaker
+        // above what it cut off.
+        let body_min = s["minValues"]["body"].as_str().unwrap();
+        let body_max = s["maxValues"]["body"].as_str().unwrap();
+        assert!(body_min.chars().count() <= 32, "{body_min:?}");
+        assert!(
+            body_max.chars().count() <= 32 || body_max.ends_with('\u{7f}'),
+            "{body_max:?}"
+        );
+    }
+    assert!(
+        held.iter().any(|h| h["no_agent"].as_u64().unwrap() > 0),
+        "a null to count: {held:?}"
+    );
+    // The rejected table's files have statistics too.
+    let rejected = adds(&p.lake().join("rejected/support_tickets"), 1);
+    let rows: u64 = rejected
+        .iter()
+        .map(|a| a["stats"]["numRecords"].as_u64().unwrap())
+        .sum();
+    assert_eq!(rows, TICKETS_REJECTED as u64);
+
+    // delta-rs' Python package sees them, and its pyarrow dataset skips files by them.
+    let first = held[0]["min_id"].as_str().unwrap();
+    let script = format!(
+        "import json, sys, os\n\
+         import pyarrow as pa, pyarrow.dataset as ds\n\
+         from deltalake import DeltaTable\n\
+         dt = DeltaTable(sys.argv[1])\n\
+         a = pa.table(dt.get_add_actions(flatten=True))\n\
+         d = dt.to_pyarrow_dataset()\n\
+         hit = d.get_fragments(filter=ds.field('ticket_id') == '{first}')\n\
+         print(json.dumps({{'records': a.column('num_records').to_pylist(), \
+           'min_id': a.column('min.ticket_id').to_pylist(), \
+           'max_id': a.column('max.ticket_id').to_pylist(), \
+           'files': len(list(d.get_fragments())), 'hit': len(list(hit)), \
+           'rows': d.to_table(filter=ds.field('ticket_id') == '{first}').num_rows}}))\n\
+         sys.stdout.flush()\n\
+         os._exit(0)\n"
+    );
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .arg(&table)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "python: {}", text(&out));
+    let py: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut records: Vec<u64> = py["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    records.sort();
+    let mut expected: Vec<u64> = held.iter().map(|h| h["n"].as_u64().unwrap()).collect();
+    expected.sort();
+    assert_eq!(records, expected, "{py}");
+    let mut min_ids: Vec<&str> = py["min_id"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    min_ids.sort();
+    let mut expected: Vec<&str> = held.iter().map(|h| h["min_id"].as_str().unwrap()).collect();
+    expected.sort();
+    assert_eq!(min_ids, expected, "{py}");
+    assert_eq!(py["files"], held.len(), "{py}");
+    assert_eq!(py["hit"], 1, "one file can hold {first}: {py}");
+    assert_eq!(py["rows"], 1, "{py}");
+}
+
+#[test]
+fn a_commit_that_replaces_rows_is_a_merge_and_one_that_only_adds_an_append() {
+    let p = Project::single_table(
+        "events",
+        "jsonl",
+        r#"[{ name = "id", type = "int64" }, { name = "day", type = "string" }, { name = "v", type = "int64" }]"#,
+        "SELECT id, day, v, _source_file, _source_row FROM events",
+    );
+    p.edit_config(
+        "source = \"events\"",
+        "source = \"events\"\nformat = \"delta\"\npartition_by = [\"day\"]\n\
+         unique_key = [\"id\"]\norder_by = \"v\"",
+    );
+    p.add_raw(
+        "events",
+        "e0.jsonl",
+        b"{\"id\": 1, \"day\": \"d1\", \"v\": 1}\n{\"id\": 2, \"day\": \"d1\", \"v\": 1}\n\
+          {\"id\": 3, \"day\": \"d2\", \"v\": 1}\n",
+    );
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report}");
+    let table = p.lake().join("processed/events_clean");
+    let (op, params) = operation(&table, 1);
+    assert_eq!(op, "WRITE", "{params}");
+    assert_eq!(params["mode"], "Append", "{params}");
+    // A new key only: another append.
+    p.add_raw(
+        "events",
+        "e1.jsonl",
+        b"{\"id\": 4, \"day\": \"d2\", \"v\": 1}\n",
+    );
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report}");
+    let (op, params) = operation(&table, 2);
+    assert_eq!(op, "WRITE", "{params}");
+    assert_eq!(params["mode"], "Append", "{params}");
+    assert!(
+        log_actions(&table, 2)
+            .iter()
+            .all(|a| a.get("remove").is_none())
+    );
+    // A newer row of key 2: the file that held it is rewritten (removed, and added again with
+    // the rows it keeps and the new one).
+    p.add_raw(
+        "events",
+        "e2.jsonl",
+        b"{\"id\": 2, \"day\": \"d1\", \"v\": 5}\n",
+    );
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(
+        report["tables"]["events_clean"]["rows_replaced"], 1,
+        "{report}"
+    );
+    let actions = log_actions(&table, 3);
+    assert!(
+        actions.iter().any(|a| a.get("remove").is_some()),
+        "{actions:?}"
+    );
+    let (op, params) = operation(&table, 3);
+    assert_eq!(op, "MERGE", "{params}");
+    assert!(params.get("mode").is_none(), "{params}");
+    // The new file's statistics hold what it has.
+    let d1 = adds(&table, 3)
+        .into_iter()
+        .find(|a| a["partitionValues"]["day"] == "d1")
+        .expect("d1 rewritten");
+    assert_eq!(d1["stats"]["numRecords"], 2, "{d1}");
+    assert_eq!(d1["stats"]["minValues"]["id"], 1, "{d1}");
+    assert_eq!(d1["stats"]["maxValues"]["id"], 2, "{d1}");
+    assert_eq!(d1["stats"]["maxValues"]["v"], 5, "{d1}");
+    // delta-rs' Python package reads the same history.
+    let script = "import json, sys, os\n\
+        from deltalake import DeltaTable\n\
+        h = DeltaTable(sys.argv[1]).history()\n\
+        print(json.dumps({str(c['version']): [c['operation'], c.get('operationParameters', {}).get('mode')] for c in h}))\n\
+        sys.stdout.flush()\n\
+        os._exit(0)\n";
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .arg(&table)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "python: {}", text(&out));
+    let h: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(h["1"], serde_json::json!(["WRITE", "Append"]), "{h}");
+    assert_eq!(h["2"], serde_json::json!(["WRITE", "Append"]), "{h}");
+    assert_eq!(h["3"][0], "MERGE", "{h}");
 }
