@@ -290,7 +290,11 @@ pub async fn register_table(
 }
 
 /// Puts a registered listing table behind [`HiveListing`].
-pub(crate) fn hive_listing(ctx: &SessionContext, name: &str, partitions: &[(String, DataType)]) -> Result<()> {
+pub(crate) fn hive_listing(
+    ctx: &SessionContext,
+    name: &str,
+    partitions: &[(String, DataType)],
+) -> Result<()> {
     if partitions.is_empty() {
         return Ok(());
     }

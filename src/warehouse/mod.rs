@@ -416,8 +416,14 @@ impl Build<'_> {
         let prefix = lake::processed_prefix(&p.table);
         let mut values = BTreeSet::new();
         for id in commits.iter().filter(|c| !known.contains(c)) {
-            let Some(commit) = self.lake.get_json::<Commit>(&ledger::ledger_key(id)).await? else {
-                return Ok(Work::Full(format!("the ledger entry of commit {id} is gone")));
+            let Some(commit) = self
+                .lake
+                .get_json::<Commit>(&ledger::ledger_key(id))
+                .await?
+            else {
+                return Ok(Work::Full(format!(
+                    "the ledger entry of commit {id} is gone"
+                )));
             };
             for t in commit.tables.iter().filter(|t| t.table == p.table) {
                 if !partitioned::touched(t, &prefix, &p.input_column, &mut values) {
@@ -453,9 +459,7 @@ impl Build<'_> {
                     .map_err(|e| transform::query_error(self.path, self.sql, e))?
             }
         };
-        let (schema, batches) = self
-            .collect(DataFrame::new(self.ctx.state(), plan))
-            .await?;
+        let (schema, batches) = self.collect(DataFrame::new(self.ctx.state(), plan)).await?;
         let (file_schema, parts) = split(&schema, &batches, &p.column)?;
         if let Work::Partitions(v) = work {
             let expected: BTreeSet<String> = v
@@ -565,7 +569,10 @@ pub async fn register(ctx: &SessionContext, lake: &Lake) -> Result<Vec<String>> 
                     let key = m.location.to_string();
                     let rel = lake::relative(&key, &prefix).to_string();
                     let (dir, _) = rel.split_once('/')?;
-                    sink::parse_partition_dir(dir).into_iter().next().map(|(k, _)| k)
+                    sink::parse_partition_dir(dir)
+                        .into_iter()
+                        .next()
+                        .map(|(k, _)| k)
                 }) else {
                     continue;
                 };

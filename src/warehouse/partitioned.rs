@@ -44,7 +44,10 @@ impl Mode {
                 format!("incremental by {}", p.input_column)
             }
             Mode::Incremental(p) => {
-                format!("incremental by {} (output column {})", p.input_column, p.column)
+                format!(
+                    "incremental by {} (output column {})",
+                    p.input_column, p.column
+                )
             }
             Mode::Whole(why) => format!("rebuilt whole: {why}"),
         }
@@ -157,7 +160,9 @@ fn check_expressions(plan: &LogicalPlan) -> Result<(), String> {
     let _ = plan.apply_expressions(|e| {
         e.apply(|x| {
             let bad = match x {
-                Expr::ScalarFunction(f) if f.func.signature().volatility != Volatility::Immutable => {
+                Expr::ScalarFunction(f)
+                    if f.func.signature().volatility != Volatility::Immutable =>
+                {
                     Some(format!(
                         "calls {}(), whose result depends on when or how often it runs",
                         f.func.name()
@@ -166,7 +171,10 @@ fn check_expressions(plan: &LogicalPlan) -> Result<(), String> {
                 Expr::AggregateFunction(f)
                     if f.func.signature().volatility != Volatility::Immutable =>
                 {
-                    Some(format!("calls the non-deterministic aggregate {}()", f.func.name()))
+                    Some(format!(
+                        "calls the non-deterministic aggregate {}()",
+                        f.func.name()
+                    ))
                 }
                 Expr::WindowFunction(_) => Some("has a window function (OVER)".to_string()),
                 Expr::Exists(_)
@@ -176,9 +184,7 @@ fn check_expressions(plan: &LogicalPlan) -> Result<(), String> {
                 Expr::ScalarVariable(..)
                 | Expr::Placeholder(_)
                 | Expr::OuterReferenceColumn(..)
-                | Expr::GroupingSet(_) => {
-                    Some(format!("has an expression it cannot judge ({x})"))
-                }
+                | Expr::GroupingSet(_) => Some(format!("has an expression it cannot judge ({x})")),
                 _ => None,
             };
             match bad {
@@ -202,7 +208,9 @@ fn tracked(
     aggregated: &mut bool,
 ) -> Result<BTreeMap<usize, String>, String> {
     if let LogicalPlan::Aggregate(a) = plan
-        && a.group_expr.iter().any(|e| matches!(e, Expr::GroupingSet(_)))
+        && a.group_expr
+            .iter()
+            .any(|e| matches!(e, Expr::GroupingSet(_)))
     {
         return Err("groups by GROUPING SETS, ROLLUP or CUBE".into());
     }
@@ -292,7 +300,12 @@ pub fn touched(
                 // `_delta_log/`, `_symlink_format_manifest/`: no data.
                 continue;
             }
-            dirs.push(rel.rsplit_once('/').map(|(d, _)| d).unwrap_or("").to_string());
+            dirs.push(
+                rel.rsplit_once('/')
+                    .map(|(d, _)| d)
+                    .unwrap_or("")
+                    .to_string(),
+            );
         }
     }
     for d in dirs {
@@ -320,7 +333,9 @@ pub fn restrict(
     plan.transform_up(|p| {
         let (col, dtype) = match &p {
             LogicalPlan::TableScan(s) if s.table_name.table() == table => {
-                let (q, f) = s.projected_schema.qualified_field_with_unqualified_name(column)?;
+                let (q, f) = s
+                    .projected_schema
+                    .qualified_field_with_unqualified_name(column)?;
                 (Column::new(q.cloned(), column), f.data_type().clone())
             }
             _ => return Ok(Transformed::no(p)),
@@ -363,8 +378,11 @@ mod tests {
                 Field::new("latency", DataType::Float64, true),
                 Field::new("event_date", DataType::Date32, true),
             ]));
-            ctx.register_table(t, Arc::new(MemTable::try_new(schema, vec![vec![]]).unwrap()))
-                .unwrap();
+            ctx.register_table(
+                t,
+                Arc::new(MemTable::try_new(schema, vec![vec![]]).unwrap()),
+            )
+            .unwrap();
         }
         let parts = HashMap::from([
             ("logs".to_string(), vec!["event_date".to_string()]),
@@ -399,29 +417,80 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!((p.table.as_str(), p.input_column.as_str(), p.column.as_str()), ("logs", "event_date", "day"));
+        assert_eq!(
+            (p.table.as_str(), p.input_column.as_str(), p.column.as_str()),
+            ("logs", "event_date", "day")
+        );
     }
 
     #[tokio::test]
     async fn anything_that_mixes_partitions_is_rebuilt_whole() {
         let cases = [
-            ("SELECT l.event_date, count(*) FROM logs l JOIN other o ON l.service = o.service GROUP BY l.event_date", "joins two tables"),
-            ("SELECT a.event_date, count(*) FROM logs a JOIN logs b ON a.service = b.service GROUP BY a.event_date", "joins logs with itself"),
-            ("SELECT service, count(*) FROM logs GROUP BY service", "does not group by"),
-            ("SELECT event_date, count(*) FROM logs GROUP BY event_date LIMIT 3", "LIMIT"),
-            ("SELECT event_date, count(*) FROM logs GROUP BY event_date ORDER BY 2 DESC LIMIT 3", "LIMIT"),
-            ("SELECT event_date, count(*) OVER () FROM logs GROUP BY event_date", "window"),
-            ("SELECT event_date, sum(count(*)) OVER (ORDER BY event_date) FROM logs GROUP BY event_date", "window"),
-            ("SELECT event_date, count(*) FROM logs GROUP BY ROLLUP (event_date)", "ROLLUP"),
+            (
+                "SELECT l.event_date, count(*) FROM logs l JOIN other o ON l.service = o.service GROUP BY l.event_date",
+                "joins two tables",
+            ),
+            (
+                "SELECT a.event_date, count(*) FROM logs a JOIN logs b ON a.service = b.service GROUP BY a.event_date",
+                "joins logs with itself",
+            ),
+            (
+                "SELECT service, count(*) FROM logs GROUP BY service",
+                "does not group by",
+            ),
+            (
+                "SELECT event_date, count(*) FROM logs GROUP BY event_date LIMIT 3",
+                "LIMIT",
+            ),
+            (
+                "SELECT event_date, count(*) FROM logs GROUP BY event_date ORDER BY 2 DESC LIMIT 3",
+                "LIMIT",
+            ),
+            (
+                "SELECT event_date, count(*) OVER () FROM logs GROUP BY event_date",
+                "window",
+            ),
+            (
+                "SELECT event_date, sum(count(*)) OVER (ORDER BY event_date) FROM logs GROUP BY event_date",
+                "window",
+            ),
+            (
+                "SELECT event_date, count(*) FROM logs GROUP BY ROLLUP (event_date)",
+                "ROLLUP",
+            ),
             ("SELECT event_date, service FROM logs", "no GROUP BY"),
-            ("SELECT count(*) FROM logs GROUP BY event_date", "no plain column"),
-            ("SELECT CAST(event_date AS VARCHAR) AS d, count(*) FROM logs GROUP BY event_date", "no plain column"),
-            ("SELECT date_trunc('month', event_date) AS m, count(*) FROM logs GROUP BY 1", "does not group by"),
-            ("SELECT event_date, count(*) FROM logs WHERE event_date > now() - INTERVAL '7 days' GROUP BY event_date", "now()"),
-            ("SELECT event_date, count(*) FROM logs WHERE service IN (SELECT service FROM other) GROUP BY event_date", "subquery"),
-            ("SELECT event_date, count(*) FROM logs GROUP BY event_date UNION ALL SELECT event_date, count(*) FROM logs GROUP BY event_date", "tables"),
-            ("SELECT event_date, count(*) FROM other GROUP BY event_date", "no partition columns"),
-            ("SELECT event_date, count(*) FROM (SELECT * FROM logs LIMIT 10) t GROUP BY event_date", "LIMIT"),
+            (
+                "SELECT count(*) FROM logs GROUP BY event_date",
+                "no plain column",
+            ),
+            (
+                "SELECT CAST(event_date AS VARCHAR) AS d, count(*) FROM logs GROUP BY event_date",
+                "no plain column",
+            ),
+            (
+                "SELECT date_trunc('month', event_date) AS m, count(*) FROM logs GROUP BY 1",
+                "does not group by",
+            ),
+            (
+                "SELECT event_date, count(*) FROM logs WHERE event_date > now() - INTERVAL '7 days' GROUP BY event_date",
+                "now()",
+            ),
+            (
+                "SELECT event_date, count(*) FROM logs WHERE service IN (SELECT service FROM other) GROUP BY event_date",
+                "subquery",
+            ),
+            (
+                "SELECT event_date, count(*) FROM logs GROUP BY event_date UNION ALL SELECT event_date, count(*) FROM logs GROUP BY event_date",
+                "tables",
+            ),
+            (
+                "SELECT event_date, count(*) FROM other GROUP BY event_date",
+                "no partition columns",
+            ),
+            (
+                "SELECT event_date, count(*) FROM (SELECT * FROM logs LIMIT 10) t GROUP BY event_date",
+                "LIMIT",
+            ),
         ];
         for (sql, why) in cases {
             let w = whole(mode(sql).await);
