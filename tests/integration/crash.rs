@@ -4,20 +4,20 @@
 use crate::support::*;
 
 /// Every `--crash-at` point, in the order a run passes them.
-pub const STEPS: [&str; 8] = [
+pub const STEPS: [&str; 7] = [
     "claimed",
     "read",
     "staged",
     "committed",
     "published",
     "archived",
-    "aggregate-swapped",
     "warehouse",
 ];
 
 #[test]
 fn a_crash_at_any_step_then_a_rerun_gives_the_uninterrupted_tables() {
-    for step in STEPS {
+    // And inside the warehouse step: partitions swapped in, the aggregate's state not written.
+    for step in STEPS.into_iter().chain(["aggregate-swapped"]) {
         let p = Project::with_fixtures();
         let out = p.sluice(&["run", "--json", "--crash-at", step]);
         assert!(
