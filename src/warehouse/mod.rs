@@ -294,7 +294,12 @@ impl Build<'_> {
         };
         let (mut work, prev) = match fresh {
             Err(why) => (Work::Full(why), None),
-            Ok((s, _)) if s.fingerprint == self.fingerprint => return Ok(None),
+            Ok((s, ps)) if s.fingerprint == self.fingerprint => match ps.partitions.keys().next() {
+                Some(dir) if !self.lake.exists(&partition_key(self.name, dir)).await? => {
+                    (Work::Full("its files are missing".into()), None)
+                }
+                _ => return Ok(None),
+            },
             Ok((_, ps)) => (self.since(ps, &commits, &p).await?, Some(ps.clone())),
         };
         let (file_schema, parts) = match self.compute(&df, &p, &work).await? {

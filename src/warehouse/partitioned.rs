@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use datafusion::arrow::datatypes::DataType;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, ScalarValue};
 use datafusion::logical_expr::{Distinct, Expr, LogicalPlan, LogicalPlanBuilder, Volatility, lit};
@@ -76,12 +77,16 @@ fn partitioning(
     partitions: &HashMap<String, Vec<String>>,
 ) -> Result<Partitioning, String> {
     let mut scans = Vec::new();
+    let mut scan_schema = None;
     let mut join = false;
     let mut with_subqueries = 0usize;
     let _ = plan.apply_with_subqueries(|n| {
         with_subqueries += 1;
         match n {
-            LogicalPlan::TableScan(s) => scans.push(s.table_name.table().to_string()),
+            LogicalPlan::TableScan(s) => {
+                scans.push(s.table_name.table().to_string());
+                scan_schema = Some(s.projected_schema.clone());
+            }
             LogicalPlan::Join(_) => join = true,
             _ => {}
         }
@@ -138,11 +143,40 @@ fn partitioning(
             columns.join(", ")
         ));
     };
+    // A partition is recomputed by a filter on the value read back from its folder name: only
+    // types whose text form gives back exactly the value.
+    let ty = scan_schema
+        .as_ref()
+        .and_then(|s| s.field_with_unqualified_name(input_column).ok())
+        .map(|f| f.data_type().clone());
+    match ty {
+        Some(t) if exact_text(&t) => {}
+        Some(t) => {
+            return Err(format!(
+                "its partition column {input_column} is of type {t} (only dates, integers, text \
+                 and booleans are recomputed by partition)"
+            ));
+        }
+        None => return Err(format!("its partition column {input_column} was not found")),
+    }
     Ok(Partitioning {
         table,
         input_column: input_column.clone(),
         column: plan.schema().field(i).name().clone(),
     })
+}
+
+/// Whether a value of this type is given back exactly by its folder text.
+fn exact_text(t: &DataType) -> bool {
+    t.is_integer()
+        || matches!(
+            t,
+            DataType::Date32
+                | DataType::Utf8
+                | DataType::LargeUtf8
+                | DataType::Utf8View
+                | DataType::Boolean
+        )
 }
 
 /// The column an expression is, if it is a plain (possibly renamed) column reference.
@@ -365,18 +399,23 @@ pub fn restrict(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::datatypes::{Field, Schema, TimeUnit};
     use datafusion::datasource::MemTable;
     use datafusion::prelude::SessionContext;
     use std::sync::Arc;
 
     async fn mode(sql: &str) -> Mode {
         let ctx = SessionContext::new();
-        for t in ["logs", "other"] {
+        for t in ["logs", "other", "stamps"] {
             let schema = Arc::new(Schema::new(vec![
                 Field::new("service", DataType::Utf8, true),
                 Field::new("latency", DataType::Float64, true),
                 Field::new("event_date", DataType::Date32, true),
+                Field::new(
+                    "hour",
+                    DataType::Timestamp(TimeUnit::Microsecond, None),
+                    true,
+                ),
             ]));
             ctx.register_table(
                 t,
@@ -387,6 +426,7 @@ mod tests {
         let parts = HashMap::from([
             ("logs".to_string(), vec!["event_date".to_string()]),
             ("other".to_string(), vec![]),
+            ("stamps".to_string(), vec!["hour".to_string()]),
         ]);
         let df = ctx.sql(sql).await.unwrap();
         analyze(df.logical_plan(), &parts)

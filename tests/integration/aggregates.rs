@@ -313,6 +313,17 @@ fn incremental_aggregates_equal_a_full_rebuild_after_every_run() {
         text(&out)
     );
 
+    // Its files deleted, its state kept: built whole again.
+    let have = stored(&p, "daily_ticket_stats");
+    std::fs::remove_dir_all(p.lake().join("warehouse/daily_ticket_stats")).unwrap();
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(
+        built(&report, "daily_ticket_stats")["rebuilt_whole"],
+        "its files are missing"
+    );
+    assert_eq!(stored(&p, "daily_ticket_stats"), have);
+
     // The same from scratch: the warehouse and its state deleted, then a full build.
     let have = (
         stored(&p, "daily_ticket_stats"),
