@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog;
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lake::{self, Lake, STATE};
 use crate::ledger::{self, Commit, Ledger, sha256_hex};
 use crate::report::AggregateReport;
@@ -307,10 +307,12 @@ impl Build<'_> {
             Err(why) => {
                 tracing::warn!(aggregate = %self.name, "{why}; rebuilding whole");
                 work = Work::Full(why);
-                match self.compute(&df, &p, &work).await? {
-                    Ok(done) => done,
-                    Err(why) => unreachable!("a full build is never restricted: {why}"),
-                }
+                self.compute(&df, &p, &work)
+                    .await?
+                    .map_err(|message| Error::State {
+                        path: lake::warehouse_prefix(self.name),
+                        message,
+                    })?
             }
         };
         // Write every new partition file, then swap each in (one atomic rename or put a

@@ -188,6 +188,23 @@ fn plain_column(e: &Expr) -> Option<&Column> {
     }
 }
 
+/// Aggregates whose result depends on the order of their input unless they are given one.
+const ORDER_DEPENDENT: [&str; 6] = [
+    "first_value",
+    "last_value",
+    "nth_value",
+    "array_agg",
+    "string_agg",
+    "any_value",
+];
+
+/// Aggregates whose approximation depends on the order of their input.
+const APPROXIMATE: [&str; 3] = [
+    "approx_percentile_cont",
+    "approx_percentile_cont_with_weight",
+    "approx_median",
+];
+
 /// Refuses expressions whose result is not a function of the row (or group) alone.
 fn check_expressions(plan: &LogicalPlan) -> Result<(), String> {
     let mut why = None;
@@ -207,6 +224,21 @@ fn check_expressions(plan: &LogicalPlan) -> Result<(), String> {
                 {
                     Some(format!(
                         "calls the non-deterministic aggregate {}()",
+                        f.func.name()
+                    ))
+                }
+                Expr::AggregateFunction(f)
+                    if ORDER_DEPENDENT.contains(&f.func.name()) && f.params.order_by.is_empty() =>
+                {
+                    Some(format!(
+                        "calls {}() without ORDER BY: its result depends on the order rows are \
+                         read in",
+                        f.func.name()
+                    ))
+                }
+                Expr::AggregateFunction(f) if APPROXIMATE.contains(&f.func.name()) => {
+                    Some(format!(
+                        "calls {}(), an approximation that depends on the order rows are read in",
                         f.func.name()
                     ))
                 }
@@ -446,6 +478,7 @@ mod tests {
             "SELECT service, event_date AS day, avg(latency) FROM logs l WHERE latency > 0 GROUP BY 2, 1 HAVING count(*) > 1",
             "SELECT d, count(*) FROM (SELECT event_date AS d, service FROM logs) t GROUP BY d",
             "SELECT DISTINCT event_date, count(DISTINCT service) FROM logs GROUP BY event_date",
+            "SELECT event_date, array_agg(service ORDER BY service) FROM logs GROUP BY event_date",
         ] {
             let m = mode(sql).await;
             assert!(matches!(m, Mode::Incremental(_)), "{sql}: {m:?}");
@@ -530,6 +563,18 @@ mod tests {
             (
                 "SELECT event_date, count(*) FROM (SELECT * FROM logs LIMIT 10) t GROUP BY event_date",
                 "LIMIT",
+            ),
+            (
+                "SELECT hour, count(*) FROM stamps GROUP BY hour",
+                "of type Timestamp",
+            ),
+            (
+                "SELECT event_date, array_agg(service) FROM logs GROUP BY event_date",
+                "array_agg() without ORDER BY",
+            ),
+            (
+                "SELECT event_date, approx_median(latency) FROM logs GROUP BY event_date",
+                "approximation",
             ),
         ];
         for (sql, why) in cases {
