@@ -134,7 +134,14 @@ pub async fn refresh(
                 return Err(transform::query_error(&path, &sql, e));
             }
         };
-        let deps = transform::referenced_tables(df.logical_plan());
+        // A rejected table (`<table>_rejected`) changes with its table's commits.
+        let deps: Vec<String> = transform::referenced_tables(df.logical_plan())
+            .into_iter()
+            .map(|t| match t.strip_suffix("_rejected") {
+                Some(base) if partitions.contains_key(base) => base.to_string(),
+                _ => t,
+            })
+            .collect();
         let fingerprint = sha256_hex(format!("{}\n{sql}", ledger.fingerprint(&deps)).as_bytes());
         let state: Option<BuildState> = lake.get_json(&state_key(&agg.name)).await?;
         let build = Build {

@@ -126,7 +126,11 @@ fn partitioning(
         }
     };
     let columns = match partitions.get(&table) {
-        None => return Err(format!("its input {table} is not a partitioned table")),
+        None => {
+            return Err(format!(
+                "its input {table} is not one of the pipeline's partitioned tables"
+            ));
+        }
         Some(c) if c.is_empty() => {
             return Err(format!("its input table {table} has no partition columns"));
         }
@@ -493,6 +497,10 @@ mod tests {
         assert_eq!(
             (p.table.as_str(), p.input_column.as_str(), p.column.as_str()),
             ("logs", "event_date", "day")
+        );
+        assert_eq!(
+            Mode::Incremental(p).describe(),
+            "incremental by event_date (output column day)"
         );
     }
 
