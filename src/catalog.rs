@@ -290,7 +290,11 @@ pub async fn register_table(
 }
 
 /// Puts a registered listing table behind [`HiveListing`].
-fn hive_listing(ctx: &SessionContext, name: &str, partitions: &[(String, DataType)]) -> Result<()> {
+pub(crate) fn hive_listing(
+    ctx: &SessionContext,
+    name: &str,
+    partitions: &[(String, DataType)],
+) -> Result<()> {
     if partitions.is_empty() {
         return Ok(());
     }
@@ -466,27 +470,7 @@ pub async fn register_all(
         names.push(meta.name.clone());
         names.push(format!("{}_rejected", meta.name));
     }
-    let mut aggregates: Vec<String> = lake
-        .list("warehouse")
-        .await?
-        .into_iter()
-        .filter_map(|m| {
-            let key = m.location.to_string();
-            let rel = lake::relative(&key, "warehouse").to_string();
-            rel.split_once('/').map(|(name, _)| name.to_string())
-        })
-        .collect();
-    aggregates.sort();
-    aggregates.dedup();
-    for name in aggregates {
-        ctx.register_parquet(
-            name.as_str(),
-            lake.url(&lake::warehouse_prefix(&name)),
-            ParquetReadOptions::default(),
-        )
-        .await?;
-        names.push(name);
-    }
+    names.extend(crate::warehouse::register(ctx, lake).await?);
     Ok(names)
 }
 

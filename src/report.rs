@@ -139,6 +139,48 @@ pub struct AggregateReport {
     pub rows: u64,
     /// Time taken.
     pub seconds: f64,
+    /// `incremental` (recomputed for the partitions new commits touched, stored partitioned)
+    /// or `whole` (rebuilt whole, one file).
+    #[serde(default)]
+    pub mode: String,
+    /// An incremental aggregate's partition column (of its input table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_column: Option<String>,
+    /// The partition values recomputed (every one on a full build of an incremental aggregate).
+    #[serde(default)]
+    pub partitions: Vec<String>,
+    /// Why it was built whole this time (always for `whole`; an incremental aggregate's first
+    /// build, a changed query, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuilt_whole: Option<String>,
+}
+
+impl AggregateReport {
+    /// `incremental by event_date: 2 partitions recomputed (2024-03-02, 2024-03-03)`, or
+    /// `rebuilt whole: joins two tables (a, b)`.
+    pub fn describe(&self) -> String {
+        let list = |v: &[String]| {
+            let mut s = v.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+            if v.len() > 5 {
+                s.push_str(&format!(", ... {} more", v.len() - 5));
+            }
+            s
+        };
+        let n = self.partitions.len();
+        let plural = if n == 1 { "" } else { "s" };
+        match (&self.partition_column, &self.rebuilt_whole) {
+            (Some(c), None) if n == 0 => format!("incremental by {c}: no partition recomputed"),
+            (Some(c), None) => format!(
+                "incremental by {c}: {n} partition{plural} recomputed ({})",
+                list(&self.partitions)
+            ),
+            (Some(c), Some(why)) => {
+                format!("incremental by {c}, built whole ({why}): {n} partition{plural}")
+            }
+            (None, Some(why)) => format!("rebuilt whole: {why}"),
+            (None, None) => "rebuilt whole".to_string(),
+        }
+    }
 }
 
 /// One statement a run sent to an external warehouse.
@@ -300,7 +342,12 @@ impl RunReport {
             }
         }
         for a in &self.warehouse {
-            out.push_str(&format!("  warehouse {}: {} rows\n", a.name, a.rows));
+            out.push_str(&format!(
+                "  warehouse {}: {} rows, {}\n",
+                a.name,
+                a.rows,
+                a.describe()
+            ));
         }
         for st in &self.statements {
             let rows = st.rows.map(|r| format!(", {r} rows")).unwrap_or_default();

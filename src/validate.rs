@@ -40,12 +40,13 @@ pub async fn validate(config: &Config) -> Result<String> {
         let empty = MemTable::try_new(Arc::new(Schema::new(data)), vec![vec![]])?;
         tables_ctx.register_table(p.table.name.as_str(), Arc::new(empty))?;
     }
-    warehouse::plan_all(config, &tables_ctx).await?;
-    for a in &config.aggregates {
+    let modes = warehouse::plan_all(config, &tables_ctx).await?;
+    for (a, mode) in config.aggregates.iter().zip(modes) {
         out.push_str(&format!(
-            "aggregate {} ({})\n",
+            "aggregate {} ({}): {}\n",
             a.name,
-            config.resolve(&a.query).display()
+            config.resolve(&a.query).display(),
+            mode.describe()
         ));
     }
     if config.warehouse.kind != crate::config::WarehouseKind::Embedded {

@@ -573,6 +573,55 @@ fn s3_lake_glue_catalog_sns_and_secrets_end_to_end() {
         .1;
     assert_eq!(out.lines().nth(1), Some(written.to_string().as_str()));
 
+    // The aggregates are partitioned in S3 too, read back as in the folder lake, and recomputed
+    // for the partitions a commit touched, equal to their query over the tables.
+    let wh = moto.keys("lake", "data/warehouse/daily_ticket_stats");
+    assert!(
+        !wh.is_empty()
+            && wh
+                .iter()
+                .all(|k| k.contains("/event_date=") && k.ends_with("/data.parquet")),
+        "{wh:?}"
+    );
+    let stats = "SELECT event_date, status, tickets, round(avg_hours_open, 6) AS h, customers \
+                 FROM daily_ticket_stats ORDER BY 1, 2";
+    let (code, out, err) = sluice(&moto, &p, &["query", stats, "--format", "csv"]);
+    assert_eq!(code, 0, "{err}");
+    let lout = local.sluice(&["query", stats, "--format", "csv"]);
+    assert_eq!(out, String::from_utf8_lossy(&lout.stdout));
+    moto.put(
+        "lake",
+        "data/raw/support_tickets/updates.csv",
+        crate::support::tickets(&[
+            "TCK-00000018,2024-03-04 01:14:10,2024-03-10 09:00:00,resolved,urgent,d@example.com,s,b,agent003",
+        ]),
+    );
+    let (code, updated) = run_json(&moto, &p, &[]);
+    assert_eq!(code, 0, "{updated:#}");
+    let built = updated["warehouse"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "daily_ticket_stats")
+        .unwrap();
+    assert_eq!(built["mode"], "incremental");
+    assert_eq!(
+        built["partitions"],
+        serde_json::json!(["2024-03-01", "2024-03-04"])
+    );
+    let sql = std::fs::read_to_string(p.path().join("queries/aggregates/daily_ticket_stats.sql"))
+        .unwrap();
+    let full = format!(
+        "SELECT event_date, status, tickets, round(avg_hours_open, 6) AS h, customers \
+         FROM (\n{sql}\n) AS f ORDER BY 1, 2"
+    );
+    let (_, have, _) = sluice(&moto, &p, &["query", stats, "--format", "csv"]);
+    let (code, full_rows, err) = sluice(&moto, &p, &["query", &full, "--format", "csv"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(have, full_rows);
+    assert!(have.contains("2024-03-04,resolved,1,"), "{have}");
+    assert_eq!(moto.drain(&ok_inbox).len(), 1);
+
     // A failing run tells the support topic, with its status; nothing committed is undone.
     moto.put(
         "lake",

@@ -61,7 +61,7 @@ fn the_demo_runs_the_example_pipeline_in_a_fresh_folder() {
     );
     assert!(stdout.contains("daily_service_health"), "{stdout}");
     assert!(
-        dir.join("lake/warehouse/daily_ticket_stats/daily_ticket_stats.parquet")
+        dir.join("lake/warehouse/daily_ticket_stats/event_date=2024-03-01/data.parquet")
             .exists()
     );
     // A second demo into the same folder refuses to clobber it.

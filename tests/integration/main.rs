@@ -1,5 +1,6 @@
 //! Integration tests: the real `sluice` binary on temp lakes, with the Parquet read back.
 
+mod aggregates;
 mod aws;
 mod bad_input;
 mod cli;

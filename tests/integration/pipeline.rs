@@ -73,7 +73,7 @@ fn example_pipeline_gives_the_expected_tables() {
     );
 
     // Warehouse aggregates over the processed tables.
-    assert_eq!(p.files("warehouse").len(), 2, "{:?}", p.files("warehouse"));
+    assert_example_warehouse(&p);
     let out = p.sluice(&[
         "query",
         "SELECT sum(tickets) AS n FROM daily_ticket_stats",

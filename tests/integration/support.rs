@@ -313,6 +313,19 @@ pub fn assert_example_tables(p: &Project) {
     assert!(p.files("_sluice/pending").is_empty());
 }
 
+/// The example pipeline's aggregates over all fixtures: both incremental, so partitioned by
+/// `event_date` like their input tables, one file a partition.
+pub fn assert_example_warehouse(p: &Project) {
+    let expect: Vec<String> = ["daily_service_health", "daily_ticket_stats"]
+        .iter()
+        .flat_map(|a| {
+            ["2024-03-01", "2024-03-02", "2024-03-03"]
+                .map(|d| format!("warehouse/{a}/event_date={d}/data.parquet"))
+        })
+        .collect();
+    assert_eq!(p.files("warehouse"), expect);
+}
+
 /// The example tickets source's CSV header.
 pub const TICKETS_HEADER: &str =
     "ticket_id,created_at,updated_at,status,priority,customer_email,subject,body,agent\n";
