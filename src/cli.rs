@@ -52,6 +52,24 @@ pub enum OutputFormat {
     Json,
 }
 
+/// What `sluice index` does.
+#[derive(Debug, Subcommand)]
+pub enum IndexAction {
+    /// Rebuild the index from the table's files (every keyed table, or one).
+    Rebuild {
+        /// The table; default: every table with a `unique_key`.
+        table: Option<String>,
+    },
+    /// Compare the index with the table's files; exit 1 on any difference.
+    Check {
+        /// The table; default: every table with a `unique_key`.
+        table: Option<String>,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -90,6 +108,12 @@ pub enum Command {
         /// Target file size, e.g. `256MiB`.
         #[arg(long, default_value = "256MiB")]
         target_size: String,
+    },
+    /// The key indexes of tables with a `unique_key` (`_sluice/index/<table>/`).
+    Index {
+        /// What to do.
+        #[command(subcommand)]
+        action: IndexAction,
     },
     /// Delete the files Delta tables no longer reference and that are older than the retention.
     Vacuum {

@@ -1331,6 +1331,31 @@ pub async fn rebuild(
     Ok((index, Some(why)))
 }
 
+/// Rebuilds a keyed table's index (keeping its fingerprint key), e.g. after its files were
+/// compacted; nothing for a table without a key. Call with the commit lock held.
+pub async fn rebuild_for(
+    lake: &Lake,
+    meta: &TableMeta,
+    table: &TableConfig,
+    scratch: &Path,
+) -> Result<()> {
+    let Some(order_by) = table.keyed() else {
+        return Ok(());
+    };
+    let shape = Shape::of(meta, &table.unique_key, order_by)?;
+    let sip = sip_for(lake, &meta.name).await;
+    rebuild(
+        lake,
+        meta,
+        &shape,
+        sip,
+        scratch,
+        "its files were compacted".into(),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Meets a batch's keys (in `sink`) with the table's through its key index: looks up only the
 /// batch's keys, drops the new rows that lose (older than the held row, or identical to it),
 /// finishes the sink's files, and rewrites the files holding replaced rows without them. Call
@@ -1541,6 +1566,177 @@ impl Pending {
         out.push((head, head_key(&table)));
         Ok((out, next.replaced))
     }
+}
+
+/// The keyed tables of a config that the lake holds (or the one named), with their catalog
+/// entries and key shapes.
+async fn keyed_tables(
+    config: &crate::config::Config,
+    lake: &Lake,
+    only: Option<&str>,
+) -> Result<Vec<(TableMeta, Shape)>> {
+    let mut out = Vec::new();
+    for t in &config.tables {
+        if only.is_some_and(|o| o != t.name) {
+            continue;
+        }
+        let Some(order_by) = t.keyed() else {
+            if only.is_some() {
+                return Err(Error::config(
+                    &config.path,
+                    format!(
+                        "table \"{}\" has no unique_key and order_by, so no key index",
+                        t.name
+                    ),
+                ));
+            }
+            continue;
+        };
+        match TableMeta::load(lake, &t.name).await? {
+            Some(meta) => {
+                let shape = Shape::of(&meta, &t.unique_key, order_by)?;
+                out.push((meta, shape));
+            }
+            None if only.is_some() => {
+                return Err(Error::config(
+                    &config.path,
+                    format!("table \"{}\" has no commit in this lake yet", t.name),
+                ));
+            }
+            None => {}
+        }
+    }
+    if let Some(o) = only
+        && out.is_empty()
+        && !config.tables.iter().any(|t| t.name == o)
+    {
+        return Err(Error::config(
+            &config.path,
+            format!("no table \"{o}\" in the config"),
+        ));
+    }
+    Ok(out)
+}
+
+/// Runs `f` holding the commit lock, after recovering interrupted commits (an index is only
+/// read or written beside no commit).
+async fn with_commit_lock<T, F, Fut>(config: &crate::config::Config, lake: &Lake, f: F) -> Result<T>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let me = crate::lock::Holder::me(&crate::report::new_run_id());
+    let ttl = std::time::Duration::from_secs(config.lake.lock_ttl_secs);
+    let wait = std::time::Duration::from_secs(config.lake.lock_wait_secs);
+    crate::lock::acquire(lake, crate::ledger::COMMIT_LOCK, &me, ttl, wait).await?;
+    let result = match crate::ledger::recover(lake).await {
+        Ok(_) => f().await,
+        Err(e) => Err(e),
+    };
+    let released = crate::lock::release(lake, crate::ledger::COMMIT_LOCK, &me).await;
+    let out = result?;
+    released?;
+    Ok(out)
+}
+
+/// `sluice index rebuild [TABLE]`: each keyed table's index rebuilt from its files. Returns a
+/// line per table.
+pub async fn rebuild_command(
+    config: &crate::config::Config,
+    lake: &Lake,
+    only: Option<&str>,
+) -> Result<String> {
+    let tables = keyed_tables(config, lake, only).await?;
+    let scratch = lake.scratch(&crate::report::new_run_id(), "index");
+    let out = with_commit_lock(config, lake, || async {
+        let mut out = String::new();
+        for (meta, shape) in &tables {
+            let sip = match Index::open(lake, &meta.name, shape).await? {
+                Ok(i) => i.head.sip,
+                Err(_) => new_sip(),
+            };
+            let (index, _) = rebuild(lake, meta, shape, sip, &scratch, "asked for".into()).await?;
+            let keys: u64 = index.head.runs.iter().map(|r| r.entries).sum();
+            out.push_str(&format!(
+                "{}: key index rebuilt: {keys} keys in {} files\n",
+                meta.name,
+                index.head.files.len()
+            ));
+        }
+        Ok(out)
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    out
+}
+
+/// `sluice index check [TABLE]`: each keyed table's index compared with its files. Returns
+/// the text (or JSON) to print and whether every index agrees.
+pub async fn check_command(
+    config: &crate::config::Config,
+    lake: &Lake,
+    only: Option<&str>,
+    json: bool,
+) -> Result<(String, bool)> {
+    let tables = keyed_tables(config, lake, only).await?;
+    with_commit_lock(config, lake, || async {
+        let mut text = String::new();
+        let mut results = Vec::new();
+        let mut ok = true;
+        for (meta, shape) in &tables {
+            let (status, diffs, count) = match Index::open(lake, &meta.name, shape).await? {
+                Err(Unusable::Missing) => {
+                    let files = table_files(lake, meta).await?;
+                    if files.is_empty() {
+                        ("empty".to_string(), Vec::new(), 0)
+                    } else {
+                        (
+                            "missing (the next run rebuilds it)".to_string(),
+                            Vec::new(),
+                            1,
+                        )
+                    }
+                }
+                Err(Unusable::Damaged(why)) => (format!("damaged: {why}"), Vec::new(), 1),
+                Ok(index) => match check(lake, meta, &index, 20).await {
+                    Ok((diffs, 0)) => {
+                        let keys = index.all(lake).await?.len();
+                        (
+                            format!("ok: {keys} keys in {} files", index.head.files.len()),
+                            diffs,
+                            0,
+                        )
+                    }
+                    Ok((diffs, n)) => (format!("{n} differences"), diffs, n),
+                    Err(Error::Index { message, .. }) => {
+                        (format!("damaged: {message}"), Vec::new(), 1)
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
+            ok &= count == 0;
+            text.push_str(&format!("{}: {status}\n", meta.name));
+            for d in &diffs {
+                text.push_str(&format!(
+                    "  key {}: table has {}, index has {}\n",
+                    d.fingerprint,
+                    d.table.as_deref().unwrap_or("nothing"),
+                    d.index.as_deref().unwrap_or("nothing")
+                ));
+            }
+            results.push(serde_json::json!({
+                "table": meta.name,
+                "status": status,
+                "differences": count,
+                "examples": diffs,
+            }));
+        }
+        if json {
+            text = serde_json::to_string_pretty(&results).unwrap_or_default() + "\n";
+        }
+        Ok((text, ok))
+    })
+    .await
 }
 
 #[cfg(test)]

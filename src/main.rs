@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use sluice::cli::{CatalogAction, Cli, Command, LogFormat, WarehouseAction};
+use sluice::cli::{CatalogAction, Cli, Command, IndexAction, LogFormat, WarehouseAction};
 use sluice::config::{CatalogKind, Config};
 use sluice::glue::Glue;
 use sluice::lake::Lake;
@@ -157,6 +157,24 @@ async fn dispatch(cli: Cli) -> Result<u8> {
                 sluice::maintain::compact(&config, &lake, table.as_deref(), size as u64).await?;
             redact::print(&report.summary());
             Ok(exit_code(&report))
+        }
+        Command::Index { action } => {
+            let (config, lake) = load(&cli, &cli.config).await?;
+            match action {
+                IndexAction::Rebuild { table } => {
+                    let out =
+                        sluice::index::rebuild_command(&config, &lake, table.as_deref()).await?;
+                    redact::print(&out);
+                    Ok(0)
+                }
+                IndexAction::Check { table, json } => {
+                    let (out, ok) =
+                        sluice::index::check_command(&config, &lake, table.as_deref(), *json)
+                            .await?;
+                    redact::print(&out);
+                    Ok(if ok { 0 } else { 1 })
+                }
+            }
         }
         Command::Vacuum {
             table,

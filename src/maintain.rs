@@ -136,7 +136,23 @@ pub async fn compact(
                             files_removed: removed,
                             version,
                             seconds: t.elapsed().as_secs_f64(),
-                        })
+                        });
+                        // The key index names the files OPTIMIZE replaced: rebuilt from the
+                        // compacted files under the same lock.
+                        if removed > 0
+                            && prefix == lake::processed_prefix(&meta.name)
+                            && let Some(t) = config.tables.iter().find(|t| t.name == meta.name)
+                        {
+                            let scratch = lake.scratch(&report.run_id, "index");
+                            let rebuilt = crate::index::rebuild_for(lake, meta, t, &scratch).await;
+                            let _ = std::fs::remove_dir_all(&scratch);
+                            if let Err(e) = rebuilt {
+                                let _ = lake.delete(&crate::index::head_key(&meta.name)).await;
+                                report.errors.push(format!(
+                                    "compact {prefix}: key index not rebuilt ({e}); the next run rebuilds it"
+                                ));
+                            }
+                        }
                     }
                     Ok(None) => {}
                     Err(e) => report.errors.push(format!("compact {prefix}: {e}")),

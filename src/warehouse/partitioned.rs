@@ -608,6 +608,7 @@ mod tests {
             removed: vec!["processed/t/d=2024-01-01/part-0.parquet".into()],
             partitions: vec!["d=a%3Ab".into()],
             delta: None,
+            ..Default::default()
         };
         let mut v = BTreeSet::new();
         assert!(touched(&change, "processed/t", "d", &mut v));

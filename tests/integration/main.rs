@@ -11,6 +11,7 @@ mod delta;
 mod exactly_once;
 mod formats;
 mod hive;
+mod index;
 #[cfg(feature = "lambda")]
 mod lambda;
 mod memory;
