@@ -122,12 +122,12 @@ pub fn staging_prefix(id: &str) -> String {
     format!("{STATE}/staging/{id}")
 }
 
+/// Where claims are.
+pub const CLAIMS: &str = "_sluice/claims";
+
 /// `_sluice/claims/<hash of key>.json`
 pub fn claim_key(raw_key: &str) -> String {
-    format!(
-        "{STATE}/claims/{}.json",
-        &sha256_hex(raw_key.as_bytes())[..32]
-    )
+    format!("{CLAIMS}/{}.json", &sha256_hex(raw_key.as_bytes())[..32])
 }
 
 /// `_sluice/attempts/<hash of key>.json`

@@ -138,3 +138,25 @@ pub async fn release(lake: &Lake, key: &str, me: &Holder) -> Result<()> {
     }
     Ok(())
 }
+
+/// Deletes the stale locks under `prefix`: claims a dead run left on files nobody will claim
+/// again (renamed or deleted since) would stay forever otherwise. Returns how many went.
+pub async fn sweep(lake: &Lake, prefix: &str, ttl: Duration) -> Result<usize> {
+    let mut swept = 0;
+    for m in lake.list(prefix).await? {
+        let key = m.location.to_string();
+        let stale = match lake.get_json::<Holder>(&key).await {
+            Ok(Some(h)) => h.is_stale(ttl),
+            Ok(None) => false,
+            Err(_) => true,
+        };
+        if stale {
+            lake.delete(&key).await?;
+            swept += 1;
+        }
+    }
+    if swept > 0 {
+        tracing::info!(prefix, swept, "stale claims of a run that is gone deleted");
+    }
+    Ok(swept)
+}

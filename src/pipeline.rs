@@ -213,6 +213,10 @@ impl<'a> Runner<'a> {
         let recovered = ledger::recover(&self.lake)
             .instrument(tracing::info_span!("step", step = "recover"))
             .await;
+        let recovered = match recovered {
+            Ok(_) => lock::sweep(&self.lake, ledger::CLAIMS, self.ttl).await,
+            Err(e) => Err(e),
+        };
         self.lake.clean_scratch(self.ttl);
         self.unlock().await?;
         recovered?;

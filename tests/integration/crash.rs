@@ -4,11 +4,12 @@
 use crate::support::*;
 
 /// Every `--crash-at` point, in the order a run passes them.
-pub const STEPS: [&str; 7] = [
+pub const STEPS: [&str; 8] = [
     "claimed",
     "read",
     "staged",
     "committed",
+    "indexed",
     "published",
     "archived",
     "warehouse",

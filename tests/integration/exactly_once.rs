@@ -227,8 +227,9 @@ fn random_uploads_renames_crashes_and_concurrent_runs_ingest_each_content_once()
         assert!(p.files("_sluice/staging").is_empty());
         assert!(
             p.files("_sluice/claims").is_empty(),
-            "{:?}",
-            p.files("_sluice/claims")
+            "seed {seed:x}: {:?}\n{}",
+            p.files("_sluice/claims"),
+            log.join("\n")
         );
         assert_eq!(status(&p)["failed"], serde_json::json!([]), "seed {seed:x}");
     }
