@@ -138,3 +138,20 @@ pub async fn release(lake: &Lake, key: &str, me: &Holder) -> Result<()> {
     }
     Ok(())
 }
+
+/// Lets go of those of `keys` this holder has: the holders are read a few at a time, then the
+/// ones that are this holder's are deleted in batches.
+pub async fn release_all(lake: &Lake, keys: &[String], me: &Holder) -> Result<()> {
+    use futures::StreamExt;
+    let held: Vec<Option<String>> = futures::stream::iter(keys)
+        .map(|key| async move {
+            match lake.get_json::<Holder>(key).await {
+                Ok(Some(h)) if h.run_id == me.run_id && h.pid == me.pid => Some(key.clone()),
+                _ => None,
+            }
+        })
+        .buffer_unordered(lake.concurrency())
+        .collect()
+        .await;
+    lake.delete_all(held.into_iter().flatten()).await
+}

@@ -13,7 +13,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::streaming::StreamingTable;
 use datafusion::physical_plan::ExecutionPlanProperties;
 use datafusion::physical_plan::streaming::PartitionStream;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectMeta;
 
 use crate::catalog::{REJECTED_PARTITION, TableMeta};
@@ -116,6 +116,9 @@ pub struct Runner<'a> {
     only: Option<BTreeSet<String>>,
     /// `max_runtime` from the runner's start.
     deadline: Deadline,
+    /// Raw files downloaded before their stream (to be hashed), by key: the stream reads them
+    /// from here instead of downloading them again.
+    downloaded: std::sync::Mutex<HashMap<String, Box<dyn std::io::Read + Send>>>,
 }
 
 impl<'a> Runner<'a> {
@@ -132,6 +135,7 @@ impl<'a> Runner<'a> {
             glue: tokio::sync::OnceCell::new(),
             only: None,
             deadline: Deadline::after(config.engine.max_runtime()),
+            downloaded: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -169,12 +173,19 @@ impl<'a> Runner<'a> {
     /// Lets go of the claims of files this run took and will not commit (the run stops at
     /// `max_runtime`): the next run takes them again, and no attempt is counted against them.
     async fn release_claims(&self, claimed: &[ObjectMeta]) {
-        for meta in claimed {
-            let key = ledger::claim_key(meta.location.as_ref());
-            if let Err(e) = lock::release(&self.lake, &key, &self.me).await {
-                tracing::warn!(key = %key, error = %e, "cannot release a claim; it goes stale");
-            }
+        let keys: Vec<String> = claimed
+            .iter()
+            .map(|m| ledger::claim_key(m.location.as_ref()))
+            .collect();
+        if let Err(e) = lock::release_all(&self.lake, &keys, &self.me).await {
+            tracing::warn!(claims = keys.len(), error = %e, "cannot release claims; they go stale");
         }
+    }
+
+    /// Ends a step: its time and the lake requests made since the last step ended.
+    fn step_done(&self, report: &mut RunReport, step: &str, since: Instant) {
+        report.time(step, since);
+        report.add_requests(step, self.lake.take_requests());
     }
 
     async fn unlock(&self) -> Result<()> {
@@ -191,6 +202,8 @@ impl<'a> Runner<'a> {
 
     async fn run_inner(&self, progress: &Progress) -> Result<RunReport> {
         let mut report = RunReport::start(&self.me.run_id);
+        report.s3 = self.lake.is_s3();
+        self.lake.take_requests();
         match self.run_steps(&mut report, progress).await {
             Ok(()) => {}
             Err(e @ Error::MaxRuntime { .. }) => {
@@ -199,6 +212,8 @@ impl<'a> Runner<'a> {
             }
             Err(e) => return Err(e),
         }
+        // Requests between the steps (failed files' attempts, catalog markers).
+        report.add_requests("other", self.lake.take_requests());
         report.finish();
         self.lake
             .put_report(&crate::report::run_key(&report.run_id), &report)
@@ -222,7 +237,7 @@ impl<'a> Runner<'a> {
             tracing::error!(error = %e, "catalog repair failed");
             report.errors.push(format!("catalog: {e}"));
         }
-        report.time("recover", t);
+        self.step_done(report, "recover", t);
         for p in &prepared {
             self.deadline
                 .check(&format!("source {} (before it started)", p.source.name))?;
@@ -270,7 +285,7 @@ impl<'a> Runner<'a> {
                 report.errors.push(format!("warehouse: {e}"));
             }
         }
-        report.time("warehouse", t);
+        self.step_done(report, "warehouse", t);
         fault::point("warehouse");
         if self.config.warehouse.kind != WarehouseKind::Embedded {
             self.deadline.check("warehouse load (before it started)")?;
@@ -285,7 +300,7 @@ impl<'a> Runner<'a> {
             )
             .instrument(tracing::info_span!("step", step = "warehouse-load"))
             .await;
-            report.time("warehouse load", t);
+            self.step_done(report, "warehouse load", t);
             match loaded {
                 Ok(()) => {}
                 Err(e @ Error::MaxRuntime { .. }) => return Err(e),
@@ -303,20 +318,26 @@ impl<'a> Runner<'a> {
     }
 
     /// Finds the new files of a source (all under its prefix, or the ones named by
-    /// [`Runner::only`]) and claims them.
+    /// [`Runner::only`]) and claims them, [`Lake::concurrency`] requests at a time.
     async fn discover(
         &self,
         source: &SourceConfig,
         ledger: &mut Ledger,
     ) -> Result<Vec<ObjectMeta>> {
         let prefix = source.raw_prefix();
-        let mut claimed = Vec::new();
+        let n = self.lake.concurrency();
         let found = match &self.only {
             None => self.lake.list(&prefix).await?,
             Some(keys) => {
+                let named: Vec<&String> = keys
+                    .iter()
+                    .filter(|k| k.starts_with(&format!("{prefix}/")))
+                    .collect();
+                let keys: Vec<String> = named.iter().map(|k| k.to_string()).collect();
+                let mut now = self.lake.metas(&keys).await?;
                 let mut found = Vec::new();
-                for key in keys.iter().filter(|k| k.starts_with(&format!("{prefix}/"))) {
-                    match self.lake.head(key).await? {
+                for key in named {
+                    match now.remove(key.as_str()) {
                         Some(m) => found.push(m),
                         // Processed and archived already (a repeated event), or deleted.
                         None => tracing::info!(key = %key, "named object is gone; nothing to do"),
@@ -325,6 +346,8 @@ impl<'a> Runner<'a> {
                 found
             }
         };
+        let mut unarchived = Vec::new();
+        let mut new = Vec::new();
         for meta in found {
             let key = meta.location.to_string();
             if !source::matches_format(&key, source.format) {
@@ -333,41 +356,40 @@ impl<'a> Runner<'a> {
                 }
                 continue;
             }
-            if let Some(done) = ledger.committed(&key, meta.size, meta.last_modified) {
+            match ledger.committed(&key, meta.size, meta.last_modified) {
                 // Committed, but not archived (a crash after the commit): finish the job.
-                ledger::archive(&self.lake, done).await?;
-                continue;
-            }
-            if !lock::try_acquire(&self.lake, &ledger::claim_key(&key), &self.me, self.ttl).await? {
-                tracing::info!(key = %key, "claimed by another run; skipping");
-                continue;
-            }
-            // Another run may have committed and archived it since the listing (and let go of
-            // its claim): then it is gone, or it is another object under the same name.
-            match self.lake.head(&key).await? {
-                Some(m) if m.size == meta.size && m.last_modified == meta.last_modified => {
-                    claimed.push(meta)
-                }
-                _ => {
-                    tracing::info!(key = %key, "changed or gone since it was listed; skipping");
-                    lock::release(&self.lake, &ledger::claim_key(&key), &self.me).await?;
-                }
+                Some(done) => unarchived.push(done.clone()),
+                None => new.push(meta),
             }
         }
-        // What other runs committed while this one listed and claimed.
-        if !claimed.is_empty() && ledger.refresh(&self.lake).await? > 0 {
-            let mut kept = Vec::with_capacity(claimed.len());
-            for meta in claimed {
-                let key = meta.location.to_string();
-                if ledger
-                    .committed(&key, meta.size, meta.last_modified)
-                    .is_some()
-                {
-                    lock::release(&self.lake, &ledger::claim_key(&key), &self.me).await?;
-                } else {
-                    kept.push(meta);
-                }
+        ledger::archive_all(&self.lake, &unarchived).await?;
+        let taken: Vec<bool> = futures::stream::iter(&new)
+            .map(|meta| {
+                let key = ledger::claim_key(meta.location.as_ref());
+                async move { lock::try_acquire(&self.lake, &key, &self.me, self.ttl).await }
+            })
+            .buffered(n)
+            .try_collect()
+            .await?;
+        let mut claimed = Vec::with_capacity(new.len());
+        for (meta, taken) in new.into_iter().zip(taken) {
+            match taken {
+                true => claimed.push(meta),
+                false => tracing::info!(key = %meta.location, "claimed by another run; skipping"),
             }
+        }
+        // What other runs committed while this one listed and claimed. A file another run
+        // committed and archived since the listing (and then let go of) is among them: its
+        // ledger entry was written before its claim was dropped. An object replaced or deleted
+        // since the listing is found when it is read (its ETag): it is left out then.
+        if !claimed.is_empty() && ledger.refresh(&self.lake).await? > 0 {
+            let (done, kept): (Vec<ObjectMeta>, Vec<ObjectMeta>) =
+                claimed.into_iter().partition(|meta| {
+                    ledger
+                        .committed(meta.location.as_ref(), meta.size, meta.last_modified)
+                        .is_some()
+                });
+            self.release_claims(&done).await;
             claimed = kept;
         }
         Ok(claimed)
@@ -383,16 +405,19 @@ impl<'a> Runner<'a> {
         let t = Instant::now();
         let mut ledger = Ledger::load(&self.lake).await?;
         let claimed = self.discover(source, &mut ledger).await?;
-        report.time("discover", t);
+        self.step_done(report, "discover", t);
         if claimed.is_empty() {
             return Ok(());
         }
         fault::point("claimed");
 
-        // A file can only repeat the content of a file of the same size: those are hashed
-        // first; every other file is hashed on the way through the reader.
+        // A file can only repeat the content of a file of the same size: those are downloaded
+        // and hashed first (a few at a time; the stream reads the downloads); every other file
+        // is hashed on the way through the reader.
         let t = Instant::now();
         let mut failures: Vec<(ObjectMeta, String)> = Vec::new();
+        // Replaced or deleted since they were listed: left for the next run.
+        let mut gone: Vec<ObjectMeta> = Vec::new();
         let mut records: Vec<FileRecord> = Vec::new();
         let mut fresh: Vec<ObjectMeta> = Vec::new();
         let mut known: HashMap<String, String> = HashMap::new();
@@ -401,32 +426,49 @@ impl<'a> Runner<'a> {
         for m in &claimed {
             *sizes.entry(m.size).or_default() += 1;
         }
+        let hashed_first = |m: &ObjectMeta| ledger.sizes.contains(&m.size) || sizes[&m.size] > 1;
+        let mut hashed = futures::stream::iter(claimed.iter().filter(|m| hashed_first(m)))
+            .map(|m| self.lake.download_and_hash(m))
+            .buffered(self.lake.concurrency());
+        let mut downloaded = HashMap::new();
         for meta in &claimed {
             let key = meta.location.to_string();
-            if !ledger.sizes.contains(&meta.size) && sizes[&meta.size] == 1 {
+            if !hashed_first(meta) {
                 fresh.push(meta.clone());
                 continue;
             }
-            let sha = match self.lake.sha256(&key).await {
-                Ok(s) => s,
-                Err(e) => {
+            let sha = match hashed.next().await {
+                Some(Ok((sha, reader))) => {
+                    downloaded.insert(key.clone(), reader);
+                    sha
+                }
+                Some(Err(e)) if lake::gone(&e) => {
+                    tracing::info!(key = %key, "changed or gone since it was listed; skipping");
+                    gone.push(meta.clone());
+                    continue;
+                }
+                Some(Err(e)) => {
                     failures.push((meta.clone(), e.to_string()));
                     continue;
                 }
+                None => unreachable!("one hash per file hashed first"),
             };
             let duplicate_of = ledger
                 .known_content(&source.name, &sha)
                 .or_else(|| run_shas.get(&sha))
                 .cloned();
             if duplicate_of.is_some() {
-                records.push(self.record(source, meta, &sha, duplicate_of).await?);
+                downloaded.remove(&key);
+                records.push(self.record(source, &ledger, meta, &sha, duplicate_of));
                 continue;
             }
             run_shas.insert(sha.clone(), key.clone());
             known.insert(key, sha);
             fresh.push(meta.clone());
         }
-        report.time("hash", t);
+        drop(hashed);
+        *self.downloaded.lock().unwrap_or_else(|e| e.into_inner()) = downloaded;
+        self.step_done(report, "hash", t);
 
         // A safe point: nothing of this batch is written yet.
         if let Err(e) = self.deadline.check(&format!(
@@ -453,6 +495,10 @@ impl<'a> Runner<'a> {
                     streamed = Some(s);
                     break;
                 }
+                Err(Failure::File(i, e)) if lake::gone(&e) => {
+                    tracing::info!(key = %fresh[i].location, "changed or gone since it was listed; skipping");
+                    gone.push(fresh.remove(i));
+                }
                 Err(Failure::File(i, e)) => failures.push((fresh.remove(i), e.to_string())),
                 // A query that fails on the data of some files fails only those: the batch
                 // runs again without them.
@@ -472,7 +518,12 @@ impl<'a> Runner<'a> {
                 }
             }
         }
-        report.time("stream", t);
+        self.downloaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.release_claims(&gone).await;
+        self.step_done(report, "stream", t);
         fault::point("read");
         if let Some(s) = &mut streamed {
             for (i, meta) in fresh.iter().enumerate() {
@@ -488,7 +539,7 @@ impl<'a> Runner<'a> {
                         continue;
                     }
                 };
-                records.push(self.record(source, meta, &sha, None).await?);
+                records.push(self.record(source, &ledger, meta, &sha, None));
             }
         }
 
@@ -535,7 +586,7 @@ impl<'a> Runner<'a> {
             released?;
         }
         let _ = std::fs::remove_dir_all(&scratch);
-        report.time("commit", t);
+        self.step_done(report, "commit", t);
         if let (Some(glue), Some((commit, ..))) = (self.glue().await, &committed) {
             let t = Instant::now();
             match glue
@@ -551,7 +602,7 @@ impl<'a> Runner<'a> {
                     ));
                 }
             }
-            report.time("catalog", t);
+            self.step_done(report, "catalog", t);
         }
 
         // Report.
@@ -591,37 +642,41 @@ impl<'a> Runner<'a> {
                 report.tables.insert(p.table.name.clone(), table_report);
             }
         }
+        let mut failed_claims = Vec::with_capacity(failures.len());
         for (meta, error) in failures {
             let key = meta.location.to_string();
             tracing::error!(key = %key, error = %error, "file failed");
             let mut f = FileReport::new(&source.name, &key, FileStatus::Failed);
             f.error = Some(error.clone());
             f.moved_to = self.record_failure(source, &meta, &error).await?;
-            self.lake.delete(&ledger::claim_key(&key)).await?;
+            failed_claims.push(ledger::claim_key(&key));
             report.files.push(f);
         }
+        self.lake.delete_all(failed_claims).await?;
         Ok(())
     }
 
-    /// The ledger record of a raw file about to be committed.
-    async fn record(
+    /// The ledger record of a raw file about to be committed. No request: the archive place is
+    /// free unless a committed file went there (the ledger knows: only commits archive), and
+    /// an earlier failure's error record is deleted with the commit whether it is there or not.
+    fn record(
         &self,
         source: &SourceConfig,
+        ledger: &Ledger,
         meta: &ObjectMeta,
         sha: &str,
         duplicate_of: Option<String>,
-    ) -> Result<FileRecord> {
+    ) -> FileRecord {
         let key = meta.location.to_string();
         let rel = lake::relative(&key, &source.raw_prefix());
         let today = Utc::now().date_naive();
         let mut archive_to = format!("archive/{}/{}/{rel}", source.name, today.format("%Y/%m/%d"));
-        if self.lake.exists(&archive_to).await? {
+        if ledger.archived.contains(&archive_to) {
             archive_to = format!("{archive_to}.{}", &sha[..8]);
         }
         // A file put back from failed/ leaves its old error behind: the commit removes it.
-        let error_json = failed_key(source, &key) + ".error.json";
-        let stale_error = self.lake.exists(&error_json).await?.then_some(error_json);
-        Ok(FileRecord {
+        let stale_error = Some(failed_key(source, &key) + ".error.json");
+        FileRecord {
             source: source.name.clone(),
             key,
             size: meta.size,
@@ -635,7 +690,7 @@ impl<'a> Runner<'a> {
             duplicate_of,
             archive_to,
             stale_error,
-        })
+        }
     }
 
     /// Finds the files of a batch whose data makes the query fail, by running the query over
@@ -695,9 +750,25 @@ impl<'a> Runner<'a> {
     ) -> std::result::Result<Streamed, Failure> {
         let budget = self.config.engine.budget();
         let keys: Vec<String> = files.iter().map(|m| m.location.to_string()).collect();
+        // Downloaded a few at a time (those hashed first are downloaded already).
+        let readers: Vec<Result<Box<dyn std::io::Read + Send>>> = futures::stream::iter(files)
+            .map(|m| async move {
+                let before = self
+                    .downloaded
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(m.location.as_ref());
+                match before {
+                    Some(reader) => Ok(reader),
+                    None => self.lake.reader_of(m).await,
+                }
+            })
+            .buffered(self.lake.concurrency())
+            .collect()
+            .await;
         let mut feed_files = Vec::with_capacity(files.len());
-        for (i, key) in keys.iter().enumerate() {
-            match self.lake.reader(key).await {
+        for (i, (key, reader)) in keys.iter().zip(readers).enumerate() {
+            match reader {
                 Ok(reader) => feed_files.push(FeedFile {
                     key: key.clone(),
                     reader,
