@@ -49,8 +49,8 @@ pub struct FileRecord {
     pub archive_to: String,
     /// Where an earlier failure of this file left its `failed/<source>/<file>.error.json` (the
     /// file was put back into `raw/`): removed, if it is there, when the commit is published
-    /// (with the claims, in one batch: a key that is absent costs nothing, so it is not looked
-    /// for first).
+    /// (with the attempt counters, in one batch: a key that is absent costs nothing, so it is
+    /// not looked for first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale_error: Option<String>,
 }
@@ -118,14 +118,6 @@ pub fn ledger_key(id: &str) -> String {
 /// `_sluice/staging/<id>/...`
 pub fn staging_prefix(id: &str) -> String {
     format!("{STATE}/staging/{id}")
-}
-
-/// `_sluice/claims/<hash of key>.json`
-pub fn claim_key(raw_key: &str) -> String {
-    format!(
-        "{STATE}/claims/{}.json",
-        &sha256_hex(raw_key.as_bytes())[..32]
-    )
 }
 
 /// `_sluice/attempts/<hash of key>.json`
@@ -299,7 +291,7 @@ pub struct AttemptError {
 }
 
 /// Publishes a commit whose ledger entry exists: staged files into place, replaced files
-/// removed, raw files archived, claims and attempt counters dropped. Idempotent. Each step's
+/// removed, raw files archived, attempt counters dropped. Idempotent. Each step's
 /// requests go a few at a time ([`Lake::concurrency`]) and its deletes in batches
 /// (`DeleteObjects` in S3); the steps stay in this order.
 pub async fn publish(lake: &Lake, commit: &Commit) -> Result<()> {
@@ -326,9 +318,7 @@ pub async fn publish(lake: &Lake, commit: &Commit) -> Result<()> {
             .flat_map(|f| std::iter::once(attempts_key(&f.key)).chain(f.stale_error.clone())),
     )
     .await?;
-    // The claims last: a file is let go once everything else of it is done.
-    lake.delete_all(commit.files.iter().map(|f| claim_key(&f.key)))
-        .await?;
+    // The run's claims go when its batch ends (`lock::unclaim`); a crashed run's are stale.
     Ok(())
 }
 
@@ -383,8 +373,6 @@ pub async fn recover(lake: &Lake) -> Result<Vec<String>> {
             tracing::warn!(commit = %commit.id, "discarding a commit interrupted before its commit point");
             let staged = lake.list(&staging_prefix(&commit.id)).await?;
             lake.delete_all(staged.into_iter().map(|m| m.location.to_string()))
-                .await?;
-            lake.delete_all(commit.files.iter().map(|f| claim_key(&f.key)))
                 .await?;
         }
         lake.delete(&key).await?;

@@ -13,7 +13,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::streaming::StreamingTable;
 use datafusion::physical_plan::ExecutionPlanProperties;
 use datafusion::physical_plan::streaming::PartitionStream;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use object_store::ObjectMeta;
 
 use crate::catalog::{REJECTED_PARTITION, TableMeta};
@@ -170,15 +170,11 @@ impl<'a> Runner<'a> {
         }
     }
 
-    /// Lets go of the claims of files this run took and will not commit (the run stops at
-    /// `max_runtime`): the next run takes them again, and no attempt is counted against them.
-    async fn release_claims(&self, claimed: &[ObjectMeta]) {
-        let keys: Vec<String> = claimed
-            .iter()
-            .map(|m| ledger::claim_key(m.location.as_ref()))
-            .collect();
-        if let Err(e) = lock::release_all(&self.lake, &keys, &self.me).await {
-            tracing::warn!(claims = keys.len(), error = %e, "cannot release claims; they go stale");
+    /// Lets go of the claims this run holds (a batch that stops at `max_runtime`, or runs
+    /// again): the next run takes the files again, and no attempt is counted against them.
+    async fn release_claims(&self) {
+        if let Err(e) = lock::unclaim(&self.lake, &self.me).await {
+            tracing::warn!(error = %e, "cannot release this run's claims; they go stale");
         }
     }
 
@@ -231,6 +227,10 @@ impl<'a> Runner<'a> {
         self.lake.clean_scratch(self.ttl);
         self.unlock().await?;
         recovered?;
+        // Claims a crashed run left behind go (the files are claimed again, or were archived).
+        if let Err(e) = lock::live_claims(&self.lake, &self.me, self.ttl).await {
+            tracing::warn!(error = %e, "cannot look for stale claims");
+        }
         if let Some(glue) = self.glue().await
             && let Err(e) = glue.repair(&self.lake).await
         {
@@ -252,6 +252,8 @@ impl<'a> Runner<'a> {
                         tracing::info_span!("table", source = %p.source.name, table = %p.table.name),
                     )
                     .await;
+                // Every file of the batch is committed, failed or left by now.
+                self.release_claims().await;
                 match done {
                     Err(Error::Raced { keys }) if tries < MAX_RACES => {
                         tries += 1;
@@ -325,7 +327,6 @@ impl<'a> Runner<'a> {
         ledger: &mut Ledger,
     ) -> Result<Vec<ObjectMeta>> {
         let prefix = source.raw_prefix();
-        let n = self.lake.concurrency();
         let found = match &self.only {
             None => self.lake.list(&prefix).await?,
             Some(keys) => {
@@ -363,19 +364,24 @@ impl<'a> Runner<'a> {
             }
         }
         ledger::archive_all(&self.lake, &unarchived).await?;
-        let taken: Vec<bool> = futures::stream::iter(&new)
-            .map(|meta| {
-                let key = ledger::claim_key(meta.location.as_ref());
-                async move { lock::try_acquire(&self.lake, &key, &self.me, self.ttl).await }
-            })
-            .buffered(n)
-            .try_collect()
-            .await?;
         let mut claimed = Vec::with_capacity(new.len());
-        for (meta, taken) in new.into_iter().zip(taken) {
-            match taken {
-                true => claimed.push(meta),
-                false => tracing::info!(key = %meta.location, "claimed by another run; skipping"),
+        if !new.is_empty() {
+            let keys: Vec<String> = new.iter().map(|m| m.location.to_string()).collect();
+            let wait = self.deadline.cap(self.wait);
+            let taken = match lock::claim(&self.lake, &keys, &self.me, self.ttl, wait).await {
+                Err(Error::Locked { .. }) if self.deadline.passed() => {
+                    return Err(self.deadline.reached("waiting for the claims lock"));
+                }
+                other => other?,
+            };
+            let taken: std::collections::HashSet<String> = taken.into_iter().collect();
+            for meta in new {
+                match taken.contains(meta.location.as_ref()) {
+                    true => claimed.push(meta),
+                    false => {
+                        tracing::info!(key = %meta.location, "claimed by another run; skipping")
+                    }
+                }
             }
         }
         // What other runs committed while this one listed and claimed. A file another run
@@ -389,7 +395,8 @@ impl<'a> Runner<'a> {
                         .committed(meta.location.as_ref(), meta.size, meta.last_modified)
                         .is_some()
                 });
-            self.release_claims(&done).await;
+            // (Their claims go with this run's others when the batch ends.)
+            drop(done);
             claimed = kept;
         }
         Ok(claimed)
@@ -475,7 +482,7 @@ impl<'a> Runner<'a> {
             "source {} (before reading its files)",
             source.name
         )) {
-            self.release_claims(&claimed).await;
+            self.release_claims().await;
             return Err(e);
         }
         // Read, query, route and write in one stream. A file that breaks half-way is left out
@@ -522,7 +529,8 @@ impl<'a> Runner<'a> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
-        self.release_claims(&gone).await;
+        // The claims of files gone are let go with the others when the batch ends.
+        drop(gone);
         self.step_done(report, "stream", t);
         fault::point("read");
         if let Some(s) = &mut streamed {
@@ -557,7 +565,7 @@ impl<'a> Runner<'a> {
             if let Err(e) = locked {
                 if matches!(e, Error::MaxRuntime { .. }) {
                     let _ = std::fs::remove_dir_all(&scratch);
-                    self.release_claims(&claimed).await;
+                    self.release_claims().await;
                 }
                 return Err(e);
             }
@@ -571,7 +579,7 @@ impl<'a> Runner<'a> {
                 Err(e @ Error::Raced { .. }) => {
                     let _ = std::fs::remove_dir_all(&scratch);
                     released?;
-                    self.release_claims(&claimed).await;
+                    self.release_claims().await;
                     return Err(e);
                 }
                 Err(e) => {
@@ -642,17 +650,14 @@ impl<'a> Runner<'a> {
                 report.tables.insert(p.table.name.clone(), table_report);
             }
         }
-        let mut failed_claims = Vec::with_capacity(failures.len());
         for (meta, error) in failures {
             let key = meta.location.to_string();
             tracing::error!(key = %key, error = %error, "file failed");
             let mut f = FileReport::new(&source.name, &key, FileStatus::Failed);
             f.error = Some(error.clone());
             f.moved_to = self.record_failure(source, &meta, &error).await?;
-            failed_claims.push(ledger::claim_key(&key));
             report.files.push(f);
         }
-        self.lake.delete_all(failed_claims).await?;
         Ok(())
     }
 
