@@ -9,6 +9,7 @@
 # SLUICE_MOTO_SERVER: moto_server (default ~/.cache/sluice-moto/bin/moto_server).
 # SLUICE_BENCH_DATA: where the generated files are kept between runs (default
 # ~/.cache/sluice-bench/small-<FILES>); never inside the repo.
+# SLUICE_CONCURRENCY: `[lake] max_concurrent_requests` (unset: the default, 32).
 # SLUICE_ARGS: more flags for `sluice run`.
 set -euo pipefail
 files=${1:-1000}
@@ -68,6 +69,7 @@ PY
 cat > "$work/sluice.toml" <<TOML
 [lake]
 root = "s3://bench/lake"
+${SLUICE_CONCURRENCY:+max_concurrent_requests = $SLUICE_CONCURRENCY}
 
 [[source]]
 name = "$table"

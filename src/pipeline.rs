@@ -320,7 +320,7 @@ impl<'a> Runner<'a> {
     }
 
     /// Finds the new files of a source (all under its prefix, or the ones named by
-    /// [`Runner::only`]) and claims them, [`Lake::concurrency`] requests at a time.
+    /// [`Runner::only`]) and claims them (one object for the batch, [`lock::claim`]).
     async fn discover(
         &self,
         source: &SourceConfig,

@@ -138,7 +138,7 @@ impl ObjectStore for Counting {
         let mut seen = 0u64;
         let counted = locations
             .inspect(move |_| {
-                if seen % PAGE == 0 {
+                if seen.is_multiple_of(PAGE) {
                     requests.add(DELETE, 1);
                 }
                 seen += 1;
