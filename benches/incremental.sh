@@ -51,8 +51,9 @@ r = json.load(open(sys.argv[1]))
 wall, rss = open(sys.argv[2]).read().split()
 t = r.get("tables", {}).get("app_logs", {})
 commit = r.get("timings", {}).get("commit", 0)
+steps = " ".join(f"{k}={v:.2f}" for k, v in sorted(r.get("timings", {}).items()) if v >= 0.01)
 print(f"{float(wall):.2f} {commit:.2f} {int(rss) // 1024} {t.get('rows_written', 0)} {t.get('rows_replaced', 0)} "
-      f"{t.get('files_rewritten', 0)} {t.get('bytes_rewritten', 0) / 1e6:.1f}")
+      f"{t.get('files_rewritten', 0)} {t.get('bytes_rewritten', 0) / 1e6:.1f} [{steps}]")
 PY
   rm -f "$t"
 }

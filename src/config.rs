@@ -90,6 +90,14 @@ pub struct LakeConfig {
     /// How long a run waits for the commit lock before giving up.
     #[serde(default = "default_lock_wait")]
     pub lock_wait_secs: u64,
+    /// How many requests a run's per-file work (claims, reads, archive moves) keeps in flight
+    /// at most; S3 answers each in tens of milliseconds, so one at a time is slow.
+    #[serde(default = "default_concurrency")]
+    pub max_concurrent_requests: usize,
+}
+
+fn default_concurrency() -> usize {
+    crate::lake::DEFAULT_CONCURRENCY
 }
 
 fn default_lock_ttl() -> u64 {

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use datafusion::arrow::array::{BooleanArray, RecordBatch};
 use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use futures::{StreamExt, TryStreamExt};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
@@ -464,8 +465,13 @@ impl Run {
         })
     }
 
-    /// The entries of page `p`, given its bytes.
-    fn decode(&self, p: usize, bytes: &[u8]) -> Result<Vec<(u128, Held)>> {
+    /// Calls `f` with each entry of page `p`, given its bytes (checked first).
+    fn each_entry(
+        &self,
+        p: usize,
+        bytes: &[u8],
+        mut f: impl FnMut(u128, u32, u64, OrderValue<'_>),
+    ) -> Result<()> {
         let page = &self.pages[p];
         if bytes.len() != page.len as usize || crc32fast::hash(bytes) != page.crc {
             return Err(damaged(
@@ -473,7 +479,6 @@ impl Run {
                 format!("{}: page {p} fails its checksum", self.key),
             ));
         }
-        let mut out = Vec::with_capacity(PAGE_ENTRIES);
         let mut at = 0;
         let bad = || damaged(&self.table, format!("{}: page {p} is cut short", self.key));
         while at < bytes.len() {
@@ -484,13 +489,13 @@ impl Run {
             let group = u32_at(bytes, at + 16);
             let values = u64_at(bytes, at + 20);
             at += 28;
-            let order = match self.kind {
+            match self.kind {
                 OrderKind::Int => {
                     if at + 8 > bytes.len() {
                         return Err(bad());
                     }
+                    f(fp, group, values, OrderValue::Int(u64_at(bytes, at)));
                     at += 8;
-                    Order::Int(u64_at(bytes, at - 8))
                 }
                 OrderKind::Bytes => {
                     if at + 4 > bytes.len() {
@@ -501,19 +506,27 @@ impl Run {
                     if at + len > bytes.len() {
                         return Err(bad());
                     }
+                    f(fp, group, values, OrderValue::Bytes(&bytes[at..at + len]));
                     at += len;
-                    Order::Bytes(bytes[at - len..at].to_vec())
                 }
-            };
+            }
+        }
+        Ok(())
+    }
+
+    /// The entries of page `p`, given its bytes.
+    fn decode(&self, p: usize, bytes: &[u8]) -> Result<Vec<(u128, Held)>> {
+        let mut out = Vec::with_capacity(PAGE_ENTRIES);
+        self.each_entry(p, bytes, |fp, group, values, order| {
             out.push((
                 fp,
                 Held {
                     group,
                     values,
-                    order,
+                    order: order.to_owned(),
                 },
-            ));
-        }
+            ))
+        })?;
         Ok(out)
     }
 
@@ -532,42 +545,69 @@ impl Run {
         out
     }
 
-    /// What this run holds for any of `fps` (sorted): reads only their pages.
+    /// What this run holds for any of `fps` (sorted): reads only their pages (neighbours in
+    /// one range), [`SCAN_SPAN`] bytes at a time, and joins each page's entries with `fps` as
+    /// both are sorted: memory stays the span's and the answer's, whatever the batch.
     async fn lookup(&self, lake: &Lake, fps: &[u128]) -> Result<Vec<(u128, Held)>> {
         let pages = self.pages_of(fps);
-        if pages.is_empty() {
-            return Ok(Vec::new());
-        }
-        // Neighbouring pages are read in one range.
-        let mut spans: Vec<(Range<u64>, Vec<usize>)> = Vec::new();
-        for &p in &pages {
-            let pg = self.pages[p];
-            let r = pg.offset..pg.offset + pg.len as u64;
-            match spans.last_mut() {
-                Some((span, ps)) if span.end == r.start && span.end - span.start < SCAN_SPAN => {
-                    span.end = r.end;
-                    ps.push(p);
-                }
-                _ => spans.push((r, vec![p])),
-            }
-        }
-        let ranges: Vec<Range<u64>> = spans.iter().map(|(r, _)| r.clone()).collect();
-        let got = lake.get_ranges(&self.key, &ranges).await?;
-        let wanted: HashSet<u128> = fps.iter().copied().collect();
         let mut out = Vec::new();
-        for ((span, ps), bytes) in spans.iter().zip(got) {
-            for &p in ps {
+        let mut next_fp = 0;
+        let mut start = 0;
+        while start < pages.len() {
+            let mut spans: Vec<(Range<u64>, Vec<usize>)> = Vec::new();
+            let mut bytes = 0u64;
+            let mut end = start;
+            while end < pages.len() && (bytes < SCAN_SPAN || end == start) {
+                let p = pages[end];
                 let pg = self.pages[p];
-                let at = (pg.offset - span.start) as usize;
-                let page = bytes.get(at..at + pg.len as usize).ok_or_else(|| {
-                    damaged(&self.table, format!("{}: page {p} is cut short", self.key))
-                })?;
-                out.extend(
-                    self.decode(p, page)?
-                        .into_iter()
-                        .filter(|(fp, _)| wanted.contains(fp)),
-                );
+                let r = pg.offset..pg.offset + pg.len as u64;
+                match spans.last_mut() {
+                    Some((span, ps)) if span.end == r.start => {
+                        span.end = r.end;
+                        ps.push(p);
+                    }
+                    _ => spans.push((r, vec![p])),
+                }
+                bytes += pg.len as u64;
+                end += 1;
             }
+            // One request a span (object_store's get_ranges would merge spans up to 1 MiB
+            // apart, reading most of a large run for a few thousand keys), a few at a time.
+            let got: Vec<bytes::Bytes> = futures::stream::iter(
+                spans
+                    .iter()
+                    .map(|(r, _)| lake.get_range(&self.key, r.clone())),
+            )
+            .buffered(16)
+            .try_collect()
+            .await?;
+            for ((span, ps), data) in spans.iter().zip(got) {
+                for &p in ps {
+                    let pg = self.pages[p];
+                    let at = (pg.offset - span.start) as usize;
+                    let page = data.get(at..at + pg.len as usize).ok_or_else(|| {
+                        damaged(&self.table, format!("{}: page {p} is cut short", self.key))
+                    })?;
+                    self.each_entry(p, page, |fp, group, values, order| {
+                        while next_fp < fps.len() && fps[next_fp] < fp {
+                            next_fp += 1;
+                        }
+                        if next_fp < fps.len() && fps[next_fp] == fp {
+                            let order = order.to_owned();
+                            out.push((
+                                fp,
+                                Held {
+                                    group,
+                                    values,
+                                    order,
+                                },
+                            ));
+                            next_fp += 1;
+                        }
+                    })?;
+                }
+            }
+            start = end;
         }
         Ok(out)
     }

@@ -6,12 +6,13 @@
 //! lake's own disk for a folder lake, so they move into place without a copy; in the OS temp
 //! folder for S3, uploaded in parts).
 
+use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::buffered::BufWriter;
 use object_store::local::LocalFileSystem;
@@ -25,6 +26,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::config::Timeouts;
 use crate::error::{Error, Result};
+use crate::requests::{Counting, Requests};
 
 /// Where the pipeline keeps its own state.
 pub const STATE: &str = "_sluice";
@@ -54,7 +56,14 @@ pub struct Lake {
     store: Arc<dyn ObjectStore>,
     root: Root,
     scratch: PathBuf,
+    /// The requests made through `store` (and the bucket store) so far.
+    requests: Arc<Requests>,
+    /// How many requests the lake's per-file work keeps in flight at most.
+    concurrency: usize,
 }
+
+/// The default of `[lake] max_concurrent_requests`.
+pub const DEFAULT_CONCURRENCY: usize = 32;
 
 impl Lake {
     /// Opens a lake: `s3://bucket/prefix` or a local folder (created if needed); S3 requests
@@ -74,10 +83,13 @@ impl Lake {
             .canonicalize()
             .map_err(|e| Error::io(format!("cannot open lake folder {}", root.display()), e))?;
         let local = Arc::new(LocalFileSystem::new_with_prefix(&root)?);
+        let requests = Arc::new(Requests::default());
         Ok(Lake {
-            store: local.clone(),
+            store: Arc::new(Counting::new(local.clone(), requests.clone())),
             scratch: root.join(STATE).join("tmp"),
             root: Root::Folder(root, local),
+            requests,
+            concurrency: DEFAULT_CONCURRENCY,
         })
     }
 
@@ -109,7 +121,9 @@ impl Lake {
                 .with_allow_http(endpoint.starts_with("http://"))
                 .with_endpoint(endpoint);
         }
-        let bucket_store: Arc<dyn ObjectStore> = Arc::new(builder.build()?);
+        let requests = Arc::new(Requests::default());
+        let bucket_store: Arc<dyn ObjectStore> =
+            Arc::new(Counting::new(Arc::new(builder.build()?), requests.clone()));
         let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
             bucket_store.clone()
         } else {
@@ -123,7 +137,26 @@ impl Lake {
                 prefix,
                 bucket_store,
             },
+            requests,
+            concurrency: DEFAULT_CONCURRENCY,
         })
+    }
+
+    /// Keeps at most `n` requests in flight in the per-file work of a run (claims, reads,
+    /// archive moves; `[lake] max_concurrent_requests`).
+    pub fn with_max_concurrent_requests(mut self, n: usize) -> Lake {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// How many requests the per-file work keeps in flight at most.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    /// The requests made since the last call, per kind (`GET`, `HEAD`, `PUT`, ...).
+    pub fn take_requests(&self) -> std::collections::BTreeMap<String, u64> {
+        self.requests.take()
     }
 
     /// Where the lake is, for people: a folder or `s3://bucket/prefix`.
@@ -241,24 +274,38 @@ impl Lake {
         Ok(self.store.get_ranges(&path(key), ranges).await?)
     }
 
-    /// A reader of an object's bytes (see [`Lake::local_file`]).
-    pub async fn reader(&self, key: &str) -> Result<Box<dyn std::io::Read + Send>> {
-        Ok(Box::new(self.local_file(key).await?))
+    /// An object as a local file, as [`Lake::reader_of`] reads it (a folder lake's file in
+    /// place, a remote object downloaded), for a key not listed first.
+    pub async fn local_file(&self, key: &str) -> Result<std::fs::File> {
+        let meta = self.store.head(&path(key)).await?;
+        let meta = ObjectMeta {
+            location: path(key),
+            ..meta
+        };
+        self.file_of(&meta).await
     }
 
-    /// An object as a local file: a folder lake's file is opened in place; a remote object is
-    /// downloaded into an unnamed scratch file first (bounded memory, whatever its size), in
-    /// ranges of [`DOWNLOAD_RANGE`] bytes when it is larger, so that each request ends well
-    /// within the request timeout whatever the object's size.
-    pub async fn local_file(&self, key: &str) -> Result<std::fs::File> {
+    /// A reader of the object `meta` names, as listed: a local file is read in place; a remote
+    /// object is downloaded into an unnamed scratch file first (bounded memory, whatever its
+    /// size), in one request when it is at most [`DOWNLOAD_RANGE`] bytes, else in ranges of
+    /// that size, so that each request ends well within the request timeout. Every request
+    /// asks for the listed version (its ETag): an object replaced since it was listed is
+    /// `Error::Store(Precondition)` and one deleted `Error::Store(NotFound)` ([`gone`]).
+    pub async fn reader_of(&self, meta: &ObjectMeta) -> Result<Box<dyn std::io::Read + Send>> {
+        Ok(Box::new(self.file_of(meta).await?))
+    }
+
+    /// The file [`Lake::reader_of`] reads.
+    async fn file_of(&self, meta: &ObjectMeta) -> Result<std::fs::File> {
+        let key = meta.location.as_ref();
         let fail = |e| Error::io(format!("cannot download {key} to scratch"), e);
-        let p = path(key);
-        let large = match self.is_s3() {
-            true => Some(self.store.head(&p).await?).filter(|m| m.size > DOWNLOAD_RANGE),
-            false => None,
-        };
-        let Some(meta) = large else {
-            let got = self.store.get(&p).await?;
+        let p = &meta.location;
+        if !self.is_s3() || meta.size <= DOWNLOAD_RANGE {
+            let opts = GetOptions {
+                if_match: meta.e_tag.clone(),
+                ..Default::default()
+            };
+            let got = self.store.get_opts(p, opts).await?;
             return match got.payload {
                 GetResultPayload::File(file, _) => Ok(file),
                 GetResultPayload::Stream(mut stream) => {
@@ -271,7 +318,7 @@ impl Lake {
                     Ok(file)
                 }
             };
-        };
+        }
         tracing::debug!(key, size = meta.size, "downloading in ranges");
         std::fs::create_dir_all(&self.scratch).map_err(fail)?;
         let mut file = tempfile::tempfile_in(&self.scratch).map_err(fail)?;
@@ -285,7 +332,7 @@ impl Lake {
                 if_match: meta.e_tag.clone(),
                 ..Default::default()
             };
-            let mut stream = self.store.get_opts(&p, opts).await?.into_stream();
+            let mut stream = self.store.get_opts(p, opts).await?.into_stream();
             let before = start;
             while let Some(part) = stream.try_next().await? {
                 file.write_all(&part).map_err(fail)?;
@@ -302,28 +349,17 @@ impl Lake {
         Ok(file)
     }
 
-    /// SHA-256 of an object's bytes, hex, read in pieces.
-    pub async fn sha256(&self, key: &str) -> Result<String> {
-        use sha2::Digest;
-        let mut reader = self.reader(key).await?;
-        let key = key.to_string();
-        tokio::task::spawn_blocking(move || {
-            let mut sha = sha2::Sha256::new();
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                match reader.read(&mut buf) {
-                    Ok(0) => return Ok(hex::encode(sha.finalize())),
-                    Ok(n) => sha.update(&buf[..n]),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(Error::io(format!("cannot read {key}"), e)),
-                }
-            }
-        })
-        .await
-        .map_err(|e| Error::State {
-            path: "hasher".into(),
-            message: e.to_string(),
-        })?
+    /// Reads the object `meta` names ([`Lake::reader_of`], one request for a small object)
+    /// and hashes it: its SHA-256 (hex) and a reader of it from the start, for the stream.
+    pub async fn download_and_hash(
+        &self,
+        meta: &ObjectMeta,
+    ) -> Result<(String, Box<dyn std::io::Read + Send>)> {
+        let key = meta.location.as_ref();
+        let (sha, mut file) = hash(key, self.file_of(meta).await?).await?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| Error::io(format!("cannot read {key} again"), e))?;
+        Ok((sha, Box::new(file)))
     }
 
     /// A local folder for a run's files in the making (on the lake's own disk, so that they
@@ -403,6 +439,69 @@ impl Lake {
         }
     }
 
+    /// The metadata of each of `keys` that exists now (keyed as given). In S3, when the keys
+    /// share a folder, by listing it from the first key to the last (1,000 keys a request) as
+    /// long as that takes fewer requests than a `HEAD` each; the keys the listing did not reach
+    /// then get their `HEAD`, [`Lake::concurrency`] at a time.
+    pub async fn metas(&self, keys: &[String]) -> Result<HashMap<String, ObjectMeta>> {
+        let mut out = HashMap::with_capacity(keys.len());
+        let mut rest: Vec<&String> = keys.iter().collect();
+        rest.sort();
+        rest.dedup();
+        if self.is_s3() && rest.len() > 2 {
+            let (first, last) = (rest[0], rest[rest.len() - 1]);
+            let common = first
+                .bytes()
+                .zip(last.bytes())
+                .take_while(|(a, b)| a == b)
+                .count();
+            // The folder both (and so every key between them) are in.
+            if let Some(end) = first[..common].rfind('/') {
+                let folder = path(&first[..end]);
+                // A listing page costs a request: stop before it costs as many as the HEADs.
+                let budget = (rest.len() as u64 - 1) * 1000;
+                let wanted: std::collections::HashSet<&str> =
+                    rest.iter().map(|k| k.as_str()).collect();
+                let mut listed = self.store.list(Some(&folder));
+                let mut seen = 0u64;
+                let mut reached = false;
+                let mut upto = String::new();
+                while let Some(meta) = listed.try_next().await? {
+                    seen += 1;
+                    upto = meta.location.to_string();
+                    let key = meta.location.as_ref();
+                    // S3 lists in key order (UTF-8 bytes).
+                    if key > last.as_str() {
+                        reached = true;
+                        break;
+                    }
+                    if wanted.contains(key) {
+                        out.insert(key.to_string(), meta);
+                    }
+                    if seen >= budget {
+                        break;
+                    }
+                }
+                if reached || seen < budget {
+                    return Ok(out);
+                }
+                // Stopped early: the keys after the last one listed get their HEAD.
+                rest.retain(|k| k.as_str() > upto.as_str());
+            }
+        }
+        let heads: Vec<Option<ObjectMeta>> = futures::stream::iter(&rest)
+            .map(|k| self.head(k))
+            .buffered(self.concurrency)
+            .try_collect()
+            .await?;
+        for (k, m) in rest.into_iter().zip(heads) {
+            if let Some(m) = m {
+                out.insert(k.clone(), m);
+            }
+        }
+        Ok(out)
+    }
+
     /// Writes an object atomically (readers see all of it or nothing).
     pub async fn put(&self, key: &str, data: impl Into<Bytes>) -> Result<()> {
         self.store
@@ -436,8 +535,8 @@ impl Lake {
         }
     }
 
-    /// Moves an object; the target is replaced if it exists. In S3 that is a copy, a check
-    /// that the copy is whole (same size), then the delete of the original.
+    /// Moves an object; the target is replaced if it exists. In S3 that is a copy (which is
+    /// whole or fails: its answer says so), then the delete of the original.
     pub async fn rename(&self, from: &str, to: &str) -> Result<()> {
         let (from, to) = (path(from), path(to));
         if !self.is_s3() {
@@ -445,18 +544,56 @@ impl Lake {
             return Ok(());
         }
         self.store.copy(&from, &to).await?;
-        let (source, copy) = (self.store.head(&from).await?, self.store.head(&to).await?);
-        if source.size != copy.size {
-            return Err(Error::Store(object_store::Error::Generic {
-                store: "S3",
-                source: format!(
-                    "the copy of {from} at {to} has {} bytes, the original {}; the original is kept",
-                    copy.size, source.size
-                )
-                .into(),
-            }));
-        }
         self.store.delete(&from).await?;
+        Ok(())
+    }
+
+    /// Moves objects (`from`, `to`), at most [`Lake::concurrency`] at once; the targets are
+    /// replaced if they exist. In S3: the copies, then one `DeleteObjects` per 1,000 originals.
+    /// A `from` that is gone (moved before: a publish run again) is left out; the `from`s
+    /// moved are returned.
+    pub async fn move_all(&self, moves: &[(String, String)]) -> Result<Vec<String>> {
+        let s3 = self.is_s3();
+        let moved: Vec<Option<String>> = futures::stream::iter(moves)
+            .map(|(from, to)| async move {
+                let (f, t) = (path(from), path(to));
+                let done = match s3 {
+                    true => self.store.copy(&f, &t).await,
+                    false => self.store.rename(&f, &t).await,
+                };
+                match done {
+                    Ok(()) => Ok(Some(from.clone())),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(Error::from(e)),
+                }
+            })
+            .buffer_unordered(self.concurrency)
+            .try_collect()
+            .await?;
+        let moved: Vec<String> = moved.into_iter().flatten().collect();
+        if s3 {
+            self.delete_all(moved.iter().cloned()).await?;
+        }
+        Ok(moved)
+    }
+
+    /// Deletes objects, 1,000 a request in S3 (`DeleteObjects`); ones that are gone are not an
+    /// error.
+    pub async fn delete_all(&self, keys: impl IntoIterator<Item = String>) -> Result<()> {
+        let paths: Vec<Result<Path, object_store::Error>> =
+            keys.into_iter().map(|k| Ok(path(&k))).collect();
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let mut done = self
+            .store
+            .delete_stream(futures::stream::iter(paths).boxed());
+        while let Some(r) = done.next().await {
+            match r {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
     }
 
@@ -497,6 +634,39 @@ impl Lake {
         })?;
         self.put(key, data).await
     }
+}
+
+/// Whether an error says the object is not the one listed any more: deleted, or replaced
+/// (its ETag changed) since.
+pub fn gone(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Store(object_store::Error::NotFound { .. })
+            | Error::Store(object_store::Error::Precondition { .. })
+    )
+}
+
+/// SHA-256 (hex) of what `reader` reads, on a blocking thread; the reader is handed back.
+async fn hash<R: Read + Send + 'static>(key: &str, mut reader: R) -> Result<(String, R)> {
+    use sha2::Digest;
+    let key = key.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut sha = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => return Ok((hex::encode(sha.finalize()), reader)),
+                Ok(n) => sha.update(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(format!("cannot read {key}"), e)),
+            }
+        }
+    })
+    .await
+    .map_err(|e| Error::State {
+        path: "hasher".into(),
+        message: e.to_string(),
+    })?
 }
 
 /// Remote objects larger than this are downloaded in ranges of this size (one request each).

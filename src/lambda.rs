@@ -35,7 +35,9 @@ async fn handle(event: LambdaEvent<Value>) -> Result<Value> {
     let mut config = Config::load(&path)?;
     crate::timeout::set(config.timeouts.get());
     config.resolve_secrets().await?;
-    let lake = Lake::open(&config.lake_root(), &config.timeouts.get()).await?;
+    let lake = Lake::open(&config.lake_root(), &config.timeouts.get())
+        .await?
+        .with_max_concurrent_requests(config.lake.max_concurrent_requests);
     match trigger::handle_event(&config, lake, &event.payload.to_string(), false).await? {
         None => Ok(serde_json::json!({ "status": "nothing_to_do" })),
         Some(report) if report.status == RunStatus::Failed => Err(Error::State {

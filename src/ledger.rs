@@ -6,7 +6,9 @@
 //! replaced files, archiving raw files) is idempotent, so recovery after a crash either rolls a
 //! commit forward (ledger entry present) or throws its staging away (absent).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+
+use futures::{StreamExt, TryStreamExt};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -45,8 +47,10 @@ pub struct FileRecord {
     pub duplicate_of: Option<String>,
     /// Where the raw file goes once committed.
     pub archive_to: String,
-    /// The `failed/<source>/<file>.error.json` of an earlier failure of this file (it was put
-    /// back into `raw/`), removed when the commit is published.
+    /// Where an earlier failure of this file left its `failed/<source>/<file>.error.json` (the
+    /// file was put back into `raw/`): removed, if it is there, when the commit is published
+    /// (with the attempt counters, in one batch: a key that is absent costs nothing, so it is
+    /// not looked for first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale_error: Option<String>,
 }
@@ -122,14 +126,6 @@ pub fn staging_prefix(id: &str) -> String {
     format!("{STATE}/staging/{id}")
 }
 
-/// Where claims are.
-pub const CLAIMS: &str = "_sluice/claims";
-
-/// `_sluice/claims/<hash of key>.json`
-pub fn claim_key(raw_key: &str) -> String {
-    format!("{CLAIMS}/{}.json", &sha256_hex(raw_key.as_bytes())[..32])
-}
-
 /// `_sluice/attempts/<hash of key>.json`
 pub fn attempts_key(raw_key: &str) -> String {
     format!(
@@ -156,7 +152,9 @@ pub struct Ledger {
     /// commit never replaces another's ledger entry, so a content once known stays known.
     pub by_sha: HashMap<(String, String), String>,
     /// Sizes of committed files: a new file of another size cannot repeat one's content.
-    pub sizes: std::collections::HashSet<u64>,
+    pub sizes: HashSet<u64>,
+    /// Where committed files were archived: a new file's archive place is another one.
+    pub archived: HashSet<String>,
     /// Ids of all commits, sorted.
     pub commits: Vec<String>,
     /// Commits by id, for the tables they changed.
@@ -174,18 +172,24 @@ impl Ledger {
     /// Adds the entries committed since this ledger was loaded (by other runs); returns how
     /// many there were.
     pub async fn refresh(&mut self, lake: &Lake) -> Result<usize> {
-        let mut added = 0;
+        let mut new = Vec::new();
         for meta in lake.list(&format!("{STATE}/ledger")).await? {
             let key = meta.location.to_string();
             let id = crate::lake::relative(&key, &format!("{STATE}/ledger"))
                 .trim_end_matches(".json")
                 .to_string();
-            if self.changed_tables.contains_key(&id) {
-                continue;
+            if !self.changed_tables.contains_key(&id) {
+                new.push(key);
             }
-            let Some(commit) = lake.get_json::<Commit>(&key).await? else {
-                continue;
-            };
+        }
+        // Read a few at a time, added in the listing's order.
+        let commits: Vec<Option<Commit>> = futures::stream::iter(&new)
+            .map(|key| lake.get_json::<Commit>(key))
+            .buffered(lake.concurrency())
+            .try_collect()
+            .await?;
+        let mut added = 0;
+        for commit in commits.into_iter().flatten() {
             self.add(&commit);
             added += 1;
         }
@@ -217,6 +221,7 @@ impl Ledger {
     pub fn add(&mut self, commit: &Commit) {
         for f in &commit.files {
             self.sizes.insert(f.size);
+            self.archived.insert(f.archive_to.clone());
             let original = match f.outcome {
                 FileOutcome::Processed => &f.key,
                 FileOutcome::Duplicate => f.duplicate_of.as_ref().unwrap_or(&f.key),
@@ -292,43 +297,41 @@ pub struct AttemptError {
 }
 
 /// Publishes a commit whose ledger entry exists: staged files into place, replaced files
-/// removed, raw files archived, claims and attempt counters dropped. Idempotent.
+/// removed, raw files archived, attempt counters dropped. Idempotent. Each step's
+/// requests go a few at a time ([`Lake::concurrency`]) and its deletes in batches
+/// (`DeleteObjects` in S3); the steps stay in this order.
 pub async fn publish(lake: &Lake, commit: &Commit) -> Result<()> {
     for t in &commit.tables {
-        for m in &t.added {
-            if lake.exists(&m.from).await? {
-                lake.rename(&m.from, &m.to).await?;
-            }
-        }
+        // A staged file that is gone was moved by an earlier publish of this commit.
+        let moves: Vec<(String, String)> = t
+            .added
+            .iter()
+            .map(|m| (m.from.clone(), m.to.clone()))
+            .collect();
+        lake.move_all(&moves).await?;
         match &t.delta {
             // Replaced files stay for readers of older versions, until `vacuum`.
             Some(txn) => publish_delta(lake, t, txn).await?,
-            None => {
-                for r in &t.removed {
-                    lake.delete(r).await?;
-                }
-            }
+            None => lake.delete_all(t.removed.iter().cloned()).await?,
         }
-        // The key index follows the data it describes: runs, then the head that names them.
+        // The key index follows the data it describes: runs, then the head that names them
+        // (one at a time, in that order), then the runs the head no longer names.
         for m in &t.index {
-            if lake.exists(&m.from).await? {
-                lake.rename(&m.from, &m.to).await?;
-            }
+            lake.move_all(&[(m.from.clone(), m.to.clone())]).await?;
         }
         crate::fault::point("indexed");
-        for r in &t.index_removed {
-            lake.delete(r).await?;
-        }
+        lake.delete_all(t.index_removed.iter().cloned()).await?;
     }
     crate::fault::point("published");
-    for f in &commit.files {
-        archive(lake, f).await?;
-        lake.delete(&attempts_key(&f.key)).await?;
-        if let Some(e) = &f.stale_error {
-            lake.delete(e).await?;
-        }
-        lake.delete(&claim_key(&f.key)).await?;
-    }
+    archive_all(lake, &commit.files).await?;
+    lake.delete_all(
+        commit
+            .files
+            .iter()
+            .flat_map(|f| std::iter::once(attempts_key(&f.key)).chain(f.stale_error.clone())),
+    )
+    .await?;
+    // The run's claims go when its batch ends (`lock::unclaim`); a crashed run's are stale.
     Ok(())
 }
 
@@ -346,23 +349,25 @@ async fn publish_delta(_: &Lake, t: &TableChange, _: &DeltaTxn) -> Result<()> {
     })
 }
 
-/// Moves a committed raw file to its archive place if it is still in `raw/` with the same size.
-pub async fn archive(lake: &Lake, f: &FileRecord) -> Result<()> {
-    if let Some(meta) = lake.head(&f.key).await?
-        && meta.size == f.size
-        && meta.last_modified == f.last_modified
-    {
-        lake.rename(&f.key, &f.archive_to).await?;
-        match lake.head(&f.archive_to).await? {
-            Some(m) if m.size == f.size => {}
-            _ => {
-                return Err(crate::error::Error::State {
-                    path: f.archive_to.clone(),
-                    message: "archived copy is missing or has the wrong size".into(),
-                });
-            }
-        }
+/// Moves committed raw files to their archive places, each if it is still in `raw/` as it was
+/// committed (same size and modification time: one listing of their folder in S3, or a `HEAD`
+/// each, [`Lake::metas`]); a move is a copy, whose answer says it is whole, and the originals'
+/// deletes go in batches.
+pub async fn archive_all(lake: &Lake, files: &[FileRecord]) -> Result<()> {
+    if files.is_empty() {
+        return Ok(());
     }
+    let keys: Vec<String> = files.iter().map(|f| f.key.clone()).collect();
+    let now = lake.metas(&keys).await?;
+    let moves: Vec<(String, String)> = files
+        .iter()
+        .filter(|f| {
+            now.get(&f.key)
+                .is_some_and(|m| m.size == f.size && m.last_modified == f.last_modified)
+        })
+        .map(|f| (f.key.clone(), f.archive_to.clone()))
+        .collect();
+    lake.move_all(&moves).await?;
     Ok(())
 }
 
@@ -379,12 +384,9 @@ pub async fn recover(lake: &Lake) -> Result<Vec<String>> {
             publish(lake, &commit).await?;
         } else {
             tracing::warn!(commit = %commit.id, "discarding a commit interrupted before its commit point");
-            for m in lake.list(&staging_prefix(&commit.id)).await? {
-                lake.delete(m.location.as_ref()).await?;
-            }
-            for f in &commit.files {
-                lake.delete(&claim_key(&f.key)).await?;
-            }
+            let staged = lake.list(&staging_prefix(&commit.id)).await?;
+            lake.delete_all(staged.into_iter().map(|m| m.location.to_string()))
+                .await?;
         }
         lake.delete(&key).await?;
         done.push(commit.id);

@@ -28,6 +28,7 @@ pub mod notify;
 pub mod pipeline;
 pub mod redact;
 pub mod report;
+pub mod requests;
 pub mod secrets;
 pub mod sink;
 pub mod source;

@@ -139,24 +139,102 @@ pub async fn release(lake: &Lake, key: &str, me: &Holder) -> Result<()> {
     Ok(())
 }
 
-/// Deletes the stale locks under `prefix`: claims a dead run left on files nobody will claim
-/// again (renamed or deleted since) would stay forever otherwise. Returns how many went.
-pub async fn sweep(lake: &Lake, prefix: &str, ttl: Duration) -> Result<usize> {
-    let mut swept = 0;
-    for m in lake.list(prefix).await? {
-        let key = m.location.to_string();
-        let stale = match lake.get_json::<Holder>(&key).await {
-            Ok(Some(h)) => h.is_stale(ttl),
-            Ok(None) => false,
-            Err(_) => true,
+/// The lock under which runs take their claims.
+pub const CLAIMS_LOCK: &str = "_sluice/locks/claims.json";
+
+/// `_sluice/claims/run-<run id>.json`: the raw files a run has claimed.
+pub fn claims_key(run_id: &str) -> String {
+    format!("{}/claims/run-{run_id}.json", crate::lake::STATE)
+}
+
+/// The raw files one run has claimed, and the run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The run.
+    pub holder: Holder,
+    /// Lake keys of its raw files.
+    pub keys: Vec<String>,
+}
+
+/// Claims those of `keys` that no live run holds and returns them: under [`CLAIMS_LOCK`]
+/// (waiting up to `wait`), the other runs' claims are read (a stale holder's are removed)
+/// and this run's are written as one object, [`claims_key`], replacing any it had. A few
+/// requests a batch, whatever its size, instead of one conditional create a file.
+pub async fn claim(
+    lake: &Lake,
+    keys: &[String],
+    me: &Holder,
+    ttl: Duration,
+    wait: Duration,
+) -> Result<Vec<String>> {
+    acquire(lake, CLAIMS_LOCK, me, ttl, wait).await?;
+    let taken = async {
+        let mine = claims_key(&me.run_id);
+        let held = live_claims(lake, me, ttl).await?;
+        let taken: Vec<String> = keys
+            .iter()
+            .filter(|k| !held.contains(*k))
+            .cloned()
+            .collect();
+        let claims = Claims {
+            holder: me.clone(),
+            keys: taken,
         };
-        if stale {
-            lake.delete(&key).await?;
-            swept += 1;
+        match claims.keys.is_empty() {
+            true => lake.delete(&mine).await?,
+            false => lake.put_json(&mine, &claims).await?,
+        }
+        Ok::<_, Error>(claims.keys)
+    }
+    .await;
+    let released = release(lake, CLAIMS_LOCK, me).await;
+    let taken = taken?;
+    released?;
+    Ok(taken)
+}
+
+/// The raw files other live runs have claimed; the claims of stale holders (a crashed run)
+/// are deleted on the way. One listing, and a read of each other run's claims.
+pub async fn live_claims(
+    lake: &Lake,
+    me: &Holder,
+    ttl: Duration,
+) -> Result<std::collections::HashSet<String>> {
+    use futures::StreamExt;
+    let mine = claims_key(&me.run_id);
+    let others: Vec<String> = lake
+        .list(&format!("{}/claims", crate::lake::STATE))
+        .await?
+        .into_iter()
+        .map(|m| m.location.to_string())
+        .filter(|k| *k != mine && crate::lake::relative(k, "_sluice/claims").starts_with("run-"))
+        .collect();
+    let sets: Vec<Result<Option<Claims>>> = futures::stream::iter(&others)
+        .map(|k| lake.get_json::<Claims>(k))
+        .buffered(lake.concurrency())
+        .collect()
+        .await;
+    let mut held = std::collections::HashSet::new();
+    let mut stale = Vec::new();
+    for (key, set) in others.iter().zip(sets) {
+        match set {
+            Ok(Some(c)) if !c.holder.is_stale(ttl) => held.extend(c.keys),
+            Ok(Some(c)) => {
+                tracing::warn!(holder = %c.holder.describe(), files = c.keys.len(), "dropping stale claims");
+                stale.push(key.clone());
+            }
+            // Gone in between: its run ended.
+            Ok(None) => {}
+            // Not claims (damaged): dropped.
+            Err(Error::State { .. }) => stale.push(key.clone()),
+            Err(e) => return Err(e),
         }
     }
-    if swept > 0 {
-        tracing::info!(prefix, swept, "stale claims of a run that is gone deleted");
-    }
-    Ok(swept)
+    lake.delete_all(stale).await?;
+    Ok(held)
+}
+
+/// Lets go of every claim of this run.
+pub async fn unclaim(lake: &Lake, me: &Holder) -> Result<()> {
+    lake.delete(&claims_key(&me.run_id)).await
 }

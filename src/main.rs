@@ -109,7 +109,9 @@ async fn load(cli: &Cli, config_path: &Path) -> Result<(Config, Lake)> {
         config.engine.max_runtime = Some(limit.clone());
     }
     let root = cli.lake.clone().unwrap_or_else(|| config.lake_root());
-    let lake = Lake::open(&root, &config.timeouts.get()).await?;
+    let lake = Lake::open(&root, &config.timeouts.get())
+        .await?
+        .with_max_concurrent_requests(config.lake.max_concurrent_requests);
     Ok((config, lake))
 }
 

@@ -116,6 +116,9 @@ pub struct Runner<'a> {
     only: Option<BTreeSet<String>>,
     /// `max_runtime` from the runner's start.
     deadline: Deadline,
+    /// Raw files downloaded before their stream (to be hashed), by key: the stream reads them
+    /// from here instead of downloading them again.
+    downloaded: std::sync::Mutex<HashMap<String, Box<dyn std::io::Read + Send>>>,
 }
 
 impl<'a> Runner<'a> {
@@ -132,6 +135,7 @@ impl<'a> Runner<'a> {
             glue: tokio::sync::OnceCell::new(),
             only: None,
             deadline: Deadline::after(config.engine.max_runtime()),
+            downloaded: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -166,15 +170,18 @@ impl<'a> Runner<'a> {
         }
     }
 
-    /// Lets go of the claims of files this run took and will not commit (the run stops at
-    /// `max_runtime`): the next run takes them again, and no attempt is counted against them.
-    async fn release_claims(&self, claimed: &[ObjectMeta]) {
-        for meta in claimed {
-            let key = ledger::claim_key(meta.location.as_ref());
-            if let Err(e) = lock::release(&self.lake, &key, &self.me).await {
-                tracing::warn!(key = %key, error = %e, "cannot release a claim; it goes stale");
-            }
+    /// Lets go of the claims this run holds (a batch that stops at `max_runtime`, or runs
+    /// again): the next run takes the files again, and no attempt is counted against them.
+    async fn release_claims(&self) {
+        if let Err(e) = lock::unclaim(&self.lake, &self.me).await {
+            tracing::warn!(error = %e, "cannot release this run's claims; they go stale");
         }
+    }
+
+    /// Ends a step: its time and the lake requests made since the last step ended.
+    fn step_done(&self, report: &mut RunReport, step: &str, since: Instant) {
+        report.time(step, since);
+        report.add_requests(step, self.lake.take_requests());
     }
 
     async fn unlock(&self) -> Result<()> {
@@ -191,6 +198,8 @@ impl<'a> Runner<'a> {
 
     async fn run_inner(&self, progress: &Progress) -> Result<RunReport> {
         let mut report = RunReport::start(&self.me.run_id);
+        report.s3 = self.lake.is_s3();
+        self.lake.take_requests();
         match self.run_steps(&mut report, progress).await {
             Ok(()) => {}
             Err(e @ Error::MaxRuntime { .. }) => {
@@ -199,6 +208,8 @@ impl<'a> Runner<'a> {
             }
             Err(e) => return Err(e),
         }
+        // Requests between the steps (failed files' attempts, catalog markers).
+        report.add_requests("other", self.lake.take_requests());
         report.finish();
         self.lake
             .put_report(&crate::report::run_key(&report.run_id), &report)
@@ -213,20 +224,21 @@ impl<'a> Runner<'a> {
         let recovered = ledger::recover(&self.lake)
             .instrument(tracing::info_span!("step", step = "recover"))
             .await;
-        let recovered = match recovered {
-            Ok(_) => lock::sweep(&self.lake, ledger::CLAIMS, self.ttl).await,
-            Err(e) => Err(e),
-        };
+
         self.lake.clean_scratch(self.ttl);
         self.unlock().await?;
         recovered?;
+        // Claims a crashed run left behind go (the files are claimed again, or were archived).
+        if let Err(e) = lock::live_claims(&self.lake, &self.me, self.ttl).await {
+            tracing::warn!(error = %e, "cannot look for stale claims");
+        }
         if let Some(glue) = self.glue().await
             && let Err(e) = glue.repair(&self.lake).await
         {
             tracing::error!(error = %e, "catalog repair failed");
             report.errors.push(format!("catalog: {e}"));
         }
-        report.time("recover", t);
+        self.step_done(report, "recover", t);
         for p in &prepared {
             self.deadline
                 .check(&format!("source {} (before it started)", p.source.name))?;
@@ -241,6 +253,8 @@ impl<'a> Runner<'a> {
                         tracing::info_span!("table", source = %p.source.name, table = %p.table.name),
                     )
                     .await;
+                // Every file of the batch is committed, failed or left by now.
+                self.release_claims().await;
                 match done {
                     Err(Error::Raced { keys }) if tries < MAX_RACES => {
                         tries += 1;
@@ -278,7 +292,7 @@ impl<'a> Runner<'a> {
                 report.errors.push(format!("warehouse: {e}"));
             }
         }
-        report.time("warehouse", t);
+        self.step_done(report, "warehouse", t);
         fault::point("warehouse");
         if self.config.warehouse.kind != WarehouseKind::Embedded {
             self.deadline.check("warehouse load (before it started)")?;
@@ -293,7 +307,7 @@ impl<'a> Runner<'a> {
             )
             .instrument(tracing::info_span!("step", step = "warehouse-load"))
             .await;
-            report.time("warehouse load", t);
+            self.step_done(report, "warehouse load", t);
             match loaded {
                 Ok(()) => {}
                 Err(e @ Error::MaxRuntime { .. }) => return Err(e),
@@ -311,20 +325,25 @@ impl<'a> Runner<'a> {
     }
 
     /// Finds the new files of a source (all under its prefix, or the ones named by
-    /// [`Runner::only`]) and claims them.
+    /// [`Runner::only`]) and claims them (one object for the batch, [`lock::claim`]).
     async fn discover(
         &self,
         source: &SourceConfig,
         ledger: &mut Ledger,
     ) -> Result<Vec<ObjectMeta>> {
         let prefix = source.raw_prefix();
-        let mut claimed = Vec::new();
         let found = match &self.only {
             None => self.lake.list(&prefix).await?,
             Some(keys) => {
+                let named: Vec<&String> = keys
+                    .iter()
+                    .filter(|k| k.starts_with(&format!("{prefix}/")))
+                    .collect();
+                let keys: Vec<String> = named.iter().map(|k| k.to_string()).collect();
+                let mut now = self.lake.metas(&keys).await?;
                 let mut found = Vec::new();
-                for key in keys.iter().filter(|k| k.starts_with(&format!("{prefix}/"))) {
-                    match self.lake.head(key).await? {
+                for key in named {
+                    match now.remove(key.as_str()) {
                         Some(m) => found.push(m),
                         // Processed and archived already (a repeated event), or deleted.
                         None => tracing::info!(key = %key, "named object is gone; nothing to do"),
@@ -333,6 +352,8 @@ impl<'a> Runner<'a> {
                 found
             }
         };
+        let mut unarchived = Vec::new();
+        let mut new = Vec::new();
         for meta in found {
             let key = meta.location.to_string();
             if !source::matches_format(&key, source.format) {
@@ -341,41 +362,46 @@ impl<'a> Runner<'a> {
                 }
                 continue;
             }
-            if let Some(done) = ledger.committed(&key, meta.size, meta.last_modified) {
+            match ledger.committed(&key, meta.size, meta.last_modified) {
                 // Committed, but not archived (a crash after the commit): finish the job.
-                ledger::archive(&self.lake, done).await?;
-                continue;
+                Some(done) => unarchived.push(done.clone()),
+                None => new.push(meta),
             }
-            if !lock::try_acquire(&self.lake, &ledger::claim_key(&key), &self.me, self.ttl).await? {
-                tracing::info!(key = %key, "claimed by another run; skipping");
-                continue;
-            }
-            // Another run may have committed and archived it since the listing (and let go of
-            // its claim): then it is gone, or it is another object under the same name.
-            match self.lake.head(&key).await? {
-                Some(m) if m.size == meta.size && m.last_modified == meta.last_modified => {
-                    claimed.push(meta)
+        }
+        ledger::archive_all(&self.lake, &unarchived).await?;
+        let mut claimed = Vec::with_capacity(new.len());
+        if !new.is_empty() {
+            let keys: Vec<String> = new.iter().map(|m| m.location.to_string()).collect();
+            let wait = self.deadline.cap(self.wait);
+            let taken = match lock::claim(&self.lake, &keys, &self.me, self.ttl, wait).await {
+                Err(Error::Locked { .. }) if self.deadline.passed() => {
+                    return Err(self.deadline.reached("waiting for the claims lock"));
                 }
-                _ => {
-                    tracing::info!(key = %key, "changed or gone since it was listed; skipping");
-                    lock::release(&self.lake, &ledger::claim_key(&key), &self.me).await?;
+                other => other?,
+            };
+            let taken: std::collections::HashSet<String> = taken.into_iter().collect();
+            for meta in new {
+                match taken.contains(meta.location.as_ref()) {
+                    true => claimed.push(meta),
+                    false => {
+                        tracing::info!(key = %meta.location, "claimed by another run; skipping")
+                    }
                 }
             }
         }
-        // What other runs committed while this one listed and claimed.
+        // What other runs committed while this one listed and claimed. A file another run
+        // committed and archived since the listing (and then let go of) is among them: its
+        // ledger entry was written before its claim was dropped. An object replaced or deleted
+        // since the listing is found when it is read (its ETag): it is left out then.
         if !claimed.is_empty() && ledger.refresh(&self.lake).await? > 0 {
-            let mut kept = Vec::with_capacity(claimed.len());
-            for meta in claimed {
-                let key = meta.location.to_string();
-                if ledger
-                    .committed(&key, meta.size, meta.last_modified)
-                    .is_some()
-                {
-                    lock::release(&self.lake, &ledger::claim_key(&key), &self.me).await?;
-                } else {
-                    kept.push(meta);
-                }
-            }
+            let (done, kept): (Vec<ObjectMeta>, Vec<ObjectMeta>) =
+                claimed.into_iter().partition(|meta| {
+                    ledger
+                        .committed(meta.location.as_ref(), meta.size, meta.last_modified)
+                        .is_some()
+                });
+            // (Their claims go with this run's others when the batch ends.)
+            drop(done);
             claimed = kept;
         }
         Ok(claimed)
@@ -391,16 +417,19 @@ impl<'a> Runner<'a> {
         let t = Instant::now();
         let mut ledger = Ledger::load(&self.lake).await?;
         let claimed = self.discover(source, &mut ledger).await?;
-        report.time("discover", t);
+        self.step_done(report, "discover", t);
         if claimed.is_empty() {
             return Ok(());
         }
         fault::point("claimed");
 
-        // A file can only repeat the content of a file of the same size: those are hashed
-        // first; every other file is hashed on the way through the reader.
+        // A file can only repeat the content of a file of the same size: those are downloaded
+        // and hashed first (a few at a time; the stream reads the downloads); every other file
+        // is hashed on the way through the reader.
         let t = Instant::now();
         let mut failures: Vec<(ObjectMeta, String)> = Vec::new();
+        // Replaced or deleted since they were listed: left for the next run.
+        let mut gone: Vec<ObjectMeta> = Vec::new();
         let mut records: Vec<FileRecord> = Vec::new();
         let mut fresh: Vec<ObjectMeta> = Vec::new();
         let mut known: HashMap<String, String> = HashMap::new();
@@ -409,39 +438,56 @@ impl<'a> Runner<'a> {
         for m in &claimed {
             *sizes.entry(m.size).or_default() += 1;
         }
+        let hashed_first = |m: &ObjectMeta| ledger.sizes.contains(&m.size) || sizes[&m.size] > 1;
+        let mut hashed = futures::stream::iter(claimed.iter().filter(|m| hashed_first(m)))
+            .map(|m| self.lake.download_and_hash(m))
+            .buffered(self.lake.concurrency());
+        let mut downloaded = HashMap::new();
         for meta in &claimed {
             let key = meta.location.to_string();
-            if !ledger.sizes.contains(&meta.size) && sizes[&meta.size] == 1 {
+            if !hashed_first(meta) {
                 fresh.push(meta.clone());
                 continue;
             }
-            let sha = match self.lake.sha256(&key).await {
-                Ok(s) => s,
-                Err(e) => {
+            let sha = match hashed.next().await {
+                Some(Ok((sha, reader))) => {
+                    downloaded.insert(key.clone(), reader);
+                    sha
+                }
+                Some(Err(e)) if lake::gone(&e) => {
+                    tracing::info!(key = %key, "changed or gone since it was listed; skipping");
+                    gone.push(meta.clone());
+                    continue;
+                }
+                Some(Err(e)) => {
                     failures.push((meta.clone(), e.to_string()));
                     continue;
                 }
+                None => unreachable!("one hash per file hashed first"),
             };
             let duplicate_of = ledger
                 .known_content(&source.name, &sha)
                 .or_else(|| run_shas.get(&sha))
                 .cloned();
             if duplicate_of.is_some() {
-                records.push(self.record(source, meta, &sha, duplicate_of).await?);
+                downloaded.remove(&key);
+                records.push(self.record(source, &ledger, meta, &sha, duplicate_of));
                 continue;
             }
             run_shas.insert(sha.clone(), key.clone());
             known.insert(key, sha);
             fresh.push(meta.clone());
         }
-        report.time("hash", t);
+        drop(hashed);
+        *self.downloaded.lock().unwrap_or_else(|e| e.into_inner()) = downloaded;
+        self.step_done(report, "hash", t);
 
         // A safe point: nothing of this batch is written yet.
         if let Err(e) = self.deadline.check(&format!(
             "source {} (before reading its files)",
             source.name
         )) {
-            self.release_claims(&claimed).await;
+            self.release_claims().await;
             return Err(e);
         }
         // Read, query, route and write in one stream. A file that breaks half-way is left out
@@ -460,6 +506,10 @@ impl<'a> Runner<'a> {
                 Ok(s) => {
                     streamed = Some(s);
                     break;
+                }
+                Err(Failure::File(i, e)) if lake::gone(&e) => {
+                    tracing::info!(key = %fresh[i].location, "changed or gone since it was listed; skipping");
+                    gone.push(fresh.remove(i));
                 }
                 Err(Failure::File(i, e)) => failures.push((fresh.remove(i), e.to_string())),
                 // A query that fails on the data of some files fails only those: the batch
@@ -480,7 +530,13 @@ impl<'a> Runner<'a> {
                 }
             }
         }
-        report.time("stream", t);
+        self.downloaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        // The claims of files gone are let go with the others when the batch ends.
+        drop(gone);
+        self.step_done(report, "stream", t);
         fault::point("read");
         if let Some(s) = &mut streamed {
             for (i, meta) in fresh.iter().enumerate() {
@@ -496,7 +552,7 @@ impl<'a> Runner<'a> {
                         continue;
                     }
                 };
-                records.push(self.record(source, meta, &sha, None).await?);
+                records.push(self.record(source, &ledger, meta, &sha, None));
             }
         }
 
@@ -514,7 +570,7 @@ impl<'a> Runner<'a> {
             if let Err(e) = locked {
                 if matches!(e, Error::MaxRuntime { .. }) {
                     let _ = std::fs::remove_dir_all(&scratch);
-                    self.release_claims(&claimed).await;
+                    self.release_claims().await;
                 }
                 return Err(e);
             }
@@ -528,7 +584,7 @@ impl<'a> Runner<'a> {
                 Err(e @ (Error::Raced { .. } | Error::IndexStale { .. })) => {
                     let _ = std::fs::remove_dir_all(&scratch);
                     released?;
-                    self.release_claims(&claimed).await;
+                    self.release_claims().await;
                     return Err(e);
                 }
                 Err(e) => {
@@ -543,7 +599,7 @@ impl<'a> Runner<'a> {
             released?;
         }
         let _ = std::fs::remove_dir_all(&scratch);
-        report.time("commit", t);
+        self.step_done(report, "commit", t);
         if let (Some(glue), Some((commit, ..))) = (self.glue().await, &committed) {
             let t = Instant::now();
             match glue
@@ -559,7 +615,7 @@ impl<'a> Runner<'a> {
                     ));
                 }
             }
-            report.time("catalog", t);
+            self.step_done(report, "catalog", t);
         }
 
         // Report.
@@ -605,31 +661,32 @@ impl<'a> Runner<'a> {
             let mut f = FileReport::new(&source.name, &key, FileStatus::Failed);
             f.error = Some(error.clone());
             f.moved_to = self.record_failure(source, &meta, &error).await?;
-            self.lake.delete(&ledger::claim_key(&key)).await?;
             report.files.push(f);
         }
         Ok(())
     }
 
-    /// The ledger record of a raw file about to be committed.
-    async fn record(
+    /// The ledger record of a raw file about to be committed. No request: the archive place is
+    /// free unless a committed file went there (the ledger knows: only commits archive), and
+    /// an earlier failure's error record is deleted with the commit whether it is there or not.
+    fn record(
         &self,
         source: &SourceConfig,
+        ledger: &Ledger,
         meta: &ObjectMeta,
         sha: &str,
         duplicate_of: Option<String>,
-    ) -> Result<FileRecord> {
+    ) -> FileRecord {
         let key = meta.location.to_string();
         let rel = lake::relative(&key, &source.raw_prefix());
         let today = Utc::now().date_naive();
         let mut archive_to = format!("archive/{}/{}/{rel}", source.name, today.format("%Y/%m/%d"));
-        if self.lake.exists(&archive_to).await? {
+        if ledger.archived.contains(&archive_to) {
             archive_to = format!("{archive_to}.{}", &sha[..8]);
         }
         // A file put back from failed/ leaves its old error behind: the commit removes it.
-        let error_json = failed_key(source, &key) + ".error.json";
-        let stale_error = self.lake.exists(&error_json).await?.then_some(error_json);
-        Ok(FileRecord {
+        let stale_error = Some(failed_key(source, &key) + ".error.json");
+        FileRecord {
             source: source.name.clone(),
             key,
             size: meta.size,
@@ -643,7 +700,7 @@ impl<'a> Runner<'a> {
             duplicate_of,
             archive_to,
             stale_error,
-        })
+        }
     }
 
     /// Finds the files of a batch whose data makes the query fail, by running the query over
@@ -703,9 +760,25 @@ impl<'a> Runner<'a> {
     ) -> std::result::Result<Streamed, Failure> {
         let budget = self.config.engine.budget();
         let keys: Vec<String> = files.iter().map(|m| m.location.to_string()).collect();
+        // Downloaded a few at a time (those hashed first are downloaded already).
+        let readers: Vec<Result<Box<dyn std::io::Read + Send>>> = futures::stream::iter(files)
+            .map(|m| async move {
+                let before = self
+                    .downloaded
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(m.location.as_ref());
+                match before {
+                    Some(reader) => Ok(reader),
+                    None => self.lake.reader_of(m).await,
+                }
+            })
+            .buffered(self.lake.concurrency())
+            .collect()
+            .await;
         let mut feed_files = Vec::with_capacity(files.len());
-        for (i, key) in keys.iter().enumerate() {
-            match self.lake.reader(key).await {
+        for (i, (key, reader)) in keys.iter().zip(readers).enumerate() {
+            match reader {
                 Ok(reader) => feed_files.push(FeedFile {
                     key: key.clone(),
                     reader,

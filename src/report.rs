@@ -251,6 +251,20 @@ pub struct RunReport {
     pub warnings: Vec<String>,
     /// Seconds spent in each step.
     pub timings: BTreeMap<String, f64>,
+    /// Requests to the lake's store in each step, per kind (`GET`, `HEAD`, `PUT`, `POST`,
+    /// `LIST`, `COPY`, `DELETE`: a `DeleteObjects` of up to 1,000 keys, `RENAME` in a folder).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests: BTreeMap<String, BTreeMap<String, u64>>,
+    /// All of them divided by the files the run took (0 without files).
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub requests_per_file: f64,
+    /// Whether the lake is in S3 (the summary then counts its requests).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub s3: bool,
+}
+
+fn is_zero_f64(n: &f64) -> bool {
+    *n == 0.0
 }
 
 impl RunReport {
@@ -270,7 +284,32 @@ impl RunReport {
             errors: Vec::new(),
             warnings: Vec::new(),
             timings: BTreeMap::new(),
+            requests: BTreeMap::new(),
+            requests_per_file: 0.0,
+            s3: false,
         }
+    }
+
+    /// Adds requests to a step.
+    pub fn add_requests(&mut self, step: &str, counts: BTreeMap<String, u64>) {
+        if counts.is_empty() {
+            return;
+        }
+        let into = self.requests.entry(step.to_string()).or_default();
+        for (kind, n) in counts {
+            *into.entry(kind).or_default() += n;
+        }
+    }
+
+    /// The requests of every step, per kind.
+    pub fn request_totals(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for counts in self.requests.values() {
+            for (kind, n) in counts {
+                *out.entry(kind.clone()).or_default() += n;
+            }
+        }
+        out
     }
 
     /// Adds time to a step.
@@ -289,6 +328,11 @@ impl RunReport {
             }
         }
         self.finished_at = Utc::now();
+        let total: u64 = self.request_totals().values().sum();
+        if !self.files.is_empty() {
+            self.requests_per_file =
+                (total as f64 / self.files.len() as f64 * 100.0).round() / 100.0;
+        }
         self.status = if !self.errors.is_empty()
             || self.files.iter().any(|f| f.status == FileStatus::Failed)
         {
@@ -340,6 +384,19 @@ impl RunReport {
             if let Some(why) = &t.index_rebuilt {
                 out.push_str(&format!("  {name}: key index rebuilt ({why})\n"));
             }
+        }
+        if self.s3 && !self.requests.is_empty() {
+            let totals = self.request_totals();
+            let kinds: Vec<String> = totals.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            let per_file = match self.files.len() {
+                0 => String::new(),
+                _ => format!(" ({:.1} a file)", self.requests_per_file),
+            };
+            out.push_str(&format!(
+                "  requests: {} to S3{per_file}: {}\n",
+                totals.values().sum::<u64>(),
+                kinds.join(", ")
+            ));
         }
         for a in &self.warehouse {
             out.push_str(&format!(

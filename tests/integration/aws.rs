@@ -1285,3 +1285,102 @@ pub(crate) fn a_row_moving_partition_deregisters_the_emptied_one(delta: bool) {
 fn a_row_moving_partition_deregisters_the_emptied_one_in_glue() {
     a_row_moving_partition_deregisters_the_emptied_one(false);
 }
+
+/// Many small files on an S3 lake: each is processed once and archived, and what a file costs
+/// in requests stays small (one read and one archive copy; claims, deletes and listings go a
+/// batch at a time), as the report counts them. `benches/small_files.sh` measures the same at
+/// 1,000 files of ~110 KB.
+#[test]
+fn many_small_files_on_s3_cost_few_requests_each() {
+    const FILES: usize = 200;
+    let moto = Moto::start();
+    moto.create_bucket("small");
+    let p = Project::empty();
+    p.edit_config("root = \"lake\"", "root = \"s3://small/data\"");
+    // Equal sizes among them, so that some are hashed before the stream.
+    for i in 0..FILES {
+        let text = sluice::generate::sample(sluice::generate::Kind::Logs, 40, i as u64);
+        let key = format!("data/raw/app_logs/part-{i:04}.jsonl");
+        moto.put("small", &key, text.into_bytes());
+    }
+    let (code, report) = run_json(&moto, &p, &[]);
+    assert_eq!(code, 0, "{report:#}");
+    crate::support::check_accounting(&report);
+    let files = report["files"].as_array().unwrap();
+    let mut keys: Vec<&str> = files.iter().map(|f| f["key"].as_str().unwrap()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), FILES, "each file once");
+    assert!(
+        files.iter().all(|f| f["status"] == "processed"),
+        "{report:#}"
+    );
+    assert_eq!(moto.keys("small", "data/archive/app_logs").len(), FILES);
+    assert!(moto.keys("small", "data/raw/app_logs").is_empty());
+    assert!(moto.keys("small", "data/_sluice/claims").is_empty());
+    assert!(moto.keys("small", "data/_sluice/locks").is_empty());
+
+    // Requests: counted per step and kind.
+    let requests = report["requests"].as_object().unwrap();
+    let total = |kind: &str| -> u64 {
+        requests
+            .values()
+            .map(|step| step[kind].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let per_file = report["requests_per_file"].as_f64().unwrap();
+    let all: u64 = ["GET", "HEAD", "PUT", "POST", "LIST", "COPY", "DELETE"]
+        .iter()
+        .map(|k| total(k))
+        .sum();
+    assert!(
+        (per_file - all as f64 / FILES as f64).abs() < 0.01,
+        "{per_file} vs {all}"
+    );
+    // The files' way (discover, hash, stream, commit): one GET (read) and one COPY (archive)
+    // a file; the rest a batch at a time: claims, the identity check before archiving (a
+    // listing), deletes (DeleteObjects), ledger, catalog and the table's output files.
+    let steps: u64 = ["discover", "hash", "stream", "commit"]
+        .iter()
+        .flat_map(|s| requests[*s].as_object().unwrap().values())
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    let steps_per_file = steps as f64 / FILES as f64;
+    assert!(
+        steps_per_file <= 2.5,
+        "{steps_per_file} a file: {requests:?}"
+    );
+    // With the aggregates, which read the table's files (not the raw ones).
+    assert!(per_file <= 4.0, "{per_file} requests a file: {requests:?}");
+    assert!(total("HEAD") <= 5, "no HEAD a file: {requests:?}");
+    // (The aggregates' partition swap renames one partition at a time: its deletes are its.)
+    let of_files = |kind: &str| -> u64 {
+        ["recover", "discover", "hash", "stream", "commit"]
+            .iter()
+            .map(|s| requests[*s][kind].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let file_deletes = of_files("DELETE");
+    assert!(file_deletes <= 15, "deletes are batched: {requests:?}");
+    assert!(
+        of_files("PUT") <= 60,
+        "one claim object, not one a file: {requests:?}"
+    );
+    let copies = of_files("COPY") as usize;
+    assert!((FILES..FILES + 60).contains(&copies), "{requests:?}");
+    let (_, out, _) = sluice(&moto, &p, &["run"]);
+    assert!(out.contains("nothing to do"), "{out}");
+
+    // The summary counts them too.
+    moto.put(
+        "small",
+        "data/raw/app_logs/late.jsonl",
+        sluice::generate::sample(sluice::generate::Kind::Logs, 40, 9999).into_bytes(),
+    );
+    let (code, out, err) = sluice(&moto, &p, &["run"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("requests: ") && out.contains(" to S3 ("),
+        "{out}"
+    );
+}
