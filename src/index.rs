@@ -43,6 +43,8 @@ const TRAILER: u64 = 40;
 const DIR_ENTRY: usize = 32;
 /// Bytes read at once when a run is read whole (merges, checks).
 const SCAN_SPAN: u64 = 8 << 20;
+/// Pages of a lookup this close are read in one request.
+const LOOKUP_GAP: u64 = 256 << 10;
 
 /// `_sluice/index/<table>`
 pub fn prefix(table: &str) -> String {
@@ -219,20 +221,23 @@ impl Entries {
     /// (the later pushed on a tie) stays.
     pub fn sort(&mut self) {
         let mut rows = std::mem::take(&mut self.rows);
-        rows.sort_by(|a, b| {
-            a.fp()
-                .cmp(&b.fp())
-                .then_with(|| order_cmp(self.order(a), self.order(b)))
-        });
-        // Keep the last of each run of equal fingerprints.
-        let mut out: Vec<Fixed> = Vec::with_capacity(rows.len());
-        for r in rows {
-            match out.last_mut() {
-                Some(last) if last.fp() == r.fp() => *last = r,
-                _ => out.push(r),
-            }
+        match self.kind {
+            OrderKind::Int => rows.sort_unstable_by_key(|r| (r.hi, r.lo, r.order)),
+            OrderKind::Bytes => rows.sort_unstable_by(|a, b| {
+                (a.hi, a.lo)
+                    .cmp(&(b.hi, b.lo))
+                    .then_with(|| order_cmp(self.order(a), self.order(b)))
+            }),
         }
-        self.rows = out;
+        // Keep the last (greatest order) of each run of equal fingerprints.
+        rows.dedup_by(|next, kept| {
+            let same = next.fp() == kept.fp();
+            if same {
+                *kept = *next;
+            }
+            same
+        });
+        self.rows = rows;
     }
 
     /// Changes every entry's group.
@@ -562,17 +567,21 @@ impl Run {
                 let pg = self.pages[p];
                 let r = pg.offset..pg.offset + pg.len as u64;
                 match spans.last_mut() {
-                    Some((span, ps)) if span.end == r.start => {
+                    // A short gap costs less read than another request.
+                    Some((span, ps)) if r.start - span.end <= LOOKUP_GAP => {
+                        bytes += r.end - span.end;
                         span.end = r.end;
                         ps.push(p);
                     }
-                    _ => spans.push((r, vec![p])),
+                    _ => {
+                        bytes += r.end - r.start;
+                        spans.push((r, vec![p]));
+                    }
                 }
-                bytes += pg.len as u64;
                 end += 1;
             }
-            // One request a span (object_store's get_ranges would merge spans up to 1 MiB
-            // apart, reading most of a large run for a few thousand keys), a few at a time.
+            // One request a span, a few at a time (object_store's get_ranges merges ranges up to
+            // 1 MiB apart: most of a large run for a few thousand keys).
             let got: Vec<bytes::Bytes> = futures::stream::iter(
                 spans
                     .iter()
@@ -948,10 +957,17 @@ impl Index {
         }
         let path = scratch.join(format!("run-{commit}.idx"));
         let mut w = RunWriter::create(&path, head.shape.kind)?;
-        merge_runs(lake, Some(&new), &self.runs[..take], |fp, h| {
-            w.push(fp, h.group, h.values, h.order.as_value())
-        })
-        .await?;
+        if take == 0 {
+            // Nothing to merge (a first load, or a batch much smaller than the newest run).
+            for r in &new.rows {
+                w.push(r.fp(), r.group, r.values, new.order(r))?;
+            }
+        } else {
+            merge_runs(lake, Some(&new), &self.runs[..take], |fp, h| {
+                w.push(fp, h.group, h.values, h.order.as_value())
+            })
+            .await?;
+        }
         let (path, entries, bytes) = w.finish()?;
         head.runs.push(RunMeta {
             name: commit.to_string(),
