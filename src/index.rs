@@ -151,11 +151,41 @@ impl Fixed {
     }
 }
 
+/// Order values kept as a u64 each: a number as itself, bytes as where they are in the arena (a
+/// u32 length, then the bytes).
+#[derive(Default)]
+pub struct Arena(Vec<u8>);
+
+impl Arena {
+    /// The u64 that keeps `order`.
+    pub fn store(&mut self, order: OrderValue<'_>) -> u64 {
+        match order {
+            OrderValue::Int(v) => v,
+            OrderValue::Bytes(b) => {
+                let at = self.0.len() as u64;
+                self.0.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                self.0.extend_from_slice(b);
+                at
+            }
+        }
+    }
+
+    /// The order value `kept` keeps (`bytes`: of a byte order).
+    pub fn load(&self, kept: u64, bytes: bool) -> OrderValue<'_> {
+        if !bytes {
+            return OrderValue::Int(kept);
+        }
+        let at = kept as usize;
+        let len = u32_at(&self.0, at) as usize;
+        OrderValue::Bytes(&self.0[at + 4..at + 4 + len])
+    }
+}
+
 /// Index entries in memory (40 bytes each, byte orders in an arena), to be written as a run.
 pub struct Entries {
     kind: OrderKind,
     rows: Vec<Fixed>,
-    arena: Vec<u8>,
+    arena: Arena,
 }
 
 impl Entries {
@@ -164,7 +194,7 @@ impl Entries {
         Entries {
             kind,
             rows: Vec::new(),
-            arena: Vec::new(),
+            arena: Arena::default(),
         }
     }
 
@@ -185,16 +215,7 @@ impl Entries {
 
     /// Adds an entry.
     pub fn push(&mut self, fp: u128, order: OrderValue<'_>, values: u64, group: u32) {
-        let order = match order {
-            OrderValue::Int(v) => v,
-            OrderValue::Bytes(b) => {
-                let at = self.arena.len() as u64;
-                self.arena
-                    .extend_from_slice(&(b.len() as u32).to_le_bytes());
-                self.arena.extend_from_slice(b);
-                at
-            }
-        };
+        let order = self.arena.store(order);
         self.rows.push(Fixed {
             hi: (fp >> 64) as u64,
             lo: fp as u64,
@@ -205,16 +226,7 @@ impl Entries {
     }
 
     fn order(&self, f: &Fixed) -> OrderValue<'_> {
-        match self.kind {
-            OrderKind::Int => OrderValue::Int(f.order),
-            OrderKind::Bytes => {
-                let at = f.order as usize;
-                let mut len = [0u8; 4];
-                len.copy_from_slice(&self.arena[at..at + 4]);
-                let len = u32::from_le_bytes(len) as usize;
-                OrderValue::Bytes(&self.arena[at + 4..at + 4 + len])
-            }
-        }
+        self.arena.load(f.order, self.kind == OrderKind::Bytes)
     }
 
     /// Sorts by fingerprint; of entries with one fingerprint, the one with the greatest order

@@ -32,7 +32,7 @@ use siphasher::sip128::SipHasher13;
 
 use super::{KeyEncoder, conform, mostly_distinct, nullable, partition_dirs, writer_properties};
 use crate::error::{Error, Result};
-use crate::index::{Entries, OrderKind, OrderValue, Shape, order_cmp};
+use crate::index::{Arena, Entries, OrderKind, OrderValue, Shape, order_cmp};
 use crate::source::{SOURCE_FILE, SOURCE_ROW};
 
 /// How a table is written.
@@ -93,8 +93,8 @@ struct Entry {
 #[derive(Default)]
 struct DedupIndex {
     table: HashTable<Entry>,
-    /// Order values that do not fit in 64 bits: a u32 length, then the bytes.
-    arena: Vec<u8>,
+    /// Order values that do not fit in 64 bits.
+    arena: Arena,
 }
 
 /// Number of index shards.
@@ -125,30 +125,11 @@ fn slot(fp: u128) -> (u64, usize) {
 
 impl DedupIndex {
     fn order_of(&self, e: &Entry, bytes: bool) -> OrderValue<'_> {
-        if !bytes {
-            return OrderValue::Int(e.order);
-        }
-        let at = e.order as usize;
-        let len = u32::from_le_bytes([
-            self.arena[at],
-            self.arena[at + 1],
-            self.arena[at + 2],
-            self.arena[at + 3],
-        ]) as usize;
-        OrderValue::Bytes(&self.arena[at + 4..at + 4 + len])
+        self.arena.load(e.order, bytes)
     }
 
     fn store(&mut self, order: OrderValue<'_>) -> u64 {
-        match order {
-            OrderValue::Int(v) => v,
-            OrderValue::Bytes(b) => {
-                let at = self.arena.len() as u64;
-                self.arena
-                    .extend_from_slice(&(b.len() as u32).to_le_bytes());
-                self.arena.extend_from_slice(b);
-                at
-            }
-        }
+        self.arena.store(order)
     }
 
     /// Whether (a, la) ranks above (b, lb).
