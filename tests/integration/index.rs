@@ -352,3 +352,55 @@ fn compacting_a_delta_table_rebuilds_its_index() {
     let (code, out) = index_check(&p);
     assert_eq!(code, 0, "{out}");
 }
+
+/// `target_file_size`: a partition's new rows go to files of about that size, not one file that
+/// grows; a size below 1MiB is a config error.
+#[test]
+fn files_are_closed_at_the_target_size() {
+    let p = Project::empty();
+    p.edit_config(
+        "order_by = \"updated_ts\"",
+        "order_by = \"updated_ts\"\ntarget_file_size = \"1MiB\"",
+    );
+    // 6,000 tickets on one day with bodies that do not compress: ~5 MB of Parquet.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let rows: Vec<String> = (0..6000)
+        .map(|i| {
+            let body: String = (0..50)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    format!("{x:016x}")
+                })
+                .collect();
+            format!(
+                "T{i:05},2024-03-01T08:00:00,2024-03-01T09:00:00,open,high,c@example.com,s,{body},a"
+            )
+        })
+        .collect();
+    let refs: Vec<&str> = rows.iter().map(String::as_str).collect();
+    p.add_raw("support_tickets", "big.csv", &tickets(&refs));
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report:#}");
+    let sizes: Vec<u64> = data_files(&p)
+        .keys()
+        .map(|f| std::fs::metadata(p.lake().join(f)).unwrap().len())
+        .collect();
+    assert!(sizes.len() >= 3, "{sizes:?}");
+    assert!(sizes.iter().all(|&s| s < 3 << 20), "{sizes:?}");
+    assert_eq!(table(&p).len(), 6000);
+    assert_eq!(index_check(&p).0, 0);
+
+    p.edit_config(
+        "target_file_size = \"1MiB\"",
+        "target_file_size = \"10KiB\"",
+    );
+    let out = p.sluice(&["validate"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("target_file_size \"10KiB\" is too small"),
+        "{}",
+        text(&out)
+    );
+}
