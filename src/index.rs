@@ -562,6 +562,39 @@ impl Run {
         out
     }
 
+    /// The bytes of `ranges` of the run: on a folder lake read from the file opened once; in
+    /// S3 one request a range, a few at a time (object_store's `get_ranges` merges ranges up to
+    /// 1 MiB apart: most of a large run for a few thousand keys).
+    async fn read_spans(&self, lake: &Lake, ranges: &[Range<u64>]) -> Result<Vec<bytes::Bytes>> {
+        if !lake.is_s3() {
+            let file = lake.local_file(&self.key).await?;
+            let ranges = ranges.to_vec();
+            let key = self.key.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                ranges
+                    .iter()
+                    .map(|r| {
+                        let mut buf = vec![0u8; (r.end - r.start) as usize];
+                        file.read_exact_at(&mut buf, r.start)
+                            .map(|()| bytes::Bytes::from(buf))
+                            .map_err(|e| Error::io(format!("cannot read {key}"), e))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .await
+            .map_err(|e| Error::State {
+                path: self.key.clone(),
+                message: e.to_string(),
+            })?;
+            return read;
+        }
+        futures::stream::iter(ranges.iter().map(|r| lake.get_range(&self.key, r.clone())))
+            .buffered(16)
+            .try_collect()
+            .await
+    }
+
     /// What this run holds for any of `fps` (sorted): reads only their pages (neighbours in
     /// one range), [`SCAN_SPAN`] bytes at a time, and joins each page's entries with `fps` as
     /// both are sorted: memory stays the span's and the answer's, whatever the batch.
@@ -592,16 +625,8 @@ impl Run {
                 }
                 end += 1;
             }
-            // One request a span, a few at a time (object_store's get_ranges merges ranges up to
-            // 1 MiB apart: most of a large run for a few thousand keys).
-            let got: Vec<bytes::Bytes> = futures::stream::iter(
-                spans
-                    .iter()
-                    .map(|(r, _)| lake.get_range(&self.key, r.clone())),
-            )
-            .buffered(16)
-            .try_collect()
-            .await?;
+            let ranges: Vec<Range<u64>> = spans.iter().map(|(r, _)| r.clone()).collect();
+            let got = self.read_spans(lake, &ranges).await?;
             for ((span, ps), data) in spans.iter().zip(got) {
                 for &p in ps {
                     let pg = self.pages[p];
