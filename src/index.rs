@@ -1213,7 +1213,6 @@ pub async fn rewrite_without(
 /// held.
 pub async fn publish_rebuilt(
     lake: &Lake,
-    old: Option<&Head>,
     mut head: Head,
     entries: &Entries,
     scratch: &Path,
@@ -1245,7 +1244,6 @@ pub async fn publish_rebuilt(
             lake.delete(&k).await?;
         }
     }
-    let _ = old;
     match Index::open(lake, &head.table, &head.shape).await? {
         Ok(i) => Ok(i),
         Err(Unusable::Missing) => Err(damaged(&head.table, "its head vanished after a rebuild")),
@@ -1265,13 +1263,13 @@ pub struct Difference {
 }
 
 /// Compares an index with what its table's files hold; the differences (at most `limit`, and
-/// how many there are in all).
+/// how many there are in all) and the keys the table holds.
 pub async fn check(
     lake: &Lake,
     meta: &TableMeta,
     index: &Index,
     limit: usize,
-) -> Result<(Vec<Difference>, u64)> {
+) -> Result<(Vec<Difference>, u64, usize)> {
     let (rebuilt, want) = read_table(lake, meta, &index.head.shape, index.head.sip).await?;
     let have = index.all(lake).await?;
     let file_of_rebuilt: HashMap<u32, &String> = rebuilt
@@ -1350,7 +1348,7 @@ pub async fn check(
             note(0, Some(format!("file {k} (not in the index)")), None);
         }
     }
-    Ok((diffs, count))
+    Ok((diffs, count, want.len()))
 }
 
 /// A table file rewritten by a commit without the rows it replaced.
@@ -1420,7 +1418,7 @@ pub async fn rebuild(
         return Ok((Index::empty(&meta.name, shape.clone(), sip), None));
     }
     tracing::warn!(table = %meta.name, reason = %why, keys = entries.len(), "key index rebuilt from the table's files");
-    let index = publish_rebuilt(lake, None, head, &entries, scratch).await?;
+    let index = publish_rebuilt(lake, head, &entries, scratch).await?;
     Ok((index, Some(why)))
 }
 
@@ -1744,10 +1742,7 @@ pub async fn rebuild_command(
     let out = with_commit_lock(config, lake, || async {
         let mut out = String::new();
         for (meta, shape) in &tables {
-            let sip = match Index::open(lake, &meta.name, shape).await? {
-                Ok(i) => i.head.sip,
-                Err(_) => new_sip(),
-            };
+            let sip = sip_for(lake, &meta.name).await;
             let (index, _) = rebuild(lake, meta, shape, sip, &scratch, "asked for".into()).await?;
             let keys: u64 = index.head.runs.iter().map(|r| r.entries).sum();
             out.push_str(&format!(
@@ -1792,15 +1787,13 @@ pub async fn check_command(
                 }
                 Err(Unusable::Damaged(why)) => (format!("damaged: {why}"), Vec::new(), 1),
                 Ok(index) => match check(lake, meta, &index, 20).await {
-                    Ok((diffs, 0)) => {
-                        let keys = index.all(lake).await?.len();
-                        (
-                            format!("ok: {keys} keys in {} files", index.head.files.len()),
-                            diffs,
-                            0,
-                        )
-                    }
-                    Ok((diffs, n)) => (format!("{n} differences"), diffs, n),
+                    // No difference: the index holds the table's keys.
+                    Ok((diffs, 0, keys)) => (
+                        format!("ok: {keys} keys in {} files", index.head.files.len()),
+                        diffs,
+                        0,
+                    ),
+                    Ok((diffs, n, _)) => (format!("{n} differences"), diffs, n),
                     Err(Error::Index { message, .. }) => {
                         (format!("damaged: {message}"), Vec::new(), 1)
                     }

@@ -994,6 +994,11 @@ impl<'a> Runner<'a> {
             table_report.rows_replaced = merged.replaced;
             table_report.index_rebuilt = merged.rebuilt.clone();
             let files = merged.files;
+            // A data file's key: its partition folder (if any) under the table's prefix.
+            let in_table = |dir: &str, name: &str| match dir {
+                "" => format!("{processed}/{name}"),
+                dir => format!("{processed}/{dir}/{name}"),
+            };
             let mut file_keys = Vec::with_capacity(files.len());
             let mut per_dir: HashMap<&str, usize> = HashMap::new();
             for f in &files {
@@ -1003,11 +1008,7 @@ impl<'a> Runner<'a> {
                     k => format!("part-{id}-{k}.parquet"),
                 };
                 *n += 1;
-                let to = if f.dir.is_empty() {
-                    format!("{processed}/{name}")
-                } else {
-                    format!("{processed}/{}/{name}", f.dir)
-                };
+                let to = in_table(&f.dir, &name);
                 let from = format!("{}/{to}", ledger::staging_prefix(&id));
                 staged.push((f.path.clone(), from.clone()));
                 file_keys.push(to.clone());
@@ -1022,11 +1023,7 @@ impl<'a> Runner<'a> {
                 change.removed.push(rw.old.key.clone());
                 change.partitions.push(rw.old.dir.clone());
                 if let Some(path) = &rw.new {
-                    let name = format!("part-{id}-r{k}.parquet");
-                    let to = match rw.old.dir.as_str() {
-                        "" => format!("{processed}/{name}"),
-                        dir => format!("{processed}/{dir}/{name}"),
-                    };
+                    let to = in_table(&rw.old.dir, &format!("part-{id}-r{k}.parquet"));
                     let from = format!("{}/{to}", ledger::staging_prefix(&id));
                     staged.push((path.clone(), from.clone()));
                     change.added.push(Move {
