@@ -21,6 +21,9 @@ pub struct Cli {
     /// next safe point, releases its locks and fails (exit 1); its commits stand.
     #[arg(long, global = true)]
     pub max_runtime: Option<String>,
+    /// Raw files a batch takes at most, per source (overrides `engine.batch_files`).
+    #[arg(long, global = true)]
+    pub batch_files: Option<usize>,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,

@@ -585,6 +585,10 @@ pub struct EngineConfig {
     /// sources, before a commit, between warehouse steps, while waiting for the network),
     /// releases its locks and fails. Default: no limit.
     pub max_runtime: Option<String>,
+    /// Raw files a batch takes at most, per source (Glue's `boundedFiles`); a run takes batch
+    /// after batch until no unclaimed file is left, so workers started together share a backlog
+    /// batch by batch instead of the first taking all of it. Default: no bound.
+    pub batch_files: Option<usize>,
 }
 
 /// `[timeouts]`: every network call gives up after these (durations such as `"30s"`, `"5m"`).
@@ -945,6 +949,9 @@ impl Config {
             && let Err(e) = parse_duration(limit)
         {
             return err(format!("engine.max_runtime: {e}"));
+        }
+        if self.engine.batch_files == Some(0) {
+            return err("engine.batch_files must be at least 1 (leave it out for no bound)".into());
         }
         if let Err(e) = self.timeouts.parsed() {
             return err(e);

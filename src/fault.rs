@@ -1,5 +1,6 @@
 //! Crash injection for tests: `--crash-at STEP` (a hidden flag) aborts the process at that step,
-//! as a power cut would, so tests can check that a rerun repairs everything.
+//! as a power cut would, so tests can check that a rerun repairs everything; `SLUICE_PAUSE_AT`
+//! holds it at a step, so tests can interleave two runs.
 
 use std::sync::OnceLock;
 
@@ -15,5 +16,24 @@ pub fn point(step: &str) {
     if CRASH_AT.get().is_some_and(|s| s == step) {
         eprintln!("sluice: injected crash at {step}");
         std::process::abort();
+    }
+}
+
+/// Holds the process at `step` while the file named by `SLUICE_PAUSE_FILE` exists, if
+/// `SLUICE_PAUSE_AT` names that step (tests that interleave two runs deterministically); it
+/// creates `<file>.reached` first, so the test knows it is there. At most a minute.
+pub fn pause(step: &str) {
+    if std::env::var("SLUICE_PAUSE_AT").ok().as_deref() != Some(step) {
+        return;
+    }
+    let Some(file) = std::env::var_os("SLUICE_PAUSE_FILE").map(std::path::PathBuf::from) else {
+        return;
+    };
+    let mut reached = file.clone().into_os_string();
+    reached.push(".reached");
+    let _ = std::fs::write(&reached, step);
+    let start = std::time::Instant::now();
+    while file.exists() && start.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

@@ -937,6 +937,22 @@ impl Index {
         Ok(found)
     }
 
+    /// What the runs among `runs` (run keys) hold for any of `fps` (sorted), newest first.
+    async fn lookup_in(
+        &self,
+        lake: &Lake,
+        fps: &[u128],
+        runs: &HashSet<String>,
+    ) -> Result<HashMap<u128, Held>> {
+        let mut found: HashMap<u128, Held> = HashMap::new();
+        for run in self.runs.iter().filter(|r| runs.contains(&r.key)) {
+            for (fp, held) in run.lookup(lake, fps).await? {
+                found.entry(fp).or_insert(held);
+            }
+        }
+        Ok(found)
+    }
+
     /// Every entry, sorted by fingerprint (the newest of each key).
     pub async fn all(&self, lake: &Lake) -> Result<Vec<(u128, Held)>> {
         let mut out = Vec::new();
@@ -1359,10 +1375,14 @@ pub struct RewrittenFile {
     pub old_bytes: u64,
     /// The file without those rows (local), if any row is left.
     pub new: Option<PathBuf>,
+    /// The new file's size.
+    pub new_bytes: u64,
     /// Rows left.
     pub rows: u64,
     /// Its groups (the new file keeps them).
     pub groups: Vec<u32>,
+    /// The keys taken out of it.
+    pub drop: HashSet<u128>,
 }
 
 /// A batch's keys met with the table's: the files the commit writes and the index it leaves.
@@ -1383,6 +1403,10 @@ pub struct Merged {
 pub struct Pending {
     index: Index,
     entries: Entries,
+    /// The batch's keys, sorted.
+    fps: Vec<u128>,
+    /// What the index held for them when the plan looked.
+    held: HashMap<u128, Held>,
 }
 
 /// Opens a table's index, or rebuilds it from the table's files (published at once: the index
@@ -1449,9 +1473,15 @@ pub async fn rebuild_for(
 
 /// Meets a batch's keys (in `sink`) with the table's through its key index: looks up only the
 /// batch's keys, drops the new rows that lose (older than the held row, or identical to it),
-/// finishes the sink's files, and rewrites the files holding replaced rows without them. Call
-/// with the commit lock held. An index that disagrees with the table is deleted and the error
-/// says so: the batch runs again and the index is rebuilt.
+/// finishes the sink's files, and rewrites the files holding replaced rows without them.
+///
+/// With `locked` (the commit lock held), an index that is missing or damaged is rebuilt and
+/// published first, and one that disagrees with the table is deleted and the error says so (the
+/// batch runs again and the index is rebuilt). Without it (a plan made beside other commits,
+/// checked under the lock by [`Pending::rebase`]), nothing is published: `None` says the plan
+/// must be made under the lock (before the sink is finished, so it can be), and a file that
+/// changed under the plan is [`Error::Raced`].
+#[allow(clippy::too_many_arguments)]
 pub async fn merge(
     lake: &Lake,
     meta: &TableMeta,
@@ -1460,30 +1490,42 @@ pub async fn merge(
     sip: [u64; 2],
     threads: usize,
     scratch: &Path,
-) -> Result<Merged> {
+    locked: bool,
+) -> Result<Option<Merged>> {
     let Some(order_by) = table.keyed() else {
         let (files, _) = sink.finish(threads)?;
-        return Ok(Merged {
+        return Ok(Some(Merged {
             files,
             rewritten: Vec::new(),
             replaced: 0,
             rebuilt: None,
             index: None,
-        });
+        }));
     };
     let shape = Shape::of(meta, &table.unique_key, order_by)?;
-    let (mut index, mut rebuilt) = open_or_rebuild(lake, meta, &shape, sip, scratch).await?;
+    let (mut index, mut rebuilt) = match locked {
+        true => open_or_rebuild(lake, meta, &shape, sip, scratch).await?,
+        false => match Index::open(lake, &meta.name, &shape).await {
+            Ok(Ok(index)) => (index, None),
+            Ok(Err(Unusable::Missing)) if meta_has_no_files(lake, meta).await? => {
+                (Index::empty(&meta.name, shape.clone(), sip), None)
+            }
+            // To be rebuilt, or changing under us: under the lock.
+            _ => return Ok(None),
+        },
+    };
     if index.head.sip != sip {
         return Err(stale(
             &meta.name,
             "another run rebuilt the key index while this batch ran",
         ));
     }
+    let fps = sink.fingerprints();
     let mut held = HashMap::new();
     if !index.head.runs.is_empty() {
-        let fps = sink.fingerprints();
         held = match index.lookup(lake, &fps).await {
             Ok(h) => h,
+            Err(_) if !locked => return Ok(None),
             Err(Error::Index { message, .. }) => {
                 (index, rebuilt) = rebuild(lake, meta, &shape, sip, scratch, message).await?;
                 index.lookup(lake, &fps).await?
@@ -1497,6 +1539,7 @@ pub async fn merge(
     for (fp, h) in &held {
         match index.file_of(h.group) {
             Some(f) => files_of.entry(f).or_default().push(*fp),
+            None if !locked => return Ok(None),
             None => {
                 return Err(
                     forget(lake, &meta.name, format!("group {} has no file", h.group)).await,
@@ -1506,7 +1549,10 @@ pub async fn merge(
     }
     for f in files_of.keys() {
         if !lake.exists(f).await? {
-            return Err(forget(lake, &meta.name, format!("{f} is gone")).await);
+            return match locked {
+                true => Err(forget(lake, &meta.name, format!("{f} is gone")).await),
+                false => Ok(None),
+            };
         }
     }
     let mut drops: BTreeMap<String, HashSet<u128>> = BTreeMap::new();
@@ -1532,30 +1578,42 @@ pub async fn merge(
             key: key.clone(),
         };
         let out = scratch.join(format!("rewrite-{k}.parquet"));
-        let rw =
-            rewrite_without(lake, meta, &keying, &old, &drop, &table.compression, &out).await?;
+        let rw = match rewrite_without(lake, meta, &keying, &old, &drop, &table.compression, &out)
+            .await
+        {
+            Ok(rw) => rw,
+            // Rewritten or removed by a commit since the plan looked.
+            Err(e) if !locked && lake::gone(&e) => {
+                return Err(Error::Raced {
+                    keys: format!("{key} (rewritten by another commit)"),
+                });
+            }
+            Err(e) => return Err(e),
+        };
         if rw.dropped != drop.len() as u64 {
-            return Err(forget(
-                lake,
-                &meta.name,
-                format!(
-                    "{key} holds {} of the {} rows the index places there",
-                    rw.dropped,
-                    drop.len()
-                ),
-            )
-            .await);
+            let why = format!(
+                "{key} holds {} of the {} rows the index places there",
+                rw.dropped,
+                drop.len()
+            );
+            return Err(match locked {
+                true => forget(lake, &meta.name, why).await,
+                false => Error::Raced { keys: why },
+            });
         }
         let info = index.head.files.get(&key);
+        let new_bytes = rw.path.as_ref().map_or(0, |p| local_size(p));
         rewritten.push(RewrittenFile {
             old,
             old_bytes: info.map(|f| f.bytes).unwrap_or(0),
+            new_bytes,
             new: rw.path,
             rows: rw.rows,
             groups: info.map(|f| f.groups.clone()).unwrap_or_default(),
+            drop,
         });
     }
-    Ok(Merged {
+    Ok(Some(Merged {
         files,
         rewritten,
         replaced,
@@ -1563,8 +1621,21 @@ pub async fn merge(
         index: Some(Pending {
             index,
             entries: entries.unwrap_or_else(|| Entries::new(shape.kind)),
+            fps,
+            held,
         }),
-    })
+    }))
+}
+
+/// A local file's size (0 if it cannot be read: only a statistic of the index).
+fn local_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Whether a table has no data file yet (its first commit): then a missing index is an empty
+/// one, not one to rebuild.
+async fn meta_has_no_files(lake: &Lake, meta: &TableMeta) -> Result<bool> {
+    Ok(table_files(lake, meta).await?.is_empty())
 }
 
 fn stale(table: &str, message: impl Into<String>) -> Error {
@@ -1585,6 +1656,105 @@ async fn forget(lake: &Lake, table: &str, why: String) -> Error {
 }
 
 impl Pending {
+    /// Brings a plan made beside other commits up to the index as it is now (call under the
+    /// commit lock). If commits came in between, the batch's keys are looked up in the runs
+    /// they added: the plan conflicts if one of them holds a batch key other than as the plan
+    /// saw it. A file the plan rewrites that such a commit rewrote too (for other keys) is
+    /// rewritten again from that commit's file, which keeps its groups: only the conflicting
+    /// files are planned again, under the lock. Then the commit's index is built on the newer
+    /// head. Returns the positions in `rewritten` of the files rewritten again, or `None` on a
+    /// conflict (the batch runs again).
+    pub async fn rebase(
+        &mut self,
+        lake: &Lake,
+        meta: &TableMeta,
+        compression: &str,
+        rewritten: &mut [RewrittenFile],
+        scratch: &Path,
+    ) -> Result<Option<Vec<usize>>> {
+        let table = self.index.head.table.clone();
+        let now: Option<Head> = match lake.get_opt(&head_key(&table)).await? {
+            Some(b) => serde_json::from_slice(&b).ok(),
+            None => None,
+        };
+        let Some(now) = now else {
+            // Deleted (found to disagree) or never written: only an empty plan stands.
+            let empty = self.index.head.commit.is_empty() && self.index.head.files.is_empty();
+            return Ok(empty.then(Vec::new));
+        };
+        if now.commit == self.index.head.commit {
+            return Ok(Some(Vec::new()));
+        }
+        if now.sip != self.index.head.sip || now.format != FORMAT {
+            return Ok(None);
+        }
+        // Where each rewritten file's groups are now.
+        let mut moved = Vec::new();
+        for (k, rw) in rewritten.iter().enumerate() {
+            match now.files.get(&rw.old.key) {
+                Some(f) if f.groups == rw.groups => {}
+                Some(_) => return Ok(None),
+                None => match now.files.iter().find(|(_, f)| f.groups == rw.groups) {
+                    Some((key, _)) => moved.push((k, key.clone())),
+                    None => return Ok(None),
+                },
+            }
+        }
+        let shape = self.index.head.shape.clone();
+        let index = match Index::open(lake, &table, &shape).await? {
+            Ok(index) => index,
+            Err(_) => return Ok(None),
+        };
+        let seen: HashSet<&str> = self
+            .index
+            .head
+            .runs
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
+        let added: HashSet<String> = index
+            .head
+            .runs
+            .iter()
+            .filter(|r| !seen.contains(r.name.as_str()))
+            .map(|r| run_key(&table, &r.name))
+            .collect();
+        let found = index.lookup_in(lake, &self.fps, &added).await?;
+        for (fp, h) in &found {
+            if self.held.get(fp) != Some(h) {
+                tracing::info!(table = %table, "a commit since the plan holds keys of this batch");
+                return Ok(None);
+            }
+        }
+        let keying = Keying::for_table(&meta.full_schema()?, &shape, now.sip)?;
+        let prefix = lake::processed_prefix(&table);
+        let mut again = Vec::with_capacity(moved.len());
+        for (k, key) in moved {
+            let rw = &mut rewritten[k];
+            let now_file = TableFile {
+                dir: lake::parent_dir(lake::relative(&key, &prefix)).to_string(),
+                key: key.clone(),
+            };
+            let out = scratch.join(format!("rewrite-{k}-again.parquet"));
+            let redone =
+                rewrite_without(lake, meta, &keying, &now_file, &rw.drop, compression, &out)
+                    .await?;
+            // A file with rows left must stay one with rows left (its place in the commit).
+            if redone.dropped != rw.drop.len() as u64 || redone.path.is_some() != rw.new.is_some() {
+                return Ok(None);
+            }
+            rw.old_bytes = index.head.files.get(&key).map_or(0, |f| f.bytes);
+            rw.old = now_file;
+            rw.new_bytes = redone.path.as_ref().map_or(0, |p| local_size(p));
+            rw.new = redone.path;
+            rw.rows = redone.rows;
+            again.push(k);
+        }
+        tracing::debug!(table = %table, runs = added.len(), files = again.len(), "plan rebased on a newer key index");
+        self.index = index;
+        Ok(Some(again))
+    }
+
     /// The index files of the commit, once its files have names: `files` (new rows) went to
     /// `file_keys`, the `rewritten` files to `rewritten_keys`. Returns the local files and their
     /// keys (runs first, the head last) and the runs the head no longer names.
@@ -1595,6 +1765,7 @@ impl Pending {
         commit: &str,
         files: &[OutFile],
         file_keys: &[String],
+        file_bytes: &[u64],
         rewritten: &[RewrittenFile],
         rewritten_keys: &[Option<String>],
         scratch: &Path,
@@ -1606,8 +1777,8 @@ impl Pending {
         }
         entries.regroup(|i| base + i);
         let mut changes: BTreeMap<String, Option<IndexedFile>> = BTreeMap::new();
-        for (i, (f, key)) in files.iter().zip(file_keys).enumerate() {
-            let bytes = std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0);
+        for (i, ((f, key), bytes)) in files.iter().zip(file_keys).zip(file_bytes).enumerate() {
+            let bytes = *bytes;
             changes.insert(
                 key.clone(),
                 Some(IndexedFile {
@@ -1619,14 +1790,13 @@ impl Pending {
         }
         for (rw, key) in rewritten.iter().zip(rewritten_keys) {
             changes.insert(rw.old.key.clone(), None);
-            if let (Some(path), Some(key)) = (&rw.new, key) {
-                let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            if let (Some(_), Some(key)) = (&rw.new, key) {
                 changes.insert(
                     key.clone(),
                     Some(IndexedFile {
                         groups: rw.groups.clone(),
                         rows: rw.rows,
-                        bytes,
+                        bytes: rw.new_bytes,
                     }),
                 );
             }
@@ -1719,15 +1889,11 @@ where
     let me = crate::lock::Holder::me(&crate::report::new_run_id());
     let ttl = std::time::Duration::from_secs(config.lake.lock_ttl_secs);
     let wait = std::time::Duration::from_secs(config.lake.lock_wait_secs);
-    crate::lock::acquire(lake, crate::ledger::COMMIT_LOCK, &me, ttl, wait).await?;
-    let result = match crate::ledger::recover(lake).await {
-        Ok(_) => f().await,
-        Err(e) => Err(e),
-    };
-    let released = crate::lock::release(lake, crate::ledger::COMMIT_LOCK, &me).await;
-    let out = result?;
-    released?;
-    Ok(out)
+    crate::lock::holding(lake, crate::ledger::COMMIT_LOCK, &me, ttl, wait, async {
+        crate::ledger::recover(lake, ttl).await?;
+        f().await
+    })
+    .await
 }
 
 /// `sluice index rebuild [TABLE]`: each keyed table's index rebuilt from its files. Returns a

@@ -372,21 +372,33 @@ pub async fn archive_all(lake: &Lake, files: &[FileRecord]) -> Result<()> {
 }
 
 /// Finishes or throws away commits a crashed run left behind. Call with the commit lock held.
-pub async fn recover(lake: &Lake) -> Result<Vec<String>> {
+/// A commit without its ledger entry whose run is still at work ([`crate::lock::run_alive`]:
+/// it plans and stages beside other commits, and takes the lock only for its commit point) is
+/// left to that run.
+pub async fn recover(lake: &Lake, ttl: std::time::Duration) -> Result<Vec<String>> {
     let mut done = Vec::new();
     for meta in lake.list(&format!("{STATE}/pending")).await? {
         let key = meta.location.to_string();
         let Some(commit) = lake.get_json::<Commit>(&key).await? else {
             continue;
         };
-        if lake.exists(&ledger_key(&commit.id)).await? {
+        let committed = lake.exists(&ledger_key(&commit.id)).await?;
+        if !committed && crate::lock::run_alive(lake, &commit.run_id, ttl).await? {
+            continue;
+        }
+        if committed {
             tracing::warn!(commit = %commit.id, "finishing a commit interrupted after its commit point");
             publish(lake, &commit).await?;
         } else {
             tracing::warn!(commit = %commit.id, "discarding a commit interrupted before its commit point");
+            // The record first: a run taken for dead that comes back finds it gone before it
+            // could commit staging that is going (a crash in between leaves staged garbage).
+            lake.delete(&key).await?;
             let staged = lake.list(&staging_prefix(&commit.id)).await?;
             lake.delete_all(staged.into_iter().map(|m| m.location.to_string()))
                 .await?;
+            done.push(commit.id);
+            continue;
         }
         lake.delete(&key).await?;
         done.push(commit.id);

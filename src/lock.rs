@@ -128,6 +128,37 @@ pub async fn acquire(
     }
 }
 
+/// Runs `work` holding `key` (taken first, waiting up to `wait`) and lets go of it on every
+/// path out of `work`; the work's error comes before the release's. A run that dies holding it
+/// leaves it stale ([`Holder`]), to be taken over.
+pub async fn holding<T>(
+    lake: &Lake,
+    key: &str,
+    me: &Holder,
+    ttl: Duration,
+    wait: Duration,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    acquire(lake, key, me, ttl, wait).await?;
+    let out = work.await;
+    let released = release(lake, key, me).await;
+    let out = out?;
+    released?;
+    Ok(out)
+}
+
+/// Whether the run that claimed files as `run_id` is still at work: its claims are there and
+/// their holder is not stale. A commit it planned beside other commits is then its own to
+/// finish or throw away, not recovery's.
+pub async fn run_alive(lake: &Lake, run_id: &str, ttl: Duration) -> Result<bool> {
+    Ok(match lake.get_json::<Claims>(&claims_key(run_id)).await {
+        Ok(Some(c)) => !c.holder.is_stale(ttl),
+        Ok(None) => false,
+        Err(Error::State { .. }) => false,
+        Err(e) => return Err(e),
+    })
+}
+
 /// Lets go of `key` if this holder has it.
 pub async fn release(lake: &Lake, key: &str, me: &Holder) -> Result<()> {
     if let Ok(Some(h)) = lake.get_json::<Holder>(key).await
@@ -156,7 +187,7 @@ pub struct Claims {
     pub keys: Vec<String>,
 }
 
-/// Claims those of `keys` that no live run holds and returns them: under [`CLAIMS_LOCK`]
+/// Claims those of `keys` that no live run holds (the first `limit` of them) and returns them: under [`CLAIMS_LOCK`]
 /// (waiting up to `wait`), the other runs' claims are read (a stale holder's are removed)
 /// and this run's are written as one object, [`claims_key`], replacing any it had. A few
 /// requests a batch, whatever its size, instead of one conditional create a file.
@@ -166,14 +197,15 @@ pub async fn claim(
     me: &Holder,
     ttl: Duration,
     wait: Duration,
+    limit: Option<usize>,
 ) -> Result<Vec<String>> {
-    acquire(lake, CLAIMS_LOCK, me, ttl, wait).await?;
-    let taken = async {
+    holding(lake, CLAIMS_LOCK, me, ttl, wait, async {
         let mine = claims_key(&me.run_id);
         let held = live_claims(lake, me, ttl).await?;
         let taken: Vec<String> = keys
             .iter()
             .filter(|k| !held.contains(*k))
+            .take(limit.unwrap_or(usize::MAX))
             .cloned()
             .collect();
         let claims = Claims {
@@ -184,13 +216,9 @@ pub async fn claim(
             true => lake.delete(&mine).await?,
             false => lake.put_json(&mine, &claims).await?,
         }
-        Ok::<_, Error>(claims.keys)
-    }
-    .await;
-    let released = release(lake, CLAIMS_LOCK, me).await;
-    let taken = taken?;
-    released?;
-    Ok(taken)
+        Ok(claims.keys)
+    })
+    .await
 }
 
 /// The raw files other live runs have claimed; the claims of stale holders (a crashed run)

@@ -108,6 +108,12 @@ async fn load(cli: &Cli, config_path: &Path) -> Result<(Config, Lake)> {
             .map_err(|e| Error::config(config_path, format!("--max-runtime: {e}")))?;
         config.engine.max_runtime = Some(limit.clone());
     }
+    if let Some(n) = cli.batch_files {
+        if n == 0 {
+            return Err(Error::config(config_path, "--batch-files: at least 1"));
+        }
+        config.engine.batch_files = Some(n);
+    }
     let root = cli.lake.clone().unwrap_or_else(|| config.lake_root());
     let lake = Lake::open(&root, &config.timeouts.get())
         .await?

@@ -119,6 +119,12 @@ pub struct Runner<'a> {
     /// Raw files downloaded before their stream (to be hashed), by key: the stream reads them
     /// from here instead of downloading them again.
     downloaded: std::sync::Mutex<HashMap<String, Box<dyn std::io::Read + Send>>>,
+    /// The next commit is planned under the commit lock (the last plan made beside other
+    /// commits conflicted with one of them).
+    serial: std::sync::atomic::AtomicBool,
+    /// Raw files this run has dealt with (committed, failed or duplicate): a run taking batch
+    /// after batch does not take them again.
+    handled: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl<'a> Runner<'a> {
@@ -136,6 +142,8 @@ impl<'a> Runner<'a> {
             only: None,
             deadline: Deadline::after(config.engine.max_runtime()),
             downloaded: std::sync::Mutex::new(HashMap::new()),
+            serial: std::sync::atomic::AtomicBool::new(false),
+            handled: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -159,17 +167,6 @@ impl<'a> Runner<'a> {
             .as_ref()
     }
 
-    /// Takes the commit lock, waiting no longer than the lock wait or the run's `max_runtime`.
-    async fn lock(&self) -> Result<()> {
-        let wait = self.deadline.cap(self.wait);
-        match lock::acquire(&self.lake, COMMIT_LOCK, &self.me, self.ttl, wait).await {
-            Err(Error::Locked { .. }) if self.deadline.passed() => {
-                Err(self.deadline.reached("waiting for the commit lock"))
-            }
-            other => other,
-        }
-    }
-
     /// Lets go of the claims this run holds (a batch that stops at `max_runtime`, or runs
     /// again): the next run takes the files again, and no attempt is counted against them.
     async fn release_claims(&self) {
@@ -182,10 +179,6 @@ impl<'a> Runner<'a> {
     fn step_done(&self, report: &mut RunReport, step: &str, since: Instant) {
         report.time(step, since);
         report.add_requests(step, self.lake.take_requests());
-    }
-
-    async fn unlock(&self) -> Result<()> {
-        lock::release(&self.lake, COMMIT_LOCK, &self.me).await
     }
 
     /// Runs the whole pipeline once. Past `max_runtime` the run stops at the next safe point
@@ -220,14 +213,14 @@ impl<'a> Runner<'a> {
     async fn run_steps(&self, report: &mut RunReport, progress: &Progress) -> Result<()> {
         let prepared = prepare(self.config)?;
         let t = Instant::now();
-        self.lock().await?;
-        let recovered = ledger::recover(&self.lake)
-            .instrument(tracing::info_span!("step", step = "recover"))
-            .await;
-
-        self.lake.clean_scratch(self.ttl);
-        self.unlock().await?;
-        recovered?;
+        self.locked(async {
+            ledger::recover(&self.lake, self.ttl)
+                .instrument(tracing::info_span!("step", step = "recover"))
+                .await?;
+            self.lake.clean_scratch(self.ttl);
+            Ok(())
+        })
+        .await?;
         // Claims a crashed run left behind go (the files are claimed again, or were archived).
         if let Err(e) = lock::live_claims(&self.lake, &self.me, self.ttl).await {
             tracing::warn!(error = %e, "cannot look for stale claims");
@@ -258,7 +251,7 @@ impl<'a> Runner<'a> {
                 match done {
                     Err(Error::Raced { keys }) if tries < MAX_RACES => {
                         tries += 1;
-                        tracing::warn!(source = %p.source.name, keys = %keys, "another run committed some of this batch's files first; running the batch again");
+                        tracing::warn!(source = %p.source.name, keys = %keys, "another run committed some of this batch's files, content or keys first; running the batch again");
                     }
                     Err(e @ Error::IndexStale { .. }) if tries < MAX_RACES => {
                         tries += 1;
@@ -270,23 +263,32 @@ impl<'a> Runner<'a> {
                         report.errors.push(format!("source {}: {e}", p.source.name));
                         break;
                     }
-                    Ok(()) => break,
+                    // A full batch (`batch_files`): there may be more.
+                    Ok(true) => {
+                        tries = 0;
+                        self.deadline
+                            .check(&format!("source {} (before its next batch)", p.source.name))?;
+                    }
+                    Ok(false) => break,
                 }
             }
         }
         self.deadline.check("warehouse (before the aggregates)")?;
         progress.step("warehouse");
         let t = Instant::now();
-        self.lock().await?;
-        let built = warehouse::refresh(self.config, &self.lake, self.threads)
-            .instrument(tracing::info_span!("step", step = "warehouse"))
+        let built = self
+            .locked(
+                warehouse::refresh(self.config, &self.lake, self.threads)
+                    .instrument(tracing::info_span!("step", step = "warehouse")),
+            )
             .await;
-        self.unlock().await?;
         match built {
             Ok((aggs, waiting)) => {
                 report.warehouse = aggs;
                 report.warnings.extend(waiting);
             }
+            // The commit lock was not to be had.
+            Err(e @ (Error::MaxRuntime { .. } | Error::Locked { .. })) => return Err(e),
             Err(e) => {
                 tracing::error!(error = %e, "warehouse failed");
                 report.errors.push(format!("warehouse: {e}"));
@@ -325,12 +327,13 @@ impl<'a> Runner<'a> {
     }
 
     /// Finds the new files of a source (all under its prefix, or the ones named by
-    /// [`Runner::only`]) and claims them (one object for the batch, [`lock::claim`]).
+    /// [`Runner::only`]) and claims them (one object for the batch, [`lock::claim`]), at most
+    /// `batch_files`; `true` with them if that many were taken (more may wait).
     async fn discover(
         &self,
         source: &SourceConfig,
         ledger: &mut Ledger,
-    ) -> Result<Vec<ObjectMeta>> {
+    ) -> Result<(Vec<ObjectMeta>, bool)> {
         let prefix = source.raw_prefix();
         let found = match &self.only {
             None => self.lake.list(&prefix).await?,
@@ -369,22 +372,31 @@ impl<'a> Runner<'a> {
             }
         }
         ledger::archive_all(&self.lake, &unarchived).await?;
+        // Files this run dealt with already (a run taking batch after batch) are not taken again.
+        {
+            let handled = self.handled.lock().unwrap_or_else(|e| e.into_inner());
+            new.retain(|m| !handled.contains(m.location.as_ref()));
+        }
         let mut claimed = Vec::with_capacity(new.len());
+        let mut full = false;
         if !new.is_empty() {
             let keys: Vec<String> = new.iter().map(|m| m.location.to_string()).collect();
             let wait = self.deadline.cap(self.wait);
-            let taken = match lock::claim(&self.lake, &keys, &self.me, self.ttl, wait).await {
+            let limit = self.config.engine.batch_files;
+            let taken = match lock::claim(&self.lake, &keys, &self.me, self.ttl, wait, limit).await
+            {
                 Err(Error::Locked { .. }) if self.deadline.passed() => {
                     return Err(self.deadline.reached("waiting for the claims lock"));
                 }
                 other => other?,
             };
+            full = limit.is_some_and(|n| taken.len() >= n);
             let taken: std::collections::HashSet<String> = taken.into_iter().collect();
             for meta in new {
                 match taken.contains(meta.location.as_ref()) {
                     true => claimed.push(meta),
                     false => {
-                        tracing::info!(key = %meta.location, "claimed by another run; skipping")
+                        tracing::debug!(key = %meta.location, "claimed by another run, or left for the next batch")
                     }
                 }
             }
@@ -404,22 +416,23 @@ impl<'a> Runner<'a> {
             drop(done);
             claimed = kept;
         }
-        Ok(claimed)
+        Ok((claimed, full))
     }
 
+    /// One batch of a source: `true` if it was a full batch of `batch_files` (more may wait).
     async fn process_source(
         &self,
         p: &Prepared,
         report: &mut RunReport,
         progress: &Progress,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let source = &p.source;
         let t = Instant::now();
         let mut ledger = Ledger::load(&self.lake).await?;
-        let claimed = self.discover(source, &mut ledger).await?;
+        let (claimed, full) = self.discover(source, &mut ledger).await?;
         self.step_done(report, "discover", t);
         if claimed.is_empty() {
-            return Ok(());
+            return Ok(full);
         }
         fault::point("claimed");
 
@@ -556,34 +569,31 @@ impl<'a> Runner<'a> {
             }
         }
 
-        // Commit under the lock.
+        // Commit: planned and staged beside other runs, its commit point under the lock.
         let t = Instant::now();
         let mut committed: Option<(Commit, TableReport, HashMap<String, Counts>)> = None;
         if !records.is_empty() {
             progress.step(format!("{}: committing", source.name));
             // A safe point: the batch's files are in scratch only.
             let step = format!("source {} (before its commit)", source.name);
-            let locked = match self.deadline.check(&step) {
-                Ok(()) => self.lock().await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = locked {
-                if matches!(e, Error::MaxRuntime { .. }) {
-                    let _ = std::fs::remove_dir_all(&scratch);
-                    self.release_claims().await;
-                }
+            if let Err(e) = self.deadline.check(&step) {
+                let _ = std::fs::remove_dir_all(&scratch);
+                self.release_claims().await;
                 return Err(e);
             }
             let result = self
                 .commit(p, &mut ledger, &records, streamed)
                 .instrument(tracing::info_span!("step", step = "commit"))
                 .await;
-            let released = self.unlock().await;
             match result {
                 Ok(c) => committed = Some(c),
-                Err(e @ (Error::Raced { .. } | Error::IndexStale { .. })) => {
+                Err(
+                    e @ (Error::Raced { .. }
+                    | Error::IndexStale { .. }
+                    | Error::MaxRuntime { .. }
+                    | Error::Locked { .. }),
+                ) => {
                     let _ = std::fs::remove_dir_all(&scratch);
-                    released?;
                     self.release_claims().await;
                     return Err(e);
                 }
@@ -596,7 +606,6 @@ impl<'a> Runner<'a> {
                     }
                 }
             }
-            released?;
         }
         let _ = std::fs::remove_dir_all(&scratch);
         self.step_done(report, "commit", t);
@@ -663,7 +672,11 @@ impl<'a> Runner<'a> {
             f.moved_to = self.record_failure(source, &meta, &error).await?;
             report.files.push(f);
         }
-        Ok(())
+        self.handled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(claimed.iter().map(|m| m.location.to_string()));
+        Ok(full)
     }
 
     /// The ledger record of a raw file about to be committed. No request: the archive place is
@@ -934,7 +947,13 @@ impl<'a> Runner<'a> {
         })
     }
 
-    /// Merges, writes, commits and publishes one batch. Call with the commit lock held.
+    /// Merges, writes, commits and publishes one batch. The plan (the key index lookup, the
+    /// sink's files, the rewrites of files holding replaced rows) is made and staged beside
+    /// other runs' commits; under the commit lock the plan is checked against what committed
+    /// since ([`index::Pending::rebase`]) and only the commit's metadata is written: the index
+    /// head, the catalog entry, the ledger entry (the commit point), then the publish. A plan
+    /// that needs an index rebuilt is made under the lock; one that conflicts with a commit
+    /// since makes the batch run again, its plan made under the lock.
     async fn commit(
         &self,
         p: &Prepared,
@@ -942,6 +961,50 @@ impl<'a> Runner<'a> {
         records: &[FileRecord],
         streamed: Option<Streamed>,
     ) -> Result<(Commit, TableReport, HashMap<String, Counts>)> {
+        if !self.serial.load(std::sync::atomic::Ordering::Relaxed) {
+            let planned = self
+                .plan(p, ledger, records, streamed.as_ref(), false)
+                .await?;
+            if let Some(plan) = planned {
+                fault::pause("planned");
+                return self.locked(self.commit_plan(p, ledger, plan, true)).await;
+            }
+        }
+        self.locked(async {
+            let plan = self
+                .plan(p, ledger, records, streamed.as_ref(), true)
+                .await?
+                .ok_or_else(|| Error::State {
+                    path: COMMIT_LOCK.into(),
+                    message: "a plan under the commit lock was refused".into(),
+                })?;
+            self.commit_plan(p, ledger, plan, false).await
+        })
+        .await
+    }
+
+    /// Runs `work` holding the commit lock, waiting no longer than the lock wait or the run's
+    /// `max_runtime`; the lock goes on every path out.
+    async fn locked<T>(&self, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let wait = self.deadline.cap(self.wait);
+        match lock::holding(&self.lake, COMMIT_LOCK, &self.me, self.ttl, wait, work).await {
+            Err(Error::Locked { path, .. }) if self.deadline.passed() && path == COMMIT_LOCK => {
+                Err(self.deadline.reached("waiting for the commit lock"))
+            }
+            other => other,
+        }
+    }
+
+    /// Plans a batch's commit and stages its data files: `None` if it must be planned under
+    /// the commit lock (`locked` false and the key index is to be rebuilt, or changing).
+    async fn plan(
+        &self,
+        p: &Prepared,
+        ledger: &mut Ledger,
+        records: &[FileRecord],
+        streamed: Option<&Streamed>,
+        locked: bool,
+    ) -> Result<Option<Plan>> {
         let table = &p.table;
         // What other runs committed since this batch was planned: a file of it (a claim taken
         // over from a run that was only slow) or its content (under another name) makes the
@@ -954,19 +1017,34 @@ impl<'a> Runner<'a> {
             });
         }
         let id = self.commit_id(table, &p.query, records).await?;
-        let mut change = TableChange {
-            table: table.name.clone(),
-            ..Default::default()
+        let mut plan = Plan {
+            change: TableChange {
+                table: table.name.clone(),
+                ..Default::default()
+            },
+            id,
+            records: records.to_vec(),
+            report: TableReport::default(),
+            counts: HashMap::new(),
+            catalog: None,
+            index: None,
+            files: Vec::new(),
+            file_keys: Vec::new(),
+            file_bytes: Vec::new(),
+            rewritten: Vec::new(),
+            rewritten_keys: Vec::new(),
+            staged: Vec::new(),
+            scratch: self
+                .lake
+                .scratch(&self.me.run_id, &format!("{}-commit", table.name)),
         };
-        let mut table_report = TableReport::default();
-        let mut counts: HashMap<String, Counts> = HashMap::new();
-        let mut catalog_update = None;
-        let mut staged: Vec<(PathBuf, String)> = Vec::new();
-
+        let id = plan.id.clone();
+        let mut uploads: Vec<(PathBuf, String)> = Vec::new();
         if let Some(s) = streamed {
             let processed = lake::processed_prefix(&table.name);
             // Another run may have changed the catalog since this batch started.
-            let meta = match TableMeta::load(&self.lake, &table.name).await? {
+            let old = TableMeta::load(&self.lake, &table.name).await?;
+            let meta = match &old {
                 Some(old) => old.evolve(&s.proposed)?,
                 None => s.proposed.clone(),
             };
@@ -978,30 +1056,29 @@ impl<'a> Runner<'a> {
                         .into(),
                 });
             }
-            let scratch = self
-                .lake
-                .scratch(&self.me.run_id, &format!("{}-commit", table.name));
-            let merged = index::merge(
+            let Some(merged) = index::merge(
                 &self.lake,
                 &meta,
                 table,
                 &s.sink,
                 s.sip,
                 self.threads,
-                &scratch,
+                &plan.scratch,
+                locked,
             )
-            .await?;
-            table_report.rows_replaced = merged.replaced;
-            table_report.index_rebuilt = merged.rebuilt.clone();
-            let files = merged.files;
+            .await?
+            else {
+                return Ok(None);
+            };
+            plan.report.rows_replaced = merged.replaced;
+            plan.report.index_rebuilt = merged.rebuilt.clone();
             // A data file's key: its partition folder (if any) under the table's prefix.
             let in_table = |dir: &str, name: &str| match dir {
                 "" => format!("{processed}/{name}"),
                 dir => format!("{processed}/{dir}/{name}"),
             };
-            let mut file_keys = Vec::with_capacity(files.len());
             let mut per_dir: HashMap<&str, usize> = HashMap::new();
-            for f in &files {
+            for f in &merged.files {
                 let n = per_dir.entry(f.dir.as_str()).or_default();
                 let name = match *n {
                     0 => format!("part-{id}.parquet"),
@@ -1010,49 +1087,31 @@ impl<'a> Runner<'a> {
                 *n += 1;
                 let to = in_table(&f.dir, &name);
                 let from = format!("{}/{to}", ledger::staging_prefix(&id));
-                staged.push((f.path.clone(), from.clone()));
-                file_keys.push(to.clone());
-                change.added.push(Move { from, to });
-                change.partitions.push(f.dir.clone());
+                uploads.push((f.path.clone(), from.clone()));
+                plan.file_keys.push(to.clone());
+                plan.file_bytes
+                    .push(std::fs::metadata(&f.path).map_or(0, |m| m.len()));
+                plan.change.added.push(Move { from, to });
+                plan.change.partitions.push(f.dir.clone());
             }
             // Files holding replaced rows, rewritten without them (in place of the old file).
-            let mut rewritten_keys = Vec::with_capacity(merged.rewritten.len());
             for (k, rw) in merged.rewritten.iter().enumerate() {
-                table_report.files_rewritten += 1;
-                table_report.bytes_rewritten += rw.old_bytes;
-                change.removed.push(rw.old.key.clone());
-                change.partitions.push(rw.old.dir.clone());
+                plan.report.files_rewritten += 1;
+                plan.report.bytes_rewritten += rw.old_bytes;
+                plan.change.removed.push(rw.old.key.clone());
+                plan.change.partitions.push(rw.old.dir.clone());
                 if let Some(path) = &rw.new {
                     let to = in_table(&rw.old.dir, &format!("part-{id}-r{k}.parquet"));
                     let from = format!("{}/{to}", ledger::staging_prefix(&id));
-                    staged.push((path.clone(), from.clone()));
-                    change.added.push(Move {
+                    uploads.push((path.clone(), from.clone()));
+                    plan.change.added.push(Move {
                         from,
                         to: to.clone(),
                     });
-                    rewritten_keys.push(Some(to));
+                    plan.rewritten_keys.push(Some(to));
                 } else {
-                    rewritten_keys.push(None);
+                    plan.rewritten_keys.push(None);
                 }
-            }
-            if let Some(pending) = merged.index {
-                let (index_files, replaced_runs) = pending
-                    .finish(
-                        &self.lake,
-                        &id,
-                        &files,
-                        &file_keys,
-                        &merged.rewritten,
-                        &rewritten_keys,
-                        &scratch,
-                    )
-                    .await?;
-                for (path, to) in index_files {
-                    let from = format!("{}/{to}", ledger::staging_prefix(&id));
-                    staged.push((path, from.clone()));
-                    change.index.push(Move { from, to });
-                }
-                change.index_removed = replaced_runs;
             }
             if let Some((path, _rows)) = s.rejects.finish()? {
                 let to = format!(
@@ -1064,36 +1123,82 @@ impl<'a> Runner<'a> {
                     )
                 );
                 let from = format!("{}/{to}", ledger::staging_prefix(&id));
-                staged.push((path, from.clone()));
-                change.added.push(Move { from, to });
+                uploads.push((path, from.clone()));
+                plan.change.added.push(Move { from, to });
             }
-            counts = s.counts;
+            plan.counts = s.counts.clone();
             for (key, d) in s.keys.iter().zip(s.sink.duplicates()) {
-                if let Some(c) = counts.get_mut(key) {
+                if let Some(c) = plan.counts.get_mut(key) {
                     c.written -= d;
                     c.duplicate += d;
                 }
             }
-            change.partitions.sort();
-            change.partitions.dedup();
-            if meta.delta {
-                change.delta = Some(self.delta_txn(&processed).await?);
+            plan.change.partitions.sort();
+            plan.change.partitions.dedup();
+            plan.files = merged.files;
+            plan.rewritten = merged.rewritten;
+            plan.index = merged.index;
+            plan.catalog = Some((old.map(|m| catalog_json(&m)), meta));
+        }
+        for c in plan.counts.values() {
+            plan.report.rows_written += c.written;
+            plan.report.rows_rejected += c.rejected;
+            plan.report.rows_duplicate += c.duplicate;
+        }
+        plan.report.partitions = plan.change.partitions.clone();
+        // Recovery throws the staging away if this run dies before its commit point.
+        self.lake
+            .put_json(&ledger::pending_key(&id), &plan.commit(&self.me.run_id))
+            .await?;
+        for (path, key) in uploads {
+            self.lake.put_file(&key, &path).await?;
+            plan.staged.push(key);
+        }
+        Ok(Some(plan))
+    }
+
+    /// The commit point of a plan, under the commit lock: a plan made beside other commits
+    /// (`beside`) is checked first; then the index head is built on the current one, the
+    /// catalog entry and the ledger entry are written, and the commit is published.
+    async fn commit_plan(
+        &self,
+        p: &Prepared,
+        ledger: &mut Ledger,
+        mut plan: Plan,
+        beside: bool,
+    ) -> Result<(Commit, TableReport, HashMap<String, Counts>)> {
+        let table = &p.table;
+        let id = plan.id.clone();
+        if beside && let Err(e) = self.still_stands(p, ledger, &mut plan).await {
+            self.discard(&plan).await;
+            return Err(e);
+        }
+        if let Some(pending) = plan.index.take() {
+            let (index_files, replaced_runs) = pending
+                .finish(
+                    &self.lake,
+                    &id,
+                    &plan.files,
+                    &plan.file_keys,
+                    &plan.file_bytes,
+                    &plan.rewritten,
+                    &plan.rewritten_keys,
+                    &plan.scratch,
+                )
+                .await?;
+            for (path, to) in index_files {
+                let from = format!("{}/{to}", ledger::staging_prefix(&id));
+                self.lake.put_file(&from, &path).await?;
+                plan.staged.push(from.clone());
+                plan.change.index.push(Move { from, to });
             }
-            catalog_update = Some(meta);
+            plan.change.index_removed = replaced_runs;
         }
-        for c in counts.values() {
-            table_report.rows_written += c.written;
-            table_report.rows_rejected += c.rejected;
-            table_report.rows_duplicate += c.duplicate;
+        if plan.catalog.as_ref().is_some_and(|(_, m)| m.delta) {
+            let processed = lake::processed_prefix(&table.name);
+            plan.change.delta = Some(self.delta_txn(&processed).await?);
         }
-        table_report.partitions = change.partitions.clone();
-        let commit = Commit {
-            id: id.clone(),
-            run_id: self.me.run_id.clone(),
-            created_at: Utc::now(),
-            files: records.to_vec(),
-            tables: vec![change],
-        };
+        let commit = plan.commit(&self.me.run_id);
         self.lake
             .put_json(&ledger::pending_key(&id), &commit)
             .await?;
@@ -1101,11 +1206,8 @@ impl<'a> Runner<'a> {
             // Removed once the commit's partitions are registered.
             self.lake.put(&glue::marker_key(&id), Vec::new()).await?;
         }
-        for (path, key) in staged {
-            self.lake.put_file(&key, &path).await?;
-        }
         fault::point("staged");
-        if let Some(meta) = catalog_update {
+        if let Some((_, meta)) = &plan.catalog {
             meta.save(&self.lake).await?;
         }
         // The commit point.
@@ -1114,7 +1216,7 @@ impl<'a> Runner<'a> {
             message: e.to_string(),
         })?;
         entry["counts"] = serde_json::to_value(
-            counts
+            plan.counts
                 .iter()
                 .map(|(k, c)| (k.clone(), [c.read, c.written, c.rejected, c.duplicate]))
                 .collect::<BTreeMap<_, _>>(),
@@ -1125,7 +1227,91 @@ impl<'a> Runner<'a> {
         ledger::publish(&self.lake, &commit).await?;
         fault::point("archived");
         self.lake.delete(&ledger::pending_key(&id)).await?;
-        Ok((commit, table_report, counts))
+        self.serial
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::fs::remove_dir_all(&plan.scratch);
+        Ok((commit, plan.report, plan.counts))
+    }
+
+    /// Whether a plan made beside other commits still holds, under the commit lock: none of
+    /// its raw files or contents committed since, the catalog entry it evolved unchanged, its
+    /// pending record there (recovery leaves a live run's alone, but a run older than the lock
+    /// TTL is taken for dead and its staging thrown away), and the key index changed only where the batch does not reach. A
+    /// conflict in the table makes the batch run again with its plan made under the lock.
+    async fn still_stands(&self, p: &Prepared, ledger: &mut Ledger, plan: &mut Plan) -> Result<()> {
+        ledger.refresh(&self.lake).await?;
+        let raced = ledger.conflicts(&plan.records);
+        if !raced.is_empty() {
+            return Err(Error::Raced {
+                keys: raced.join(", "),
+            });
+        }
+        let conflict = |what: String| {
+            self.serial
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            Err(Error::Raced { keys: what })
+        };
+        if let Some((old, meta)) = &plan.catalog {
+            let now = TableMeta::load(&self.lake, &meta.name).await?;
+            if now.as_ref().map(catalog_json) != *old {
+                return conflict(format!(
+                    "table {} (its catalog entry changed since the plan)",
+                    meta.name
+                ));
+            }
+        }
+        // Recovery deletes a pending record before the staging it names.
+        if !self.lake.exists(&ledger::pending_key(&plan.id)).await? {
+            return conflict(format!(
+                "commit {} (its staging was thrown away: this run was taken for dead)",
+                plan.id
+            ));
+        }
+        let Some(pending) = &mut plan.index else {
+            return Ok(());
+        };
+        let Some((_, meta)) = &plan.catalog else {
+            return Ok(());
+        };
+        let again = pending
+            .rebase(
+                &self.lake,
+                meta,
+                &p.table.compression,
+                &mut plan.rewritten,
+                &plan.scratch,
+            )
+            .await?;
+        let Some(again) = again else {
+            return conflict(format!(
+                "table {} (a commit since the plan wrote keys of this batch)",
+                plan.change.table
+            ));
+        };
+        // Files another commit rewrote since the plan, rewritten again from its files.
+        for k in again {
+            let rw = &plan.rewritten[k];
+            plan.change.removed[k] = rw.old.key.clone();
+            if let (Some(path), Some(to)) = (&rw.new, &plan.rewritten_keys[k]) {
+                let from = format!("{}/{to}", ledger::staging_prefix(&plan.id));
+                self.lake.put_file(&from, path).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Throws away a plan's staging and pending record (what recovery would do).
+    async fn discard(&self, plan: &Plan) {
+        let staged = plan.staged.iter().cloned();
+        let result = async {
+            self.lake.delete_all(staged).await?;
+            self.lake.delete(&ledger::pending_key(&plan.id)).await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(commit = %plan.id, error = %e, "cannot throw a plan's staging away; the next run's recovery does");
+        }
+        let _ = std::fs::remove_dir_all(&plan.scratch);
     }
 
     /// A new commit's id: a hash of the table, the query, this run and the inputs, never the
@@ -1231,6 +1417,50 @@ impl From<Error> for Failure {
 }
 
 /// A batch that went through the query and its sink, waiting for its commit.
+/// A batch's commit as planned: its table change, the files it stages, and what is settled
+/// under the commit lock (the key index, the Delta version).
+struct Plan {
+    id: String,
+    records: Vec<FileRecord>,
+    change: TableChange,
+    report: TableReport,
+    counts: HashMap<String, Counts>,
+    /// The catalog entry the plan evolved (as JSON, `None` for a new table) and the new one.
+    catalog: Option<(Option<serde_json::Value>, TableMeta)>,
+    index: Option<index::Pending>,
+    files: Vec<sink::stream::OutFile>,
+    file_keys: Vec<String>,
+    /// Their sizes (the local files are gone once uploaded).
+    file_bytes: Vec<u64>,
+    rewritten: Vec<index::RewrittenFile>,
+    rewritten_keys: Vec<Option<String>>,
+    /// Keys uploaded under the commit's staging prefix.
+    staged: Vec<String>,
+    scratch: PathBuf,
+}
+
+impl Plan {
+    fn commit(&self, run_id: &str) -> Commit {
+        Commit {
+            id: self.id.clone(),
+            run_id: run_id.to_string(),
+            created_at: Utc::now(),
+            files: self.records.clone(),
+            tables: vec![self.change.clone()],
+        }
+    }
+}
+
+/// A catalog entry as compared by a plan: its JSON without the time of its last change (every
+/// commit writes it).
+fn catalog_json(meta: &TableMeta) -> serde_json::Value {
+    let mut v = serde_json::to_value(meta).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("updated_at");
+    }
+    v
+}
+
 struct Streamed {
     sink: Arc<TableSink>,
     rejects: Arc<RowFile>,

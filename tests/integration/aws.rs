@@ -1339,7 +1339,9 @@ fn many_small_files_on_s3_cost_few_requests_each() {
     );
     // The files' way (discover, hash, stream, commit): one GET (read) and one COPY (archive)
     // a file; the rest a batch at a time: claims, the identity check before archiving (a
-    // listing), deletes (DeleteObjects), ledger, catalog and the table's output files.
+    // listing), deletes (DeleteObjects), ledger, catalog and the table's output files, and
+    // the commit's check under the lock of a plan made beside other commits (ledger listing,
+    // catalog entry, pending record: a few a batch).
     let steps: u64 = ["discover", "hash", "stream", "commit"]
         .iter()
         .flat_map(|s| requests[*s].as_object().unwrap().values())
@@ -1347,7 +1349,7 @@ fn many_small_files_on_s3_cost_few_requests_each() {
         .sum();
     let steps_per_file = steps as f64 / FILES as f64;
     assert!(
-        steps_per_file <= 2.5,
+        steps_per_file <= 2.6,
         "{steps_per_file} a file: {requests:?}"
     );
     // With the aggregates, which read the table's files (not the raw ones).

@@ -39,3 +39,140 @@ fn two_concurrent_runs_process_each_file_once() {
         assert_example_tables(&p);
     }
 }
+
+/// Runs `sluice run --json` with the run held after its plan (before the commit lock) until
+/// the returned pause file is removed; returns once the run is held there.
+fn held_after_plan(p: &Project) -> (std::process::Child, std::path::PathBuf) {
+    let pause = p.path().join("pause");
+    std::fs::write(&pause, "").unwrap();
+    let child = p
+        .cmd(&["run", "--json", "-v"])
+        .env("SLUICE_PAUSE_AT", "planned")
+        .env("SLUICE_PAUSE_FILE", &pause)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reached = p.path().join("pause.reached");
+    let start = std::time::Instant::now();
+    while !reached.exists() {
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "the run never reached its plan"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (child, pause)
+}
+
+/// The same files, one run after another, in this order.
+fn sequential(files: &[(&str, Vec<u8>)]) -> Project {
+    let p = Project::empty();
+    for (name, data) in files {
+        p.add_raw("support_tickets", name, data);
+        let (code, report) = p.run();
+        assert_eq!(code, 0, "{report:#}");
+    }
+    p
+}
+
+/// A commit planned beside another run's commit that replaces keys elsewhere in the table
+/// goes through without being planned again (its plan is rebased on the newer index); one that
+/// meets keys the other commit wrote is planned again under the lock. Either way the table and
+/// its index are what the runs one after the other give.
+#[test]
+fn a_plan_made_beside_another_commit_is_rebased_or_made_again_on_a_conflict() {
+    use crate::index::{batch, index_check, table};
+    // The second batch replaces tickets 0..30; the third either other keys (30..60) or the
+    // same ones, later.
+    for conflict in [false, true] {
+        let first = batch(0, 300, 3, 9, "open");
+        let second = batch(0, 30, 3, 10, "pending");
+        let third = match conflict {
+            false => batch(30, 30, 3, 11, "resolved"),
+            true => batch(0, 30, 3, 11, "resolved"),
+        };
+        let p = Project::empty();
+        p.add_raw("support_tickets", "a.csv", &first);
+        assert_eq!(p.run().0, 0);
+        p.add_raw("support_tickets", "b.csv", &second);
+        let (held, pause) = held_after_plan(&p);
+        // While the first run waits with its plan of b.csv, another run commits c.csv.
+        p.add_raw("support_tickets", "c.csv", &third);
+        let (code, report) = p.run();
+        assert_eq!(code, 0, "{report:#}");
+        assert_eq!(report["files"].as_array().unwrap().len(), 1, "{report:#}");
+        std::fs::remove_file(&pause).unwrap();
+        let out = held.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let log = text(&out);
+        let replanned = log.contains("running the batch again");
+        assert_eq!(replanned, conflict, "conflict {conflict}: {log}");
+        let held_report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        check_accounting(&held_report);
+        // b.csv is older than c.csv by updated_at: the order of the commits does not matter.
+        let expected = sequential(&[("a.csv", first), ("b.csv", second), ("c.csv", third)]);
+        assert_eq!(table(&p), table(&expected), "conflict {conflict}");
+        assert_eq!(index_check(&p).0, 0, "{}", index_check(&p).1);
+        assert!(p.files("_sluice/pending").is_empty());
+        assert!(p.files("_sluice/staging").is_empty());
+    }
+}
+
+/// With `batch_files`, runs started together share a backlog batch by batch, each file once,
+/// and the table is what one run makes of it.
+#[test]
+fn workers_with_bounded_batches_share_a_backlog_each_file_once() {
+    use crate::index::{batch, index_check, table};
+    let files: Vec<(String, Vec<u8>)> = (0..12)
+        .map(|i| {
+            // Overlapping keys: each file replaces half of the previous one's.
+            (
+                format!("f{i:02}.csv"),
+                batch(i * 20, 40, 3, 8 + i as u32, "open"),
+            )
+        })
+        .collect();
+    let p = Project::empty();
+    for (name, data) in &files {
+        p.add_raw("support_tickets", name, data);
+    }
+    let workers: Vec<std::process::Child> = (0..3)
+        .map(|_| {
+            p.cmd(&["run", "--json", "--batch-files", "2"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut keys = Vec::new();
+    for w in workers {
+        let out = w.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        check_accounting(&r);
+        for f in r["files"].as_array().unwrap() {
+            if f["source"] == "support_tickets" {
+                assert_eq!(f["status"], "processed", "{f:#}");
+                keys.push(f["key"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    keys.sort();
+    let n = keys.len();
+    keys.dedup();
+    assert_eq!(n, 12, "every file processed: {keys:?}");
+    assert_eq!(keys.len(), 12, "a file processed twice");
+    // One run over all of them (newest updated_at wins whatever the order).
+    let one = Project::empty();
+    for (name, data) in &files {
+        one.add_raw("support_tickets", name, data);
+    }
+    assert_eq!(one.run().0, 0);
+    assert_eq!(table(&p), table(&one));
+    assert_eq!(index_check(&p).0, 0, "{}", index_check(&p).1);
+    // Batches of two: six commits of the table.
+    let commits = p.files("_sluice/ledger").len();
+    assert_eq!(commits, 6, "{commits} commits");
+}

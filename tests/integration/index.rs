@@ -8,7 +8,7 @@ use crate::support::*;
 
 /// Tickets `first..first+n`, created on `days` consecutive days from 2024-03-01, updated at
 /// `hour` with `status`.
-fn batch(first: usize, n: usize, days: usize, hour: u32, status: &str) -> Vec<u8> {
+pub fn batch(first: usize, n: usize, days: usize, hour: u32, status: &str) -> Vec<u8> {
     let rows: Vec<String> = (first..first + n)
         .map(|i| {
             let day = 1 + i % days;
@@ -23,7 +23,7 @@ fn batch(first: usize, n: usize, days: usize, hour: u32, status: &str) -> Vec<u8
 }
 
 /// The table as (ticket_id, status, updated_ts), sorted.
-fn table(p: &Project) -> Vec<(String, String, String)> {
+pub fn table(p: &Project) -> Vec<(String, String, String)> {
     let ids = p.strings("processed/support_tickets", "ticket_id");
     let status = p.strings("processed/support_tickets", "status");
     let updated = p.strings("processed/support_tickets", "updated_ts");
@@ -52,7 +52,7 @@ fn data_files(p: &Project) -> BTreeMap<String, std::time::SystemTime> {
         .collect()
 }
 
-fn index_check(p: &Project) -> (i32, String) {
+pub fn index_check(p: &Project) -> (i32, String) {
     let out = p.sluice(&["index", "check", "support_tickets"]);
     (out.status.code().unwrap_or(-1), text(&out))
 }
