@@ -6,6 +6,7 @@
 pub mod aws;
 pub mod catalog;
 pub mod cli;
+pub mod commit;
 pub mod config;
 #[cfg(feature = "delta")]
 pub mod delta;
