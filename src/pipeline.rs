@@ -658,7 +658,11 @@ impl<'a> Runner<'a> {
             if !table_report.partitions.is_empty()
                 || table_report.rows_rejected + table_report.rows_duplicate > 0
             {
-                report.tables.insert(p.table.name.clone(), table_report);
+                report
+                    .tables
+                    .entry(p.table.name.clone())
+                    .or_default()
+                    .add(table_report);
             }
         }
         for (meta, error) in failures {

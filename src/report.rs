@@ -130,6 +130,22 @@ pub struct TableReport {
     pub index_rebuilt: Option<String>,
 }
 
+impl TableReport {
+    /// Adds another batch's line of the same table (a run of several batches).
+    pub fn add(&mut self, other: TableReport) {
+        self.rows_written += other.rows_written;
+        self.rows_rejected += other.rows_rejected;
+        self.rows_duplicate += other.rows_duplicate;
+        self.rows_replaced += other.rows_replaced;
+        self.files_rewritten += other.files_rewritten;
+        self.bytes_rewritten += other.bytes_rewritten;
+        self.partitions.extend(other.partitions);
+        self.partitions.sort();
+        self.partitions.dedup();
+        self.index_rebuilt = self.index_rebuilt.take().or(other.index_rebuilt);
+    }
+}
+
 /// One aggregate of the warehouse.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AggregateReport {

@@ -175,4 +175,17 @@ fn workers_with_bounded_batches_share_a_backlog_each_file_once() {
     // Batches of two: six commits of the table.
     let commits = p.files("_sluice/ledger").len();
     assert_eq!(commits, 6, "{commits} commits");
+    // One run of batches of five: three commits, one report line adding them up.
+    let solo = Project::empty();
+    for (name, data) in &files {
+        solo.add_raw("support_tickets", name, data);
+    }
+    let (code, report) = solo.run_with(&["--batch-files", "5"]);
+    assert_eq!(code, 0, "{report:#}");
+    check_accounting(&report);
+    assert_eq!(solo.files("_sluice/ledger").len(), 3);
+    let t = &report["tables"]["support_tickets"];
+    let held = t["rows_written"].as_u64().unwrap() - t["rows_replaced"].as_u64().unwrap();
+    assert_eq!(held as usize, table(&solo).len(), "{t:#}");
+    assert_eq!(table(&solo), table(&one));
 }
