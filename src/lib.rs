@@ -6,6 +6,7 @@
 pub mod aws;
 pub mod catalog;
 pub mod cli;
+pub mod compact;
 pub mod config;
 #[cfg(feature = "delta")]
 pub mod delta;
@@ -13,6 +14,7 @@ pub mod demo;
 pub mod error;
 pub mod events;
 pub mod fault;
+pub mod format;
 pub mod functions;
 pub mod generate;
 pub mod glue;

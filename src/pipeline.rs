@@ -1076,9 +1076,9 @@ impl<'a> Runner<'a> {
             }
             change.partitions.sort();
             change.partitions.dedup();
-            if meta.delta {
-                change.delta = Some(self.delta_txn(&processed).await?);
-            }
+            change.delta = crate::format::Format::of(&meta)
+                .next_txn(&self.lake, &table.name, &self.config.pipeline_name())
+                .await?;
             catalog_update = Some(meta);
         }
         for c in counts.values() {
@@ -1149,22 +1149,6 @@ impl<'a> Runner<'a> {
             }
         }
         unreachable!("an unbounded range ends only by returning")
-    }
-
-    /// The application transaction of this pipeline's next commit to a Delta table.
-    #[cfg(feature = "delta")]
-    async fn delta_txn(&self, prefix: &str) -> Result<ledger::DeltaTxn> {
-        let app_id = format!("sluice:{}", self.config.pipeline_name());
-        let version = crate::delta::next_version(&self.lake, prefix, &app_id).await?;
-        Ok(ledger::DeltaTxn { app_id, version })
-    }
-
-    #[cfg(not(feature = "delta"))]
-    async fn delta_txn(&self, prefix: &str) -> Result<ledger::DeltaTxn> {
-        Err(Error::Delta {
-            table: prefix.to_string(),
-            message: "this sluice was built without Delta Lake support".into(),
-        })
     }
 
     /// Counts a failed attempt; after `max_attempts` moves the file to `failed/`.
