@@ -249,18 +249,9 @@ pub async fn all_tables(lake: &Lake) -> Result<Vec<TableMeta>> {
     Ok(out)
 }
 
-/// Registers a processed table (`name`) and its rejected table (`name_rejected`); a Delta
-/// table at version `as_of`, or its latest.
-pub async fn register_table(
-    ctx: &SessionContext,
-    lake: &Lake,
-    meta: &TableMeta,
-    as_of: Option<u64>,
-) -> Result<()> {
-    lake.attach(ctx)?;
-    if meta.delta {
-        return register_delta(ctx, lake, meta, as_of).await;
-    }
+/// Registers a plain Parquet table (`name`) and its rejected table (`name_rejected`) as
+/// listing tables over their folders (`format::Format::register` picks this for plain tables).
+pub async fn register_parquet(ctx: &SessionContext, lake: &Lake, meta: &TableMeta) -> Result<()> {
     let processed = lake::processed_prefix(&meta.name);
     lake.ensure_prefix(&processed)?;
     let schema = meta.file_schema()?;
@@ -410,68 +401,6 @@ impl TableProvider for HiveListing {
         let args = args.with_filters(Some(&filters));
         self.inner.scan_with_args(state, args).await
     }
-}
-
-#[cfg(feature = "delta")]
-async fn register_delta(
-    ctx: &SessionContext,
-    lake: &Lake,
-    meta: &TableMeta,
-    as_of: Option<u64>,
-) -> Result<()> {
-    for (name, prefix, version, schema) in [
-        (
-            meta.name.clone(),
-            lake::processed_prefix(&meta.name),
-            as_of,
-            meta.full_schema()?,
-        ),
-        (
-            format!("{}_rejected", meta.name),
-            lake::rejected_prefix(&meta.name),
-            None,
-            meta.rejected_table_schema()?,
-        ),
-    ] {
-        // A table with no commit yet reads as empty.
-        if !crate::delta::register(ctx, lake, &name, &prefix, version).await? {
-            let empty = datafusion::datasource::MemTable::try_new(schema, vec![vec![]])?;
-            ctx.register_table(name.as_str(), Arc::new(empty))?;
-        }
-    }
-    Ok(())
-}
-
-#[cfg(not(feature = "delta"))]
-async fn register_delta(
-    _: &SessionContext,
-    _: &Lake,
-    meta: &TableMeta,
-    _: Option<u64>,
-) -> Result<()> {
-    Err(Error::Delta {
-        table: meta.name.clone(),
-        message: "this sluice was built without Delta Lake support (cargo build --features delta)"
-            .into(),
-    })
-}
-
-/// Registers every catalogued table (Delta tables at `as_of`, or their latest version) and
-/// every materialised aggregate.
-pub async fn register_all(
-    ctx: &SessionContext,
-    lake: &Lake,
-    as_of: Option<u64>,
-) -> Result<Vec<String>> {
-    lake.attach(ctx)?;
-    let mut names = Vec::new();
-    for meta in all_tables(lake).await? {
-        register_table(ctx, lake, &meta, as_of).await?;
-        names.push(meta.name.clone());
-        names.push(format!("{}_rejected", meta.name));
-    }
-    names.extend(crate::warehouse::register(ctx, lake).await?);
-    Ok(names)
 }
 
 #[cfg(test)]

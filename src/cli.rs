@@ -104,13 +104,17 @@ pub enum Command {
         #[arg(long)]
         as_of: Option<u64>,
     },
-    /// Compact a Delta table's small files (OPTIMIZE), or every Delta table's.
+    /// Compact a table's small files (plain Parquet: one sluice commit with its key index;
+    /// Delta: OPTIMIZE), or every table's.
     Compact {
-        /// The table; default: every Delta table.
+        /// The table; default: every table of the lake.
         table: Option<String>,
-        /// Target file size, e.g. `256MiB`.
-        #[arg(long, default_value = "256MiB")]
-        target_size: String,
+        /// Target file size, e.g. `256MiB`; default: each table's `target_file_size`.
+        #[arg(long)]
+        target_size: Option<String>,
+        /// Crash at this step (tests).
+        #[arg(long, hide = true)]
+        crash_at: Option<String>,
     },
     /// The key indexes of tables with a `unique_key` (`_sluice/index/<table>/`).
     Index {

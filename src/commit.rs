@@ -273,9 +273,10 @@ impl Runner<'_> {
             }
             plan.change.index_removed = replaced_runs;
         }
-        if plan.catalog.as_ref().is_some_and(|(_, m)| m.delta) {
-            let processed = lake::processed_prefix(&table.name);
-            plan.change.delta = Some(self.delta_txn(&processed).await?);
+        if let Some((_, meta)) = &plan.catalog {
+            plan.change.delta = crate::format::Format::of(meta)
+                .next_txn(&self.lake, &table.name, &self.config.pipeline_name())
+                .await?;
         }
         let commit = plan.commit(&self.me.run_id);
         self.lake
@@ -414,22 +415,6 @@ impl Runner<'_> {
             }
         }
         unreachable!("an unbounded range ends only by returning")
-    }
-
-    /// The application transaction of this pipeline's next commit to a Delta table.
-    #[cfg(feature = "delta")]
-    async fn delta_txn(&self, prefix: &str) -> Result<ledger::DeltaTxn> {
-        let app_id = format!("sluice:{}", self.config.pipeline_name());
-        let version = crate::delta::next_version(&self.lake, prefix, &app_id).await?;
-        Ok(ledger::DeltaTxn { app_id, version })
-    }
-
-    #[cfg(not(feature = "delta"))]
-    async fn delta_txn(&self, prefix: &str) -> Result<ledger::DeltaTxn> {
-        Err(Error::Delta {
-            table: prefix.to_string(),
-            message: "this sluice was built without Delta Lake support".into(),
-        })
     }
 }
 

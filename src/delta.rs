@@ -28,8 +28,8 @@ use url::Url;
 
 use crate::catalog::{REJECTED_PARTITION, TableMeta};
 use crate::error::{Error, Result};
+use crate::format::DeltaTxn;
 use crate::lake::{self, Lake};
-use crate::ledger::{DeltaTxn, TableChange};
 use crate::sink::{TableFile, parse_partition_dir};
 
 use crate::lake::SYMLINK_MANIFESTS as MANIFESTS;
@@ -303,16 +303,21 @@ async fn commit_files(
     Ok(true)
 }
 
-/// Publishes a commit's change to a Delta table and its rejected table, then rewrites the
-/// symlink manifests of the partitions it touched.
-pub async fn publish(lake: &Lake, change: &TableChange, txn: &DeltaTxn) -> Result<()> {
-    let meta = TableMeta::load(lake, &change.table)
-        .await?
-        .ok_or_else(|| fail(&change.table, "the table is not in the lake's catalog"))?;
-    let processed = lake::processed_prefix(&change.table);
-    let rejected = lake::rejected_prefix(&change.table);
-    let added = under(change.added.iter().map(|m| &m.to), &processed);
-    let removed = under(change.removed.iter(), &processed);
+/// Publishes a commit's files of a Delta table (`added`: the keys now in place under its
+/// processed and rejected folders; `removed`: the files it replaces) as one Delta commit of the
+/// table and one of its rejected table (if it got rows), then rewrites the symlink manifests
+/// of the partitions it touched.
+pub async fn publish(
+    lake: &Lake,
+    meta: &TableMeta,
+    added: &[String],
+    removed: &[String],
+    txn: &DeltaTxn,
+) -> Result<()> {
+    let processed = lake::processed_prefix(&meta.name);
+    let rejected = lake::rejected_prefix(&meta.name);
+    let added_here = under(added.iter(), &processed);
+    let removed = under(removed.iter(), &processed);
     let partitions: Vec<String> = meta
         .partition_columns
         .iter()
@@ -323,12 +328,12 @@ pub async fn publish(lake: &Lake, change: &TableChange, txn: &DeltaTxn) -> Resul
         &processed,
         meta.full_schema()?.as_ref(),
         &partitions,
-        &added,
+        &added_here,
         &removed,
         txn,
     )
     .await?;
-    let rejected_added = under(change.added.iter().map(|m| &m.to), &rejected);
+    let rejected_added = under(added.iter(), &rejected);
     if !rejected_added.is_empty() {
         commit_files(
             lake,
@@ -342,7 +347,7 @@ pub async fn publish(lake: &Lake, change: &TableChange, txn: &DeltaTxn) -> Resul
         .await?;
         write_manifests(lake, &rejected, &dirs_of(&rejected_added, &rejected)).await?;
     }
-    let touched: Vec<String> = added.iter().chain(&removed).cloned().collect();
+    let touched: Vec<String> = added_here.iter().chain(&removed).cloned().collect();
     write_manifests(lake, &processed, &dirs_of(&touched, &processed)).await
 }
 

@@ -640,12 +640,12 @@ fn dir_values(dir: &str) -> Vec<String> {
 /// A table's data files: a Delta table's active files (a file it removed stays on disk until
 /// `vacuum`), a plain table's Parquet files.
 async fn data_files(lake: &Lake, delta: bool, prefix: &str) -> Result<Vec<TableFile>> {
-    #[cfg(feature = "delta")]
-    if delta {
-        return crate::delta::active_files(lake, prefix).await;
-    }
-    let _ = delta;
-    crate::sink::table_files(lake, prefix).await
+    let format = if delta {
+        crate::format::Format::Delta
+    } else {
+        crate::format::Format::Parquet
+    };
+    format.data_files(lake, prefix).await
 }
 
 fn same_columns(table: &aws_sdk_glue::types::Table, shape: &Shape) -> bool {

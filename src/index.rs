@@ -358,6 +358,44 @@ pub struct Head {
     pub commit: String,
 }
 
+impl Head {
+    /// Puts one file in place of `olds` (a compaction merged their rows into it, `rows` rows
+    /// and `bytes` bytes): the new file takes over their groups, so every entry of the runs
+    /// (key -> group) still names the file holding its row and the runs stay as they are.
+    pub fn merge_files(&mut self, olds: &[String], new: &str, rows: u64, bytes: u64) -> Result<()> {
+        let mut groups = Vec::new();
+        let mut held = 0;
+        for old in olds {
+            let f = self.files.remove(old).ok_or_else(|| {
+                damaged(
+                    &self.table,
+                    format!("{old} is not among the files of its head"),
+                )
+            })?;
+            groups.extend(f.groups);
+            held += f.rows;
+        }
+        if held != rows {
+            return Err(damaged(
+                &self.table,
+                format!(
+                    "its head counts {held} rows in the files merged into {new}, they hold {rows}"
+                ),
+            ));
+        }
+        groups.sort_unstable();
+        self.files.insert(
+            new.to_string(),
+            IndexedFile {
+                groups,
+                rows,
+                bytes,
+            },
+        );
+        Ok(())
+    }
+}
+
 /// A fresh fingerprint key.
 pub fn new_sip() -> [u64; 2] {
     [rand::random(), rand::random()]
@@ -1088,12 +1126,9 @@ async fn merge_runs(
 
 /// The data files a table holds now: a Delta table's active files, or a plain table's listing.
 pub async fn table_files(lake: &Lake, meta: &TableMeta) -> Result<Vec<TableFile>> {
-    let prefix = lake::processed_prefix(&meta.name);
-    #[cfg(feature = "delta")]
-    if meta.delta {
-        return crate::delta::active_files(lake, &prefix).await;
-    }
-    sink::table_files(lake, &prefix).await
+    crate::format::Format::of(meta)
+        .data_files(lake, &lake::processed_prefix(&meta.name))
+        .await
 }
 
 /// Reads a table's files into index entries, a group per file: the index rebuilt. Returns the

@@ -7,7 +7,6 @@ use datafusion::arrow::record_batch::RecordBatch;
 use serde::Serialize;
 use std::sync::Arc;
 
-use crate::catalog;
 use crate::cli::OutputFormat;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -143,7 +142,7 @@ pub async fn query(
     as_of: Option<u64>,
 ) -> Result<String> {
     let ctx = transform::session(threads, crate::config::DEFAULT_MEMORY_LIMIT / 2);
-    catalog::register_all(&ctx, lake, as_of).await?;
+    crate::warehouse::register_all(&ctx, lake, as_of).await?;
     let df = ctx.sql(sql).await.map_err(|e| {
         let missing = e.to_string().contains("table '") && e.to_string().contains("not found");
         match transform::query_error(std::path::Path::new("(command line)"), sql, e) {

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::Result;
+pub use crate::format::DeltaTxn;
 use crate::lake::{Lake, STATE};
 
 /// What happened to a raw file in a commit.
@@ -84,16 +85,12 @@ pub struct TableChange {
     /// For a Delta table: the pipeline's application transaction this commit carries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<DeltaTxn>,
-}
-
-/// A Delta commit's application transaction: the pipeline's app id and its version, one more
-/// than the table's last.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeltaTxn {
-    /// `sluice:<pipeline>`.
-    pub app_id: String,
-    /// Grows by one a commit.
-    pub version: i64,
+    /// A compaction (`sluice compact`): the added files hold the rows of the removed ones and
+    /// nothing else, so the table's rows did not change. Such a change is no change to the
+    /// table for aggregates and external warehouses (`Ledger::changed_tables`): their rows are
+    /// not loaded again. Absent in older entries (false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub compaction: bool,
 }
 
 /// One commit: files in, table changes out.
@@ -157,7 +154,7 @@ pub struct Ledger {
     pub archived: HashSet<String>,
     /// Ids of all commits, sorted.
     pub commits: Vec<String>,
-    /// Commits by id, for the tables they changed.
+    /// Commits by id, for the tables whose rows they changed (a compaction changes none).
     pub changed_tables: HashMap<String, Vec<String>>,
 }
 
@@ -240,7 +237,7 @@ impl Ledger {
             commit
                 .tables
                 .iter()
-                .filter(|t| !t.added.is_empty() || !t.removed.is_empty())
+                .filter(|t| !t.compaction && (!t.added.is_empty() || !t.removed.is_empty()))
                 .map(|t| t.table.clone())
                 .collect(),
         );
@@ -309,11 +306,8 @@ pub async fn publish(lake: &Lake, commit: &Commit) -> Result<()> {
             .map(|m| (m.from.clone(), m.to.clone()))
             .collect();
         lake.move_all(&moves).await?;
-        match &t.delta {
-            // Replaced files stay for readers of older versions, until `vacuum`.
-            Some(txn) => publish_delta(lake, t, txn).await?,
-            None => lake.delete_all(t.removed.iter().cloned()).await?,
-        }
+        let added: Vec<String> = t.added.iter().map(|m| m.to.clone()).collect();
+        crate::format::publish(lake, &t.table, &added, &t.removed, t.delta.as_ref()).await?;
         // The key index follows the data it describes: runs, then the head that names them
         // (one at a time, in that order), then the runs the head no longer names.
         for m in &t.index {
@@ -333,20 +327,6 @@ pub async fn publish(lake: &Lake, commit: &Commit) -> Result<()> {
     .await?;
     // The run's claims go when its batch ends (`lock::unclaim`); a crashed run's are stale.
     Ok(())
-}
-
-#[cfg(feature = "delta")]
-async fn publish_delta(lake: &Lake, t: &TableChange, txn: &DeltaTxn) -> Result<()> {
-    crate::delta::publish(lake, t, txn).await
-}
-
-#[cfg(not(feature = "delta"))]
-async fn publish_delta(_: &Lake, t: &TableChange, _: &DeltaTxn) -> Result<()> {
-    Err(crate::error::Error::Delta {
-        table: t.table.clone(),
-        message: "this sluice was built without Delta Lake support (cargo build --features delta)"
-            .into(),
-    })
 }
 
 /// Moves committed raw files to their archive places, each if it is still in `raw/` as it was

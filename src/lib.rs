@@ -7,6 +7,7 @@ pub mod aws;
 pub mod catalog;
 pub mod cli;
 pub mod commit;
+pub mod compact;
 pub mod config;
 #[cfg(feature = "delta")]
 pub mod delta;
@@ -14,6 +15,7 @@ pub mod demo;
 pub mod error;
 pub mod events;
 pub mod fault;
+pub mod format;
 pub mod functions;
 pub mod generate;
 pub mod glue;

@@ -157,12 +157,26 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             redact::print(&format!("{out}\n"));
             Ok(0)
         }
-        Command::Compact { table, target_size } => {
+        Command::Compact {
+            table,
+            target_size,
+            crash_at,
+        } => {
+            if let Some(step) = crash_at {
+                fault::arm(step);
+            }
             let (config, lake) = load(&cli, &cli.config).await?;
-            let size = sluice::config::parse_size(target_size)
-                .map_err(|e| Error::config(&config.path, format!("--target-size: {e}")))?;
-            let report =
-                sluice::maintain::compact(&config, &lake, table.as_deref(), size as u64).await?;
+            // The floor of `target_file_size`: smaller files would be compacted again at once.
+            let size = target_size
+                .as_deref()
+                .map(|t| match sluice::config::parse_bytes(t) {
+                    Ok(b) if b < 1 << 20 => Err(format!("\"{t}\" is too small: at least 1MiB")),
+                    other => other,
+                })
+                .transpose()
+                .map_err(|e| Error::config(&config.path, format!("--target-size: {e}")))?
+                .map(|s| s as u64);
+            let report = sluice::maintain::compact(&config, &lake, table.as_deref(), size).await?;
             redact::print(&report.summary());
             Ok(exit_code(&report))
         }

@@ -1,78 +1,55 @@
-//! Table maintenance for Delta tables: `sluice compact` (OPTIMIZE: small files merged) and
-//! `sluice vacuum` (files no version within the retention needs, deleted). Both hold the commit
-//! lock, so they never run beside a commit, and are reported like runs. A table whose commits an
-//! external warehouse has not copied yet is not compacted: its load lists the files they added.
+//! Table maintenance: `sluice compact` (small files merged into files of about the table's
+//! `target_file_size`) and `sluice vacuum` (files no Delta version within the retention needs,
+//! deleted). Both hold the commit lock, after recovering interrupted commits, so they never run
+//! beside a commit, and are reported like runs. A plain table is compacted by a ledger commit
+//! with its key index (src/compact.rs), a Delta table by Delta's OPTIMIZE (`format::Format`),
+//! its key index rebuilt after it. A table whose commits an external warehouse has not copied
+//! yet is not compacted: its load lists the files they added.
 
 use std::time::{Duration, Instant};
 
 use crate::catalog::{self, TableMeta};
-use crate::config::Config;
+use crate::config::{Config, TableConfig};
 use crate::error::{Error, Result};
+use crate::format::Format;
 use crate::lake::{self, Lake};
 use crate::ledger::COMMIT_LOCK;
 use crate::lock::{self, Holder};
 use crate::report::{self, MaintenanceReport, RunReport};
 use crate::warehouse::remote;
 
-#[cfg(feature = "delta")]
-use crate::delta;
-
-/// Without Delta Lake support, no table is a Delta table.
-#[cfg(not(feature = "delta"))]
-mod delta {
-    use crate::error::{Error, Result};
-    use crate::lake::Lake;
-
-    fn missing(prefix: &str) -> Error {
-        Error::Delta {
-            table: prefix.to_string(),
-            message:
-                "this sluice was built without Delta Lake support (cargo build --features delta)"
-                    .into(),
-        }
-    }
-
-    pub async fn compact(
-        _: &Lake,
-        prefix: &str,
-        _: u64,
-    ) -> Result<Option<(u64, u64, Option<u64>)>> {
-        Err(missing(prefix))
-    }
-
-    pub async fn vacuum(
-        _: &Lake,
-        prefix: &str,
-        _: std::time::Duration,
-        _: bool,
-    ) -> Result<Option<u64>> {
-        Err(missing(prefix))
-    }
-}
-
 /// The shortest retention `vacuum` takes without `--force`: Delta's default.
 pub const MIN_RETENTION: Duration = Duration::from_secs(168 * 3600);
 
-/// The Delta tables named (or all), as the lake's catalog knows them.
-async fn delta_tables(config: &Config, lake: &Lake, only: Option<&str>) -> Result<Vec<TableMeta>> {
-    let tables: Vec<TableMeta> = catalog::all_tables(lake)
+/// The tables named (or all) that the lake's catalog knows, each with its config entry (none
+/// for a table no longer configured).
+async fn tables<'a>(
+    config: &'a Config,
+    lake: &Lake,
+    only: Option<&str>,
+) -> Result<Vec<(TableMeta, Option<&'a TableConfig>)>> {
+    let tables: Vec<(TableMeta, Option<&TableConfig>)> = catalog::all_tables(lake)
         .await?
         .into_iter()
-        .filter(|m| m.delta && only.is_none_or(|t| t == m.name))
+        .filter(|m| only.is_none_or(|t| t == m.name))
+        .map(|m| {
+            let t = config.tables.iter().find(|t| t.name == m.name);
+            (m, t)
+        })
         .collect();
     if let Some(t) = only
         && tables.is_empty()
     {
         return Err(Error::config(
             &config.path,
-            format!(
-                "\"{t}\" is not a Delta table of this lake (format = \"delta\", with a commit)"
-            ),
+            format!("\"{t}\" is not a table of this lake (a table with a commit)"),
         ));
     }
     Ok(tables)
 }
 
+/// Runs `f` under the commit lock, after the commits a crashed run (or maintenance) left
+/// behind are finished or thrown away; saves and notifies its report like a run's.
 async fn locked<F, Fut>(config: &Config, lake: &Lake, what: &str, f: F) -> Result<RunReport>
 where
     F: FnOnce(RunReport) -> Fut,
@@ -82,10 +59,20 @@ where
     let me = Holder::me(&run_id);
     let ttl = Duration::from_secs(config.lake.lock_ttl_secs);
     let wait = Duration::from_secs(config.lake.lock_wait_secs);
-    lock::acquire(lake, COMMIT_LOCK, &me, ttl, wait).await?;
     let span = tracing::info_span!("run", run_id = %run_id, step = what);
-    let mut report = tracing::Instrument::instrument(f(RunReport::start(&run_id)), span).await;
-    lock::release(lake, COMMIT_LOCK, &me).await?;
+    let work = async {
+        Ok(match crate::ledger::recover(lake, ttl).await {
+            Ok(_) => tracing::Instrument::instrument(f(RunReport::start(&run_id)), span).await,
+            Err(e) => {
+                let mut r = RunReport::start(&run_id);
+                r.errors
+                    .push(format!("{what}: recovering interrupted commits: {e}"));
+                r
+            }
+        })
+    };
+    let mut report = lock::holding(lake, COMMIT_LOCK, &me, ttl, wait, work).await?;
+    lake.drop_scratch(&run_id);
     report.finish();
     lake.put_report(&crate::report::run_key(&report.run_id), &report)
         .await?;
@@ -95,14 +82,28 @@ where
     Ok(report)
 }
 
-/// Compacts the Delta tables' small files into files of about `target_size` bytes.
+/// A table folder's data files and their bytes.
+async fn folder_size(lake: &Lake, format: Format, prefix: &str) -> Result<(u64, u64)> {
+    let files = format.data_files(lake, prefix).await?;
+    let sizes: std::collections::HashMap<String, u64> = lake
+        .list(prefix)
+        .await?
+        .into_iter()
+        .map(|m| (m.location.to_string(), m.size))
+        .collect();
+    let bytes = files.iter().filter_map(|f| sizes.get(&f.key)).sum();
+    Ok((files.len() as u64, bytes))
+}
+
+/// Compacts the tables' small files into files of about `target_size` bytes (default: each
+/// table's `target_file_size`).
 pub async fn compact(
     config: &Config,
     lake: &Lake,
     only: Option<&str>,
-    target_size: u64,
+    target_size: Option<u64>,
 ) -> Result<RunReport> {
-    let tables = delta_tables(config, lake, only).await?;
+    let tables = tables(config, lake, only).await?;
     locked(config, lake, "compact", |mut report| async move {
         let waiting = match remote::unloaded_commits(config, lake).await {
             Ok(w) => w,
@@ -111,51 +112,33 @@ pub async fn compact(
                 return report;
             }
         };
-        for meta in &tables {
-            for prefix in [
-                lake::processed_prefix(&meta.name),
-                lake::rejected_prefix(&meta.name),
-            ] {
-                if prefix == lake::processed_prefix(&meta.name)
-                    && let Some(commits) = waiting.get(&meta.name)
-                {
-                    report.errors.push(format!(
-                        "compact {prefix}: not compacted: the warehouse has not loaded {} commit(s) of this table yet ({}); compacting would replace the files its load copies. Run `sluice run` until the warehouse has them, then compact",
-                        commits.len(),
-                        commits.join(", ")
-                    ));
+        for (meta, table) in &tables {
+            let processed = lake::processed_prefix(&meta.name);
+            if let Some(commits) = waiting.get(&meta.name) {
+                report.errors.push(format!(
+                    "compact {processed}: not compacted: the warehouse has not loaded {} commit(s) of this table yet ({}); compacting would replace the files its load copies. Run `sluice run` until the warehouse has them, then compact",
+                    commits.len(),
+                    commits.join(", ")
+                ));
+                // A plain table's folders are compacted in one commit; a Delta table's
+                // rejected folder is a table of its own.
+                if Format::of(meta) == Format::Parquet {
                     continue;
                 }
-                let t = Instant::now();
-                match delta::compact(lake, &prefix, target_size).await {
-                    Ok(Some((added, removed, version))) => {
-                        report.maintenance.push(MaintenanceReport {
-                            table: prefix.clone(),
-                            operation: "compact".into(),
-                            files_added: added,
-                            files_removed: removed,
-                            version,
-                            seconds: t.elapsed().as_secs_f64(),
-                        });
-                        // The key index names the files OPTIMIZE replaced: rebuilt from the
-                        // compacted files under the same lock.
-                        if removed > 0
-                            && prefix == lake::processed_prefix(&meta.name)
-                            && let Some(t) = config.tables.iter().find(|t| t.name == meta.name)
-                        {
-                            let scratch = lake.scratch(&report.run_id, "index");
-                            let rebuilt = crate::index::rebuild_for(lake, meta, t, &scratch).await;
-                            let _ = std::fs::remove_dir_all(&scratch);
-                            if let Err(e) = rebuilt {
-                                let _ = lake.delete(&crate::index::head_key(&meta.name)).await;
-                                report.errors.push(format!(
-                                    "compact {prefix}: key index not rebuilt ({e}); the next run rebuilds it"
-                                ));
-                            }
+            }
+            let target = target_size
+                .or(table.map(|t| t.target_file_size()))
+                .unwrap_or(128 << 20);
+            let format = Format::of(meta);
+            match format {
+                Format::Parquet => compact_plain(lake, meta, *table, target, &mut report).await,
+                Format::Delta => {
+                    for prefix in [processed.clone(), lake::rejected_prefix(&meta.name)] {
+                        if prefix == processed && waiting.contains_key(&meta.name) {
+                            continue;
                         }
+                        compact_delta(lake, meta, *table, &prefix, target, &mut report).await;
                     }
-                    Ok(None) => {}
-                    Err(e) => report.errors.push(format!("compact {prefix}: {e}")),
                 }
             }
         }
@@ -164,7 +147,99 @@ pub async fn compact(
     .await
 }
 
-/// Deletes files the Delta tables removed more than `retain` ago.
+/// A plain table compacted by one ledger commit (src/compact.rs).
+async fn compact_plain(
+    lake: &Lake,
+    meta: &TableMeta,
+    table: Option<&TableConfig>,
+    target: u64,
+    report: &mut RunReport,
+) {
+    let processed = lake::processed_prefix(&meta.name);
+    let Some(table) = table else {
+        report.errors.push(format!(
+            "compact {processed}: not compacted: the table is not in the config (its compression and key are needed)"
+        ));
+        return;
+    };
+    let t = Instant::now();
+    match crate::compact::plain(lake, meta, table, target, &report.run_id).await {
+        Ok((folders, rebuilt)) => {
+            if let Some(why) = rebuilt {
+                report.warnings.push(format!(
+                    "compact {processed}: the key index was rebuilt from the table's files first ({why})"
+                ));
+            }
+            let seconds = t.elapsed().as_secs_f64();
+            for f in folders.into_iter().filter(|f| f.added > 0) {
+                report.maintenance.push(MaintenanceReport {
+                    table: f.prefix,
+                    operation: "compact".into(),
+                    files_added: f.added,
+                    files_removed: f.removed,
+                    version: None,
+                    seconds,
+                    files_before: f.files_before,
+                    files_after: f.files_after,
+                    bytes_before: f.bytes_before,
+                    bytes_after: f.bytes_after,
+                });
+            }
+        }
+        Err(e) => report.errors.push(format!("compact {processed}: {e}")),
+    }
+}
+
+/// A Delta table folder compacted by OPTIMIZE; the key index (which names the files OPTIMIZE
+/// replaced) is rebuilt from the compacted files under the same lock.
+async fn compact_delta(
+    lake: &Lake,
+    meta: &TableMeta,
+    table: Option<&TableConfig>,
+    prefix: &str,
+    target: u64,
+    report: &mut RunReport,
+) {
+    let t = Instant::now();
+    let format = Format::Delta;
+    let before = folder_size(lake, format, prefix).await.unwrap_or_default();
+    match format.optimize(lake, prefix, target).await {
+        Ok(Some(done)) => {
+            let after = folder_size(lake, format, prefix).await.unwrap_or_default();
+            report.maintenance.push(MaintenanceReport {
+                table: prefix.to_string(),
+                operation: "compact".into(),
+                files_added: done.added,
+                files_removed: done.removed,
+                version: done.version,
+                seconds: t.elapsed().as_secs_f64(),
+                files_before: before.0,
+                files_after: after.0,
+                bytes_before: before.1,
+                bytes_after: after.1,
+            });
+            if done.removed > 0
+                && prefix == lake::processed_prefix(&meta.name)
+                && let Some(t) = table
+            {
+                let scratch = lake.scratch(&report.run_id, "index");
+                let rebuilt = crate::index::rebuild_for(lake, meta, t, &scratch).await;
+                let _ = std::fs::remove_dir_all(&scratch);
+                if let Err(e) = rebuilt {
+                    let _ = lake.delete(&crate::index::head_key(&meta.name)).await;
+                    report.errors.push(format!(
+                        "compact {prefix}: key index not rebuilt ({e}); the next run rebuilds it"
+                    ));
+                }
+            }
+        }
+        Ok(None) => {}
+        Err(e) => report.errors.push(format!("compact {prefix}: {e}")),
+    }
+}
+
+/// Deletes files the Delta tables removed more than `retain` ago (a plain table has none: its
+/// replaced files go when their commit is published).
 pub async fn vacuum(
     config: &Config,
     lake: &Lake,
@@ -183,15 +258,18 @@ pub async fn vacuum(
             ),
         ));
     }
-    let tables = delta_tables(config, lake, only).await?;
+    let tables = tables(config, lake, only).await?;
     locked(config, lake, "vacuum", |mut report| async move {
-        for meta in &tables {
+        for (meta, _) in &tables {
             for prefix in [
                 lake::processed_prefix(&meta.name),
                 lake::rejected_prefix(&meta.name),
             ] {
                 let t = Instant::now();
-                match delta::vacuum(lake, &prefix, retain, dry_run).await {
+                match Format::of(meta)
+                    .vacuum(lake, &prefix, retain, dry_run)
+                    .await
+                {
                     Ok(Some(deleted)) => report.maintenance.push(MaintenanceReport {
                         table: prefix.clone(),
                         operation: if dry_run {
@@ -204,6 +282,7 @@ pub async fn vacuum(
                         files_removed: deleted,
                         version: None,
                         seconds: t.elapsed().as_secs_f64(),
+                        ..Default::default()
                     }),
                     Ok(None) => {}
                     Err(e) => report.errors.push(format!("vacuum {prefix}: {e}")),

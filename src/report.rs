@@ -220,7 +220,7 @@ pub struct StatementReport {
 }
 
 /// One maintenance operation on a table (`compact`, `vacuum`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct MaintenanceReport {
     /// The table's folder, e.g. `processed/app_logs`.
     pub table: String,
@@ -234,6 +234,18 @@ pub struct MaintenanceReport {
     pub version: Option<u64>,
     /// Time taken.
     pub seconds: f64,
+    /// Compact: the folder's data files before.
+    #[serde(default)]
+    pub files_before: u64,
+    /// Compact: its data files after.
+    #[serde(default)]
+    pub files_after: u64,
+    /// Compact: the bytes of its data files before.
+    #[serde(default)]
+    pub bytes_before: u64,
+    /// Compact: the bytes of its data files after.
+    #[serde(default)]
+    pub bytes_after: u64,
 }
 
 /// The report of one run.
@@ -435,7 +447,7 @@ impl RunReport {
         }
         for m in &self.maintenance {
             out.push_str(&format!(
-                "  {} {}: {} files added, {} files removed{} in {:.2}s\n",
+                "  {} {}: {} files added, {} files removed{}{} in {:.2}s\n",
                 m.operation,
                 m.table,
                 m.files_added,
@@ -443,6 +455,14 @@ impl RunReport {
                 m.version
                     .map(|v| format!(", version {v}"))
                     .unwrap_or_default(),
+                if m.operation == "compact" {
+                    format!(
+                        "; {} -> {} files, {} -> {} bytes",
+                        m.files_before, m.files_after, m.bytes_before, m.bytes_after
+                    )
+                } else {
+                    String::new()
+                },
                 m.seconds
             ));
         }

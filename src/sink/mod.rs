@@ -202,19 +202,26 @@ pub async fn table_files(lake: &Lake, prefix: &str) -> Result<Vec<TableFile>> {
     let mut out = Vec::new();
     for m in lake.list(prefix).await? {
         let key = m.location.to_string();
-        if !key.ends_with(".parquet") {
-            continue;
+        if let Some(dir) = data_file_dir(&key, prefix) {
+            let dir = dir.to_string();
+            out.push(TableFile { key, dir });
         }
-        let rel = lake::relative(&key, prefix);
-        // Hidden folders and files (`_delta_log/`, `_symlink_format_manifest/`, `.tmp`) are
-        // not data, as in Hive and Spark.
-        if rel.split('/').any(|seg| seg.starts_with(['_', '.'])) {
-            continue;
-        }
-        let dir = lake::parent_dir(rel).to_string();
-        out.push(TableFile { key, dir });
     }
     Ok(out)
+}
+
+/// The partition folder (relative to `prefix`) of a listed key that is a data file of the
+/// table there; `None` for other objects. Hidden folders and files (`_delta_log/`,
+/// `_symlink_format_manifest/`, `.tmp`) are not data, as in Hive and Spark.
+pub fn data_file_dir<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
+    if !key.ends_with(".parquet") {
+        return None;
+    }
+    let rel = lake::relative(key, prefix);
+    if rel.split('/').any(|seg| seg.starts_with(['_', '.'])) {
+        return None;
+    }
+    Some(lake::parent_dir(rel))
 }
 
 /// Reads a table file with its partition columns restored.

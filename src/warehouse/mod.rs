@@ -111,7 +111,7 @@ pub async fn refresh(
     }
     let ledger = Ledger::load(lake).await?;
     let ctx = transform::session(threads, config.engine.budget().limit / 2);
-    let registered = catalog::register_all(&ctx, lake, None).await?;
+    let registered = register_all(&ctx, lake, None).await?;
     let partitions = partition_columns(lake).await?;
     for agg in &config.aggregates {
         let path = config.resolve(&agg.query);
@@ -644,4 +644,24 @@ pub async fn plan_all(config: &Config, ctx: &SessionContext) -> Result<Vec<Mode>
         modes.push(partitioned::analyze(df.logical_plan(), &partitions));
     }
     Ok(modes)
+}
+
+/// Registers every catalogued table (Delta tables at `as_of`, or their latest version) and
+/// every materialised aggregate.
+pub async fn register_all(
+    ctx: &SessionContext,
+    lake: &Lake,
+    as_of: Option<u64>,
+) -> Result<Vec<String>> {
+    lake.attach(ctx)?;
+    let mut names = Vec::new();
+    for meta in catalog::all_tables(lake).await? {
+        crate::format::Format::of(&meta)
+            .register(ctx, lake, &meta, as_of)
+            .await?;
+        names.push(meta.name.clone());
+        names.push(format!("{}_rejected", meta.name));
+    }
+    names.extend(register(ctx, lake).await?);
+    Ok(names)
 }

@@ -327,7 +327,13 @@ async fn new_unit(
                 path: ledger::ledger_key(id),
                 message: "the ledger entry disappeared".into(),
             })?;
-        for t in commit.tables.iter().filter(|t| tables.contains(&t.table)) {
+        // A compaction's files hold rows the warehouse has (a table is compacted only when
+        // its commits are loaded): they are not copied again, and the files it replaced were.
+        for t in commit
+            .tables
+            .iter()
+            .filter(|t| tables.contains(&t.table) && !t.compaction)
+        {
             let prefix = lake::processed_prefix(&t.table);
             let entry = files.entry(t.table.clone()).or_default();
             for m in &t.added {

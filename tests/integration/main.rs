@@ -4,6 +4,7 @@ mod aggregates;
 mod aws;
 mod bad_input;
 mod cli;
+mod compact;
 mod concurrency;
 mod crash;
 #[cfg(feature = "delta")]

@@ -665,12 +665,25 @@ fn tls_is_used_when_asked_and_the_server_certificate_is_verified() {
 #[cfg(feature = "delta")]
 #[test]
 fn compact_waits_until_the_warehouse_copied_a_delta_tables_files() {
+    compact_waits_until_the_warehouse_copied(true);
+}
+
+/// The same for a plain table, compacted by a sluice commit: the warehouse does not copy the
+/// merged files' rows again.
+#[test]
+fn compact_waits_until_the_warehouse_copied_a_plain_tables_files_and_loads_no_row_twice() {
+    compact_waits_until_the_warehouse_copied(false);
+}
+
+fn compact_waits_until_the_warehouse_copied(delta: bool) {
     let pg = Pg::start();
     let p = pg_project(&pg, "[]");
-    p.edit_config(
-        "query = \"queries/support_tickets.sql\"",
-        "query = \"queries/support_tickets.sql\"\nformat = \"delta\"",
-    );
+    if delta {
+        p.edit_config(
+            "query = \"queries/support_tickets.sql\"",
+            "query = \"queries/support_tickets.sql\"\nformat = \"delta\"",
+        );
+    }
     deploy(&p);
     // The warehouse is away for two runs: the lake commits, the loads wait.
     let port = TcpListener::bind("127.0.0.1:0")
@@ -732,11 +745,21 @@ fn compact_waits_until_the_warehouse_copied_a_delta_tables_files() {
     assert_eq!(pg.count("analytics.support_tickets_staging"), rows);
     let out = sluice(&p, &["compact", "support_tickets"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("compact processed/support_tickets: 1 files added, 2 files removed"),
-        "{}",
-        text(&out)
-    );
+    if delta {
+        assert!(
+            text(&out)
+                .contains("compact processed/support_tickets: 1 files added, 2 files removed"),
+            "{}",
+            text(&out)
+        );
+    } else {
+        assert!(
+            text(&out).contains("compact processed/support_tickets: "),
+            "{}",
+            text(&out)
+        );
+        assert!(parquet(&p).len() < before.len(), "{:?}", parquet(&p));
+    }
     assert_eq!(lake_count(&p, "support_tickets"), rows);
     let (code, report, out) = run(&p, &[]);
     assert_eq!(code, 0, "{out}");
