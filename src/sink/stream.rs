@@ -1787,7 +1787,7 @@ mod tests {
             let schema = keyed_schema(seed % 2 == 1);
             let keys = 700 + rng.below(500);
             let mut rows: Vec<Row> = Vec::new();
-            let mut next_row = vec![1i64; 4];
+            let mut next_row = [1i64; 4];
             for _ in 0..3000 {
                 let file = rng.below(4) as i32;
                 let r = next_row[file as usize];
