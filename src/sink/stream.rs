@@ -982,8 +982,9 @@ impl TableSink {
         let held_fps: Vec<u128> = held.keys().copied().collect();
         self.settle_parts(parts, held_fps, held, 0, &mut out, &mut replaced)?;
         spill.settled = Some(out);
-        if let Some(dir) = self.scratch.join("dedup-spill").to_str() {
-            let _ = std::fs::remove_dir_all(dir);
+        let dir = self.scratch.join("dedup-spill");
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the dedup index's spill folder");
         }
         Ok(replaced)
     }
