@@ -150,6 +150,9 @@ impl Runner<'_> {
                 return Ok(None);
             };
             plan.report.rows_replaced = merged.replaced;
+            let spilled = s.sink.spill_stats();
+            plan.report.dedup_spilled_partitions = spilled.partitions;
+            plan.report.dedup_spilled_keys = spilled.entries;
             plan.report.index_rebuilt = merged.rebuilt.clone();
             // A data file's key: its partition folder (if any) under the table's prefix.
             let in_table = |dir: &str, name: &str| match dir {

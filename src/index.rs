@@ -170,6 +170,11 @@ impl Arena {
         }
     }
 
+    /// Bytes of order values it holds.
+    pub fn bytes(&self) -> usize {
+        self.0.len()
+    }
+
     /// The order value `kept` keeps (`bytes`: of a byte order).
     pub fn load(&self, kept: u64, bytes: bool) -> OrderValue<'_> {
         if !bytes {
@@ -259,7 +264,8 @@ impl Entries {
         }
     }
 
-    fn get(&self, i: usize) -> (u128, Held) {
+    /// Entry `i`: its fingerprint and what it holds.
+    pub fn get(&self, i: usize) -> (u128, Held) {
         let f = &self.rows[i];
         (
             f.fp(),
@@ -1555,7 +1561,7 @@ pub async fn merge(
             "another run rebuilt the key index while this batch ran",
         ));
     }
-    let fps = sink.fingerprints();
+    let fps = sink.fingerprints()?;
     let mut held = HashMap::new();
     if !index.head.runs.is_empty() {
         held = match index.lookup(lake, &fps).await {
@@ -1592,10 +1598,10 @@ pub async fn merge(
     }
     let mut drops: BTreeMap<String, HashSet<u128>> = BTreeMap::new();
     let mut replaced = 0;
+    let replacing = sink.against_held(&held)?;
     for (file, fps) in &files_of {
         for fp in fps {
-            let h = &held[fp];
-            if sink.against_held(*fp, h.order.as_value(), h.values) {
+            if replacing.contains(fp) {
                 drops.entry(file.to_string()).or_default().insert(*fp);
                 replaced += 1;
             }

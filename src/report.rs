@@ -123,6 +123,13 @@ pub struct TableReport {
     /// Bytes of the files rewritten (their size before).
     #[serde(default)]
     pub bytes_rewritten: u64,
+    /// Partition files the batch's dedup index was settled from, having outgrown its share of
+    /// the memory limit (0: it stayed in memory).
+    #[serde(default)]
+    pub dedup_spilled_partitions: u64,
+    /// Key entries the dedup index wrote to those files.
+    #[serde(default)]
+    pub dedup_spilled_keys: u64,
     /// Partition folders written.
     pub partitions: Vec<String>,
     /// The key index was rebuilt from the table's files, and why.
@@ -139,6 +146,8 @@ impl TableReport {
         self.rows_replaced += other.rows_replaced;
         self.files_rewritten += other.files_rewritten;
         self.bytes_rewritten += other.bytes_rewritten;
+        self.dedup_spilled_partitions += other.dedup_spilled_partitions;
+        self.dedup_spilled_keys += other.dedup_spilled_keys;
         self.partitions.extend(other.partitions);
         self.partitions.sort();
         self.partitions.dedup();

@@ -10,9 +10,16 @@
 //! winning row is, and a hash of its values (a row identical to one the table holds is a
 //! duplicate, not a replacement): 48 bytes in a table, whatever the key (freed before the files
 //! are finished).
+//!
+//! When the index outgrows its share of the memory limit (half of it), it spills: its entries
+//! go to 64 partition files (by fingerprint) and it starts again empty. Keys met again after a
+//! spill are settled when the sink is finished, one partition at a time (a partition still too
+//! large is partitioned again by other fingerprint bits): the same winners as in memory, the
+//! rows that lose across spills becoming late losers.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -32,7 +39,7 @@ use siphasher::sip128::SipHasher13;
 
 use super::{KeyEncoder, conform, mostly_distinct, nullable, partition_dirs, writer_properties};
 use crate::error::{Error, Result};
-use crate::index::{Arena, Entries, OrderKind, OrderValue, Shape, order_cmp};
+use crate::index::{Arena, Entries, Held, OrderKind, OrderValue, Shape, order_cmp};
 use crate::source::{SOURCE_FILE, SOURCE_ROW};
 
 /// How a table is written.
@@ -100,6 +107,21 @@ struct DedupIndex {
 /// Number of index shards.
 const SHARDS: usize = 16;
 
+/// Bytes a key takes in the dedup index, with the table's slack.
+const KEY_BYTES: usize = 56;
+
+/// Partitions a spilled index is split into (and a partition too large to settle, again).
+const SPILL_FANOUT: usize = 64;
+
+/// Times a partition may be split again (6 more fingerprint bits each time).
+const SPILL_DEPTH: u32 = 8;
+
+/// The spill partition of a fingerprint at `depth`: 6 bits of its upper half, above the 4 that
+/// choose its shard; never the lower half, which places it in a table.
+fn spill_part(fp: u128, depth: u32) -> usize {
+    (((fp >> 64) as u64 >> (8 + 6 * depth)) as usize) & (SPILL_FANOUT - 1)
+}
+
 /// A key's fingerprint: 128-bit SipHash-1-3 under a per-run random key. Two different keys
 /// share one with odds of about n^2 / 2^129 (1e-26 for ten million keys), the same argument as
 /// telling files apart by SHA-256; ClickHouse's exact distinct counts rest on it too.
@@ -124,6 +146,11 @@ fn slot(fp: u128) -> (u64, usize) {
 }
 
 impl DedupIndex {
+    /// Bytes it takes, about: its keys with the table's slack, and the order values' arena.
+    fn bytes(&self) -> usize {
+        self.table.len() * KEY_BYTES + self.arena.bytes()
+    }
+
     fn order_of(&self, e: &Entry, bytes: bool) -> OrderValue<'_> {
         self.arena.load(e.order, bytes)
     }
@@ -201,6 +228,120 @@ impl DedupIndex {
         }
         (false, Some((e.loc, e.lineage)))
     }
+}
+
+/// One spill partition's file: the entries each spill put there, read back when it is settled.
+/// A record: fingerprint (16 bytes), lineage, location, values hash (8 each), then the order
+/// value (8 bytes, or for byte orders a u32 length and the bytes); little-endian.
+struct PartFile {
+    path: PathBuf,
+    out: Option<BufWriter<File>>,
+    entries: u64,
+    /// What its entries take in an index in memory.
+    bytes: usize,
+}
+
+impl PartFile {
+    fn new(path: PathBuf) -> PartFile {
+        PartFile {
+            path,
+            out: None,
+            entries: 0,
+            bytes: 0,
+        }
+    }
+
+    fn fail(&self, e: std::io::Error) -> Error {
+        Error::io(format!("cannot write {}", self.path.display()), e)
+    }
+
+    fn push(&mut self, e: &Entry, order: OrderValue<'_>) -> Result<()> {
+        if self.out.is_none() {
+            let file = File::create(&self.path).map_err(|e| self.fail(e))?;
+            self.out = Some(BufWriter::with_capacity(64 << 10, file));
+        }
+        let mut rec = [0u8; 48];
+        rec[..16].copy_from_slice(&e.fp.to_le_bytes());
+        rec[16..24].copy_from_slice(&e.lineage.to_le_bytes());
+        rec[24..32].copy_from_slice(&e.loc.to_le_bytes());
+        rec[32..40].copy_from_slice(&e.values.to_le_bytes());
+        let (len, tail): (usize, &[u8]) = match order {
+            OrderValue::Int(v) => {
+                rec[40..48].copy_from_slice(&v.to_le_bytes());
+                (48, &[])
+            }
+            OrderValue::Bytes(b) => {
+                rec[40..44].copy_from_slice(&(b.len() as u32).to_le_bytes());
+                (44, b)
+            }
+        };
+        let written = match self.out.as_mut() {
+            Some(out) => out
+                .write_all(&rec[..len])
+                .and_then(|()| out.write_all(tail)),
+            None => Ok(()),
+        };
+        written.map_err(|e| self.fail(e))?;
+        self.entries += 1;
+        self.bytes += KEY_BYTES + tail.len() + if tail.is_empty() { 0 } else { 4 };
+        Ok(())
+    }
+
+    /// Calls `each` with every entry (`bytes`: of a byte order) and deletes the file.
+    fn drain(
+        mut self,
+        bytes: bool,
+        mut each: impl FnMut(Entry, OrderValue<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let Some(out) = self.out.take() else {
+            return Ok(());
+        };
+        let fail = |e: std::io::Error| Error::io(format!("cannot read {}", self.path.display()), e);
+        out.into_inner().map_err(|e| fail(e.into_error()))?;
+        let mut input = BufReader::with_capacity(64 << 10, File::open(&self.path).map_err(fail)?);
+        let mut rec = [0u8; 48];
+        let mut order = Vec::new();
+        let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+        for _ in 0..self.entries {
+            let len = if bytes { 44 } else { 48 };
+            input.read_exact(&mut rec[..len]).map_err(fail)?;
+            let e = Entry {
+                fp: u128::from_le_bytes(rec[..16].try_into().unwrap_or([0; 16])),
+                order: 0,
+                lineage: word(&rec[16..24]),
+                loc: word(&rec[24..32]),
+                values: word(&rec[32..40]),
+            };
+            let value = if bytes {
+                let n = u32::from_le_bytes(rec[40..44].try_into().unwrap_or([0; 4])) as usize;
+                order.resize(n, 0);
+                input.read_exact(&mut order).map_err(fail)?;
+                OrderValue::Bytes(&order)
+            } else {
+                OrderValue::Int(word(&rec[40..48]))
+            };
+            each(e, value)?;
+        }
+        drop(input);
+        std::fs::remove_file(&self.path).map_err(fail)
+    }
+}
+
+/// A dedup index that spilled: its partition files, and once settled, the batch's winners.
+struct Spill {
+    parts: Vec<PartFile>,
+    settled: Option<Entries>,
+}
+
+/// What spilling the dedup index cost a batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpillStats {
+    /// Times the index was written out.
+    pub spills: u64,
+    /// Entries written out.
+    pub entries: u64,
+    /// Partitions settled from disk (more than 64 when some were split again).
+    pub partitions: u64,
 }
 
 /// Key bytes of each row: the raw text of a single string column, or the row format.
@@ -449,8 +590,11 @@ pub struct TableSink {
     parts: Option<KeyEncoder>,
     keying: Option<Keying>,
     index: Vec<Mutex<DedupIndex>>,
-    /// Keys in the index (about 56 bytes each with the table's slack).
-    keys_held: AtomicUsize,
+    /// Bytes the index takes (about 56 a key with the table's slack, plus byte orders).
+    index_bytes: AtomicUsize,
+    /// The index's partitions on disk, once it spilled.
+    spill: Mutex<Option<Spill>>,
+    spill_stats: Mutex<SpillStats>,
     state: Mutex<State>,
 }
 
@@ -500,7 +644,9 @@ impl TableSink {
             file_schema,
             parts,
             keying,
-            keys_held: AtomicUsize::new(0),
+            index_bytes: AtomicUsize::new(0),
+            spill: Mutex::new(None),
+            spill_stats: Mutex::new(SpillStats::default()),
             index: (0..SHARDS).map(|_| Mutex::default()).collect(),
             state: Mutex::new(State {
                 parts: HashMap::new(),
@@ -682,7 +828,6 @@ impl TableSink {
             first
         };
         let mut losers = Vec::new();
-        let mut new_keys = 0;
         if let Some((keying, keys, orders, values)) = &keyed {
             // Fingerprints of the rows offered (dropped rows are not).
             let mut fps = vec![0u128; n];
@@ -710,6 +855,7 @@ impl TableSink {
                     }
                     Err(_) => lock(&self.index[shard]),
                 };
+                let before = index.bytes();
                 for &i in &by_shard[shard] {
                     let i = i as usize;
                     let seg = first + group_of[i];
@@ -718,14 +864,19 @@ impl TableSink {
                         file.as_ref().map(|f| f.value(i)).unwrap_or(0),
                         source_row.as_ref().map(|r| r.value(i)).unwrap_or(0),
                     );
-                    match index.offer(fps[i], orders.get(i), lineage, loc, values[i]) {
-                        Some(lost) => losers.push(lost),
-                        None => new_keys += 1,
+                    if let Some(lost) = index.offer(fps[i], orders.get(i), lineage, loc, values[i])
+                    {
+                        losers.push(lost);
                     }
                 }
+                // Counted under the shard's lock, as a spill takes it away.
+                self.index_bytes
+                    .fetch_add(index.bytes() - before, Ordering::Relaxed);
             }
         }
-        self.keys_held.fetch_add(new_keys, Ordering::Relaxed);
+        if keyed.is_some() && self.index_bytes.load(Ordering::Relaxed) > self.index_share() {
+            self.spill_index()?;
+        }
         let jobs = {
             let mut state = lock(&self.state);
             for (loc, lineage) in losers {
@@ -739,9 +890,165 @@ impl TableSink {
     /// Bytes of rows to hold back now: the buffer's share, less what the dedup index has
     /// grown into beyond its own share (half the limit).
     fn buffer_now(&self) -> usize {
-        let index = self.keys_held.load(Ordering::Relaxed) * 56;
+        let index = self.index_bytes.load(Ordering::Relaxed);
         let room = (self.opts.memory_limit / 2).saturating_sub(index);
         self.opts.buffer_bytes.min(room.max(1 << 20))
+    }
+
+    /// Bytes the dedup index may take before it spills: half the memory limit.
+    fn index_share(&self) -> usize {
+        self.opts.memory_limit / 2
+    }
+
+    /// Writes the dedup index out to its partition files and starts it again empty (unless
+    /// another thread is doing so, or just did).
+    fn spill_index(&self) -> Result<()> {
+        let mut spill = match self.spill.try_lock() {
+            Ok(s) => s,
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        };
+        if self.index_bytes.load(Ordering::Relaxed) <= self.index_share() {
+            return Ok(());
+        }
+        self.dump(&mut spill)
+    }
+
+    /// Moves every entry of the dedup index to the partition files (made on the first spill).
+    fn dump(&self, spill: &mut Option<Spill>) -> Result<()> {
+        let Some(keying) = &self.keying else {
+            return Ok(());
+        };
+        let bytes = keying.kind == OrderKind::Bytes;
+        if spill.is_none() {
+            let dir = self.scratch.join("dedup-spill");
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+            tracing::info!(
+                limit = self.opts.memory_limit,
+                partitions = SPILL_FANOUT,
+                "the batch's dedup index outgrew its share of the memory limit; it spills to disk"
+            );
+            *spill = Some(Spill {
+                parts: (0..SPILL_FANOUT)
+                    .map(|p| PartFile::new(dir.join(format!("p{p}.spill"))))
+                    .collect(),
+                settled: None,
+            });
+        }
+        let Some(spill) = spill.as_mut() else {
+            return Ok(());
+        };
+        let mut entries = 0;
+        for shard in &self.index {
+            // Taken under the shard's lock, written outside it: other threads go on offering
+            // rows to the empty shard.
+            let taken = {
+                let mut index = lock(shard);
+                self.index_bytes.fetch_sub(index.bytes(), Ordering::Relaxed);
+                std::mem::take(&mut *index)
+            };
+            for e in taken.table.iter() {
+                spill.parts[spill_part(e.fp, 0)].push(e, taken.order_of(e, bytes))?;
+            }
+            entries += taken.table.len() as u64;
+        }
+        if entries == 0 {
+            return Ok(());
+        }
+        let mut stats = lock(&self.spill_stats);
+        stats.spills += 1;
+        stats.entries += entries;
+        tracing::debug!(entries, spills = stats.spills, "dedup index spilled");
+        Ok(())
+    }
+
+    /// What spilling the dedup index cost (all zero if it did not spill).
+    pub fn spill_stats(&self) -> SpillStats {
+        *lock(&self.spill_stats)
+    }
+
+    /// Settles a spilled index (the rest of it in memory first): each partition read back into
+    /// an index of its own, one at a time, its losers marked, then met with the rows the table
+    /// holds (`held`); the winners kept for `finish`. Returns the held keys whose new row
+    /// replaces the held one.
+    fn settle(&self, spill: &mut Spill, held: &HashMap<u128, Held>) -> Result<HashSet<u128>> {
+        let Some(keying) = &self.keying else {
+            return Ok(HashSet::new());
+        };
+        let mut out = Entries::new(keying.kind);
+        let mut replaced = HashSet::new();
+        let parts = std::mem::take(&mut spill.parts);
+        let held_fps: Vec<u128> = held.keys().copied().collect();
+        self.settle_parts(parts, held_fps, held, 0, &mut out, &mut replaced)?;
+        spill.settled = Some(out);
+        let dir = self.scratch.join("dedup-spill");
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the dedup index's spill folder");
+        }
+        Ok(replaced)
+    }
+
+    fn settle_parts(
+        &self,
+        parts: Vec<PartFile>,
+        held_fps: Vec<u128>,
+        held: &HashMap<u128, Held>,
+        depth: u32,
+        out: &mut Entries,
+        replaced: &mut HashSet<u128>,
+    ) -> Result<()> {
+        let bytes = out.kind() == OrderKind::Bytes;
+        let mut held_of: Vec<Vec<u128>> = vec![Vec::new(); parts.len()];
+        for fp in held_fps {
+            held_of[spill_part(fp, depth)].push(fp);
+        }
+        for (part, held_fps) in parts.into_iter().zip(held_of) {
+            if part.bytes > self.index_share() && depth < SPILL_DEPTH {
+                // Still too large for memory: split by the next fingerprint bits.
+                let mut sub: Vec<PartFile> = (0..SPILL_FANOUT)
+                    .map(|k| PartFile::new(part.path.with_extension(format!("{k}.spill"))))
+                    .collect();
+                part.drain(bytes, |e, order| {
+                    sub[spill_part(e.fp, depth + 1)].push(&e, order)
+                })?;
+                self.settle_parts(sub, held_fps, held, depth + 1, out, replaced)?;
+                continue;
+            }
+            lock(&self.spill_stats).partitions += 1;
+            let mut index = DedupIndex::default();
+            let mut losers = Vec::new();
+            part.drain(bytes, |e, order| {
+                if let Some(lost) = index.offer(e.fp, order, e.lineage, e.loc, e.values) {
+                    losers.push(lost);
+                }
+                Ok(())
+            })?;
+            for fp in held_fps {
+                if let Some(h) = held.get(&fp) {
+                    let (replaces, lost) = index.against_existing(fp, h.order.as_value(), h.values);
+                    if replaces {
+                        replaced.insert(fp);
+                    }
+                    losers.extend(lost);
+                }
+            }
+            {
+                let mut state = lock(&self.state);
+                for (loc, lineage) in losers {
+                    Self::lose(&mut state, loc, lineage);
+                }
+            }
+            for e in index.table.iter().filter(|e| e.loc != LOST) {
+                out.push(
+                    e.fp,
+                    index.order_of(e, bytes),
+                    e.values,
+                    (e.loc >> 32) as u32,
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Marks a row as a loser: dropped while buffered, a late loser once written.
@@ -844,26 +1151,91 @@ impl TableSink {
         Ok(())
     }
 
-    /// The fingerprints of the batch's keys, sorted (the key index looks them up).
-    pub fn fingerprints(&self) -> Vec<u128> {
-        let mut out = Vec::with_capacity(self.keys_held.load(Ordering::Relaxed));
-        for shard in &self.index {
-            out.extend(lock(shard).table.iter().map(|e| e.fp));
+    /// The fingerprints of the batch's keys, sorted (the key index looks them up). A spilled
+    /// index is written out whole first and read back a partition at a time.
+    pub fn fingerprints(&self) -> Result<Vec<u128>> {
+        let mut spill = lock(&self.spill);
+        if spill.is_none() {
+            let mut out = Vec::with_capacity(self.index_bytes.load(Ordering::Relaxed) / KEY_BYTES);
+            for shard in &self.index {
+                out.extend(lock(shard).table.iter().map(|e| e.fp));
+            }
+            out.sort_unstable();
+            return Ok(out);
+        }
+        self.dump(&mut spill)?;
+        let mut out = Vec::new();
+        if let Some(spill) = spill.as_mut() {
+            for part in &mut spill.parts {
+                let Some(w) = part.out.as_mut() else {
+                    continue;
+                };
+                w.flush().map_err(|e| part.fail(e))?;
+                let path = part.path.clone();
+                let file = File::open(&path)
+                    .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+                let mut input = BufReader::with_capacity(64 << 10, file);
+                let from = out.len();
+                let mut rec = [0u8; 48];
+                let bytes = self.keying.as_ref().map(|k| k.kind) == Some(OrderKind::Bytes);
+                for _ in 0..part.entries {
+                    let fail = |e| Error::io(format!("cannot read {}", path.display()), e);
+                    input
+                        .read_exact(&mut rec[..if bytes { 44 } else { 48 }])
+                        .map_err(fail)?;
+                    if bytes {
+                        let n = u32::from_le_bytes(rec[40..44].try_into().unwrap_or([0; 4]));
+                        std::io::copy(&mut (&mut input).take(n as u64), &mut std::io::sink())
+                            .map_err(fail)?;
+                    }
+                    out.push(u128::from_le_bytes(rec[..16].try_into().unwrap_or([0; 16])));
+                }
+                // A key spilled more than once is looked up once.
+                out[from..].sort_unstable();
+                let mut kept = from;
+                for i in from..out.len() {
+                    if kept == from || out[kept - 1] != out[i] {
+                        out[kept] = out[i];
+                        kept += 1;
+                    }
+                }
+                out.truncate(kept);
+            }
         }
         out.sort_unstable();
-        out
+        Ok(out)
     }
 
-    /// A row the table already holds meets the new row of its key (`fp`): `true` if the new
-    /// row replaces it; a new row older than the held one, or identical to it (same order, same
-    /// values), is dropped instead, as a duplicate of its file. Asking twice gives the same
-    /// answer.
-    pub fn against_held(&self, fp: u128, order: OrderValue<'_>, values: u64) -> bool {
-        let (replaced, lost) = lock(&self.index[slot(fp).1]).against_existing(fp, order, values);
-        if let Some((loc, lineage)) = lost {
-            Self::lose(&mut lock(&self.state), loc, lineage);
+    /// Rows the table already holds (`held`, by fingerprint) meet the new rows of their keys:
+    /// returns the keys whose new row replaces the held one; a new row older than the held
+    /// one, or identical to it (same order, same values), is dropped instead, as a duplicate of
+    /// its file. Call once, after the last `push` and before `finish`.
+    pub fn against_held(&self, held: &HashMap<u128, Held>) -> Result<HashSet<u128>> {
+        let mut spill = lock(&self.spill);
+        if spill.is_some() {
+            if spill.as_ref().is_some_and(|s| s.settled.is_some()) {
+                return Err(Error::State {
+                    path: self.scratch.display().to_string(),
+                    message: "the batch's spilled dedup index was settled twice".into(),
+                });
+            }
+            self.dump(&mut spill)?;
+            if let Some(spill) = spill.as_mut() {
+                return self.settle(spill, held);
+            }
         }
-        replaced
+        let mut replaced = HashSet::new();
+        for (&fp, h) in held {
+            let (replaces, lost) =
+                lock(&self.index[slot(fp).1]).against_existing(fp, h.order.as_value(), h.values);
+            if let Some((loc, lineage)) = lost {
+                Self::lose(&mut lock(&self.state), loc, lineage);
+            }
+            if replaces {
+                replaced.insert(fp);
+            }
+        }
+        Ok(replaced)
     }
 
     /// Rows dropped as duplicates, per source file index.
@@ -875,6 +1247,17 @@ impl TableSink {
     /// losers. Returns the non-empty files and, with a `unique_key`, the key index entries of
     /// the rows written (their group: the index of their file in the list).
     pub fn finish(&self, threads: usize) -> Result<(Vec<OutFile>, Option<Entries>)> {
+        // A spilled index is settled first, so that its losers still buffered are never written.
+        let settled = {
+            let mut spill = lock(&self.spill);
+            if spill.as_ref().is_some_and(|s| s.settled.is_none()) {
+                self.dump(&mut spill)?;
+                if let Some(s) = spill.as_mut() {
+                    self.settle(s, &HashMap::new())?;
+                }
+            }
+            spill.as_mut().and_then(|s| s.settled.take())
+        };
         let (jobs, writers, late) = {
             let mut state = lock(&self.state);
             let jobs = self.seal(&mut state, true);
@@ -884,6 +1267,9 @@ impl TableSink {
         // segment they are in), and the index's memory goes to the writers and rewrites that
         // follow.
         let mut entries = self.keying.as_ref().map(|k| Entries::new(k.kind));
+        if let Some(settled) = settled {
+            entries = Some(settled);
+        }
         for shard in &self.index {
             let index = std::mem::take(&mut *lock(shard));
             if let Some(out) = entries.as_mut() {
@@ -898,7 +1284,7 @@ impl TableSink {
                 }
             }
         }
-        self.keys_held.store(0, Ordering::Relaxed);
+        self.index_bytes.store(0, Ordering::Relaxed);
         // Every partition writes what it still holds and closes its file, on all threads.
         let mut sealed: HashMap<usize, Vec<Sealed>> = HashMap::new();
         for (w, segs) in jobs.write {
@@ -1112,6 +1498,7 @@ impl RowFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::Order;
     use datafusion::arrow::array::{Date32Array, Int32Array, Int64Array};
     use datafusion::arrow::datatypes::Field;
 
@@ -1201,5 +1588,297 @@ mod tests {
             .map(|(_, id, v)| (id.as_str(), *v))
             .collect();
         assert_eq!(ids, vec![("a", 3), ("b", 5), ("c", 9), ("e", 1), ("d", 1)]);
+    }
+
+    /// A seeded generator (SplitMix64), so the random batches are the same on every run.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// One random row: key, order, day, source file, source row.
+    type Row = (String, i64, i32, i32, i64);
+
+    /// A keyed schema whose order column `v` is a number or (kept as bytes) text.
+    fn keyed_schema(text_order: bool) -> SchemaRef {
+        let v = if text_order {
+            DataType::Utf8
+        } else {
+            DataType::Int64
+        };
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, true),
+            Field::new("v", v, true),
+            Field::new("day", DataType::Date32, true),
+            Field::new(SOURCE_FILE, DataType::Int32, false),
+            Field::new(SOURCE_ROW, DataType::Int64, false),
+        ]))
+    }
+
+    fn keyed_batch(schema: &SchemaRef, rows: &[Row]) -> RecordBatch {
+        let v: Arc<dyn Array> = if schema.field(1).data_type() == &DataType::Utf8 {
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| format!("t{:03}", r.1)),
+            ))
+        } else {
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1)))
+        };
+        RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| r.0.clone()),
+                )),
+                v,
+                Arc::new(Date32Array::from_iter_values(rows.iter().map(|r| r.2))),
+                Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.3))),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.4))),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// What a sink made of a batch: rows written (partition, key, order), duplicates per
+    /// file, the keys replacing held rows, index entries (key, order, values hash, and whether
+    /// the file of its group holds the key's row), and how it spilled.
+    type Outcome = (
+        Vec<(String, String, String)>,
+        Vec<u64>,
+        Vec<String>,
+        Vec<(String, Order, u64, bool)>,
+        SpillStats,
+    );
+
+    fn sink_outcome(
+        schema: &SchemaRef,
+        batches: &[Vec<Row>],
+        held: &HashMap<String, i64>,
+        memory_limit: usize,
+        buffer_bytes: usize,
+    ) -> Outcome {
+        let dir = tempfile::tempdir().unwrap();
+        let sip = [7, 11];
+        let opts = SinkOptions {
+            partition_by: vec!["day".into()],
+            unique_key: vec!["id".into()],
+            order_by: Some("v".into()),
+            compression: "snappy".into(),
+            buffer_bytes,
+            memory_limit,
+            max_writers: 2,
+            sip,
+            target_file_size: 128 << 20,
+        };
+        let full = Schema::new(schema.fields()[..3].to_vec());
+        let sink = TableSink::new(opts, schema, &full, 4, dir.path()).unwrap();
+        for rows in batches {
+            sink.push(&keyed_batch(schema, rows), None).unwrap();
+        }
+        let fp = Fingerprinter::new(sip);
+        let id_of: HashMap<u128, String> = batches
+            .iter()
+            .flatten()
+            .map(|r| (fp.of(r.0.as_bytes()), r.0.clone()))
+            .collect();
+        let fps = sink.fingerprints().unwrap();
+        assert_eq!(fps.len(), id_of.len(), "one fingerprint per key");
+        assert!(fps.windows(2).all(|w| w[0] < w[1]), "sorted, distinct");
+        let text = schema.field(1).data_type() == &DataType::Utf8;
+        let order_of = |v: i64| {
+            let a: Arc<dyn Array> = if text {
+                Arc::new(StringArray::from(vec![format!("t{v:03}")]))
+            } else {
+                Arc::new(Int64Array::from(vec![v]))
+            };
+            let b = RecordBatch::try_new(
+                Arc::new(Schema::new(vec![Field::new(
+                    "v",
+                    a.data_type().clone(),
+                    true,
+                )])),
+                vec![a],
+            )
+            .unwrap();
+            let enc = KeyEncoder::new(&b.schema(), &["v".to_string()]).unwrap();
+            match Orders::new(&enc, &b).unwrap().get(0) {
+                OrderValue::Int(v) => Order::Int(v),
+                OrderValue::Bytes(b) => Order::Bytes(b.to_vec()),
+            }
+        };
+        // Held rows never repeat a new one exactly (their values hash is not any row's).
+        let held: HashMap<u128, Held> = held
+            .iter()
+            .map(|(id, v)| {
+                let h = Held {
+                    group: 0,
+                    values: 1,
+                    order: order_of(*v),
+                };
+                (fp.of(id.as_bytes()), h)
+            })
+            .collect();
+        let mut replaced: Vec<String> = sink
+            .against_held(&held)
+            .unwrap()
+            .iter()
+            .map(|fp| id_of[fp].clone())
+            .collect();
+        replaced.sort();
+        let (files, entries) = sink.finish(2).unwrap();
+        assert!(
+            !dir.path().join("dedup-spill").exists(),
+            "spill files are deleted once settled"
+        );
+        let mut written = Vec::new();
+        let mut in_file: Vec<HashSet<(String, String)>> = Vec::new();
+        for f in &files {
+            let mut here = HashSet::new();
+            let r = ParquetRecordBatchReaderBuilder::try_new(File::open(&f.path).unwrap())
+                .unwrap()
+                .build()
+                .unwrap();
+            for b in r {
+                let b = b.unwrap();
+                let vs = cast(b.column(1), &DataType::Utf8).unwrap();
+                let (ids, vs) = (b.column(0).as_string::<i32>(), vs.as_string::<i32>());
+                for i in 0..b.num_rows() {
+                    let row = (ids.value(i).to_string(), vs.value(i).to_string());
+                    written.push((f.dir.clone(), row.0.clone(), row.1.clone()));
+                    here.insert(row);
+                }
+            }
+            in_file.push(here);
+        }
+        written.sort();
+        let entries = entries.unwrap();
+        let mut index = Vec::new();
+        for i in 0..entries.len() {
+            let (fp, h) = entries.get(i);
+            let id = id_of[&fp].clone();
+            let there = in_file
+                .get(h.group as usize)
+                .is_some_and(|f| f.iter().any(|(k, _)| *k == id));
+            index.push((id, h.order, h.values, there));
+        }
+        index.sort_by(|a, b| a.0.cmp(&b.0));
+        let stats = sink.spill_stats();
+        (written, sink.duplicates(), replaced, index, stats)
+    }
+
+    /// The dedup index spilling (several times, with partitions split again, every loser
+    /// late or buffered) gives exactly what it gives in memory: the rows written, duplicates
+    /// per file, the held rows replaced and the index entries; both agree with the rule (the
+    /// greatest order wins, then the later file and row; a held row loses to a new row of an
+    /// equal or greater order).
+    #[test]
+    fn a_spilled_dedup_index_settles_as_one_in_memory() {
+        for seed in 0..6u64 {
+            let mut rng = Rng(seed);
+            let schema = keyed_schema(seed % 2 == 1);
+            let keys = 700 + rng.below(500);
+            let mut rows: Vec<Row> = Vec::new();
+            let mut next_row = [1i64; 4];
+            for _ in 0..3000 {
+                let file = rng.below(4) as i32;
+                let r = next_row[file as usize];
+                next_row[file as usize] += 1;
+                rows.push((
+                    format!("k{}", rng.below(keys)),
+                    rng.below(6) as i64,
+                    rng.below(3) as i32,
+                    file,
+                    r,
+                ));
+            }
+            let mut batches = Vec::new();
+            let mut rest = &rows[..];
+            while !rest.is_empty() {
+                let n = (1 + rng.below(300) as usize).min(rest.len());
+                batches.push(rest[..n].to_vec());
+                rest = &rest[n..];
+            }
+            let mut held: HashMap<String, i64> = HashMap::new();
+            for k in 0..keys {
+                if rng.below(3) == 0 {
+                    held.insert(format!("k{k}"), rng.below(6) as i64);
+                }
+            }
+
+            // The rule, directly.
+            let mut best: HashMap<&str, &Row> = HashMap::new();
+            for r in &rows {
+                let e = best.entry(&r.0).or_insert(r);
+                if (r.1, r.3, r.4) > (e.1, e.3, e.4) {
+                    *e = r;
+                }
+            }
+            let text = seed % 2 == 1;
+            let shown = |v: i64| {
+                if text {
+                    format!("t{v:03}")
+                } else {
+                    v.to_string()
+                }
+            };
+            let mut expected: Vec<(String, String, String)> = best
+                .values()
+                .filter(|r| held.get(&r.0).is_none_or(|&h| r.1 >= h))
+                .map(|r| (format!("day={}", day_text(r.2)), r.0.clone(), shown(r.1)))
+                .collect();
+            expected.sort();
+            let mut dups = vec![0u64; 4];
+            for r in &rows {
+                dups[r.3 as usize] += 1;
+            }
+            for r in best.values() {
+                if held.get(&r.0).is_none_or(|&h| r.1 >= h) {
+                    dups[r.3 as usize] -= 1;
+                }
+            }
+
+            let memory = sink_outcome(&schema, &batches, &held, 1 << 30, 1 << 30);
+            assert_eq!(memory.4, SpillStats::default(), "seed {seed}: no spill");
+            assert_eq!(memory.0, expected, "seed {seed}");
+            assert_eq!(memory.1, dups, "seed {seed}");
+            assert!(
+                memory.3.iter().all(|e| e.3),
+                "seed {seed}: groups name the files"
+            );
+            assert_eq!(memory.3.len(), expected.len(), "seed {seed}");
+            // Spills of ~580 keys and no buffer; spills of ~18 keys with partitions split again.
+            for (limit, buffer) in [(64 << 10, 0), (2 << 10, 1 << 20)] {
+                let spilled = sink_outcome(&schema, &batches, &held, limit, buffer);
+                let stats = spilled.4;
+                assert!(stats.spills >= 1, "seed {seed}, limit {limit}: {stats:?}");
+                assert!(stats.partitions >= SPILL_FANOUT as u64, "{stats:?}");
+                if limit < 4 << 10 {
+                    assert!(
+                        stats.partitions > SPILL_FANOUT as u64,
+                        "split again: {stats:?}"
+                    );
+                }
+                assert_eq!(
+                    (&spilled.0, &spilled.1, &spilled.2, &spilled.3),
+                    (&memory.0, &memory.1, &memory.2, &memory.3),
+                    "seed {seed}, limit {limit}"
+                );
+            }
+        }
+    }
+
+    fn day_text(days: i32) -> String {
+        (chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap() + chrono::Days::new(days as u64))
+            .to_string()
     }
 }
