@@ -19,11 +19,9 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use chrono::Utc;
-use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::catalog::TableMeta;
@@ -151,8 +149,7 @@ async fn merge_files(
     compression: &str,
     out: &Path,
 ) -> Result<u64> {
-    let mut writer: Option<ArrowWriter<File>> = None;
-    let mut rows = 0u64;
+    let mut writer = sink::LocalParquet::new(out, schema.clone(), compression);
     for f in files {
         let input = lake.local_file(&f.key).await?;
         let reader = ParquetRecordBatchReaderBuilder::try_new(input)
@@ -163,41 +160,11 @@ async fn merge_files(
             .with_batch_size(65_536)
             .build()?;
         for b in reader {
-            let b = sink::conform(&b?, schema)?;
-            if b.num_rows() == 0 {
-                continue;
-            }
-            if writer.is_none() {
-                let plain = sink::mostly_distinct(&b).unwrap_or_default();
-                let file = File::create(out)
-                    .map_err(|e| Error::io(format!("cannot create {}", out.display()), e))?;
-                writer = Some(ArrowWriter::try_new(
-                    file,
-                    schema.clone(),
-                    Some(sink::writer_properties(compression, &plain)?),
-                )?);
-            }
-            if let Some(w) = writer.as_mut() {
-                w.write(&b)?;
-            }
-            rows += b.num_rows() as u64;
+            writer.write(&sink::conform(&b?, schema)?)?;
         }
     }
-    match writer {
-        Some(w) => {
-            w.close()?;
-        }
-        None => {
-            // Files without rows: an empty file of the schema keeps their place.
-            ArrowWriter::try_new(
-                File::create(out)
-                    .map_err(|e| Error::io(format!("cannot create {}", out.display()), e))?,
-                schema.clone(),
-                Some(sink::writer_properties(compression, &[])?),
-            )?
-            .close()?;
-        }
-    }
+    // Files without rows: an empty file of the schema keeps their place.
+    let rows = writer.finish(true)?.map_or(0, |(_, rows)| rows);
     Ok(rows)
 }
 

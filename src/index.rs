@@ -23,7 +23,6 @@ use datafusion::arrow::array::{BooleanArray, RecordBatch};
 use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use futures::{StreamExt, TryStreamExt};
-use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -1224,39 +1223,18 @@ pub async fn rewrite_without(
     let file_schema = sink::nullable(meta.file_schema()?.as_ref());
     let partition_types = meta.partition_types()?;
     let input = lake.local_file(&f.key).await?;
-    let mut writer: Option<ArrowWriter<File>> = None;
-    let (mut rows, mut dropped) = (0u64, 0u64);
+    let mut writer = sink::LocalParquet::new(out, file_schema.clone(), compression);
+    let mut dropped = 0u64;
     for_each_batch(input, f, &partition_types, &full, |stored, whole| {
         let fps = keying.fingerprints(whole)?;
         let keep: BooleanArray = fps.iter().map(|fp| Some(!drop.contains(fp))).collect();
         let kept = filter_record_batch(stored, &keep)?;
         dropped += (stored.num_rows() - kept.num_rows()) as u64;
-        if kept.num_rows() == 0 {
-            return Ok(());
-        }
-        let kept = sink::conform(&kept, &file_schema)?;
-        if writer.is_none() {
-            let plain = sink::mostly_distinct(&kept).unwrap_or_default();
-            let file = File::create(out)
-                .map_err(|e| Error::io(format!("cannot create {}", out.display()), e))?;
-            writer = Some(ArrowWriter::try_new(
-                file,
-                file_schema.clone(),
-                Some(sink::writer_properties(compression, &plain)?),
-            )?);
-        }
-        if let Some(w) = writer.as_mut() {
-            w.write(&kept)?;
-        }
-        rows += kept.num_rows() as u64;
-        Ok(())
+        writer.write(&sink::conform(&kept, &file_schema)?)
     })?;
-    let path = match writer {
-        Some(w) => {
-            w.close()?;
-            Some(out.to_path_buf())
-        }
-        None => None,
+    let (path, rows) = match writer.finish(false)? {
+        Some((path, rows)) => (Some(path), rows),
+        None => (None, 0),
     };
     Ok(Rewritten {
         path,

@@ -138,6 +138,68 @@ pub(crate) fn partition_dirs(batch: &RecordBatch, partition_by: &[String]) -> Re
     Ok(dirs)
 }
 
+/// A local Parquet file with `schema`, created at its first batch of rows (its dictionary
+/// choices made from that batch, [`mostly_distinct`]): a file of rows dropped or filtered away
+/// is never made.
+pub struct LocalParquet {
+    out: std::path::PathBuf,
+    schema: SchemaRef,
+    compression: String,
+    writer: Option<ArrowWriter<std::fs::File>>,
+    rows: u64,
+}
+
+impl LocalParquet {
+    /// A file to be at `out`.
+    pub fn new(out: &std::path::Path, schema: SchemaRef, compression: &str) -> LocalParquet {
+        LocalParquet {
+            out: out.to_path_buf(),
+            schema,
+            compression: compression.to_string(),
+            writer: None,
+            rows: 0,
+        }
+    }
+
+    fn create(&self, plain: &[String]) -> Result<ArrowWriter<std::fs::File>> {
+        let file = std::fs::File::create(&self.out)
+            .map_err(|e| Error::io(format!("cannot create {}", self.out.display()), e))?;
+        Ok(ArrowWriter::try_new(
+            file,
+            self.schema.clone(),
+            Some(writer_properties(&self.compression, plain)?),
+        )?)
+    }
+
+    /// Writes a batch (of the file's schema); an empty one is skipped.
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        if self.writer.is_none() {
+            let plain = mostly_distinct(batch).unwrap_or_default();
+            self.writer = Some(self.create(&plain)?);
+        }
+        if let Some(w) = self.writer.as_mut() {
+            w.write(batch)?;
+        }
+        self.rows += batch.num_rows() as u64;
+        Ok(())
+    }
+
+    /// Closes the file: its path and rows, or `None` if no row came (`empty`: then a file of
+    /// the schema without rows is made all the same).
+    pub fn finish(self, empty: bool) -> Result<Option<(std::path::PathBuf, u64)>> {
+        let writer = match self.writer {
+            Some(w) => w,
+            None if empty => self.create(&[])?,
+            None => return Ok(None),
+        };
+        writer.close()?;
+        Ok(Some((self.out, self.rows)))
+    }
+}
+
 /// The schema without the named columns.
 pub fn schema_without(schema: &Schema, names: &[String]) -> SchemaRef {
     Arc::new(Schema::new(

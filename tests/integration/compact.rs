@@ -10,33 +10,8 @@ use crate::support::*;
 const TARGET: u64 = 1 << 20;
 
 /// Tickets `first..first+n` over three days from 2024-03-01, updated at `hour` with `status`.
-fn batch(first: usize, n: usize, hour: u32, status: &str) -> Vec<u8> {
-    let rows: Vec<String> = (first..first + n)
-        .map(|i| {
-            let day = 1 + i % 3;
-            format!(
-                "T{i:05},2024-03-{day:02}T08:00:00,2024-03-{day:02}T{hour:02}:00:00,{status},high,c{i}@example.com,subject {i},body {i},agent{}",
-                i % 7
-            )
-        })
-        .collect();
-    let refs: Vec<&str> = rows.iter().map(String::as_str).collect();
-    tickets(&refs)
-}
-
-/// The tickets table as (ticket_id, status, updated_ts), sorted.
-fn table(p: &Project) -> Vec<(String, String, String)> {
-    let ids = p.strings("processed/support_tickets", "ticket_id");
-    let status = p.strings("processed/support_tickets", "status");
-    let updated = p.strings("processed/support_tickets", "updated_ts");
-    let mut rows: Vec<(String, String, String)> = ids
-        .into_iter()
-        .zip(status)
-        .zip(updated)
-        .map(|((a, b), c)| (a.unwrap(), b.unwrap(), c.unwrap()))
-        .collect();
-    rows.sort();
-    rows
+fn tickets_of(first: usize, n: usize, hour: u32, status: &str) -> Vec<u8> {
+    batch(first, n, 3, hour, status)
 }
 
 /// Data files under a prefix and their sizes.
@@ -61,11 +36,6 @@ fn per_partition(files: &BTreeMap<String, u64>) -> BTreeMap<String, usize> {
     out
 }
 
-fn index_check(p: &Project) -> (i32, String) {
-    let out = p.sluice(&["index", "check", "support_tickets"]);
-    (out.status.code().unwrap_or(-1), text(&out))
-}
-
 /// A keyed tickets table of `runs` commits of 20 new tickets each (three partitions).
 fn many_small_commits(runs: usize) -> Project {
     let p = Project::empty();
@@ -73,7 +43,7 @@ fn many_small_commits(runs: usize) -> Project {
         p.add_raw(
             "support_tickets",
             &format!("b{r}.csv"),
-            &batch(r * 20, 20, 9, "open"),
+            &tickets_of(r * 20, 20, 9, "open"),
         );
         let (code, report) = p.run();
         assert_eq!(code, 0, "{report:#}");
@@ -92,8 +62,16 @@ fn compact(p: &Project, extra: &[&str]) -> String {
 
 /// Newer versions of tickets 0..30 and older versions of 30..40: the replacing run.
 fn replace(p: &Project) -> serde_json::Value {
-    p.add_raw("support_tickets", "new.csv", &batch(0, 30, 15, "resolved"));
-    p.add_raw("support_tickets", "old.csv", &batch(30, 10, 5, "pending"));
+    p.add_raw(
+        "support_tickets",
+        "new.csv",
+        &tickets_of(0, 30, 15, "resolved"),
+    );
+    p.add_raw(
+        "support_tickets",
+        "old.csv",
+        &tickets_of(30, 10, 5, "pending"),
+    );
     let (code, report) = p.run();
     assert_eq!(code, 0, "{report:#}");
     report

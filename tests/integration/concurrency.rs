@@ -82,7 +82,6 @@ fn sequential(files: &[(&str, Vec<u8>)]) -> Project {
 /// its index are what the runs one after the other give.
 #[test]
 fn a_plan_made_beside_another_commit_is_rebased_or_made_again_on_a_conflict() {
-    use crate::index::{batch, index_check, table};
     // The second batch replaces tickets 0..30; the third either other keys (30..60) or the
     // same ones, later.
     for conflict in [false, true] {
@@ -123,7 +122,6 @@ fn a_plan_made_beside_another_commit_is_rebased_or_made_again_on_a_conflict() {
 /// and the table is what one run makes of it.
 #[test]
 fn workers_with_bounded_batches_share_a_backlog_each_file_once() {
-    use crate::index::{batch, index_check, table};
     let files: Vec<(String, Vec<u8>)> = (0..12)
         .map(|i| {
             // Overlapping keys: each file replaces half of the previous one's.

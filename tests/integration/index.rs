@@ -6,37 +6,6 @@ use std::collections::BTreeMap;
 
 use crate::support::*;
 
-/// Tickets `first..first+n`, created on `days` consecutive days from 2024-03-01, updated at
-/// `hour` with `status`.
-pub fn batch(first: usize, n: usize, days: usize, hour: u32, status: &str) -> Vec<u8> {
-    let rows: Vec<String> = (first..first + n)
-        .map(|i| {
-            let day = 1 + i % days;
-            format!(
-                "T{i:05},2024-03-{day:02}T08:00:00,2024-03-{day:02}T{hour:02}:00:00,{status},high,c{i}@example.com,subject {i},body {i},agent{}",
-                i % 7
-            )
-        })
-        .collect();
-    let refs: Vec<&str> = rows.iter().map(String::as_str).collect();
-    tickets(&refs)
-}
-
-/// The table as (ticket_id, status, updated_ts), sorted.
-pub fn table(p: &Project) -> Vec<(String, String, String)> {
-    let ids = p.strings("processed/support_tickets", "ticket_id");
-    let status = p.strings("processed/support_tickets", "status");
-    let updated = p.strings("processed/support_tickets", "updated_ts");
-    let mut rows: Vec<(String, String, String)> = ids
-        .into_iter()
-        .zip(status)
-        .zip(updated)
-        .map(|((a, b), c)| (a.unwrap(), b.unwrap(), c.unwrap()))
-        .collect();
-    rows.sort();
-    rows
-}
-
 /// Data files of the table with their modification times.
 fn data_files(p: &Project) -> BTreeMap<String, std::time::SystemTime> {
     p.files("processed/support_tickets")
@@ -50,11 +19,6 @@ fn data_files(p: &Project) -> BTreeMap<String, std::time::SystemTime> {
             (f, t)
         })
         .collect()
-}
-
-pub fn index_check(p: &Project) -> (i32, String) {
-    let out = p.sluice(&["index", "check", "support_tickets"]);
-    (out.status.code().unwrap_or(-1), text(&out))
 }
 
 fn tickets_report(report: &serde_json::Value) -> &serde_json::Value {
