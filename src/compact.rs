@@ -22,7 +22,6 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::path::{Path, PathBuf};
 
 use chrono::Utc;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::catalog::TableMeta;
 use crate::config::TableConfig;
@@ -152,14 +151,7 @@ async fn merge_files(
     let mut writer = sink::LocalParquet::new(out, schema.clone(), compression);
     for f in files {
         let input = lake.local_file(&f.key).await?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(input)
-            .map_err(|e| Error::Read {
-                key: f.key.clone(),
-                message: e.to_string(),
-            })?
-            .with_batch_size(65_536)
-            .build()?;
-        for b in reader {
+        for b in sink::local_batches(input, &f.key)? {
             writer.write(&sink::conform(&b?, schema)?)?;
         }
     }

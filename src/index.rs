@@ -23,7 +23,6 @@ use datafusion::arrow::array::{BooleanArray, RecordBatch};
 use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use futures::{StreamExt, TryStreamExt};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::TableMeta;
@@ -1181,15 +1180,8 @@ fn for_each_batch(
     full: &SchemaRef,
     mut each: impl FnMut(&RecordBatch, &RecordBatch) -> Result<()>,
 ) -> Result<()> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| Error::Read {
-            key: f.key.clone(),
-            message: e.to_string(),
-        })?
-        .with_batch_size(65_536)
-        .build()?;
     let values = sink::parse_partition_dir(&f.dir);
-    for b in reader {
+    for b in sink::local_batches(file, &f.key)? {
         let b = b?;
         let whole = sink::restore_partitions(&b, &values, partition_types, full)?;
         each(&b, &whole)?;

@@ -138,6 +138,20 @@ pub(crate) fn partition_dirs(batch: &RecordBatch, partition_by: &[String]) -> Re
     Ok(dirs)
 }
 
+/// The batches of a local copy of the lake's Parquet file `key`, 65,536 rows at a time.
+pub fn local_batches(
+    file: std::fs::File,
+    key: &str,
+) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
+    Ok(ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| Error::Read {
+            key: key.to_string(),
+            message: e.to_string(),
+        })?
+        .with_batch_size(65_536)
+        .build()?)
+}
+
 /// A local Parquet file with `schema`, created at its first batch of rows (its dictionary
 /// choices made from that batch, [`mostly_distinct`]): a file of rows dropped or filtered away
 /// is never made.

@@ -155,6 +155,19 @@ impl DedupIndex {
         self.arena.load(e.order, bytes)
     }
 
+    /// Adds the keys' winning rows (not those that lost to a held row) to `out`, each in the
+    /// group of its segment.
+    fn winners_into(&self, out: &mut Entries, bytes: bool) {
+        for e in self.table.iter().filter(|e| e.loc != LOST) {
+            out.push(
+                e.fp,
+                self.order_of(e, bytes),
+                e.values,
+                (e.loc >> 32) as u32,
+            );
+        }
+    }
+
     fn store(&mut self, order: OrderValue<'_>) -> u64 {
         self.arena.store(order)
     }
@@ -1039,14 +1052,7 @@ impl TableSink {
                     Self::lose(&mut state, loc, lineage);
                 }
             }
-            for e in index.table.iter().filter(|e| e.loc != LOST) {
-                out.push(
-                    e.fp,
-                    index.order_of(e, bytes),
-                    e.values,
-                    (e.loc >> 32) as u32,
-                );
-            }
+            index.winners_into(out, bytes);
         }
         Ok(())
     }
@@ -1273,15 +1279,7 @@ impl TableSink {
         for shard in &self.index {
             let index = std::mem::take(&mut *lock(shard));
             if let Some(out) = entries.as_mut() {
-                let bytes = out.kind() == OrderKind::Bytes;
-                for e in index.table.iter().filter(|e| e.loc != LOST) {
-                    out.push(
-                        e.fp,
-                        index.order_of(e, bytes),
-                        e.values,
-                        (e.loc >> 32) as u32,
-                    );
-                }
+                index.winners_into(out, out.kind() == OrderKind::Bytes);
             }
         }
         self.index_bytes.store(0, Ordering::Relaxed);
