@@ -9,6 +9,7 @@
 set -euo pipefail
 work=$(realpath -m "${1:?work dir}")
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/benches/lib.sh"
 bin=${SLUICE_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/sluice}
 mkdir -p "$work/data"
 
@@ -20,23 +21,7 @@ gen() { # seed rows file
 lake() {
   rm -rf "$1"
   mkdir -p "$1/lake/raw/app_logs"
-  cat > "$1/sluice.toml" <<TOML
-[lake]
-root = "lake"
-
-[[source]]
-name = "app_logs"
-format = "jsonl"
-schema = "$root/schemas/app_logs.toml"
-
-[[table]]
-name = "app_logs"
-source = "app_logs"
-query = "$root/queries/app_logs.sql"
-partition_by = ["event_date"]
-unique_key = ["request_id"]
-order_by = "event_ts"
-TOML
+  bench_config "$1/sluice.toml" lake app_logs jsonl request_id event_ts
 }
 
 # Runs one file into a lake: prints "wall_s commit_s peak_mib written replaced files_rewritten mb_rewritten".

@@ -14,14 +14,8 @@
 set -euo pipefail
 files=${1:-1000}
 root=$(cd "$(dirname "$0")/.." && pwd)
-target=${CARGO_TARGET_DIR:-$root/target}
-bin=${SLUICE_BIN:-}
-if [ -z "$bin" ]; then
-  bin=$target/release/sluice
-  [ -x "$bin" ] || bin=$target/debug/sluice
-fi
-moto=${SLUICE_MOTO_SERVER:-$HOME/.cache/sluice-moto/bin/moto_server}
-python=$(dirname "$moto")/python
+. "$root/benches/lib.sh"
+bin=$(bench_bin)
 data=${SLUICE_BENCH_DATA:-$HOME/.cache/sluice-bench/small-$files}
 table=app_logs
 
@@ -36,20 +30,8 @@ if [ ! -f "$data/.done" ]; then
 fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/sluice-small.XXXXXX")
-port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$moto" -H 127.0.0.1 -p "$port" >"$work/moto.log" 2>&1 &
-moto_pid=$!
+bench_moto "$work"
 trap 'kill $moto_pid 2>/dev/null; wait $moto_pid 2>/dev/null; [ -n "${SLUICE_KEEP:-}" ] && echo "kept $work" >&2 || rm -rf "$work"' EXIT
-endpoint=http://127.0.0.1:$port
-for _ in $(seq 100); do
-  curl -sf "$endpoint/moto-api/" >/dev/null && break
-  sleep 0.2
-done
-
-export AWS_ENDPOINT_URL=$endpoint AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing \
-  AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true AWS_CONFIG_FILE=/dev/null \
-  AWS_SHARED_CREDENTIALS_FILE=/dev/null
-unset AWS_ENDPOINT_URL_S3 AWS_PROFILE AWS_SESSION_TOKEN
 "$python" - "$endpoint" "$data" "$table" <<'PY'
 import os, sys, boto3
 from concurrent.futures import ThreadPoolExecutor
@@ -66,24 +48,8 @@ size = sum(os.path.getsize(os.path.join(data, n)) for n in names)
 print(f"uploaded {len(names)} files, {size / 1e6:.1f} MB", file=sys.stderr)
 PY
 
-cat > "$work/sluice.toml" <<TOML
-[lake]
-root = "s3://bench/lake"
-${SLUICE_CONCURRENCY:+max_concurrent_requests = $SLUICE_CONCURRENCY}
-
-[[source]]
-name = "$table"
-format = "jsonl"
-schema = "$root/schemas/$table.toml"
-
-[[table]]
-name = "$table"
-source = "$table"
-query = "$root/queries/$table.sql"
-partition_by = ["event_date"]
-unique_key = ["request_id"]
-order_by = "event_ts"
-TOML
+bench_config "$work/sluice.toml" s3://bench/lake "$table" jsonl request_id event_ts \
+  "${SLUICE_CONCURRENCY:+max_concurrent_requests = $SLUICE_CONCURRENCY}"
 
 # Only the run's requests are counted from moto's log.
 skip=$(wc -l <"$work/moto.log")

@@ -20,14 +20,9 @@ workers=${*:-1 2 4}
 batch=${SLUICE_BATCH:-50}
 setups=${SLUICE_SETUPS:-folder s3 sqs}
 root=$(cd "$(dirname "$0")/.." && pwd)
-target=${CARGO_TARGET_DIR:-$root/target}
-bin=${SLUICE_BIN:-}
-if [ -z "$bin" ]; then
-  bin=$target/release/sluice
-  [ -x "$bin" ] || bin=$target/debug/sluice
-fi
-moto=${SLUICE_MOTO_SERVER:-$HOME/.cache/sluice-moto/bin/moto_server}
-python=$(dirname "$moto")/python
+. "$root/benches/lib.sh"
+bin=$(bench_bin)
+python=$(dirname "${SLUICE_MOTO_SERVER:-$HOME/.cache/sluice-moto/bin/moto_server}")/python
 data=${SLUICE_BENCH_DATA:-$HOME/.cache/sluice-bench/small-$files}
 table=app_logs
 
@@ -48,41 +43,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start_moto() {
-  port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  "$moto" -H 127.0.0.1 -p "$port" >"$work/moto.log" 2>&1 &
-  moto_pid=$!
-  endpoint=http://127.0.0.1:$port
-  for _ in $(seq 100); do
-    curl -sf "$endpoint/moto-api/" >/dev/null && break
-    sleep 0.2
-  done
-  export AWS_ENDPOINT_URL=$endpoint AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing \
-    AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true AWS_CONFIG_FILE=/dev/null \
-    AWS_SHARED_CREDENTIALS_FILE=/dev/null
-  unset AWS_ENDPOINT_URL_S3 AWS_PROFILE AWS_SESSION_TOKEN
-}
 
 # The config of one lake root.
-config() {
-  cat >"$1" <<TOML
-[lake]
-root = "$2"
-
-[[source]]
-name = "$table"
-format = "jsonl"
-schema = "$root/schemas/$table.toml"
-
-[[table]]
-name = "$table"
-source = "$table"
-query = "$root/queries/$table.sql"
-partition_by = ["event_date"]
-unique_key = ["request_id"]
-order_by = "event_ts"
-TOML
-}
+config() { bench_config "$1" "$2" "$table" jsonl request_id event_ts; }
 
 # Uploads the files to s3://<bucket>/lake/raw/ (a new bucket) and, with a queue name, sends one
 # S3 event a file to it; prints the queue URL.
@@ -160,7 +123,7 @@ PY
 echo "binary: $bin; $files files, batch_files $batch; cores: $(nproc)"
 for setup in $setups; do
   baseline=
-  [ "$setup" != folder ] && [ -z "$moto_pid" ] && start_moto
+  [ "$setup" != folder ] && [ -z "$moto_pid" ] && bench_moto "$work"
   for n in $workers; do
     rm -f "$work"/report-*.json
     cfg=$work/$setup-$n.toml

@@ -8,6 +8,7 @@ kind=${1:?kind: logs or tickets}
 input=$(realpath "${2:?input file}")
 out=${3:?output dir}
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/benches/lib.sh"
 bin=${SLUICE_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/sluice}
 case "$kind" in
   logs) table=app_logs; format=jsonl; unique=request_id; order=event_ts ;;
@@ -20,23 +21,7 @@ mkdir -p "$work/lake/raw/$table"
 # A hard link is free and the archive step moves it away; copy across file systems.
 ln "$input" "$work/lake/raw/$table/$(basename "$input")" 2>/dev/null \
   || cp "$input" "$work/lake/raw/$table/"
-cat > "$work/sluice.toml" <<TOML
-[lake]
-root = "lake"
-
-[[source]]
-name = "$table"
-format = "$format"
-schema = "$root/schemas/$table.toml"
-
-[[table]]
-name = "$table"
-source = "$table"
-query = "$root/queries/$table.sql"
-partition_by = ["event_date"]
-unique_key = ["$unique"]
-order_by = "$order"
-TOML
+bench_config "$work/sluice.toml" lake "$table" "$format" "$unique" "$order"
 "$bin" --config "$work/sluice.toml" run ${SLUICE_ARGS:-} >&2
 rm -rf "$out"
 mkdir -p "$(dirname "$out")"

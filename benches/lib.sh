@@ -1,0 +1,57 @@
+# Shared by the benchmark scripts (sourced): the binary, the benchmark pipeline's config, moto.
+
+# The sluice binary: $SLUICE_BIN, else the release (then the debug) build of $CARGO_TARGET_DIR
+# or ./target. Needs $root (the repo).
+bench_bin() {
+  local target=${CARGO_TARGET_DIR:-$root/target} bin=${SLUICE_BIN:-}
+  if [ -z "$bin" ]; then
+    bin=$target/release/sluice
+    [ -x "$bin" ] || bin=$target/debug/sluice
+  fi
+  echo "$bin"
+}
+
+# Writes the benchmark pipeline's config to FILE: one source and table TABLE of FORMAT, the
+# example's schema and query, partitioned by event_date, deduplicated by UNIQUE / ORDER; the
+# lake at ROOT with the extra `[lake]` line EXTRA (may be empty). Needs $root.
+# usage: bench_config FILE ROOT TABLE FORMAT UNIQUE ORDER [EXTRA]
+bench_config() {
+  cat >"$1" <<TOML
+[lake]
+root = "$2"
+${7:-}
+
+[[source]]
+name = "$3"
+format = "$4"
+schema = "$root/schemas/$3.toml"
+
+[[table]]
+name = "$3"
+source = "$3"
+query = "$root/queries/$3.sql"
+partition_by = ["event_date"]
+unique_key = ["$5"]
+order_by = "$6"
+TOML
+}
+
+# Starts moto_server ($SLUICE_MOTO_SERVER, default ~/.cache/sluice-moto/bin/moto_server) on a
+# free loopback port, logging to DIR/moto.log; sets $moto_pid, $endpoint and $python (the
+# venv's) and points the AWS SDK at it.
+bench_moto() {
+  local moto=${SLUICE_MOTO_SERVER:-$HOME/.cache/sluice-moto/bin/moto_server} port
+  python=$(dirname "$moto")/python
+  port=$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  "$moto" -H 127.0.0.1 -p "$port" >"$1/moto.log" 2>&1 &
+  moto_pid=$!
+  endpoint=http://127.0.0.1:$port
+  for _ in $(seq 100); do
+    curl -sf "$endpoint/moto-api/" >/dev/null && break
+    sleep 0.2
+  done
+  export AWS_ENDPOINT_URL=$endpoint AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing \
+    AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true AWS_CONFIG_FILE=/dev/null \
+    AWS_SHARED_CREDENTIALS_FILE=/dev/null
+  unset AWS_ENDPOINT_URL_S3 AWS_PROFILE AWS_SESSION_TOKEN
+}
