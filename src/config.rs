@@ -148,6 +148,21 @@ pub struct SourceConfig {
     /// CSV options.
     #[serde(default)]
     pub csv: CsvOptions,
+    /// How the file's column names (CSV header, JSON keys, Parquet columns) are matched to the
+    /// schema's: `exact` (default) or `insensitive` (ASCII and Unicode case folded).
+    #[serde(default)]
+    pub header_case: HeaderCase,
+}
+
+/// `header_case`: how file column names are matched to the schema's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeaderCase {
+    /// Byte for byte.
+    #[default]
+    Exact,
+    /// Ignoring case.
+    Insensitive,
 }
 
 impl SourceConfig {

@@ -229,8 +229,11 @@ pub fn spectrum_type(t: &DataType) -> DataType {
         DataType::Date64 => DataType::Date32,
         DataType::UInt8 => DataType::Int16,
         DataType::UInt16 => DataType::Int32,
-        DataType::UInt32 | DataType::UInt64 => DataType::Int64,
+        DataType::UInt32 => DataType::Int64,
+        DataType::UInt64 => DataType::Decimal128(20, 0),
         DataType::Float16 => DataType::Float32,
+        // Spectrum and Athena have no time of day: stored as its ISO text (`13:05:09.250`).
+        DataType::Time32(_) | DataType::Time64(_) => DataType::Utf8,
         DataType::Dictionary(_, v) => spectrum_type(v),
         other => other.clone(),
     }
@@ -621,6 +624,14 @@ mod tests {
             DataType::Timestamp(TimeUnit::Microsecond, None)
         );
         assert_eq!(spectrum_type(&DataType::UInt32), DataType::Int64);
+        assert_eq!(
+            spectrum_type(&DataType::UInt64),
+            DataType::Decimal128(20, 0)
+        );
+        assert_eq!(
+            spectrum_type(&DataType::Time64(TimeUnit::Microsecond)),
+            DataType::Utf8
+        );
         assert_eq!(spectrum_type(&DataType::Utf8View), DataType::Utf8);
     }
 }

@@ -4,13 +4,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, BooleanBuilder, DictionaryArray, Float64Builder, Int32Array, Int64Array,
-    Int64Builder, StringArray, StringBuilder,
+    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, DictionaryArray,
+    Float32Builder, Float64Builder, Int8Builder, Int16Builder, Int32Array, Int32Builder,
+    Int64Array, Int64Builder, StringArray, StringBuilder, Time64MicrosecondBuilder,
+    TimestampMicrosecondBuilder,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Int32Type, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 
-use super::{BATCH_ROWS, ColumnType, Malformed, RAW_LIMIT, ReadOutput, SourceSchema};
+use super::{
+    BATCH_ROWS, CellParser, ColumnType, Malformed, RAW_LIMIT, ReadOutput, SourceSchema, Value,
+};
+use crate::config::HeaderCase;
 use crate::error::Result;
 
 /// Name of the column holding the raw file's key.
@@ -34,41 +39,172 @@ pub fn lineage_fields() -> Vec<Field> {
 pub struct ReadContext {
     /// Arrow schema of the batches, lineage columns included.
     pub schema: SchemaRef,
-    /// Column types, in schema order.
-    pub types: Vec<ColumnType>,
-    /// Column names, in schema order.
+    /// How each column's cells are parsed, in schema order.
+    pub parsers: Vec<CellParser>,
+    /// Column names in the batches, in schema order.
     pub names: Vec<String>,
-    /// Column position by name.
-    pub index: HashMap<String, usize>,
+    /// Column names in the files (`from`, else the name), in schema order.
+    pub file_names: Vec<String>,
+    /// Column position by its name in the files (lower-cased when matching ignores case).
+    index: HashMap<String, usize>,
+    /// How file column names match.
+    case: HeaderCase,
 }
 
 impl ReadContext {
-    /// Prepares a schema for reading.
-    pub fn new(schema: &SourceSchema) -> ReadContext {
+    /// Prepares a schema for reading (its columns' options were checked when it was loaded).
+    pub fn new(schema: &SourceSchema, case: HeaderCase) -> ReadContext {
+        let key = |n: &str| match case {
+            HeaderCase::Exact => n.to_string(),
+            HeaderCase::Insensitive => n.to_lowercase(),
+        };
         ReadContext {
             schema: schema.arrow_schema(),
-            types: schema.columns.iter().map(|c| c.ty).collect(),
+            parsers: schema
+                .columns
+                .iter()
+                .map(|c| c.parser().unwrap_or_else(|_| CellParser::text()))
+                .collect(),
             names: schema.columns.iter().map(|c| c.name.clone()).collect(),
+            file_names: schema
+                .columns
+                .iter()
+                .map(|c| c.file_name().to_string())
+                .collect(),
             index: schema
                 .columns
                 .iter()
                 .enumerate()
-                .map(|(i, c)| (c.name.clone(), i))
+                .map(|(i, c)| (key(c.file_name()), i))
                 .collect(),
+            case,
+        }
+    }
+
+    /// The schema column a file column of this name is (`None`: not in the schema).
+    pub fn column(&self, file_name: &str) -> Option<usize> {
+        match self.case {
+            HeaderCase::Exact => self.index.get(file_name).copied(),
+            HeaderCase::Insensitive => self.index.get(&file_name.to_lowercase()).copied(),
+        }
+    }
+
+    /// Whether a file column name is schema column `i`'s.
+    pub fn is_column(&self, file_name: &str, i: usize) -> bool {
+        match self.case {
+            HeaderCase::Exact => self.file_names[i] == file_name,
+            HeaderCase::Insensitive => {
+                self.file_names[i].to_lowercase() == file_name.to_lowercase()
+            }
         }
     }
 
     /// Number of data columns (without lineage).
     pub fn width(&self) -> usize {
-        self.types.len()
+        self.parsers.len()
     }
 }
 
+/// An Arrow builder of one column's type.
 enum ColBuilder {
     Str(StringBuilder),
-    I64(Int64Builder),
-    F64(Float64Builder),
     Bool(BooleanBuilder),
+    I8(Int8Builder),
+    I16(Int16Builder),
+    I32(Int32Builder),
+    I64(Int64Builder),
+    F32(Float32Builder),
+    F64(Float64Builder),
+    Decimal(Decimal128Builder, u8, i8),
+    Date(Date32Builder),
+    Timestamp(TimestampMicrosecondBuilder),
+    Time(Time64MicrosecondBuilder),
+    Binary(BinaryBuilder),
+}
+
+impl ColBuilder {
+    fn new(dt: &DataType) -> ColBuilder {
+        let n = BATCH_ROWS;
+        match dt {
+            DataType::Boolean => ColBuilder::Bool(BooleanBuilder::with_capacity(n)),
+            DataType::Int8 => ColBuilder::I8(Int8Builder::with_capacity(n)),
+            DataType::Int16 => ColBuilder::I16(Int16Builder::with_capacity(n)),
+            DataType::Int32 => ColBuilder::I32(Int32Builder::with_capacity(n)),
+            DataType::Int64 => ColBuilder::I64(Int64Builder::with_capacity(n)),
+            DataType::Float32 => ColBuilder::F32(Float32Builder::with_capacity(n)),
+            DataType::Float64 => ColBuilder::F64(Float64Builder::with_capacity(n)),
+            DataType::Decimal128(p, s) => {
+                ColBuilder::Decimal(Decimal128Builder::with_capacity(n), *p, *s)
+            }
+            DataType::Date32 => ColBuilder::Date(Date32Builder::with_capacity(n)),
+            DataType::Timestamp(_, _) => {
+                ColBuilder::Timestamp(TimestampMicrosecondBuilder::with_capacity(n))
+            }
+            DataType::Time64(_) => ColBuilder::Time(Time64MicrosecondBuilder::with_capacity(n)),
+            DataType::Binary => ColBuilder::Binary(BinaryBuilder::with_capacity(n, n * 16)),
+            _ => ColBuilder::Str(StringBuilder::with_capacity(n, n * 16)),
+        }
+    }
+
+    /// Appends a value parsed for this column's type (a value of another shape: null).
+    fn append(&mut self, v: &Value<'_>) {
+        match (self, v) {
+            (ColBuilder::Str(b), Value::Str(s)) => b.append_value(s),
+            (ColBuilder::Bool(b), Value::Bool(x)) => b.append_value(*x),
+            (ColBuilder::I8(b), Value::Int(x)) => b.append_value(*x as i8),
+            (ColBuilder::I16(b), Value::Int(x)) => b.append_value(*x as i16),
+            (ColBuilder::I32(b), Value::Int(x)) => b.append_value(*x as i32),
+            (ColBuilder::I64(b), Value::Int(x)) => b.append_value(*x),
+            (ColBuilder::F32(b), Value::Float(x)) => b.append_value(*x as f32),
+            (ColBuilder::F64(b), Value::Float(x)) => b.append_value(*x),
+            (ColBuilder::Decimal(b, _, _), Value::Decimal(x)) => b.append_value(*x),
+            (ColBuilder::Date(b), Value::Int(x)) => b.append_value(*x as i32),
+            (ColBuilder::Timestamp(b), Value::Int(x)) => b.append_value(*x),
+            (ColBuilder::Time(b), Value::Int(x)) => b.append_value(*x),
+            (ColBuilder::Binary(b), Value::Bytes(x)) => b.append_value(x),
+            (c, _) => c.append_null(),
+        }
+    }
+
+    fn append_null(&mut self) {
+        match self {
+            ColBuilder::Str(b) => b.append_null(),
+            ColBuilder::Bool(b) => b.append_null(),
+            ColBuilder::I8(b) => b.append_null(),
+            ColBuilder::I16(b) => b.append_null(),
+            ColBuilder::I32(b) => b.append_null(),
+            ColBuilder::I64(b) => b.append_null(),
+            ColBuilder::F32(b) => b.append_null(),
+            ColBuilder::F64(b) => b.append_null(),
+            ColBuilder::Decimal(b, _, _) => b.append_null(),
+            ColBuilder::Date(b) => b.append_null(),
+            ColBuilder::Timestamp(b) => b.append_null(),
+            ColBuilder::Time(b) => b.append_null(),
+            ColBuilder::Binary(b) => b.append_null(),
+        }
+    }
+
+    fn finish(&mut self) -> Result<ArrayRef, String> {
+        Ok(match self {
+            ColBuilder::Str(b) => Arc::new(b.finish()),
+            ColBuilder::Bool(b) => Arc::new(b.finish()),
+            ColBuilder::I8(b) => Arc::new(b.finish()),
+            ColBuilder::I16(b) => Arc::new(b.finish()),
+            ColBuilder::I32(b) => Arc::new(b.finish()),
+            ColBuilder::I64(b) => Arc::new(b.finish()),
+            ColBuilder::F32(b) => Arc::new(b.finish()),
+            ColBuilder::F64(b) => Arc::new(b.finish()),
+            ColBuilder::Decimal(b, p, s) => Arc::new(
+                b.finish()
+                    .with_precision_and_scale(*p, *s)
+                    .map_err(|e| e.to_string())?,
+            ),
+            ColBuilder::Date(b) => Arc::new(b.finish()),
+            ColBuilder::Timestamp(b) => Arc::new(b.finish()),
+            ColBuilder::Time(b) => Arc::new(b.finish()),
+            ColBuilder::Binary(b) => Arc::new(b.finish()),
+        })
+    }
 }
 
 /// Accumulates rows of one file (or chunk) into batches.
@@ -79,6 +215,8 @@ pub struct RowBuilder<'c> {
     rows: Vec<i64>,
     out: ReadOutput,
     raw_limit: usize,
+    /// Whether every column is text (then a row needs no parsing before it is appended).
+    all_text: bool,
 }
 
 impl<'c> RowBuilder<'c> {
@@ -91,6 +229,7 @@ impl<'c> RowBuilder<'c> {
             rows: Vec::with_capacity(BATCH_ROWS),
             out: ReadOutput::default(),
             raw_limit: RAW_LIMIT,
+            all_text: ctx.parsers.iter().all(|p| p.ty() == ColumnType::String),
         }
     }
 
@@ -101,51 +240,47 @@ impl<'c> RowBuilder<'c> {
     }
 
     fn fresh(ctx: &ReadContext) -> Vec<ColBuilder> {
-        ctx.types
+        ctx.schema
+            .fields()
             .iter()
-            .map(|t| match t {
-                ColumnType::String => {
-                    ColBuilder::Str(StringBuilder::with_capacity(BATCH_ROWS, BATCH_ROWS * 16))
-                }
-                ColumnType::Int64 => ColBuilder::I64(Int64Builder::with_capacity(BATCH_ROWS)),
-                ColumnType::Float64 => ColBuilder::F64(Float64Builder::with_capacity(BATCH_ROWS)),
-                ColumnType::Boolean => ColBuilder::Bool(BooleanBuilder::with_capacity(BATCH_ROWS)),
-            })
+            .take(ctx.width())
+            .map(|f| ColBuilder::new(f.data_type()))
             .collect()
     }
 
     /// Adds a row of text cells (`cell(i)`: schema column `i`, `None` for null). A cell that
-    /// does not convert to its column's type makes the row malformed: the error says which and
-    /// why.
+    /// does not convert to its column's type makes the row malformed: the error says which,
+    /// the value and the type with its format.
     pub fn push<'v>(
         &mut self,
         cell: impl Fn(usize) -> Option<&'v str>,
         row: u64,
     ) -> Result<(), String> {
-        for (i, (ty, name)) in self.ctx.types.iter().zip(&self.ctx.names).enumerate() {
-            if let Some(v) = cell(i) {
-                let ok = match ty {
-                    ColumnType::String => true,
-                    ColumnType::Int64 => parse_i64(v).is_some(),
-                    ColumnType::Float64 => parse_f64(v).is_some(),
-                    ColumnType::Boolean => parse_bool(v).is_some(),
-                };
-                if !ok {
-                    return Err(format!(
-                        "column {name}: {:?} is not a valid {}",
-                        truncate(v, 80),
-                        type_name(*ty)
-                    ));
+        if self.all_text {
+            for (i, col) in self.cols.iter_mut().enumerate() {
+                match (col, cell(i)) {
+                    (ColBuilder::Str(b), v) => b.append_option(v),
+                    (c, _) => c.append_null(),
                 }
             }
-        }
-        for (i, col) in self.cols.iter_mut().enumerate() {
-            let v = cell(i);
-            match col {
-                ColBuilder::Str(b) => b.append_option(v),
-                ColBuilder::I64(b) => b.append_option(v.and_then(parse_i64)),
-                ColBuilder::F64(b) => b.append_option(v.and_then(parse_f64)),
-                ColBuilder::Bool(b) => b.append_option(v.and_then(parse_bool)),
+        } else {
+            let mut values = Vec::with_capacity(self.cols.len());
+            for (i, parser) in self.ctx.parsers.iter().enumerate() {
+                let value = match cell(i) {
+                    None => Value::Null,
+                    Some(v) => parser.parse(v).ok_or_else(|| {
+                        format!(
+                            "column {}: {:?} is not a valid {}",
+                            self.ctx.names[i],
+                            truncate(v, 80),
+                            parser.label()
+                        )
+                    })?,
+                };
+                values.push(value);
+            }
+            for (col, v) in self.cols.iter_mut().zip(&values) {
+                col.append(v);
             }
         }
         self.rows.push(row as i64);
@@ -181,13 +316,8 @@ impl<'c> RowBuilder<'c> {
         let mut arrays: Vec<ArrayRef> = self
             .cols
             .iter_mut()
-            .map(|c| match c {
-                ColBuilder::Str(b) => Arc::new(b.finish()) as ArrayRef,
-                ColBuilder::I64(b) => Arc::new(b.finish()) as ArrayRef,
-                ColBuilder::F64(b) => Arc::new(b.finish()) as ArrayRef,
-                ColBuilder::Bool(b) => Arc::new(b.finish()) as ArrayRef,
-            })
-            .collect();
+            .map(ColBuilder::finish)
+            .collect::<Result<_, _>>()?;
         let keys = Int32Array::from(vec![0; n]);
         let file = DictionaryArray::<Int32Type>::try_new(keys, self.file.clone() as ArrayRef)
             .map_err(|e| e.to_string())?;
@@ -204,31 +334,6 @@ impl<'c> RowBuilder<'c> {
     pub fn finish(mut self) -> Result<ReadOutput, String> {
         self.flush()?;
         Ok(self.out)
-    }
-}
-
-fn type_name(t: ColumnType) -> &'static str {
-    match t {
-        ColumnType::String => "string",
-        ColumnType::Int64 => "int64",
-        ColumnType::Float64 => "float64",
-        ColumnType::Boolean => "boolean",
-    }
-}
-
-fn parse_i64(v: &str) -> Option<i64> {
-    v.trim().parse().ok()
-}
-
-fn parse_f64(v: &str) -> Option<f64> {
-    v.trim().parse().ok()
-}
-
-fn parse_bool(v: &str) -> Option<bool> {
-    match v.trim() {
-        "true" | "TRUE" | "True" | "1" => Some(true),
-        "false" | "FALSE" | "False" | "0" => Some(false),
-        _ => None,
     }
 }
 

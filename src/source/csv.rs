@@ -80,18 +80,15 @@ pub(super) fn read_header(
                 .to_string()
         })
         .collect();
-    for wanted in &ctx.names {
-        if !names.iter().any(|n| n == wanted) {
+    for (i, wanted) in ctx.file_names.iter().enumerate() {
+        if !names.iter().any(|n| ctx.is_column(n, i)) {
             return Err(fail(format!(
                 "the header has no column \"{wanted}\" (it has: {})",
                 names.join(", ")
             )));
         }
     }
-    Ok(Some((
-        names.iter().map(|n| ctx.index.get(n).copied()).collect(),
-        end,
-    )))
+    Ok(Some((names.iter().map(|n| ctx.column(n)).collect(), end)))
 }
 
 /// Reads CSV records (no header); `first_line` is the line `data` starts at, `mapping` from
@@ -546,13 +543,13 @@ mod tests {
     use datafusion::arrow::datatypes::Int64Type;
 
     fn ctx() -> ReadContext {
-        let col = |n: &str| ColumnDef {
-            name: n.into(),
-            ty: ColumnType::String,
-        };
-        ReadContext::new(&SourceSchema {
-            columns: vec![col("id"), col("body")],
-        })
+        let col = |n: &str| ColumnDef::new(n, ColumnType::String);
+        ReadContext::new(
+            &SourceSchema {
+                columns: vec![col("id"), col("body")],
+            },
+            Default::default(),
+        )
     }
 
     #[test]
@@ -655,7 +652,7 @@ mod tests {
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/support_tickets.toml"),
         )
         .unwrap();
-        let c = ReadContext::new(&schema);
+        let c = ReadContext::new(&schema, Default::default());
         let opts = CsvOptions::default();
         let tickets = crate::generate::sample(crate::generate::Kind::Tickets, 3000, 7);
         let (mapping, end) = read_header(&c, &opts, "t", tickets.as_bytes(), true)

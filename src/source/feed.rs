@@ -172,7 +172,7 @@ impl Feed {
         let reads: Vec<FileRead> = files.iter().map(|_| FileRead::default()).collect();
         Feed {
             source: source.clone(),
-            ctx: ReadContext::new(schema),
+            ctx: ReadContext::new(schema, source.header_case),
             chunk_bytes: chunk_bytes.max(64 << 10),
             state: Mutex::new(State {
                 pending: files.into_iter().map(Some).collect(),
@@ -592,6 +592,7 @@ mod tests {
             format,
             schema: "unused".into(),
             csv: CsvOptions::default(),
+            header_case: Default::default(),
         }
     }
 
@@ -760,10 +761,7 @@ mod tests {
     /// read the rest of the file as one record), the line alone is rejected.
     #[test]
     fn an_unclosed_quote_does_not_grow_the_chunk_to_the_end_of_the_file() {
-        let col = |n: &str| crate::source::ColumnDef {
-            name: n.into(),
-            ty: crate::source::ColumnType::String,
-        };
+        let col = |n: &str| crate::source::ColumnDef::new(n, crate::source::ColumnType::String);
         let schema = SourceSchema {
             columns: vec![col("id"), col("body")],
         };

@@ -171,11 +171,10 @@ fn scan_flat<'a>(ctx: &ReadContext, text: &'a str, cells: &mut [Option<Cow<'a, s
             }
             _ => return false,
         };
-        let names = &ctx.names;
-        let slot = if names.get(guess).is_some_and(|n| n == key) {
+        let slot = if guess < ctx.width() && ctx.is_column(key, guess) {
             Some(guess)
         } else {
-            names.iter().position(|n| n == key)
+            ctx.column(key)
         };
         if let Some(slot) = slot {
             cells[slot] = value.map(Cow::Borrowed);
@@ -267,7 +266,7 @@ impl<'de, 'c, 'b> Visitor<'de> for ObjectSeed<'c, 'de, 'b> {
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
         while let Some(key) = map.next_key_seed(StrSeed)? {
             let raw: &'de RawValue = map.next_value()?;
-            if let Some(&i) = self.ctx.index.get(key.as_ref()) {
+            if let Some(i) = self.ctx.column(key.as_ref()) {
                 self.cells[i] = value_text(raw.get()).map_err(serde::de::Error::custom)?;
             }
         }
@@ -327,18 +326,15 @@ mod tests {
     use datafusion::arrow::array::{Array, AsArray};
 
     fn ctx() -> ReadContext {
-        ReadContext::new(&SourceSchema {
-            columns: vec![
-                ColumnDef {
-                    name: "a".into(),
-                    ty: ColumnType::String,
-                },
-                ColumnDef {
-                    name: "n".into(),
-                    ty: ColumnType::Int64,
-                },
-            ],
-        })
+        ReadContext::new(
+            &SourceSchema {
+                columns: vec![
+                    ColumnDef::new("a", ColumnType::String),
+                    ColumnDef::new("n", ColumnType::Int64),
+                ],
+            },
+            Default::default(),
+        )
     }
 
     /// The fast path and the full parser read every line the same way.

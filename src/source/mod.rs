@@ -10,11 +10,12 @@ mod csv;
 pub mod feed;
 mod json;
 mod parquet;
+mod types;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use serde::Deserialize;
 
@@ -22,6 +23,7 @@ use crate::config::Format;
 use crate::error::{Error, Result};
 
 pub use columns::{SOURCE_FILE, SOURCE_ROW};
+pub use types::{BinaryEncoding, CellParser, ColumnType, EpochUnit, Formats, TypeOptions, Value};
 
 /// Rows per batch produced by the readers.
 pub const BATCH_ROWS: usize = 65_536;
@@ -63,44 +65,74 @@ impl ReadOutput {
     }
 }
 
-/// A column type in a schema file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ColumnType {
-    /// UTF-8 text; any JSON value is accepted (numbers and nested values as their JSON text).
-    #[serde(alias = "text", alias = "varchar", alias = "utf8")]
-    String,
-    /// 64-bit signed integer.
-    #[serde(alias = "bigint", alias = "int", alias = "integer", alias = "long")]
-    Int64,
-    /// 64-bit float.
-    #[serde(alias = "double", alias = "float")]
-    Float64,
-    /// true / false.
-    #[serde(alias = "bool")]
-    Boolean,
-}
-
-impl ColumnType {
-    fn data_type(self) -> DataType {
-        match self {
-            ColumnType::String => DataType::Utf8,
-            ColumnType::Int64 => DataType::Int64,
-            ColumnType::Float64 => DataType::Float64,
-            ColumnType::Boolean => DataType::Boolean,
-        }
-    }
-}
-
 /// One column of a schema file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ColumnDef {
-    /// Name in the file (CSV header, JSON key, Parquet column).
+    /// Name of the column in the batch the query reads.
     pub name: String,
+    /// Name in the file (CSV header, JSON key, Parquet column) when it differs from `name`.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// JSON: a dotted path to a nested field (`http.status`), instead of a top-level key.
+    #[serde(default)]
+    pub path: Option<String>,
     /// Type it is read as.
     #[serde(rename = "type")]
     pub ty: ColumnType,
+    /// Date, timestamp, time: one chrono format or a list tried in order (default ISO 8601).
+    #[serde(default)]
+    pub format: Option<Formats>,
+    /// Timestamp: the zone of values without an offset (IANA name or `+02:00`; default UTC).
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// Timestamp, date: the values are epoch numbers of this unit (`s`, `ms`, `us`).
+    #[serde(default)]
+    pub unit: Option<EpochUnit>,
+    /// Date, timestamp: the year of values whose format has none (syslog's `%b %d %H:%M:%S`).
+    #[serde(default)]
+    pub year: Option<i32>,
+    /// Boolean: the spellings of true (case-insensitive; default true, t, yes, y, 1, on).
+    #[serde(default)]
+    pub true_values: Option<Vec<String>>,
+    /// Boolean: the spellings of false (default false, f, no, n, 0, off).
+    #[serde(default)]
+    pub false_values: Option<Vec<String>>,
+    /// Binary: `base64` (default) or `hex`.
+    #[serde(default)]
+    pub encoding: Option<BinaryEncoding>,
+}
+
+impl ColumnDef {
+    /// A column of this name and type, no options.
+    pub fn new(name: &str, ty: ColumnType) -> ColumnDef {
+        ColumnDef {
+            name: name.to_string(),
+            ty,
+            ..Default::default()
+        }
+    }
+
+    /// The name the file gives the column (`from`, else `name`).
+    pub fn file_name(&self) -> &str {
+        self.from.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The column's parser; the error says which option is wrong.
+    pub fn parser(&self) -> std::result::Result<CellParser, String> {
+        CellParser::new(
+            self.ty,
+            &TypeOptions {
+                format: self.format.clone(),
+                timezone: self.timezone.clone(),
+                unit: self.unit,
+                year: self.year,
+                true_values: self.true_values.clone(),
+                false_values: self.false_values.clone(),
+                encoding: self.encoding,
+            },
+        )
+    }
 }
 
 /// A schema file: `columns = [{ name = "ts", type = "string" }, ...]`.
@@ -122,7 +154,20 @@ impl SourceSchema {
             return Err(Error::config(path, "the schema has no columns"));
         }
         let mut seen = std::collections::HashSet::new();
+        let mut seen_in_file = std::collections::HashSet::new();
         for c in &schema.columns {
+            c.parser()
+                .map_err(|e| Error::config(path, format!("column \"{}\": {e}", c.name)))?;
+            if c.path.is_none() && !seen_in_file.insert(c.file_name()) {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "column \"{}\": the file's column \"{}\" is read by another column too",
+                        c.name,
+                        c.file_name()
+                    ),
+                ));
+            }
             if !seen.insert(c.name.as_str()) {
                 return Err(Error::config(
                     path,

@@ -37,7 +37,7 @@ pub(super) fn read(ctx: &ReadContext, key: &str, data: Bytes) -> Result<ReadOutp
         let batch = batch.map_err(|e| fail(e.to_string()))?;
         let n = batch.num_rows();
         let mut arrays = Vec::with_capacity(ctx.width() + 2);
-        for (name, field) in ctx.names.iter().zip(ctx.schema.fields()) {
+        for (name, field) in ctx.file_names.iter().zip(ctx.schema.fields()) {
             let array = match batch.column_by_name(name) {
                 Some(a) => cast_with_options(a, field.data_type(), &strict)
                     .map_err(|e| fail(format!("column {name}: {e}")))?,
