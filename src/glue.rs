@@ -660,3 +660,41 @@ fn same_columns(table: &aws_sdk_glue::types::Table, shape: &Shape) -> bool {
             .all(|(a, b)| a.name() == b.name() && a.r#type() == b.r#type())
         && table.partition_keys().len() == shape.partitions.len()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::ColumnType;
+    use crate::transform::spectrum_type;
+
+    /// What each schema type is stored as and registered as in Glue (the README's table).
+    #[test]
+    fn every_schema_type_has_a_glue_type() {
+        let glue = |t: &str| {
+            let ty: ColumnType = t.parse().expect("a type");
+            hive_type(&spectrum_type(&ty.data_type())).expect("a Hive type")
+        };
+        for (schema, hive) in [
+            ("string", "string"),
+            ("json", "string"),
+            ("boolean", "boolean"),
+            ("int8", "tinyint"),
+            ("int16", "smallint"),
+            ("int32", "int"),
+            ("int64", "bigint"),
+            ("uint8", "smallint"),
+            ("uint16", "int"),
+            ("uint32", "bigint"),
+            ("uint64", "decimal(20,0)"),
+            ("float32", "float"),
+            ("float64", "double"),
+            ("decimal(12,2)", "decimal(12,2)"),
+            ("date", "date"),
+            ("timestamp", "timestamp"),
+            ("time", "string"),
+            ("binary", "binary"),
+        ] {
+            assert_eq!(glue(schema), hive, "{schema}");
+        }
+    }
+}

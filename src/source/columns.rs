@@ -99,6 +99,38 @@ impl ReadContext {
         }
     }
 
+    /// Why a cell of column `i` was rejected: `column c: "v" is not a valid <type (format)>`.
+    pub fn not_valid(&self, i: usize, value: &str) -> String {
+        format!(
+            "column {}: {:?} is not a valid {}",
+            self.names[i],
+            truncate(value, 80),
+            self.parsers[i].label()
+        )
+    }
+
+    /// Parses a column of text cells into column `i`'s type: the array (a cell that does not
+    /// parse is null in it) and the rows that did not parse, with why.
+    pub fn parse_column<'v>(
+        &self,
+        i: usize,
+        cells: impl Iterator<Item = Option<&'v str>>,
+    ) -> Result<(ArrayRef, Vec<(usize, String)>), String> {
+        let mut b = ColBuilder::new(self.schema.field(i).data_type());
+        let mut bad = Vec::new();
+        for (row, cell) in cells.enumerate() {
+            match cell.map(|v| (v, self.parsers[i].parse(v))) {
+                None => b.append_null(),
+                Some((_, Some(v))) => b.append(&v),
+                Some((v, None)) => {
+                    b.append_null();
+                    bad.push((row, self.not_valid(i, v)));
+                }
+            }
+        }
+        Ok((b.finish()?, bad))
+    }
+
     /// Number of data columns (without lineage).
     pub fn width(&self) -> usize {
         self.parsers.len()
@@ -268,14 +300,7 @@ impl<'c> RowBuilder<'c> {
             for (i, parser) in self.ctx.parsers.iter().enumerate() {
                 let value = match cell(i) {
                     None => Value::Null,
-                    Some(v) => parser.parse(v).ok_or_else(|| {
-                        format!(
-                            "column {}: {:?} is not a valid {}",
-                            self.ctx.names[i],
-                            truncate(v, 80),
-                            parser.label()
-                        )
-                    })?,
+                    Some(v) => parser.parse(v).ok_or_else(|| self.ctx.not_valid(i, v))?,
                 };
                 values.push(value);
             }

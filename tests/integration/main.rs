@@ -22,3 +22,4 @@ mod redact;
 mod redshift;
 mod support;
 mod timeouts;
+mod types;
