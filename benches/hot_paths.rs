@@ -1,6 +1,6 @@
 //! Criterion benches of the hot paths on generated workload data, one thread each: reading JSON
 //! lines and CSV (chunking, parsing, hashing), the query with routing, and the sink (dedup,
-//! partition split, Parquet write).
+//! partition split, Parquet write); and the typed parse of one cell, per schema type.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -14,6 +14,7 @@ use sluice::generate::{Kind, sample};
 use sluice::pipeline::{Prepared, prepare};
 use sluice::sink::stream::{SinkOptions, TableSink};
 use sluice::source::feed::{Feed, FeedFile};
+use sluice::source::{CellParser, ColumnType, Formats, TypeOptions};
 use sluice::transform::{self, Router, Valid};
 
 const ROWS: usize = 50_000;
@@ -105,5 +106,105 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// A parse case: name, schema type, options, the cell of row `i`.
+type Case = (
+    &'static str,
+    &'static str,
+    TypeOptions,
+    Box<dyn Fn(usize) -> String>,
+);
+
+/// Parses 50,000 cells of each type (what a typed schema column costs the reader per cell).
+fn parse(c: &mut Criterion) {
+    let ts = |i: usize| {
+        format!(
+            "2024-03-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            1 + i % 28,
+            i % 24,
+            i % 60,
+            (i * 7) % 60,
+            i % 1000
+        )
+    };
+    let cases: Vec<Case> = vec![
+        (
+            "int64",
+            "int64",
+            TypeOptions::default(),
+            Box::new(|i| (i * 7919).to_string()),
+        ),
+        (
+            "float64",
+            "float64",
+            TypeOptions::default(),
+            Box::new(|i| format!("{}.{}", i, i % 97)),
+        ),
+        (
+            "decimal",
+            "decimal(12,2)",
+            TypeOptions::default(),
+            Box::new(|i| format!("{}.{:02}", i, i % 100)),
+        ),
+        (
+            "boolean",
+            "boolean",
+            TypeOptions::default(),
+            Box::new(|i| ["true", "No", "1", "off"][i % 4].to_string()),
+        ),
+        (
+            "date_iso",
+            "date",
+            TypeOptions::default(),
+            Box::new(|i| format!("2024-03-{:02}", 1 + i % 28)),
+        ),
+        (
+            "timestamp_iso",
+            "timestamp",
+            TypeOptions::default(),
+            Box::new(ts),
+        ),
+        (
+            "timestamp_format",
+            "timestamp",
+            TypeOptions {
+                format: Some(Formats::One("%d/%m/%Y %H:%M:%S".into())),
+                ..Default::default()
+            },
+            Box::new(|i| {
+                format!(
+                    "{:02}/03/2024 {:02}:{:02}:{:02}",
+                    1 + i % 28,
+                    i % 24,
+                    i % 60,
+                    i % 60
+                )
+            }),
+        ),
+        (
+            "timestamp_zone",
+            "timestamp",
+            TypeOptions {
+                format: Some(Formats::One("%Y-%m-%d %H:%M:%S".into())),
+                timezone: Some("Europe/Berlin".into()),
+                ..Default::default()
+            },
+            Box::new(|i| format!("2024-03-{:02} {:02}:{:02}:00", 1 + i % 28, i % 24, i % 60)),
+        ),
+    ];
+    let mut g = c.benchmark_group("parse");
+    g.throughput(Throughput::Elements(ROWS as u64));
+    g.sample_size(20);
+    for (name, ty, options, make) in cases {
+        let ty: ColumnType = ty.parse().expect("type");
+        let parser = CellParser::new(ty, &options).expect("parser");
+        let cells: Vec<String> = (0..ROWS).map(make).collect();
+        assert!(cells.iter().all(|v| parser.parse(v).is_some()), "{name}");
+        g.bench_function(name, |b| {
+            b.iter(|| cells.iter().filter(|v| parser.parse(v).is_some()).count())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, parse);
 criterion_main!(benches);

@@ -12,10 +12,16 @@ bench_bin() {
 }
 
 # Writes the benchmark pipeline's config to FILE: one source and table TABLE of FORMAT, the
-# example's schema and query, partitioned by event_date, deduplicated by UNIQUE / ORDER; the
-# lake at ROOT with the extra `[lake]` line EXTRA (may be empty). Needs $root.
+# example's schema and query (with SLUICE_TYPED=1 the typed variant in benches/typed/: times
+# declared `timestamp` in the schema instead of text plus TRY_CAST in the query), partitioned
+# by event_date, deduplicated by UNIQUE / ORDER; the lake at ROOT with the extra `[lake]` line
+# EXTRA (may be empty). Needs $root.
 # usage: bench_config FILE ROOT TABLE FORMAT UNIQUE ORDER [EXTRA]
 bench_config() {
+  local schema=$root/schemas/$3.toml query=$root/queries/$3.sql
+  if [ "${SLUICE_TYPED:-0}" = 1 ]; then
+    schema=$root/benches/typed/$3.toml query=$root/benches/typed/$3.sql
+  fi
   cat >"$1" <<TOML
 [lake]
 root = "$2"
@@ -24,12 +30,12 @@ ${7:-}
 [[source]]
 name = "$3"
 format = "$4"
-schema = "$root/schemas/$3.toml"
+schema = "$schema"
 
 [[table]]
 name = "$3"
 source = "$3"
-query = "$root/queries/$3.sql"
+query = "$query"
 partition_by = ["event_date"]
 unique_key = ["$5"]
 order_by = "$6"
