@@ -148,10 +148,59 @@ pub struct SourceConfig {
     /// CSV options.
     #[serde(default)]
     pub csv: CsvOptions,
+    /// Text encoding of the files (CSV and JSON): `utf-8` (default, read as stored), `latin1`,
+    /// `windows-1252`, `utf-16` (by its BOM, else little-endian), `utf-16le`, `utf-16be`, or any
+    /// other WHATWG label. Other encodings are decoded to UTF-8 as the file streams; a BOM wins
+    /// over the name.
+    #[serde(default)]
+    pub encoding: TextEncoding,
     /// How the file's column names (CSV header, JSON keys, Parquet columns) are matched to the
     /// schema's: `exact` (default) or `insensitive` (ASCII and Unicode case folded).
     #[serde(default)]
     pub header_case: HeaderCase,
+}
+
+/// `encoding`: a raw file's text encoding, by its WHATWG label (case-insensitive). As in web
+/// browsers, `latin1` and `iso-8859-1` are windows-1252 (which gives 0x80..0x9F printable
+/// characters such as `€` instead of C1 controls).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TextEncoding(&'static encoding_rs::Encoding);
+
+impl TextEncoding {
+    /// The encoding, as `encoding_rs` names it.
+    pub fn encoding(self) -> &'static encoding_rs::Encoding {
+        self.0
+    }
+
+    /// Whether files are read as stored (UTF-8), without decoding.
+    pub fn is_utf8(self) -> bool {
+        self.0 == encoding_rs::UTF_8
+    }
+}
+
+impl Default for TextEncoding {
+    fn default() -> Self {
+        TextEncoding(encoding_rs::UTF_8)
+    }
+}
+
+impl std::fmt::Debug for TextEncoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for TextEncoding {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let label = String::deserialize(d)?;
+        match encoding_rs::Encoding::for_label(label.trim().as_bytes()) {
+            Some(e) if e != encoding_rs::REPLACEMENT => Ok(TextEncoding(e)),
+            _ => Err(serde::de::Error::custom(format!(
+                "unknown encoding \"{label}\" (utf-8, latin1, windows-1252, utf-16, utf-16le, \
+                 utf-16be or another WHATWG label)"
+            ))),
+        }
+    }
 }
 
 /// `header_case`: how file column names are matched to the schema's.
@@ -176,22 +225,38 @@ impl SourceConfig {
     }
 }
 
-/// `[source.csv]`
+/// `[source.csv]`: the CSV dialect.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CsvOptions {
-    /// Field delimiter, one byte.
+    /// Field delimiter, one ASCII byte (`","`, `"\t"`, `"|"`, `";"`).
     #[serde(default = "default_delimiter")]
     pub delimiter: char,
-    /// Quote character, one byte; doubled inside a quoted field.
+    /// Quote character, one ASCII byte; doubled inside a quoted field (unless `escape` is set).
     #[serde(default = "default_quote")]
     pub quote: char,
-    /// Whether the first line names the columns (matched to the schema by name).
+    /// An escape character inside quoted fields (`"\\"`: `\"` is a quote, `\\` a backslash),
+    /// instead of doubled quotes. Default: none.
+    #[serde(default)]
+    pub escape: Option<char>,
+    /// Lines starting with this character (at a record's start, outside quotes) are skipped,
+    /// before and after the header. Default: none.
+    #[serde(default)]
+    pub comment: Option<char>,
+    /// Whether the first line names the columns (matched to the schema by name); without one,
+    /// the schema's columns are the file's, in order.
     #[serde(default = "yes")]
     pub header: bool,
-    /// A field equal to this is null.
+    /// Lines skipped at the start of the file, before the header (or the first record); row
+    /// numbers stay the file's line numbers.
     #[serde(default)]
-    pub null_value: String,
+    pub skip_rows: usize,
+    /// A field equal to this is null (default `""`); `null_values` takes a list.
+    #[serde(default)]
+    pub null_value: Option<String>,
+    /// Fields equal to any of these are null (`["", "NULL", "N/A", "\\N"]`).
+    #[serde(default)]
+    pub null_values: Option<Vec<String>>,
     /// The longest a quoted field may be (bytes, or a size such as `"4MiB"`; default 1 MiB). A
     /// quote whose field runs past it, or to the end of the file, is an unclosed quote: its
     /// record (to the end of that quote's line) is rejected alone and reading goes on at the
@@ -205,10 +270,59 @@ impl Default for CsvOptions {
         CsvOptions {
             delimiter: default_delimiter(),
             quote: default_quote(),
+            escape: None,
+            comment: None,
             header: true,
-            null_value: String::new(),
+            skip_rows: 0,
+            null_value: None,
+            null_values: None,
             max_field_size: default_max_field_size(),
         }
+    }
+}
+
+impl CsvOptions {
+    /// The texts that mean null: `null_values`, else `null_value`, else the empty field.
+    pub fn nulls(&self) -> Vec<String> {
+        match (&self.null_values, &self.null_value) {
+            (Some(list), _) => list.clone(),
+            (None, Some(one)) => vec![one.clone()],
+            (None, None) => vec![String::new()],
+        }
+    }
+
+    /// Checks the dialect: delimiter, quote, escape and comment are distinct ASCII bytes, not line
+    /// ends; `null_value` and `null_values` are not both given. The error names the option.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let chars = [
+            ("delimiter", Some(self.delimiter)),
+            ("quote", Some(self.quote)),
+            ("escape", self.escape),
+            ("comment", self.comment),
+        ];
+        for (i, (name, c)) in chars.iter().enumerate() {
+            let Some(c) = c else { continue };
+            if !c.is_ascii() || matches!(c, '\n' | '\r') {
+                return Err(format!(
+                    "csv.{name} = {c:?} must be one ASCII character other than a line end"
+                ));
+            }
+            for (other, d) in &chars[..i] {
+                if *d == Some(*c) {
+                    return Err(format!(
+                        "csv.{name} and csv.{other} are the same character ({c:?})"
+                    ));
+                }
+            }
+        }
+        if self.null_value.is_some() && self.null_values.is_some() {
+            return Err(
+                "csv.null_value and csv.null_values are both given: keep one \
+                        (null_values takes a list)"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -990,9 +1104,12 @@ impl Config {
             if !names.insert(s.name.as_str()) {
                 return err(format!("source \"{}\" is defined twice", s.name));
             }
-            if !s.csv.delimiter.is_ascii() || !s.csv.quote.is_ascii() {
+            if let Err(e) = s.csv.check() {
+                return err(format!("source \"{}\": {e}", s.name));
+            }
+            if s.format == Format::Parquet && !s.encoding.is_utf8() {
                 return err(format!(
-                    "source \"{}\": csv.delimiter and csv.quote must be ASCII characters",
+                    "source \"{}\": encoding applies to CSV and JSON sources, not Parquet",
                     s.name
                 ));
             }
@@ -1229,6 +1346,77 @@ partition_by = ["event_date"]
         assert!(with("\"lots\"").is_err());
         let c = Config::parse(MINIMAL, Path::new("sluice.toml")).unwrap();
         assert_eq!(c.sources[0].csv.max_field_size, 1 << 20);
+    }
+
+    /// The CSV dialect's characters are single distinct ASCII bytes, `null_value` and
+    /// `null_values` exclude each other, and encodings are WHATWG labels: the error names the
+    /// option.
+    #[test]
+    fn csv_dialect_and_encoding_are_checked() {
+        let with = |v: &str| {
+            let text = MINIMAL.replace(
+                "schema = \"schemas/logs.toml\"",
+                &format!("schema = \"schemas/logs.toml\"\n{v}"),
+            );
+            Config::parse(&text, Path::new("sluice.toml"))
+        };
+        let c = with(r##"csv = { delimiter = "\t", escape = "\\", comment = "#", skip_rows = 2, null_values = ["", "\\N"] }"##)
+            .unwrap();
+        let csv = &c.sources[0].csv;
+        assert_eq!(
+            (csv.delimiter, csv.escape, csv.comment),
+            ('\t', Some('\\'), Some('#'))
+        );
+        assert_eq!(
+            (csv.skip_rows, csv.nulls()),
+            (2, vec![String::new(), "\\N".into()])
+        );
+        assert_eq!(
+            with("csv = { null_value = \"NA\" }").unwrap().sources[0]
+                .csv
+                .nulls(),
+            ["NA"]
+        );
+        assert_eq!(CsvOptions::default().nulls(), [""]);
+        for (v, wanted) in [
+            (r#"csv = { escape = "\\\\" }"#, "escape"),
+            (r#"csv = { delimiter = ";;" }"#, "delimiter"),
+            (r#"csv = { quote = "é" }"#, "csv.quote"),
+            (r#"csv = { comment = "\n" }"#, "csv.comment"),
+            (
+                r#"csv = { delimiter = "|", escape = "|" }"#,
+                "csv.escape and csv.delimiter",
+            ),
+            (r#"csv = { comment = '"' }"#, "csv.comment and csv.quote"),
+            (
+                r#"csv = { null_value = "", null_values = ["NA"] }"#,
+                "null_values",
+            ),
+            ("encoding = \"klingon\"", "unknown encoding \"klingon\""),
+        ] {
+            let e = with(v).unwrap_err().to_string();
+            assert!(e.contains(wanted), "{v}: {e}");
+        }
+        for (label, name) in [
+            ("latin1", "windows-1252"),
+            ("ISO-8859-1", "windows-1252"),
+            ("windows-1252", "windows-1252"),
+            ("utf-16", "UTF-16LE"),
+            ("utf-16be", "UTF-16BE"),
+            ("utf-8", "UTF-8"),
+        ] {
+            let c = with(&format!("encoding = \"{label}\"")).unwrap();
+            assert_eq!(c.sources[0].encoding.encoding().name(), name);
+        }
+        let parquet = MINIMAL.replace(
+            "format = \"jsonl\"",
+            "format = \"parquet\"\nencoding = \"latin1\"",
+        );
+        assert_ne!(parquet, MINIMAL);
+        let e = Config::parse(&parquet, Path::new("sluice.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("encoding applies to CSV and JSON"), "{e}");
     }
 
     #[test]

@@ -2,6 +2,12 @@
 //! quotes and newlines inside, and a malformed row for a record with the wrong number of fields
 //! or invalid UTF-8.
 //!
+//! The dialect is the source's `csv` options: any one-byte delimiter and quote, lines skipped
+//! before the header (`skip_rows`), comment lines (`comment`), an escape character inside quoted
+//! fields (`escape`) and the texts that mean null. Files with comments or an escape character are
+//! read by the tolerant reader only (the SIMD one knows neither), and cut into chunks by a
+//! forward [`scan`] that knows both.
+//!
 //! Lines end at LF or CRLF; a lone CR is data (in both readers). A quote that is never closed
 //! (its field runs to the end of the file, past `csv.max_field_size`, or spans lines up to a
 //! "closing" quote that is followed by text) does not swallow the rest of the file: its record,
@@ -12,7 +18,7 @@ use super::columns::{ReadContext, RowBuilder};
 use crate::config::CsvOptions;
 use crate::error::{Error, Result};
 
-/// Reads a whole CSV file (header included).
+/// Reads a whole CSV file (skipped lines and header included).
 #[cfg(test)]
 pub(super) fn read(
     ctx: &ReadContext,
@@ -20,22 +26,73 @@ pub(super) fn read(
     key: &str,
     data: &[u8],
 ) -> Result<ReadOutput> {
+    let lines = |b: &[u8]| memchr::memchr_iter(b'\n', b).count() as u64;
+    let data = data.strip_prefix(b"\xef\xbb\xbf").unwrap_or(data);
+    let skip = skip_lines(data, opts.skip_rows, true).unwrap_or(data.len());
+    let (skipped, data) = data.split_at(skip);
     match read_header(ctx, opts, key, data, true)? {
         None => Ok(ReadOutput::default()),
         Some((mapping, end)) => {
-            let line = 1 + memchr::memchr_iter(b'\n', &data[..end]).count() as u64;
+            let line = 1 + lines(skipped) + lines(&data[..end]);
             read_records(ctx, opts, key, &data[end..], line, &mapping, true)
         }
+    }
+}
+
+/// Where the data after the first `n` lines of `data` starts; `None` if `data` does not hold
+/// them yet (with `complete`, a file of fewer lines is skipped whole).
+pub(super) fn skip_lines(data: &[u8], n: usize, complete: bool) -> Option<usize> {
+    if n == 0 {
+        return Some(0);
+    }
+    match memchr::memchr_iter(b'\n', data).nth(n - 1) {
+        Some(p) => Some(p + 1),
+        None if complete => Some(data.len()),
+        None => None,
+    }
+}
+
+/// The bytes of a source's CSV dialect that decide where records and fields end.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Dialect {
+    pub delimiter: u8,
+    pub quote: u8,
+    /// The escape byte inside quoted fields (then quotes are not doubled).
+    pub escape: Option<u8>,
+    /// A line starting with this byte at a record's start is skipped.
+    pub comment: Option<u8>,
+    /// `csv.max_field_size`.
+    pub max: usize,
+}
+
+impl Dialect {
+    /// The dialect of these options (checked ASCII when the config loaded).
+    pub fn of(opts: &CsvOptions) -> Dialect {
+        Dialect {
+            delimiter: opts.delimiter as u8,
+            quote: opts.quote as u8,
+            escape: opts.escape.map(|c| c as u8),
+            comment: opts.comment.map(|c| c as u8),
+            max: opts.max_field_size,
+        }
+    }
+
+    /// Whether quote parity and the SIMD reader hold: no escape character, no comment lines.
+    pub fn plain(&self) -> bool {
+        self.escape.is_none() && self.comment.is_none()
     }
 }
 
 /// The tolerant reader over `data`: records end at LF only (the CR of a CRLF is taken off the
 /// last field by the caller), so that a lone CR stays data.
 fn reader<'d>(opts: &CsvOptions, data: &'d [u8]) -> csv::Reader<&'d [u8]> {
+    let d = Dialect::of(opts);
     csv::ReaderBuilder::new()
-        .delimiter(opts.delimiter as u8)
-        .quote(opts.quote as u8)
-        .double_quote(true)
+        .delimiter(d.delimiter)
+        .quote(d.quote)
+        .double_quote(d.escape.is_none())
+        .escape(d.escape)
+        .comment(d.comment)
         .terminator(csv::Terminator::Any(b'\n'))
         .has_headers(false)
         .flexible(true)
@@ -109,14 +166,14 @@ pub(super) fn read_records(
     last: bool,
 ) -> Result<ReadOutput> {
     let layout = Layout::new(ctx, opts, mapping);
-    let (delimiter, quote) = (opts.delimiter as u8, opts.quote as u8);
-    if plain_quoting(data, delimiter, quote, opts.max_field_size) {
+    let d = layout.dialect;
+    if d.plain() && plain_quoting(data, d.delimiter, d.quote, d.max) {
         if let Some(out) = read_fast(ctx, &layout, key, data, first_line) {
             return out;
         }
         return read_tolerant(ctx, &layout, key, data, first_line);
     }
-    let found = scan(data, delimiter, quote, opts.max_field_size, true);
+    let found = scan(data, &d, true);
     if found.bad.is_empty() {
         return read_tolerant(ctx, &layout, key, data, first_line);
     }
@@ -174,13 +231,10 @@ fn read_clean(
     data: &[u8],
     first_line: u64,
 ) -> Result<ReadOutput> {
-    let opts = layout.opts;
-    if plain_quoting(
-        data,
-        opts.delimiter as u8,
-        opts.quote as u8,
-        opts.max_field_size,
-    ) && let Some(out) = read_fast(ctx, layout, key, data, first_line)
+    let d = layout.dialect;
+    if d.plain()
+        && plain_quoting(data, d.delimiter, d.quote, d.max)
+        && let Some(out) = read_fast(ctx, layout, key, data, first_line)
     {
         return out;
     }
@@ -268,15 +322,41 @@ pub(super) struct Scan {
 
 /// Finds the records of `data` (which starts at a record) forward, the way the tolerant reader
 /// splits them (a quote opens a field only at its start; a closing quote followed by text goes
-/// on as unquoted text), and the quotes that do not close ([`Unclosed`]). With `complete`,
-/// `data` ends the input; otherwise the scan stops at a record it cannot finish yet.
+/// on as unquoted text; a comment line at a record's start is skipped whole; inside quotes, the
+/// escape byte takes the byte after it as text), and the quotes that do not close
+/// ([`Unclosed`]). With `complete`, `data` ends the input; otherwise the scan stops at a record
+/// it cannot finish yet.
 ///
 /// This visits every quote and newline: the feed and the reader call it only for data that
-/// quote parity or [`plain_quoting`] found irregular, never on the fast path.
-pub(super) fn scan(data: &[u8], delimiter: u8, quote: u8, max: usize, complete: bool) -> Scan {
+/// quote parity or [`plain_quoting`] found irregular, or whose dialect has comments or an escape
+/// character, never on the fast path.
+pub(super) fn scan(data: &[u8], d: &Dialect, complete: bool) -> Scan {
+    let (delimiter, quote, max) = (d.delimiter, d.quote, d.max);
     let mut out = Scan::default();
     let (mut pos, mut record) = (0, 0);
-    while let Some(off) = memchr::memchr2(quote, b'\n', &data[pos..]) {
+    loop {
+        if pos == record
+            && let Some(c) = d.comment
+            && data.get(pos) == Some(&c)
+        {
+            match memchr::memchr(b'\n', &data[pos..]) {
+                Some(e) => {
+                    pos += e + 1;
+                    record = pos;
+                    out.last_end = Some(pos);
+                    continue;
+                }
+                None => {
+                    if complete {
+                        out.last_end = Some(data.len());
+                    }
+                    break;
+                }
+            }
+        }
+        let Some(off) = memchr::memchr2(quote, b'\n', &data[pos..]) else {
+            break;
+        };
         let m = pos + off;
         if data[m] == b'\n' {
             pos = m + 1;
@@ -291,9 +371,14 @@ pub(super) fn scan(data: &[u8], delimiter: u8, quote: u8, max: usize, complete: 
         // A quote opening a field: where does it close?
         let mut c = m + 1;
         let close = loop {
-            match memchr::memchr(quote, &data[c..]) {
+            let next = match d.escape {
+                Some(e) => memchr::memchr2(quote, e, &data[c..]),
+                None => memchr::memchr(quote, &data[c..]),
+            };
+            match next {
                 None => break None,
-                Some(o) if data.get(c + o + 1) == Some(&quote) => c += o + 2,
+                Some(o) if d.escape == Some(data[c + o]) => c = (c + o + 2).min(data.len()),
+                Some(o) if d.escape.is_none() && data.get(c + o + 1) == Some(&quote) => c += o + 2,
                 Some(o) => break Some(c + o),
             }
         };
@@ -302,7 +387,7 @@ pub(super) fn scan(data: &[u8], delimiter: u8, quote: u8, max: usize, complete: 
             None if data.len() - m - 1 > max => Unclosed::PastBound,
             None if complete => Unclosed::AtEnd,
             None => break,
-            // Not known yet whether it is doubled.
+            // Not known yet whether it is doubled (or what follows it).
             Some(c) if c + 1 == data.len() && !complete => break,
             Some(c) => {
                 let ends = match data.get(c + 1) {
@@ -358,7 +443,7 @@ fn read_fast(
         let end = (reader.position() as usize).min(data.len());
         let raw = &data[start.min(end)..end];
         start = end;
-        let (at, record_raw) = past_blank_lines(raw, line);
+        let (at, record_raw) = past_skipped_lines(raw, line, None);
         line += memchr::memchr_iter(b'\n', raw).count() as u64;
         // One UTF-8 check for the whole record; its fields are slices of the same buffer, cut at
         // ASCII bytes, so each is text too.
@@ -375,17 +460,26 @@ fn read_fast(
     }))
 }
 
-/// A record's bytes `raw` as read, starting at `line`, without the blank lines the read skipped
-/// before it; and the line the record itself starts at.
-fn past_blank_lines(raw: &[u8], line: u64) -> (u64, &[u8]) {
-    let lead = raw
-        .iter()
-        .take_while(|&&b| b == b'\n' || b == b'\r')
-        .count();
-    // Whole lines only: a lone CR starting the record is its data.
-    let blank = memchr::memrchr(b'\n', &raw[..lead]).map_or(0, |p| p + 1);
-    let at = line + memchr::memchr_iter(b'\n', &raw[..blank]).count() as u64;
-    (at, &raw[blank..])
+/// A record's bytes `raw` as read, starting at `line`, without the blank lines and `comment`
+/// lines the read skipped before it; and the line the record itself starts at.
+fn past_skipped_lines(raw: &[u8], line: u64, comment: Option<u8>) -> (u64, &[u8]) {
+    let mut at = 0;
+    loop {
+        let rest = &raw[at..];
+        let lead = rest
+            .iter()
+            .take_while(|&&b| b == b'\n' || b == b'\r')
+            .count();
+        // Whole lines only: a lone CR starting the record is its data.
+        at += memchr::memrchr(b'\n', &rest[..lead]).map_or(0, |p| p + 1);
+        match (comment, memchr::memchr(b'\n', &raw[at..])) {
+            // A comment line, with the record after it.
+            (Some(c), Some(e)) if raw.get(at) == Some(&c) && at + e + 1 < raw.len() => at += e + 1,
+            _ => break,
+        }
+    }
+    let line = line + memchr::memchr_iter(b'\n', &raw[..at]).count() as u64;
+    (line, &raw[at..])
 }
 
 /// `part` (a slice of the bytes `text` was read from) as a slice of `text`.
@@ -395,9 +489,11 @@ fn slice_of<'t>(text: &'t str, part: &[u8]) -> Option<&'t str> {
 }
 
 /// How a file's records map to rows: where each schema column is in a record (`None`: not in
-/// the file), how many fields a record has, and the text that means null.
+/// the file), how many fields a record has, and the texts that mean null.
 struct Layout<'o> {
     opts: &'o CsvOptions,
+    dialect: Dialect,
+    nulls: Vec<String>,
     columns: Vec<Option<usize>>,
     /// File column `j` is schema column `mapping[j]`.
     mapping: &'o [Option<usize>],
@@ -407,6 +503,8 @@ impl<'o> Layout<'o> {
     fn new(ctx: &ReadContext, opts: &'o CsvOptions, mapping: &'o [Option<usize>]) -> Layout<'o> {
         Layout {
             opts,
+            dialect: Dialect::of(opts),
+            nulls: opts.nulls(),
             columns: (0..ctx.width())
                 .map(|i| mapping.iter().position(|m| *m == Some(i)))
                 .collect(),
@@ -436,7 +534,7 @@ impl<'o> Layout<'o> {
         let cell = |i: usize| {
             self.columns[i]
                 .and_then(&field)
-                .filter(|v| *v != self.opts.null_value)
+                .filter(|v| !self.nulls.iter().any(|n| n == v))
         };
         if let Err(reason) = rows.push(cell, line) {
             rows.malformed(line, reason, raw);
@@ -478,7 +576,7 @@ fn read_tolerant(
         // Records end at LF: the CR of a CRLF (outside quotes, so the raw record ends with it)
         // is still on the last field.
         let crlf = raw.ends_with(b"\r\n");
-        let (line, raw) = past_blank_lines(raw, line);
+        let (line, raw) = past_skipped_lines(raw, line, layout.dialect.comment);
         if text {
             let last = record.len().saturating_sub(1);
             let field = |j| {
@@ -613,7 +711,7 @@ mod tests {
     fn both(data: &[u8]) -> (Table, Option<Table>) {
         let c = ctx();
         let opts = CsvOptions {
-            null_value: "NULL".into(),
+            null_value: Some("NULL".into()),
             ..CsvOptions::default()
         };
         let (mapping, end) = read_header(&c, &opts, "k", data, true).unwrap().unwrap();
@@ -878,14 +976,19 @@ mod tests {
     }
 
     /// The scan finds records as the tolerant reader does, and the quotes that do not close.
+    /// The default dialect with `csv.max_field_size = max`.
+    fn comma(max: usize) -> Dialect {
+        Dialect::of(&opts(max))
+    }
+
     #[test]
     fn scan_finds_record_ends_and_unclosed_quotes() {
-        let s = scan(b"a,\"x\ny\"\nb,c\"d\n", b',', b'"', 100, false);
+        let s = scan(b"a,\"x\ny\"\nb,c\"d\n", &comma(100), false);
         assert_eq!((s.bad.len(), s.last_end), (0, Some(14)));
         // Not complete: an open quote might close in data not read yet.
-        let s = scan(b"a,b\nc,\"open\nd\n", b',', b'"', 100, false);
+        let s = scan(b"a,b\nc,\"open\nd\n", &comma(100), false);
         assert_eq!((s.bad.len(), s.last_end), (0, Some(4)));
-        let s = scan(b"a,b\nc,\"open\nd\n", b',', b'"', 5, false);
+        let s = scan(b"a,b\nc,\"open\nd\n", &comma(5), false);
         assert_eq!(
             s.bad,
             [BadRecord {
@@ -896,8 +999,80 @@ mod tests {
             }]
         );
         assert_eq!(s.last_end, Some(14));
-        let s = scan(b"a,b\nc,\"open\nd\n", b',', b'"', 100, true);
+        let s = scan(b"a,b\nc,\"open\nd\n", &comma(100), true);
         assert_eq!(s.bad[0].why, Unclosed::AtEnd);
+    }
+
+    /// Comment lines (before and after the header, with quotes in them), an escape character
+    /// (escaped quotes, an escaped backslash before the closing quote, delimiters and newlines in
+    /// quotes): the tolerant reader reads them, rows keep the file's lines, and the scan ends
+    /// records where the reader does.
+    #[test]
+    fn comments_and_an_escape_character() {
+        let opts = CsvOptions {
+            escape: Some('\\'),
+            comment: Some('#'),
+            ..CsvOptions::default()
+        };
+        let data: &[u8] =
+            b"# exported \"by\" a tool\nid,body\n1,\"say \\\"hi\\\", twice\n# not a comment\"\n\
+            # a \"comment\n2,\"C:\\\\dir\\\\\"\r\n\n#last\n3,plain\n";
+        let d = Dialect::of(&opts);
+        assert!(!d.plain());
+        let s = scan(&data[23..], &d, false);
+        assert_eq!((s.bad.len(), s.last_end), (0, Some(data.len() - 23)));
+        let out = read(&ctx(), &opts, "k", data).unwrap();
+        assert_eq!(
+            table(&out),
+            (
+                vec![
+                    row(&["1", "say \"hi\", twice\n# not a comment", "3"]),
+                    row(&["2", "C:\\dir\\", "6"]),
+                    row(&["3", "plain", "9"]),
+                ],
+                vec![]
+            )
+        );
+        // An escaped quote does not close the field: the quote that does is missing.
+        let out = read(&ctx(), &opts, "k", b"id,body\n1,\"open \\\"\n2,b\n").unwrap();
+        assert_eq!(table(&out).0, [row(&["2", "b", "3"])]);
+        assert_eq!(out.malformed[0].row, 2);
+        assert!(out.malformed[0].unclosed_quote);
+    }
+
+    /// `skip_rows` lines go before the header, or before the first record without one; rows
+    /// keep the file's lines; `null_values` lists the texts of null.
+    #[test]
+    fn skipped_lines_and_null_values() {
+        let opts = CsvOptions {
+            skip_rows: 2,
+            delimiter: '\t',
+            header: false,
+            null_values: Some(vec!["NULL".into(), "\\N".into()]),
+            ..CsvOptions::default()
+        };
+        let data = b"report of \"today\n\xff junk\n1\tNULL\n2\t\\N\n3\t\n4\tx,y\n";
+        let out = read(&ctx(), &opts, "k", data).unwrap();
+        assert_eq!(
+            table(&out).0,
+            [
+                row(&["1", "<null>", "3"]),
+                row(&["2", "<null>", "4"]),
+                row(&["3", "", "5"]),
+                row(&["4", "x,y", "6"])
+            ]
+        );
+        let header = CsvOptions {
+            skip_rows: 1,
+            ..CsvOptions::default()
+        };
+        let out = read(&ctx(), &header, "k", b"title line\nbody,id\nb,1\n").unwrap();
+        assert_eq!(table(&out).0, [row(&["1", "b", "3"])]);
+        // Fewer lines than skip_rows: nothing to read.
+        let out = read(&ctx(), &opts, "k", b"only one\n").unwrap();
+        assert_eq!(out.rows_read(), 0);
+        assert_eq!(skip_lines(b"a\nb", 2, false), None);
+        assert_eq!(skip_lines(b"a\nb\nc", 2, false), Some(4));
     }
 
     #[test]

@@ -7,7 +7,12 @@
 //! quotes just before it; JSON documents and Parquet files are one chunk. When parity cannot be
 //! trusted (an unclosed quote or a stray one inverts it, so a chunk would end inside a field or
 //! grow to the end of the file), the chunk is scanned forward for its true last record end, an
-//! unclosed quote ending its record at the end of its line (`csv::scan`); only then.
+//! unclosed quote ending its record at the end of its line (`csv::scan`); only then, or when
+//! the dialect has comment lines or an escape character, which parity does not know.
+//! A file in another text encoding than UTF-8 is decoded as it streams (after decompression);
+//! like a compressed one, it is hashed as it is read, before decoding: the ledger's SHA-256 is
+//! always that of the stored bytes. A CSV file's UTF-8 BOM and its `skip_rows` lines are dropped
+//! (and hashed) before its header.
 //! A file that cannot be opened (say a CSV header without a schema column) fails before any of
 //! its rows are out; a file that breaks half-way (a truncated gzip) stops the feed, and the caller
 //! runs the batch again without it.
@@ -73,8 +78,8 @@ struct Chunk {
 }
 
 /// SHA-256 of a file's stored bytes, fed piece by piece in file order: for a plain file, chunk by
-/// chunk by whichever thread holds each chunk, outside the feed's lock; for a compressed file, by
-/// its reader as it reads.
+/// chunk by whichever thread holds each chunk, outside the feed's lock; for a compressed or
+/// decoded file, by its reader as it reads.
 #[derive(Default)]
 struct OrderedSha {
     state: Mutex<(u64, Sha256)>,
@@ -106,7 +111,8 @@ struct Open {
     key: Arc<str>,
     reader: Box<dyn Read + Send>,
     hash: Arc<OrderedSha>,
-    /// A plain file: its chunks are hashed in turn (`seq`: the next one's).
+    /// A plain file (not compressed, UTF-8): its chunks are hashed in turn (`seq`: the next
+    /// one's).
     plain: bool,
     seq: u64,
     carry: Vec<u8>,
@@ -300,12 +306,13 @@ impl Feed {
         }
     }
 
-    /// Opens a file: decompression, and the header of a CSV file.
+    /// Opens a file: decompression, decoding, and the skipped lines and header of a CSV file.
     fn open(&self, file: usize, f: FeedFile) -> Result<Open> {
         let hash = Arc::new(OrderedSha::default());
         let compression = Compression::from_key(&f.key).0;
-        let plain = compression == Compression::None;
-        // A plain file is hashed chunk by chunk; a compressed one as its bytes are read.
+        let encoding = self.source.encoding;
+        let plain = compression == Compression::None && encoding.is_utf8();
+        // A plain file is hashed chunk by chunk; another one as its stored bytes are read.
         let reader: Box<dyn Read + Send> = if plain {
             f.reader
         } else {
@@ -314,14 +321,31 @@ impl Feed {
                 hash: hash.clone(),
                 seq: 0,
             };
-            if compression == Compression::Gzip {
-                Box::new(flate2::read::MultiGzDecoder::new(raw))
-            } else {
-                Box::new(
-                    zstd::stream::read::Decoder::new(raw).map_err(|e| Error::Read {
+            let text: Box<dyn Read + Send> = match compression {
+                Compression::None => Box::new(raw),
+                Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(raw)),
+                Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(raw).map_err(
+                    |e| Error::Read {
                         key: f.key.clone(),
                         message: format!("cannot start zstd decoding: {e}"),
-                    })?,
+                    },
+                )?),
+            };
+            if encoding.is_utf8() {
+                text
+            } else {
+                // To UTF-8 (invalid sequences become U+FFFD); a BOM picks the encoding and is
+                // dropped.
+                Box::new(
+                    encoding_rs_io::DecodeReaderBytesBuilder::new()
+                        .encoding(Some(encoding.encoding()))
+                        .bom_override(true)
+                        .strip_bom(true)
+                        .build_with_buffer(text, vec![0; 64 << 10])
+                        .map_err(|e| Error::Read {
+                            key: f.key.clone(),
+                            message: format!("cannot start decoding {encoding:?}: {e}"),
+                        })?,
                 )
             }
         };
@@ -340,9 +364,25 @@ impl Feed {
         };
         if self.source.format == Format::Csv {
             let fill = self.chunk_bytes.min(1 << 20);
+            self.fill(&mut open, fill)?;
+            if open.carry.starts_with(b"\xef\xbb\xbf") {
+                open.hash_now(b"\xef\xbb\xbf");
+                open.carry.drain(..3);
+            }
+            let skip = self.source.csv.skip_rows;
             loop {
-                let want = fill.max(open.carry.len() * 2);
-                self.fill(&mut open, want)?;
+                let Some(end) = csv::skip_lines(&open.carry, skip, open.eof) else {
+                    let want = fill.max(open.carry.len() * 2);
+                    self.fill(&mut open, want)?;
+                    continue;
+                };
+                open.line += memchr::memchr_iter(b'\n', &open.carry[..end]).count() as u64;
+                let skipped = open.carry[..end].to_vec();
+                open.hash_now(&skipped);
+                open.carry.drain(..end);
+                break;
+            }
+            loop {
                 let Some((mapping, end)) = csv::read_header(
                     &self.ctx,
                     &self.source.csv,
@@ -357,6 +397,8 @@ impl Feed {
                         open.carry.clear();
                         break;
                     }
+                    let want = fill.max(open.carry.len() * 2);
+                    self.fill(&mut open, want)?;
                     continue;
                 };
                 open.line += memchr::memchr_iter(b'\n', &open.carry[..end]).count() as u64;
@@ -525,14 +567,21 @@ impl PartitionStream for FeedPartition {
 /// ([`last_record_end`]) finds it unless a stray or unclosed quote inverted the parity: then the
 /// newline found is inside a quoted field ([`closed_before`] tells), or none is found in more
 /// than `csv.max_field_size` bytes, and a forward scan finds the true end instead.
+///
+/// A dialect with comment lines or an escape character is always scanned forward: parity would
+/// count a comment's quotes and escaped quotes.
 fn csv_record_end(data: &[u8], opts: &CsvOptions) -> Option<usize> {
-    let (delimiter, quote, max) = (opts.delimiter as u8, opts.quote as u8, opts.max_field_size);
+    let d = csv::Dialect::of(opts);
+    let (delimiter, quote, max) = (d.delimiter, d.quote, d.max);
+    if !d.plain() {
+        return csv::scan(data, &d, false).last_end;
+    }
     match last_record_end(data, quote) {
         Some((end, 0)) => Some(end),
         Some((end, _)) if closed_before(data, end - 1, delimiter, quote) => Some(end),
         None if data.len() <= max => None,
         _ => {
-            let found = csv::scan(data, delimiter, quote, max, false);
+            let found = csv::scan(data, &d, false);
             tracing::debug!(
                 unclosed = found.bad.len(),
                 "CSV quote parity does not hold: chunk end found by a forward scan"
@@ -580,7 +629,7 @@ fn closed_before(data: &[u8], nl: usize, delimiter: u8, quote: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Format, SourceConfig};
+    use crate::config::{Format, SourceConfig, TextEncoding};
     use crate::generate::{Kind, sample};
     use datafusion::arrow::array::{Array, AsArray, StringArray};
     use datafusion::arrow::datatypes::Int64Type;
@@ -592,6 +641,7 @@ mod tests {
             format,
             schema: "unused".into(),
             csv: CsvOptions::default(),
+            encoding: Default::default(),
             header_case: Default::default(),
         }
     }
@@ -797,6 +847,119 @@ mod tests {
                     format!("unclosed quote at line 701: the quoted field {why}")
                 )]
             );
+        }
+    }
+
+    /// Every row's (id, body, line) of a feed over an `id,body` schema, the malformed records'
+    /// lines and the file's hash.
+    type IdBody = (Vec<(String, String, i64)>, Vec<u64>, Option<String>);
+
+    fn id_body(feed: &Feed) -> IdBody {
+        let mut rows = Vec::new();
+        while let Some(out) = feed.next_rows() {
+            for b in out.batches {
+                let (id, body) = (
+                    b.column(0).as_string::<i32>(),
+                    b.column(1).as_string::<i32>(),
+                );
+                let line = b.column(b.num_columns() - 1).as_primitive::<Int64Type>();
+                for i in 0..b.num_rows() {
+                    rows.push((value(id, i), value(body, i), line.value(i)));
+                }
+            }
+        }
+        let (reads, broken) = feed.finish();
+        assert!(broken.is_none());
+        let bad = reads[0].malformed.iter().map(|m| m.row).collect();
+        (rows, bad, reads[0].sha256.clone())
+    }
+
+    fn id_body_schema() -> SourceSchema {
+        let col = |n: &str| crate::source::ColumnDef::new(n, crate::source::ColumnType::String);
+        SourceSchema {
+            columns: vec![col("id"), col("body")],
+        }
+    }
+
+    /// A file with `\"` escapes (an escaped backslash before a closing quote too), delimiters,
+    /// newlines and `#` lines inside quotes, and comment lines with odd quotes between records:
+    /// 64 KiB chunks read what one chunk reads, and what the test wrote.
+    #[test]
+    fn escaped_quotes_and_comments_in_small_chunks() {
+        let mut data = String::from("# exported by \"tool\nid,body\n");
+        let mut want = Vec::new();
+        let mut line = 3;
+        for i in 0..12_000 {
+            if i % 40 == 0 {
+                data.push_str(&format!("# section {i}: \"unbalanced\n"));
+                line += 1;
+            }
+            let (raw, body) = match i % 3 {
+                0 => (
+                    format!("\"say \\\"hi {i}\\\", twice\n# not a comment\""),
+                    format!("say \"hi {i}\", twice\n# not a comment"),
+                ),
+                1 => (format!("\"C:\\\\dir{i}\\\\\""), format!("C:\\dir{i}\\")),
+                _ => (format!("plain {i}"), format!("plain {i}")),
+            };
+            data.push_str(&format!("{i},{raw}\n"));
+            want.push((i.to_string(), body, line));
+            line += 1 + raw.matches('\n').count() as i64;
+        }
+        assert!(data.len() > 5 * (64 << 10));
+        let mut src = source(Format::Csv);
+        src.csv.escape = Some('\\');
+        src.csv.comment = Some('#');
+        for chunk in [64 << 10, 1 << 30] {
+            let file = FeedFile {
+                key: "raw/s/f.csv".into(),
+                reader: Box::new(std::io::Cursor::new(data.clone().into_bytes())),
+            };
+            let feed = Feed::new(&src, &id_body_schema(), vec![file], chunk);
+            let (rows, bad, sha) = id_body(&feed);
+            assert_eq!(bad, Vec::<u64>::new(), "chunk {chunk}");
+            assert_eq!(rows, want, "chunk {chunk}");
+            assert_eq!(sha, Some(hex::encode(Sha256::digest(data.as_bytes()))));
+        }
+    }
+
+    /// Latin-1, UTF-16 (by its BOM, big-endian here) and gzipped Latin-1 files: rows decoded,
+    /// lines counted in the text, `skip_rows` lines dropped, and the hash of the stored bytes.
+    #[test]
+    fn decoded_files_hash_their_stored_bytes() {
+        let mut text = String::from("skipped line\nid,body\n");
+        for i in 0..20_000 {
+            text.push_str(&format!("{i},Zoë Müller-Nuñez {i}\n"));
+        }
+        let latin1: Vec<u8> = text.chars().map(|c| c as u32 as u8).collect();
+        let mut utf16be = vec![0xfe, 0xff];
+        utf16be.extend(text.encode_utf16().flat_map(u16::to_be_bytes));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &latin1).unwrap();
+        let gz = gz.finish().unwrap();
+        let want: Vec<(String, String, i64)> = (0..20_000)
+            .map(|i| (i.to_string(), format!("Zoë Müller-Nuñez {i}"), i + 3))
+            .collect();
+        for (label, key, stored) in [
+            ("latin1", "f.csv", &latin1),
+            ("utf-16", "f.csv", &utf16be),
+            ("iso-8859-1", "f.csv.gz", &gz),
+        ] {
+            let mut src = source(Format::Csv);
+            src.csv.skip_rows = 1;
+            src.encoding = toml::from_str::<std::collections::HashMap<String, TextEncoding>>(
+                &format!("e = \"{label}\""),
+            )
+            .unwrap()["e"];
+            let file = FeedFile {
+                key: format!("raw/s/{key}"),
+                reader: Box::new(std::io::Cursor::new(stored.clone())),
+            };
+            let feed = Feed::new(&src, &id_body_schema(), vec![file], 64 << 10);
+            let (rows, bad, sha) = id_body(&feed);
+            assert!(bad.is_empty(), "{label}: {bad:?}");
+            assert_eq!(rows, want, "{label}");
+            assert_eq!(sha, Some(hex::encode(Sha256::digest(stored))), "{label}");
         }
     }
 

@@ -9,6 +9,7 @@ mod concurrency;
 mod crash;
 #[cfg(feature = "delta")]
 mod delta;
+mod dialects;
 mod exactly_once;
 mod formats;
 mod hive;
