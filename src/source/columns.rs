@@ -268,14 +268,9 @@ impl<'c> RowBuilder<'c> {
             for (i, parser) in self.ctx.parsers.iter().enumerate() {
                 let value = match cell(i) {
                     None => Value::Null,
-                    Some(v) => parser.parse(v).ok_or_else(|| {
-                        format!(
-                            "column {}: {:?} is not a valid {}",
-                            self.ctx.names[i],
-                            truncate(v, 80),
-                            parser.label()
-                        )
-                    })?,
+                    Some(v) => parser
+                        .parse(v)
+                        .ok_or_else(|| rejection(&self.ctx.names[i], v, parser))?,
                 };
                 values.push(value);
             }
@@ -335,6 +330,16 @@ impl<'c> RowBuilder<'c> {
         self.flush()?;
         Ok(self.out)
     }
+}
+
+/// Why a cell does not convert to its column's type, as the rejected row says it: the column,
+/// the value and the type with its format.
+pub fn rejection(column: &str, value: &str, parser: &CellParser) -> String {
+    format!(
+        "column {column}: {:?} is not a valid {}",
+        truncate(value, 80),
+        parser.label()
+    )
 }
 
 /// A record's raw bytes as text (invalid UTF-8 replaced, without its line end); one longer than
