@@ -339,8 +339,7 @@ fn integers(name: &str, d: &Distinct<'_>, mut out: Inferred) -> Inferred {
         ));
         return out;
     }
-    if !d.all(|v| c.int.accepts(v)) {
-        let (v, _) = d.values[0];
+    if let Some((v, _)) = d.values.iter().find(|(v, _)| !c.int.accepts(v)) {
         out.notes.push(format!(
             "{name}: integers beyond 64 bits (e.g. {v:?}): read as text"
         ));

@@ -543,6 +543,19 @@ impl Draft {
                     .unwrap_or_else(|| "no csv options (the defaults)".into())
             );
         }
+        let always: Vec<&str> = self
+            .columns
+            .iter()
+            .filter(|c| !c.inferred.nullable && c.inferred.values > 0)
+            .map(|c| c.name.as_str())
+            .collect();
+        if !always.is_empty() && self.format != Format::Parquet {
+            let _ = writeln!(
+                out,
+                "# Never null in the sample: {}.",
+                comment(&always.join(", "))
+            );
+        }
         for n in &self.notes {
             let _ = writeln!(out, "# note: {}", comment(n));
         }
@@ -618,6 +631,10 @@ mod tests {
         }
         assert!(d.columns[1].inferred.nullable);
         assert!(text.contains("format = \"%m/%d/%Y %H:%M\""), "{text}");
+        assert!(
+            text.contains("# Never null in the sample: customer_id, amount, active, score."),
+            "{text}"
+        );
         assert!(
             text.contains("# 1 of 3 values are not integers: \"n/a\""),
             "{text}"
