@@ -85,8 +85,49 @@ pub enum Command {
         #[arg(long, hide = true)]
         crash_at: Option<String>,
     },
-    /// Check the config, schemas and queries without reading data.
-    Validate,
+    /// Check the config, schemas and queries without reading data; with `--sample FILE`, also
+    /// read the first records of a sample file with a source's reader and schema, and report
+    /// the schema's columns the file lacks, the file's columns the schema ignores and the sampled
+    /// values that fail their column's type (exit 1 on a missing column or a failing value).
+    Validate {
+        /// A sample file (maybe `.gz` / `.zst`) to read with a source's reader and schema.
+        #[arg(long)]
+        sample: Option<PathBuf>,
+        /// The source that reads the sample; default: the only one, or the one whose raw prefix
+        /// or format fits the file's name.
+        #[arg(long, requires = "sample")]
+        source: Option<String>,
+        /// Records of the sample read.
+        #[arg(long, requires = "sample", default_value_t = crate::infer::check::DEFAULT_ROWS)]
+        rows: usize,
+    },
+    /// Schema files.
+    Schema {
+        /// What to do.
+        #[command(subcommand)]
+        action: SchemaAction,
+    },
+    /// Start a project from a sample file: `DIR/sluice.toml` (one source, one table),
+    /// `schemas/NAME.toml` (drafted from the sample, as `schema infer` does), `queries/NAME.sql`
+    /// (every column, a `_reject_reason` for missing values) and the sample in
+    /// `lake/raw/NAME/`, ready for `sluice validate` and `sluice run`.
+    Init {
+        /// The project's folder (must be empty or absent).
+        dir: PathBuf,
+        /// The sample file (CSV, JSON lines, JSON or Parquet; maybe `.gz` / `.zst`).
+        #[arg(long)]
+        sample: PathBuf,
+        /// The source and table name; default: the file's name without extensions, in
+        /// snake_case.
+        #[arg(long)]
+        name: Option<String>,
+        /// The sample's format; default: from its name, else its content.
+        #[arg(long, value_enum)]
+        format: Option<SampleFormat>,
+        /// Records of the sample read.
+        #[arg(long, default_value_t = crate::infer::DEFAULT_ROWS)]
+        rows: usize,
+    },
     /// Show processed, pending and failed files and the last runs.
     Status {
         /// Print as JSON.
@@ -195,6 +236,49 @@ pub enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+/// `sluice schema` commands.
+#[derive(Debug, Subcommand)]
+pub enum SchemaAction {
+    /// Print a schema (the `schemas/*.toml` shape) drafted from the first records of a sample
+    /// file: names (snake_case, `from` the file's), the narrowest type whose parser takes every
+    /// sampled value, date and timestamp formats; what it is unsure of goes to stderr as `note:`
+    /// lines and into the schema as comments.
+    Infer {
+        /// The sample file (CSV, JSON lines, JSON or Parquet; maybe `.gz` / `.zst`).
+        file: PathBuf,
+        /// Records of the sample read.
+        #[arg(long, default_value_t = crate::infer::DEFAULT_ROWS)]
+        rows: usize,
+        /// The file's format; default: from its name, else its content.
+        #[arg(long, value_enum)]
+        format: Option<SampleFormat>,
+    },
+}
+
+/// A sample file's format.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SampleFormat {
+    /// Comma (or other) separated values.
+    Csv,
+    /// One JSON object per line.
+    Jsonl,
+    /// One JSON document: an array of objects, or one object.
+    Json,
+    /// Apache Parquet.
+    Parquet,
+}
+
+impl From<SampleFormat> for crate::config::Format {
+    fn from(f: SampleFormat) -> Self {
+        match f {
+            SampleFormat::Csv => crate::config::Format::Csv,
+            SampleFormat::Jsonl => crate::config::Format::Jsonl,
+            SampleFormat::Json => crate::config::Format::Json,
+            SampleFormat::Parquet => crate::config::Format::Parquet,
+        }
+    }
 }
 
 /// `sluice catalog` commands.

@@ -20,6 +20,7 @@ pub mod functions;
 pub mod generate;
 pub mod glue;
 pub mod index;
+pub mod infer;
 pub mod inspect;
 pub mod lake;
 #[cfg(feature = "lambda")]

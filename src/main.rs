@@ -8,13 +8,15 @@ use std::time::Duration;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use sluice::cli::{CatalogAction, Cli, Command, IndexAction, LogFormat, WarehouseAction};
+use sluice::cli::{
+    CatalogAction, Cli, Command, IndexAction, LogFormat, SchemaAction, WarehouseAction,
+};
 use sluice::config::{CatalogKind, Config};
 use sluice::glue::Glue;
 use sluice::lake::Lake;
 use sluice::redact::{self, Masked};
 use sluice::report::{RunReport, RunStatus};
-use sluice::{Error, Result, demo, fault, inspect, report, trigger, validate};
+use sluice::{Error, Result, demo, fault, infer, inspect, report, trigger, validate};
 
 fn main() -> ExitCode {
     #[cfg(feature = "lambda")]
@@ -136,9 +138,55 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             }
             Ok(exit_code(&report))
         }
-        Command::Validate => {
+        Command::Validate {
+            sample,
+            source,
+            rows,
+        } => {
             let config = Config::load(&cli.config)?;
             redact::print(&validate::validate(&config).await?);
+            let Some(sample) = sample else {
+                return Ok(0);
+            };
+            let source = infer::check::pick_source(&config, sample, source.as_deref())?;
+            let report = infer::check::check(&config, source, sample, *rows)?;
+            redact::print(&report.text);
+            Ok(if report.ok { 0 } else { 1 })
+        }
+        Command::Schema {
+            action: SchemaAction::Infer { file, rows, format },
+        } => {
+            let draft = infer::infer(file, format.map(Into::into), *rows)?;
+            for n in &draft.notes {
+                redact::eprint(&format!("note: {n}\n"));
+            }
+            redact::print(&draft.schema_toml());
+            Ok(0)
+        }
+        Command::Init {
+            dir,
+            sample,
+            name,
+            format,
+            rows,
+        } => {
+            let done =
+                infer::project::init(dir, sample, name.as_deref(), format.map(Into::into), *rows)?;
+            for n in &done.draft.notes {
+                redact::eprint(&format!("note: {n}\n"));
+            }
+            redact::print(&format!(
+                "project {} in {}: source and table {}, {} columns drafted from {} records, the \
+                 sample in {}\nnext: sluice --config {} validate && sluice --config {} run\n",
+                done.name,
+                dir.display(),
+                done.name,
+                done.draft.columns.len(),
+                done.draft.records,
+                done.raw_file.display(),
+                done.config.display(),
+                done.config.display()
+            ));
             Ok(0)
         }
         Command::Status { json } => {

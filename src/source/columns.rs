@@ -101,12 +101,7 @@ impl ReadContext {
 
     /// Why a cell of column `i` was rejected: `column c: "v" is not a valid <type (format)>`.
     pub fn not_valid(&self, i: usize, value: &str) -> String {
-        format!(
-            "column {}: {:?} is not a valid {}",
-            self.names[i],
-            truncate(value, 80),
-            self.parsers[i].label()
-        )
+        rejection(&self.names[i], value, &self.parsers[i])
     }
 
     /// Parses a column of text cells into column `i`'s type: the array (a cell that does not
@@ -360,6 +355,16 @@ impl<'c> RowBuilder<'c> {
         self.flush()?;
         Ok(self.out)
     }
+}
+
+/// Why a cell does not convert to its column's type, as the rejected row says it: the column,
+/// the value and the type with its format.
+pub fn rejection(column: &str, value: &str, parser: &CellParser) -> String {
+    format!(
+        "column {column}: {:?} is not a valid {}",
+        truncate(value, 80),
+        parser.label()
+    )
 }
 
 /// A record's raw bytes as text (invalid UTF-8 replaced, without its line end); one longer than

@@ -14,6 +14,7 @@ mod exactly_once;
 mod formats;
 mod hive;
 mod index;
+mod infer;
 #[cfg(feature = "lambda")]
 mod lambda;
 mod memory;
