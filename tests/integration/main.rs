@@ -13,6 +13,7 @@ mod exactly_once;
 mod formats;
 mod hive;
 mod index;
+mod json_paths;
 #[cfg(feature = "lambda")]
 mod lambda;
 mod memory;
