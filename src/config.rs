@@ -122,6 +122,16 @@ pub enum Format {
 }
 
 impl Format {
+    /// The format's name in the config (`csv`, `jsonl`, `json`, `parquet`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Csv => "csv",
+            Format::Jsonl => "jsonl",
+            Format::Json => "json",
+            Format::Parquet => "parquet",
+        }
+    }
+
     /// The file extensions this format accepts (before any `.gz` / `.zst`).
     pub fn extensions(self) -> &'static [&'static str] {
         match self {

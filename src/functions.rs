@@ -1,7 +1,11 @@
 //! SQL functions sluice adds to every session it builds (run, validate, query, warehouse):
 //! `try_to_timestamp(value, format, ...)` and `try_to_date(value, format, ...)`, which return
 //! NULL where no format matches (as DuckDB's `try_strptime`) instead of failing the query, so a
-//! query can reject such a row with a reason.
+//! query can reject such a row with a reason. And the JSON functions of
+//! `datafusion-functions-json` over JSON text (a `type = "json"` column): `json_get_str(payload,
+//! 'user', 'id')`, `json_get_int`, `json_get_float`, `json_get_bool`, `json_get_json`,
+//! `json_as_text`, `json_contains`, `json_length`, `json_object_keys`, and the operators `->`,
+//! `->>` and `?`.
 
 use std::sync::Arc;
 
@@ -22,6 +26,12 @@ use datafusion::prelude::SessionContext;
 pub fn register(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::from(TryParse::new(Target::Timestamp)));
     ctx.register_udf(ScalarUDF::from(TryParse::new(Target::Date)));
+    let state = ctx.state_ref();
+    let mut state = state.write();
+    if let Err(e) = datafusion_functions_json::register_all(&mut *state) {
+        // Registering adds to the session's maps; it fails only if DataFusion changes.
+        tracing::warn!(error = %e, "the JSON functions are not available");
+    }
 }
 
 /// What a value is parsed into.

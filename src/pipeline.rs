@@ -59,7 +59,11 @@ pub fn prepare(config: &Config) -> Result<Vec<Prepared>> {
                 .source(&t.source)
                 .ok_or_else(|| Error::config(&config.path, format!("no source {}", t.source)))?
                 .clone();
-            let schema = SourceSchema::load(&config.resolve(&source.schema))?;
+            let schema_path = config.resolve(&source.schema);
+            let schema = SourceSchema::load(&schema_path)?;
+            schema
+                .check_format(source.format)
+                .map_err(|e| Error::config(&schema_path, format!("source {}: {e}", source.name)))?;
             let query_path = config.resolve(&t.query);
             let query = transform::load_query(&query_path)?;
             Ok(Prepared {

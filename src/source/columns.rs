@@ -47,8 +47,39 @@ pub struct ReadContext {
     pub file_names: Vec<String>,
     /// Column position by its name in the files (lower-cased when matching ignores case).
     index: HashMap<String, usize>,
+    /// Columns read at nested JSON paths, by their top-level key.
+    nested: HashMap<String, PathNode>,
+    /// Whether column `i` is read at a nested path (not a top-level name).
+    is_nested: Vec<bool>,
     /// How file column names match.
     case: HeaderCase,
+}
+
+/// Columns read at nested JSON paths below one key: the column at this very path, if one is,
+/// and the keys further down.
+#[derive(Debug, Default)]
+pub struct PathNode {
+    /// The column read at this path.
+    pub column: Option<usize>,
+    /// Keys below (lower-cased when matching ignores case); a numeric key also indexes an array.
+    children: HashMap<String, PathNode>,
+}
+
+impl PathNode {
+    /// Whether columns are read below this path.
+    pub fn has_children(&self) -> bool {
+        !self.children.is_empty()
+    }
+
+    /// The child at array index `i`.
+    pub fn element(&self, i: usize) -> Option<&PathNode> {
+        self.children.get(&i.to_string())
+    }
+
+    /// The highest array index a child reads (`None`: no numeric key).
+    pub fn last_element(&self) -> Option<usize> {
+        self.children.keys().filter_map(|k| k.parse().ok()).max()
+    }
 }
 
 impl ReadContext {
@@ -58,7 +89,27 @@ impl ReadContext {
             HeaderCase::Exact => n.to_string(),
             HeaderCase::Insensitive => n.to_lowercase(),
         };
+        let mut nested: HashMap<String, PathNode> = HashMap::new();
+        for (i, c) in schema.columns.iter().enumerate() {
+            let Some(segments) = c.nested_path() else {
+                continue;
+            };
+            let Some((first, rest)) = segments.split_first() else {
+                continue;
+            };
+            let mut node = nested.entry(key(first)).or_default();
+            for s in rest {
+                node = node.children.entry(key(s)).or_default();
+            }
+            node.column = Some(i);
+        }
         ReadContext {
+            is_nested: schema
+                .columns
+                .iter()
+                .map(|c| c.nested_path().is_some())
+                .collect(),
+            nested,
             schema: schema.arrow_schema(),
             parsers: schema
                 .columns
@@ -75,6 +126,7 @@ impl ReadContext {
                 .columns
                 .iter()
                 .enumerate()
+                .filter(|(_, c)| c.nested_path().is_none())
                 .map(|(i, c)| (key(c.file_name()), i))
                 .collect(),
             case,
@@ -89,8 +141,35 @@ impl ReadContext {
         }
     }
 
-    /// Whether a file column name is schema column `i`'s.
+    /// The nested-path columns below a top-level key (`None`: none).
+    pub fn nested(&self, key: &str) -> Option<&PathNode> {
+        if self.nested.is_empty() {
+            return None;
+        }
+        match self.case {
+            HeaderCase::Exact => self.nested.get(key),
+            HeaderCase::Insensitive => self.nested.get(&key.to_lowercase()),
+        }
+    }
+
+    /// The child of a path node at object key `key` (`None`: no column below it).
+    pub fn child<'n>(&self, node: &'n PathNode, key: &str) -> Option<&'n PathNode> {
+        match self.case {
+            HeaderCase::Exact => node.children.get(key),
+            HeaderCase::Insensitive => node.children.get(&key.to_lowercase()),
+        }
+    }
+
+    /// Whether column `i` keeps a value's JSON text (`type = "json"`): a string with its quotes.
+    pub fn keeps_json(&self, i: usize) -> bool {
+        self.parsers[i].ty() == ColumnType::Json
+    }
+
+    /// Whether a file column name is schema column `i`'s (a top-level one).
     pub fn is_column(&self, file_name: &str, i: usize) -> bool {
+        if self.is_nested[i] {
+            return false;
+        }
         match self.case {
             HeaderCase::Exact => self.file_names[i] == file_name,
             HeaderCase::Insensitive => {

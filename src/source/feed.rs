@@ -4,7 +4,9 @@
 //!
 //! JSON lines are cut at a newline; CSV at a newline outside quotes (quote parity from the start
 //! of the chunk, which always starts at a record, counted from the back), checked against the
-//! quotes just before it; JSON documents and Parquet files are one chunk. When parity cannot be
+//! quotes just before it; a JSON document's top-level array after a whole element
+//! ([`json::ArrayScan`], its elements numbered on across chunks); other JSON documents and
+//! Parquet files are one chunk. When parity cannot be
 //! trusted (an unclosed quote or a stray one inverts it, so a chunk would end inside a field or
 //! grow to the end of the file), the chunk is scanned forward for its true last record end, an
 //! unclosed quote ending its record at the end of its line (`csv::scan`); only then, or when
@@ -71,6 +73,9 @@ struct Chunk {
     data: Vec<u8>,
     first_line: u64,
     mapping: Option<Arc<Vec<Option<usize>>>>,
+    /// A JSON document's array: the byte ranges of its elements in `data` (`first_line` is the
+    /// first one's number).
+    elements: Option<Vec<(usize, usize)>>,
     /// Whether the chunk ends the file.
     last: bool,
     /// For a plain file: its hash and this chunk's turn in it.
@@ -119,7 +124,17 @@ struct Open {
     line: u64,
     eof: bool,
     mapping: Option<Arc<Vec<Option<usize>>>>,
+    /// A JSON document: how it is read, once its first byte is known.
+    doc: Option<Doc>,
     emitted: bool,
+}
+
+/// How a JSON document is read.
+enum Doc {
+    /// A top-level array: in chunks of whole elements.
+    Array(json::ArrayScan),
+    /// Any other value: whole.
+    Whole,
 }
 
 struct State {
@@ -208,7 +223,16 @@ impl Feed {
                 Format::Jsonl => {
                     json::read_lines(&self.ctx, &chunk.key, &chunk.data, chunk.first_line)
                 }
-                Format::Json => json::read_document(&self.ctx, &chunk.key, &chunk.data),
+                Format::Json => match &chunk.elements {
+                    Some(elements) => json::read_elements(
+                        &self.ctx,
+                        &chunk.key,
+                        &chunk.data,
+                        elements,
+                        chunk.first_line,
+                    ),
+                    None => json::read_document(&self.ctx, &chunk.key, &chunk.data),
+                },
                 Format::Csv => csv::read_records(
                     &self.ctx,
                     &self.source.csv,
@@ -360,6 +384,7 @@ impl Feed {
             line: 1,
             eof: false,
             mapping: None,
+            doc: None,
             emitted: false,
         };
         if self.source.format == Format::Csv {
@@ -469,8 +494,74 @@ impl Feed {
         Ok(())
     }
 
+    /// The next chunk of a JSON document, or `None` at its end: a top-level array in chunks of
+    /// whole elements, any other document whole.
+    fn cut_document(&self, open: &mut Open) -> Result<Option<Chunk>> {
+        while open.doc.is_none() {
+            match json::first_byte(&open.carry) {
+                Some((_, b'[')) => open.doc = Some(Doc::Array(json::ArrayScan::new())),
+                Some(_) => open.doc = Some(Doc::Whole),
+                None if open.eof => open.doc = Some(Doc::Whole),
+                None => {
+                    let want = (open.carry.len() * 2).max(64 << 10);
+                    self.fill(open, want)?;
+                }
+            }
+        }
+        let mut scan = match open.doc.take() {
+            Some(Doc::Array(scan)) => scan,
+            whole => {
+                open.doc = whole;
+                return self.cut(open);
+            }
+        };
+        let cut = self.cut_array(open, &mut scan);
+        open.doc = Some(Doc::Array(scan));
+        cut
+    }
+
+    /// The next chunk of whole elements of a top-level array.
+    fn cut_array(&self, open: &mut Open, scan: &mut json::ArrayScan) -> Result<Option<Chunk>> {
+        let key = open.key.clone();
+        let fail = |message: String| Error::Read {
+            key: key.to_string(),
+            message,
+        };
+        let mut want = self.chunk_bytes;
+        let end = loop {
+            if scan.closed() {
+                // Only whitespace may follow the array: read it into this last chunk.
+                want = open.carry.len() + self.chunk_bytes;
+            }
+            self.fill(open, want)?;
+            scan.scan(&open.carry).map_err(fail)?;
+            if open.eof {
+                if let Some(why) = scan.unfinished() {
+                    return Err(fail(why));
+                }
+                break open.carry.len();
+            }
+            if !scan.closed() {
+                match scan.cut() {
+                    0 => want = open.carry.len() * 2, // an element longer than a chunk
+                    end => break end,
+                }
+            }
+        };
+        if end == 0 {
+            return Ok(None);
+        }
+        let elements = scan.take(end);
+        let first = open.line;
+        open.line += elements.len() as u64;
+        Ok(Some(self.chunk(open, end, first, Some(elements))))
+    }
+
     /// The next chunk of the open file, or `None` at its end.
     fn cut(&self, open: &mut Open) -> Result<Option<Chunk>> {
+        if self.source.format == Format::Json && !matches!(open.doc, Some(Doc::Whole)) {
+            return self.cut_document(open);
+        }
         let whole = matches!(self.source.format, Format::Json | Format::Parquet);
         let mut want = self.chunk_bytes;
         let end = loop {
@@ -496,26 +587,38 @@ impl Feed {
         if end == 0 {
             return Ok(None);
         }
+        let first_line = open.line;
+        if !whole {
+            open.line += memchr::memchr_iter(b'\n', &open.carry[..end]).count() as u64;
+        }
+        Ok(Some(self.chunk(open, end, first_line, None)))
+    }
+
+    /// The first `end` bytes of the open file's buffer as a chunk.
+    fn chunk(
+        &self,
+        open: &mut Open,
+        end: usize,
+        first_line: u64,
+        elements: Option<Vec<(usize, usize)>>,
+    ) -> Chunk {
         let mut rest = self.buffer();
         rest.extend_from_slice(&open.carry[end..]);
         let mut data = std::mem::replace(&mut open.carry, rest);
         data.truncate(end);
-        let first_line = open.line;
-        if !whole {
-            open.line += memchr::memchr_iter(b'\n', &data).count() as u64;
-        }
-        Ok(Some(Chunk {
+        Chunk {
             file: open.file,
             key: open.key.clone(),
             data,
             first_line,
             mapping: open.mapping.clone(),
+            elements,
             last: open.eof && open.carry.is_empty(),
             turn: open.plain.then(|| {
                 open.seq += 1;
                 (open.hash.clone(), open.seq - 1)
             }),
-        }))
+        }
     }
 }
 
@@ -969,5 +1072,122 @@ mod tests {
         let end = last_record_end(data, b'"').unwrap().0;
         assert_eq!(&data[..end], b"a,\"x\ny\",1\nb,\"\"\"q\"\"\n\",2\n");
         assert_eq!(last_record_end(b"\"no end\n", b'"'), None);
+    }
+
+    /// A JSON document of many elements, with strings holding `]`, `}`, `,`, escaped quotes and
+    /// newlines, nested objects and arrays, and a malformed element (`truncate_at`: cut there).
+    fn json_array(n: usize, bad: usize) -> String {
+        let mut doc = String::from(" [\n");
+        for i in 0..n {
+            if i > 0 {
+                doc.push_str(",\n");
+            }
+            if i == bad {
+                doc.push_str(r#"  {"id": tru, "user": {"name": "]"}}"#);
+                continue;
+            }
+            doc.push_str(&format!(
+                r#"  {{"id": "e{i}", "text": "] }} , \" [ {{ \n\\", "user": {{"name": "u{i}", "tags": ["a]", {{"b": "}}"}}]}}}}"#
+            ));
+        }
+        doc.push_str("\n]\n");
+        doc
+    }
+
+    /// A top-level array read in small chunks of whole elements gives the rows, element numbers
+    /// and rejections of the array read in one chunk, compressed or not; chunks stay small.
+    #[test]
+    fn a_json_array_streams_in_chunks_of_whole_elements() {
+        use crate::source::{ColumnDef, ColumnType};
+        let schema = SourceSchema {
+            columns: vec![
+                ColumnDef::new("id", ColumnType::String),
+                ColumnDef {
+                    path: Some("user.name".into()),
+                    ..ColumnDef::new("name", ColumnType::String)
+                },
+            ],
+        };
+        let doc = json_array(6000, 1234);
+        let data = doc.as_bytes();
+        assert!(data.len() > 8 * (64 << 10), "{}", data.len());
+        let want: Vec<(String, i64)> = (0..6000)
+            .filter(|&i| i != 1234)
+            .map(|i| (format!("e{i}"), i as i64 + 1))
+            .collect();
+        let whole = drain(&feed(Format::Json, &schema, data, 1 << 30));
+        let chunked = drain(&feed(Format::Json, &schema, data, 64 << 10));
+        assert_eq!(whole.0, want);
+        assert_eq!(whole.1.len(), 1);
+        assert_eq!(whole.1[0].0, 1235);
+        assert!(whole.1[0].1.starts_with("invalid JSON"), "{:?}", whole.1);
+        assert_eq!(whole, chunked);
+        assert_eq!(chunked.2, Some(hex::encode(Sha256::digest(data))));
+        let f = feed(Format::Json, &schema, data, 64 << 10);
+        let (mut chunks, mut biggest) = (0, 0);
+        while let Some(c) = f.next_chunk() {
+            chunks += 1;
+            biggest = biggest.max(c.data.len());
+        }
+        assert!(
+            chunks > 8 && biggest < 128 << 10,
+            "{chunks} chunks, {biggest} bytes"
+        );
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, data).unwrap();
+        let gz = gz.finish().unwrap();
+        let file = FeedFile {
+            key: "raw/s/f.json.gz".into(),
+            reader: Box::new(std::io::Cursor::new(gz.clone())),
+        };
+        let unzipped = drain(&Feed::new(
+            &source(Format::Json),
+            &schema,
+            vec![file],
+            64 << 10,
+        ));
+        assert_eq!((&unzipped.0, &unzipped.1), (&whole.0, &whole.1));
+        assert_eq!(unzipped.2, Some(hex::encode(Sha256::digest(&gz))));
+        // A single object is one row.
+        let one = drain(&feed(
+            Format::Json,
+            &schema,
+            br#" {"id": "solo"} "#,
+            64 << 10,
+        ));
+        assert_eq!(one.0, vec![("solo".to_string(), 1)]);
+    }
+
+    /// An array that is never closed fails its file, naming it: before any row went out (a
+    /// small file) or after (a large one, which the batch then runs again without).
+    #[test]
+    fn a_truncated_json_array_fails_its_file() {
+        let schema = SourceSchema {
+            columns: vec![crate::source::ColumnDef::new(
+                "id",
+                crate::source::ColumnType::String,
+            )],
+        };
+        for n in [3, 6000] {
+            let doc = json_array(n, usize::MAX);
+            let cut = doc.trim_end().trim_end_matches(']').len() - 20;
+            let f = feed(Format::Json, &schema, &doc.as_bytes()[..cut], 64 << 10);
+            let mut rows = 0;
+            while let Some(out) = f.next_rows() {
+                rows += out.good_rows();
+            }
+            let (reads, broken) = f.finish();
+            let error = match (n, broken) {
+                (3, None) => reads[0].error.as_ref().unwrap().to_string(),
+                (_, Some(b)) => b.error.to_string(),
+                (_, None) => panic!("{n} elements: no error"),
+            };
+            assert!(
+                error.contains("raw/s/f")
+                    && error.contains("truncated JSON document: the top-level array is not closed"),
+                "{error}"
+            );
+            assert_eq!(rows == 0, n == 3, "{rows} rows");
+        }
     }
 }

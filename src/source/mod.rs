@@ -74,7 +74,9 @@ pub struct ColumnDef {
     /// Name in the file (CSV header, JSON key, Parquet column) when it differs from `name`.
     #[serde(default)]
     pub from: Option<String>,
-    /// JSON: a dotted path to a nested field (`http.status`), instead of a top-level key.
+    /// JSON: a dotted path to a nested field (`http.status`), instead of a top-level key; a
+    /// numeric segment indexes an array (`tags.0`). Missing, or through a value that is not an
+    /// object (or array, for a number), it is null. Not with `from`; JSON sources only.
     #[serde(default)]
     pub path: Option<String>,
     /// Type it is read as.
@@ -113,9 +115,21 @@ impl ColumnDef {
         }
     }
 
-    /// The name the file gives the column (`from`, else `name`).
+    /// The top-level name the file gives the column: `from`, a `path` of one segment, else
+    /// `name`. For a nested path, the dotted path (for messages).
     pub fn file_name(&self) -> &str {
-        self.from.as_deref().unwrap_or(&self.name)
+        self.from
+            .as_deref()
+            .or(self.path.as_deref())
+            .unwrap_or(&self.name)
+    }
+
+    /// The segments of a nested `path` (two or more: `http.status` is `["http", "status"]`);
+    /// `None` for a column read from a top-level key.
+    pub fn nested_path(&self) -> Option<Vec<&str>> {
+        let path = self.path.as_deref()?;
+        let segments: Vec<&str> = path.split('.').collect();
+        (segments.len() > 1).then_some(segments)
     }
 
     /// The column's parser; the error says which option is wrong.
@@ -158,11 +172,34 @@ impl SourceSchema {
         for c in &schema.columns {
             c.parser()
                 .map_err(|e| Error::config(path, format!("column \"{}\": {e}", c.name)))?;
-            if c.path.is_none() && !seen_in_file.insert(c.file_name()) {
+            if let Some(p) = &c.path {
+                if c.from.is_some() {
+                    return Err(Error::config(
+                        path,
+                        format!(
+                            "column \"{}\": from and path both name the field; keep one",
+                            c.name
+                        ),
+                    ));
+                }
+                if p.split('.').any(str::is_empty) {
+                    return Err(Error::config(
+                        path,
+                        format!(
+                            "column \"{}\": path \"{p}\" has an empty segment (write \
+                             `a.b.c`: keys separated by single dots)",
+                            c.name
+                        ),
+                    ));
+                }
+            }
+            let nested = c.nested_path().is_some();
+            if !seen_in_file.insert((nested, c.file_name())) {
+                let what = if nested { "path" } else { "column" };
                 return Err(Error::config(
                     path,
                     format!(
-                        "column \"{}\": the file's column \"{}\" is read by another column too",
+                        "column \"{}\": the file's {what} \"{}\" is read by another column too",
                         c.name,
                         c.file_name()
                     ),
@@ -185,6 +222,24 @@ impl SourceSchema {
             }
         }
         Ok(schema)
+    }
+
+    /// Checks that the columns' options suit a source of this format: `path` reads nested JSON
+    /// fields, so a CSV or Parquet source cannot have it. The error names the column.
+    pub fn check_format(&self, format: Format) -> std::result::Result<(), String> {
+        if matches!(format, Format::Json | Format::Jsonl) {
+            return Ok(());
+        }
+        match self.columns.iter().find(|c| c.path.is_some()) {
+            Some(c) => Err(format!(
+                "column \"{}\": path = \"{}\" reads a nested JSON field, but the source is {}; \
+                 path applies to jsonl and json sources (use from = \"...\" to rename a column)",
+                c.name,
+                c.path.as_deref().unwrap_or_default(),
+                format.name()
+            )),
+            None => Ok(()),
+        }
     }
 
     /// The Arrow schema of the batches readers produce (with the lineage columns).
@@ -239,5 +294,58 @@ pub fn matches_format(key: &str, format: Format) -> bool {
             .iter()
             .any(|e| e.eq_ignore_ascii_case(ext)),
         None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(columns: &str) -> std::result::Result<SourceSchema, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, format!("columns = {columns}\n")).unwrap();
+        SourceSchema::load(&path).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn paths_are_checked_when_a_schema_loads() {
+        let ok = load(
+            r#"[{ name = "http", type = "json" }, { name = "status", path = "http.status", type = "int64" }, { name = "m", path = "http.method", type = "string" }]"#,
+        )
+        .unwrap();
+        assert_eq!(ok.columns[1].nested_path(), Some(vec!["http", "status"]));
+        assert_eq!(ok.check_format(Format::Jsonl), Ok(()));
+        let e = ok.check_format(Format::Csv).unwrap_err();
+        assert!(
+            e.starts_with("column \"status\": path = \"http.status\""),
+            "{e}"
+        );
+        let one = load(r#"[{ name = "s", path = "status", type = "string" }]"#).unwrap();
+        assert_eq!(
+            (one.columns[0].file_name(), one.columns[0].nested_path()),
+            ("status", None)
+        );
+        for (columns, want) in [
+            (
+                r#"[{ name = "s", path = "a..b", type = "string" }]"#,
+                "has an empty segment",
+            ),
+            (
+                r#"[{ name = "s", from = "x", path = "a.b", type = "string" }]"#,
+                "from and path",
+            ),
+            (
+                r#"[{ name = "s", path = "a.b", type = "string" }, { name = "t", path = "a.b", type = "string" }]"#,
+                "the file's path \"a.b\" is read by another column too",
+            ),
+            (
+                r#"[{ name = "s", path = "a", type = "string" }, { name = "a", type = "string" }]"#,
+                "the file's column \"a\" is read by another column too",
+            ),
+        ] {
+            let e = load(columns).unwrap_err();
+            assert!(e.contains(want), "{columns}: {e}");
+        }
     }
 }

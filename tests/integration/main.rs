@@ -15,6 +15,7 @@ mod formats;
 mod hive;
 mod index;
 mod infer;
+mod json_paths;
 #[cfg(feature = "lambda")]
 mod lambda;
 mod memory;
