@@ -421,3 +421,131 @@ fn bad_freshness_settings_are_config_errors_naming_the_source() {
         );
     }
 }
+
+fn s3_at(moto: &crate::aws::Moto, p: &Project, now: DateTime<Utc>, args: &[&str]) -> Value {
+    let mut c = p.cmd(args);
+    moto.env(&mut c);
+    let out = c.env("SLUICE_NOW", now.to_rfc3339()).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn freshness_and_gaps_on_an_s3_lake_notify_sns_once() {
+    let moto = crate::aws::Moto::start();
+    let (topic, inbox) = moto.topic_with_queue("late");
+    // S3 sets the objects' modification times: the clock is fixed relative to them.
+    let before = Utc::now() - Duration::seconds(2);
+    let p = crate::aws::s3_project(&moto, "fresh", "kind = \"lake\"");
+    let days = ["2024-03-06"];
+    let rows: Vec<String> = days
+        .iter()
+        .enumerate()
+        .map(|(i, d)| row(900 + i, d))
+        .collect();
+    let refs: Vec<&str> = rows.iter().map(String::as_str).collect();
+    moto.put(
+        "fresh",
+        "data/raw/support_tickets/extra.csv",
+        tickets(&refs),
+    );
+    let after = Utc::now() + Duration::seconds(2);
+    tickets_source(&p, "expect_every = \"1h\"");
+    p.edit_config(
+        "unique_key = [\"ticket_id\"]",
+        "unique_key = [\"ticket_id\"]\nexpect_partitions = \"daily\"",
+    );
+    p.edit_config(
+        "on_failure = [\"log\"]",
+        &format!("on_failure = [\"log\"]\non_late = [\"sns:{topic}\"]"),
+    );
+
+    let r = s3_at(&moto, &p, after + Duration::minutes(30), &["run", "--json"]);
+    assert!(r["freshness"].get("late").is_none(), "{r}");
+    // The fixtures' tickets are of 2024-03-01..03, the extra file's of the 6th.
+    let mut have: BTreeSet<NaiveDate> = p
+        .strings("processed/support_tickets", "event_date")
+        .into_iter()
+        .flatten()
+        .map(|d| d.parse().unwrap())
+        .collect();
+    assert!(
+        have.is_empty(),
+        "the lake is in S3, not in the project folder"
+    );
+    let (code, out, err) = crate::aws::sluice(
+        &moto,
+        &p,
+        &[
+            "query",
+            "SELECT DISTINCT CAST(event_date AS VARCHAR) AS d FROM support_tickets",
+            "--format",
+            "csv",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    have.extend(out.lines().skip(1).filter(|d| !d.is_empty()).map(|d| {
+        d.parse::<NaiveDate>()
+            .unwrap_or_else(|e| panic!("{e}: {d:?} in {out}"))
+    }));
+    let (first, last) = (*have.first().unwrap(), *have.last().unwrap());
+    let expect: Vec<String> = first
+        .iter_days()
+        .take_while(|d| *d <= last)
+        .filter(|d| !have.contains(d))
+        .map(|d| d.to_string())
+        .collect();
+    assert_eq!(expect, ["2024-03-04", "2024-03-05"]);
+    assert_eq!(
+        r["freshness"]["missing_partitions"]["support_tickets"],
+        serde_json::json!(expect)
+    );
+
+    // Late: two runs, one message.
+    for h in [2, 3] {
+        let r = s3_at(&moto, &p, after + Duration::hours(h), &["run", "--json"]);
+        assert_eq!(
+            r["freshness"]["late"],
+            serde_json::json!(["support_tickets"])
+        );
+    }
+    let s = s3_at(&moto, &p, after + Duration::hours(3), &["status", "--json"]);
+    let f = source(&s, "support_tickets");
+    assert_eq!(f["late"], true);
+    let last_arrival = time(&f["last_arrival"]);
+    assert!(last_arrival >= before - Duration::seconds(1) && last_arrival <= after);
+    assert_eq!(s["partitions"][0]["missing"], serde_json::json!(expect));
+    let sent = moto.drain(&inbox);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert!(
+        sent[0]["Subject"]
+            .as_str()
+            .unwrap()
+            .ends_with(": source support_tickets late"),
+        "{sent:?}"
+    );
+    assert_eq!(sent[0]["MessageAttributes"]["status"]["Value"], "late");
+
+    // A new file: one recovered.
+    moto.put(
+        "fresh",
+        "data/raw/support_tickets/new.csv",
+        tickets(&[&row(950, "2024-03-04")]),
+    );
+    let now = Utc::now() + Duration::minutes(30);
+    s3_at(&moto, &p, now, &["run", "--json"]);
+    let r = s3_at(&moto, &p, now, &["run", "--json"]);
+    assert_eq!(
+        r["freshness"]["missing_partitions"]["support_tickets"],
+        serde_json::json!(["2024-03-05"])
+    );
+    let sent = moto.drain(&inbox);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert!(
+        sent[0]["Subject"]
+            .as_str()
+            .unwrap()
+            .ends_with(": source support_tickets recovered"),
+        "{sent:?}"
+    );
+}
