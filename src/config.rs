@@ -168,6 +168,18 @@ pub struct SourceConfig {
     /// schema's: `exact` (default) or `insensitive` (ASCII and Unicode case folded).
     #[serde(default)]
     pub header_case: HeaderCase,
+    /// Freshness: data is expected at least this often (`24h`, `90m`); the source is late when
+    /// its last arrival is older (see [`crate::freshness`]).
+    #[serde(default)]
+    pub expect_every: Option<String>,
+    /// Freshness: data is expected by this time of day (`06:00`, in `timezone`); the source is
+    /// late once it passed without an arrival since the previous day's.
+    #[serde(default)]
+    pub expect_at: Option<String>,
+    /// The time zone of `expect_at`: an IANA name (`Europe/Berlin`) or an offset (`+01:00`);
+    /// default UTC.
+    #[serde(default)]
+    pub timezone: Option<String>,
 }
 
 /// `encoding`: a raw file's text encoding, by its WHATWG label (case-insensitive). As in web
@@ -400,6 +412,10 @@ pub struct TableConfig {
     /// Data files are closed at about this size (default 128MiB): new rows go to new files, a
     /// rewritten file only shrinks, rows of other files are never merged in.
     pub target_file_size: Option<String>,
+    /// Gaps: `daily` reports the missing dates of the first partition column (a `date`)
+    /// between its first and its last partition, in `status` and the run report.
+    #[serde(default)]
+    pub expect_partitions: Option<String>,
 }
 
 impl TableConfig {
@@ -687,6 +703,17 @@ pub struct NotifyConfig {
     /// Further attempts after a failed delivery.
     #[serde(default = "default_notify_retries")]
     pub retries: u32,
+    /// Targets told when a source becomes late and when it recovers (`expect_every`,
+    /// `expect_at`); default: `on_failure`.
+    #[serde(default)]
+    pub on_late: Option<Vec<String>>,
+}
+
+impl NotifyConfig {
+    /// The targets of `late` and `recovered` notifications: `on_late`, else `on_failure`.
+    pub fn late_targets(&self) -> &[String] {
+        self.on_late.as_deref().unwrap_or(&self.on_failure)
+    }
 }
 
 impl Default for NotifyConfig {
@@ -696,6 +723,7 @@ impl Default for NotifyConfig {
             on_failure: default_targets(),
             timeout_secs: default_notify_timeout(),
             retries: default_notify_retries(),
+            on_late: None,
         }
     }
 }
@@ -1032,6 +1060,13 @@ impl Config {
                 .iter_mut()
                 .map(|t| ("notify.on_failure", t)),
         );
+        out.extend(
+            self.notify
+                .on_late
+                .iter_mut()
+                .flatten()
+                .map(|t| ("notify.on_late", t)),
+        );
         out
     }
 
@@ -1193,7 +1228,13 @@ impl Config {
                 ));
             }
         }
-        for target in self.notify.on_success.iter().chain(&self.notify.on_failure) {
+        for target in self
+            .notify
+            .on_success
+            .iter()
+            .chain(&self.notify.on_failure)
+            .chain(self.notify.on_late.iter().flatten())
+        {
             if !(target == "log"
                 || target.starts_with("webhook:")
                 || target.starts_with("sns:arn:")
@@ -1212,6 +1253,9 @@ impl Config {
         }
         if self.retry.max_attempts == 0 {
             return err("retry.max_attempts must be at least 1".to_string());
+        }
+        if let Err(e) = crate::freshness::check_config(self) {
+            return err(e);
         }
         self.check_warehouse()
     }

@@ -32,6 +32,15 @@ pub struct Status {
     /// The external warehouse's loads, if one is configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warehouse: Option<crate::warehouse::remote::WarehouseStatus>,
+    /// Sources with `expect_every` or `expect_at`: last arrival, late or on time.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub freshness: Vec<crate::freshness::SourceFreshness>,
+    /// Tables with `expect_partitions`: their missing partitions.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<crate::freshness::PartitionGaps>,
+    /// The time freshness was judged at.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub now: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// One run in the status.
@@ -50,6 +59,7 @@ pub struct RunLine {
 /// Gathers the status of a lake.
 pub async fn status(config: &Config, lake: &Lake) -> Result<Status> {
     let ledger = Ledger::load(lake).await?;
+    let now = crate::freshness::now();
     let mut pending = BTreeMap::new();
     for s in &config.sources {
         let mut keys = Vec::new();
@@ -90,6 +100,9 @@ pub async fn status(config: &Config, lake: &Lake) -> Result<Status> {
         failed,
         last_runs,
         warehouse: crate::warehouse::remote::status(config, lake, &ledger).await?,
+        freshness: crate::freshness::sources(config, lake, &ledger, now).await?,
+        partitions: crate::freshness::all_gaps(config, lake).await?,
+        now: crate::freshness::configured(config).then_some(now),
     })
 }
 
@@ -116,6 +129,43 @@ impl Status {
                 "    {} {:?} files={} rows_written={}\n",
                 r.run_id, r.status, r.files, r.rows_written
             ));
+        }
+        for f in &self.freshness {
+            let last = f
+                .last_arrival
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_else(|| "never".into());
+            let state = match (f.late, f.late_since) {
+                (true, Some(since)) => format!("LATE since {}", since.to_rfc3339()),
+                (true, None) => "LATE (nothing arrived yet)".to_string(),
+                (false, _) => "on time".to_string(),
+            };
+            out.push_str(&format!(
+                "  source {}: last arrival {last}, expected {}: {state}\n",
+                f.source,
+                crate::freshness::expectation_text(f)
+            ));
+        }
+        for g in &self.partitions {
+            let range = match (g.first, g.last) {
+                (Some(a), Some(b)) => format!("{a} to {b}"),
+                _ => "no partitions yet".to_string(),
+            };
+            out.push_str(&format!(
+                "  table {} ({} daily, {range}): {} missing\n",
+                g.table,
+                g.column,
+                g.missing.len()
+            ));
+            for d in g.missing.iter().take(31) {
+                out.push_str(&format!("    {d}\n"));
+            }
+            if g.missing.len() > 31 {
+                out.push_str(&format!("    ... {} more\n", g.missing.len() - 31));
+            }
+            for v in &g.not_dates {
+                out.push_str(&format!("    not a date: {v}\n"));
+            }
         }
         if let Some(w) = &self.warehouse {
             out.push_str(&format!(

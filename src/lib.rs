@@ -16,6 +16,7 @@ pub mod error;
 pub mod events;
 pub mod fault;
 pub mod format;
+pub mod freshness;
 pub mod functions;
 pub mod generate;
 pub mod glue;

@@ -55,13 +55,29 @@ pub async fn notify(config: &NotifyConfig, pipeline: &str, report: &RunReport) -
                 }
             }
             Target::Webhook(url) => {
-                if let Err(e) = post(&url, report, config).await {
+                // The body as the lake's copy of the report: secret values masked.
+                let sent = match crate::redact::to_json(report) {
+                    Ok(body) => post(&url, body, config).await,
+                    Err(e) => Err(Error::Notify {
+                        target: format!("webhook {}", endpoint(&url)),
+                        message: e.to_string(),
+                    }),
+                };
+                if let Err(e) = sent {
                     tracing::warn!(target = %redact(&url), error = %e, "notification not delivered");
                     errors.push(e);
                 }
             }
             Target::Sns(arn) => {
-                if let Err(e) = publish(&arn, pipeline, report, config).await {
+                let attributes = [
+                    ("status", report.status.name().to_string()),
+                    ("pipeline", pipeline.to_string()),
+                    ("run_id", report.run_id.clone()),
+                ];
+                let text = redact(&report.summary());
+                let sent =
+                    publish(&arn, &subject(pipeline, report), &text, &attributes, config).await;
+                if let Err(e) = sent {
                     tracing::warn!(target = %redact(&arn), error = %e, "notification not delivered");
                     errors.push(e);
                 }
@@ -81,10 +97,64 @@ pub fn subject(pipeline: &str, report: &RunReport) -> String {
     s
 }
 
+/// A notification that is not a run's report (a source late or recovered).
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The subject line (SNS), masked and at most 100 characters.
+    pub subject: String,
+    /// The text (SNS, log).
+    pub text: String,
+    /// The body of a webhook's POST.
+    pub body: serde_json::Value,
+    /// SNS message attributes.
+    pub attributes: Vec<(&'static str, String)>,
+}
+
+/// Sends a message to targets; returns the delivery errors.
+pub async fn send(targets: &[String], config: &NotifyConfig, message: &Message) -> Vec<Error> {
+    let mut errors = Vec::new();
+    for t in targets.iter().filter_map(|t| Target::parse(t)) {
+        let sent = match t {
+            Target::Log => {
+                tracing::warn!(subject = %redact(&message.subject), "{}", redact(&message.text));
+                Ok(())
+            }
+            Target::Webhook(url) => match crate::redact::to_json(&message.body) {
+                Ok(body) => post(&url, body, config).await,
+                Err(e) => Err(Error::Notify {
+                    target: format!("webhook {}", endpoint(&url)),
+                    message: e.to_string(),
+                }),
+            },
+            Target::Sns(arn) => {
+                let mut subject: String = redact(&message.subject)
+                    .chars()
+                    .filter(|c| c.is_ascii_graphic() || *c == ' ')
+                    .collect();
+                subject.truncate(100);
+                publish(
+                    &arn,
+                    &subject,
+                    &redact(&message.text),
+                    &message.attributes,
+                    config,
+                )
+                .await
+            }
+        };
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "notification not delivered");
+            errors.push(e);
+        }
+    }
+    errors
+}
+
 async fn publish(
     arn: &str,
-    pipeline: &str,
-    report: &RunReport,
+    subject: &str,
+    text: &str,
+    attributes: &[(&str, String)],
     config: &NotifyConfig,
 ) -> Result<()> {
     use aws_sdk_sns::types::MessageAttributeValue;
@@ -105,15 +175,15 @@ async fn publish(
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt.min(6)))).await;
         }
-        let sent = client
+        let mut request = client
             .publish()
             .topic_arn(arn)
-            .subject(subject(pipeline, report))
-            .message(redact(&report.summary()))
-            .message_attributes("status", attr(report.status.name())?)
-            .message_attributes("pipeline", attr(pipeline)?)
-            .message_attributes("run_id", attr(&report.run_id)?)
-            .send();
+            .subject(subject)
+            .message(text);
+        for (name, value) in attributes {
+            request = request.message_attributes(*name, attr(value)?);
+        }
+        let sent = request.send();
         match tokio::time::timeout(Duration::from_secs(config.timeout_secs), sent).await {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(e)) => last = crate::aws::describe(&e),
@@ -134,7 +204,7 @@ fn endpoint(url: &str) -> String {
         .unwrap_or_else(|| "(an invalid URL)".to_string())
 }
 
-async fn post(url: &str, report: &RunReport, config: &NotifyConfig) -> Result<()> {
+async fn post(url: &str, body: String, config: &NotifyConfig) -> Result<()> {
     let fail = |message: String| Error::Notify {
         target: format!("webhook {}", endpoint(url)),
         message: redact(&message),
@@ -147,8 +217,6 @@ async fn post(url: &str, report: &RunReport, config: &NotifyConfig) -> Result<()
         .timeout(timeout)
         .build()
         .map_err(|e| fail(e.to_string()))?;
-    // The body as the lake's copy of the report: secret values masked.
-    let body = crate::redact::to_json(report).map_err(|e| fail(e.to_string()))?;
     let mut last = String::new();
     for attempt in 0..=config.retries {
         if attempt > 0 {

@@ -298,6 +298,10 @@ pub struct RunReport {
     /// Whether the lake is in S3 (the summary then counts its requests).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub s3: bool,
+    /// Late sources and missing partitions after the run ([`crate::freshness`]), when the
+    /// config asks for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freshness: Option<crate::freshness::RunFreshness>,
 }
 
 fn is_zero_f64(n: &f64) -> bool {
@@ -324,6 +328,7 @@ impl RunReport {
             requests: BTreeMap::new(),
             requests_per_file: 0.0,
             s3: false,
+            freshness: None,
         }
     }
 
@@ -488,6 +493,9 @@ impl RunReport {
                 f.key,
                 f.error.as_deref().unwrap_or("unknown error")
             ));
+        }
+        if let Some(f) = &self.freshness {
+            out.push_str(&f.summary());
         }
         for w in &self.warnings {
             out.push_str(&format!("  warning: {w}\n"));

@@ -47,10 +47,23 @@ async fn run_as(
     let result = runner.run(&progress).await;
     progress.finish();
     let mut report = result?;
+    // Freshness and gaps (late sources notified once, missing partitions) go into the report.
+    let evaluated = crate::freshness::configured(config);
+    if evaluated {
+        match crate::freshness::evaluate(config, &lake, &report.run_id).await {
+            Ok((freshness, problems)) => {
+                report.warnings.extend(problems);
+                report.freshness = Some(freshness);
+            }
+            Err(e) => report
+                .warnings
+                .push(format!("freshness not evaluated: {e}")),
+        }
+    }
     // Every sink masks secret values (crate::redact): the saved report, the notifications,
     // the output.
     let undelivered = notify::notify(&config.notify, &config.pipeline_name(), &report).await;
-    if !undelivered.is_empty() {
+    if !undelivered.is_empty() || evaluated {
         report
             .errors
             .extend(undelivered.iter().map(ToString::to_string));
@@ -173,6 +186,7 @@ pub async fn watch_queue(
         };
         let messages = out.messages();
         if messages.is_empty() {
+            crate::freshness::poll(config, &lake).await;
             continue;
         }
         // Each message's keys; a message that is not an event stays for the queue's redrive.

@@ -135,6 +135,9 @@ pub fn source(format: Format, csv: CsvOptions) -> SourceConfig {
         csv,
         header_case: Default::default(),
         encoding: Default::default(),
+        expect_every: None,
+        expect_at: None,
+        timezone: None,
     }
 }
 

@@ -746,6 +746,9 @@ mod tests {
             csv: CsvOptions::default(),
             encoding: Default::default(),
             header_case: Default::default(),
+            expect_every: None,
+            expect_at: None,
+            timezone: None,
         }
     }
 

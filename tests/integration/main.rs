@@ -12,6 +12,7 @@ mod delta;
 mod dialects;
 mod exactly_once;
 mod formats;
+mod freshness;
 mod hive;
 mod index;
 mod infer;
