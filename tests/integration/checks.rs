@@ -258,7 +258,8 @@ fn min_rows_and_row_count_change() {
         check(&checks(&report), "min_rows")["message"],
         "2 rows (at least 3)"
     );
-    let rc = check(&checks(&report), "row_count_change");
+    let list = checks(&report);
+    let rc = check(&list, "row_count_change");
     assert_eq!(rc["passed"], true);
     assert!(
         rc["message"]
@@ -274,7 +275,8 @@ fn min_rows_and_row_count_change() {
     p.add_raw("orders", "c.csv", &csv(&good(200, 4)));
     let (code, report) = p.run();
     assert_eq!(code, 1, "{report:#}");
-    let rc = check(&checks(&report), "row_count_change");
+    let list = checks(&report);
+    let rc = check(&list, "row_count_change");
     assert_eq!(rc["passed"], false);
     assert!(
         rc["message"]
