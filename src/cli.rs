@@ -128,6 +128,16 @@ pub enum Command {
         #[arg(long, default_value_t = crate::infer::DEFAULT_ROWS)]
         rows: usize,
     },
+    /// Run the data checks (`[[table.check]]`) on the whole current table (or every table
+    /// with checks) and print their results; exit 1 if an `error` check fails. Batch checks
+    /// (`max_reject_rate`, `row_count_change`) are skipped.
+    Check {
+        /// The table; default: every table with checks.
+        table: Option<String>,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show processed, pending and failed files and the last runs.
     Status {
         /// Print as JSON.

@@ -7,8 +7,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use chrono::Utc;
+use tracing::Instrument;
 
 use crate::catalog::{REJECTED_PARTITION, TableMeta};
+use crate::checks;
 use crate::config::TableConfig;
 use crate::error::{Error, Result};
 use crate::fault;
@@ -113,6 +115,7 @@ impl Runner<'_> {
             rewritten: Vec::new(),
             rewritten_keys: Vec::new(),
             staged: Vec::new(),
+            checks: Vec::new(),
             scratch: self
                 .lake
                 .scratch(&self.me.run_id, &format!("{}-commit", table.name)),
@@ -228,6 +231,41 @@ impl Runner<'_> {
             plan.report.rows_duplicate += c.duplicate;
         }
         plan.report.partitions = plan.change.partitions.clone();
+        // Data checks on the staged rows, before anything is staged in the lake: a failing
+        // `error` check fails the batch with nothing to throw away.
+        if !table.check.is_empty()
+            && let Some((_, meta)) = &plan.catalog
+        {
+            let ctx =
+                crate::transform::session(self.threads, self.config.engine.budget().pool_bytes);
+            let files = plan
+                .files
+                .iter()
+                .map(|f| (f.path.clone(), f.dir.clone()))
+                .collect();
+            checks::register_staged(&ctx, &table.name, meta, files)?;
+            let stats = checks::BatchStats {
+                read: plan.counts.values().map(|c| c.read).sum(),
+                rejected: plan.report.rows_rejected,
+                written: plan.report.rows_written,
+                previous: ledger.last_written.get(&table.name).map(|(_, n)| *n),
+            };
+            let results = checks::run(&ctx, self.config, table, Some(stats))
+                .instrument(tracing::info_span!("step", step = "checks"))
+                .await?;
+            if let Some(summary) = checks::summary(&results) {
+                self.checks
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(results);
+                let _ = std::fs::remove_dir_all(&plan.scratch);
+                return Err(Error::ChecksFailed {
+                    table: table.name.clone(),
+                    summary,
+                });
+            }
+            plan.checks = results;
+        }
         // Recovery throws the staging away if this run dies before its commit point.
         self.lake
             .put_json(&ledger::pending_key(&id), &plan.commit(&self.me.run_id))
@@ -313,6 +351,10 @@ impl Runner<'_> {
         self.serial
             .store(false, std::sync::atomic::Ordering::Relaxed);
         let _ = std::fs::remove_dir_all(&plan.scratch);
+        self.checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(std::mem::take(&mut plan.checks));
         Ok((commit, plan.report, plan.counts))
     }
 
@@ -440,6 +482,8 @@ struct Plan {
     rewritten_keys: Vec<Option<String>>,
     /// Keys uploaded under the commit's staging prefix.
     staged: Vec<String>,
+    /// The results of the table's data checks on this batch (none failing an `error` one).
+    checks: Vec<checks::CheckResult>,
     scratch: PathBuf,
 }
 

@@ -416,6 +416,116 @@ pub struct TableConfig {
     /// between its first and its last partition, in `status` and the run report.
     #[serde(default)]
     pub expect_partitions: Option<String>,
+    /// `[[table.check]]`: data checks run on each batch before its commit point
+    /// ([`crate::checks`]).
+    #[serde(default)]
+    pub check: Vec<CheckConfig>,
+}
+
+/// How a failing check acts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// The batch fails: nothing is published, its raw files stay for the next run.
+    #[default]
+    Error,
+    /// Reported and notified; the batch is still published.
+    Warn,
+}
+
+/// `accepted_values = { column, values }`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptedValues {
+    /// The column.
+    pub column: String,
+    /// The values it may hold (as text; nulls pass).
+    pub values: Vec<String>,
+}
+
+/// `[[table.check]]`: exactly one of the kinds, an optional `name` and `severity`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckConfig {
+    /// Its name in reports; default: the kind and its columns.
+    pub name: Option<String>,
+    /// `error` (default) or `warn`.
+    #[serde(default)]
+    pub severity: Severity,
+    /// Rejected rows / rows read of the batch at most this.
+    pub max_reject_rate: Option<f64>,
+    /// These columns hold no nulls.
+    pub not_null: Option<Vec<String>>,
+    /// A column holds only these values (or null).
+    pub accepted_values: Option<AcceptedValues>,
+    /// A SQL file (relative to the config) over the table that must return no rows.
+    pub sql: Option<PathBuf>,
+    /// These columns together are unique within the batch.
+    pub unique: Option<Vec<String>>,
+    /// The batch writes at least this many rows.
+    pub min_rows: Option<u64>,
+    /// Rows written within this factor of the previous commit's (both ways).
+    pub row_count_change: Option<f64>,
+}
+
+impl CheckConfig {
+    /// The check's kind, or why the entry is not one check.
+    pub fn kind(&self) -> std::result::Result<&'static str, String> {
+        let kinds: Vec<&'static str> = [
+            ("max_reject_rate", self.max_reject_rate.is_some()),
+            ("not_null", self.not_null.is_some()),
+            ("accepted_values", self.accepted_values.is_some()),
+            ("sql", self.sql.is_some()),
+            ("unique", self.unique.is_some()),
+            ("min_rows", self.min_rows.is_some()),
+            ("row_count_change", self.row_count_change.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, on)| *on)
+        .map(|(k, _)| k)
+        .collect();
+        match kinds.as_slice() {
+            [k] => Ok(k),
+            [] => Err(
+                "names no check (one of max_reject_rate, not_null, accepted_values, \
+                       sql, unique, min_rows, row_count_change)"
+                    .into(),
+            ),
+            many => Err(format!(
+                "names {} checks: give each its own [[table.check]]",
+                many.join(", ")
+            )),
+        }
+    }
+
+    /// Its name in reports: `name`, or the kind and its columns.
+    pub fn label(&self) -> String {
+        if let Some(n) = &self.name {
+            return n.clone();
+        }
+        let kind = self.kind().unwrap_or("check");
+        let detail = if let Some(c) = self.not_null.as_ref().or(self.unique.as_ref()) {
+            c.join(",")
+        } else if let Some(a) = &self.accepted_values {
+            a.column.clone()
+        } else if let Some(p) = &self.sql {
+            p.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        if detail.is_empty() {
+            kind.to_string()
+        } else {
+            format!("{kind}({detail})")
+        }
+    }
+
+    /// Whether a failure fails the batch.
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
 }
 
 impl TableConfig {
@@ -1114,6 +1224,33 @@ impl Config {
 
     fn check(&self) -> Result<()> {
         let err = |m: String| Err(Error::config(&self.path, m));
+        for t in &self.tables {
+            for (i, c) in t.check.iter().enumerate() {
+                let at = format!("table {} check {} ({})", t.name, i + 1, c.label());
+                if let Err(e) = c.kind() {
+                    return err(format!("{at}: {e}"));
+                }
+                if let Some(r) = c.max_reject_rate
+                    && !(0.0..=1.0).contains(&r)
+                {
+                    return err(format!("{at}: max_reject_rate must be between 0 and 1"));
+                }
+                if let Some(f) = c.row_count_change
+                    && (f.is_nan() || f < 1.0)
+                {
+                    return err(format!(
+                        "{at}: row_count_change must be a factor of at least 1"
+                    ));
+                }
+                if c.not_null
+                    .as_ref()
+                    .or(c.unique.as_ref())
+                    .is_some_and(Vec::is_empty)
+                {
+                    return err(format!("{at}: names no column"));
+                }
+            }
+        }
         if let Some(limit) = &self.engine.memory_limit
             && let Err(e) = parse_size(limit)
         {

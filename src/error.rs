@@ -101,6 +101,10 @@ pub enum Error {
     )]
     MaxRuntime { limit: String, step: String },
 
+    /// A data check of severity `error` failed on a batch: nothing of it is published.
+    #[error("data checks failed for table {table}: {summary}")]
+    ChecksFailed { table: String, summary: String },
+
     /// Plain I/O outside the lake (config files, local output).
     #[error("{context}: {source}")]
     Io {

@@ -6,7 +6,7 @@
 //! replaced files, archiving raw files) is idempotent, so recovery after a crash either rolls a
 //! commit forward (ledger entry present) or throws its staging away (absent).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use futures::{StreamExt, TryStreamExt};
 
@@ -156,6 +156,19 @@ pub struct Ledger {
     pub commits: Vec<String>,
     /// Commits by id, for the tables whose rows they changed (a compaction changes none).
     pub changed_tables: HashMap<String, Vec<String>>,
+    /// Per table, the latest commit that wrote rows from raw files: when it was planned and
+    /// the rows it wrote (`row_count_change` checks compare with it).
+    pub last_written: HashMap<String, (DateTime<Utc>, u64)>,
+}
+
+/// A ledger entry as read: the commit and its per-file counts `[read, written, rejected,
+/// duplicate]`.
+#[derive(Deserialize)]
+struct Entry {
+    #[serde(flatten)]
+    commit: Commit,
+    #[serde(default)]
+    counts: BTreeMap<String, Vec<u64>>,
 }
 
 impl Ledger {
@@ -180,14 +193,28 @@ impl Ledger {
             }
         }
         // Read a few at a time, added in the listing's order.
-        let commits: Vec<Option<Commit>> = futures::stream::iter(&new)
-            .map(|key| lake.get_json::<Commit>(key))
+        let commits: Vec<Option<Entry>> = futures::stream::iter(&new)
+            .map(|key| lake.get_json::<Entry>(key))
             .buffered(lake.concurrency())
             .try_collect()
             .await?;
         let mut added = 0;
-        for commit in commits.into_iter().flatten() {
-            self.add(&commit);
+        for entry in commits.into_iter().flatten() {
+            let commit = &entry.commit;
+            let written: u64 = entry.counts.values().filter_map(|c| c.get(1)).sum();
+            for t in commit.tables.iter().filter(|t| !t.compaction) {
+                if commit.files.is_empty() || entry.counts.is_empty() {
+                    continue;
+                }
+                let last = self
+                    .last_written
+                    .entry(t.table.clone())
+                    .or_insert((commit.created_at, written));
+                if commit.created_at >= last.0 {
+                    *last = (commit.created_at, written);
+                }
+            }
+            self.add(commit);
             added += 1;
         }
         self.commits.sort();

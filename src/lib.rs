@@ -5,6 +5,7 @@
 
 pub mod aws;
 pub mod catalog;
+pub mod checks;
 pub mod cli;
 pub mod commit;
 pub mod compact;

@@ -228,6 +228,13 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             redact::print(&report.summary());
             Ok(exit_code(&report))
         }
+        Command::Check { table, json } => {
+            let (config, lake) = load(&cli, &cli.config).await?;
+            let (out, ok) =
+                sluice::checks::check_command(&config, &lake, table.as_deref(), *json).await?;
+            redact::print(&out);
+            Ok(if ok { 0 } else { 1 })
+        }
         Command::Index { action } => {
             let (config, lake) = load(&cli, &cli.config).await?;
             match action {

@@ -36,8 +36,25 @@ impl Target {
 
 /// Sends the report to the targets for its status; returns the delivery errors.
 pub async fn notify(config: &NotifyConfig, pipeline: &str, report: &RunReport) -> Vec<Error> {
+    // A failed `warn` check goes to the failure targets too, though its batch was published.
+    let warned = report.checks.iter().any(|c| !c.passed);
+    let union: Vec<String>;
     let targets = match report.status {
         RunStatus::Failed => &config.on_failure,
+        RunStatus::Succeeded if warned => {
+            union = config
+                .on_success
+                .iter()
+                .chain(
+                    config
+                        .on_failure
+                        .iter()
+                        .filter(|t| !config.on_success.contains(*t)),
+                )
+                .cloned()
+                .collect();
+            &union
+        }
         RunStatus::Succeeded => &config.on_success,
         RunStatus::NothingToDo => return Vec::new(),
     };

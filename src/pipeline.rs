@@ -120,6 +120,8 @@ pub struct Runner<'a> {
     /// Raw files downloaded before their stream (to be hashed), by key: the stream reads them
     /// from here instead of downloading them again.
     pub(crate) downloaded: std::sync::Mutex<HashMap<String, Box<dyn std::io::Read + Send>>>,
+    /// Results of the data checks of the batches so far, for the run report.
+    pub(crate) checks: std::sync::Mutex<Vec<crate::checks::CheckResult>>,
     /// The next commit is planned under the commit lock (the last plan made beside other
     /// commits conflicted with one of them).
     pub(crate) serial: std::sync::atomic::AtomicBool,
@@ -145,6 +147,7 @@ impl<'a> Runner<'a> {
             downloaded: std::sync::Mutex::new(HashMap::new()),
             serial: std::sync::atomic::AtomicBool::new(false),
             handled: std::sync::Mutex::new(std::collections::HashSet::new()),
+            checks: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -202,6 +205,7 @@ impl<'a> Runner<'a> {
             }
             Err(e) => return Err(e),
         }
+        report.checks = std::mem::take(&mut *self.checks.lock().unwrap_or_else(|e| e.into_inner()));
         // Requests between the steps (failed files' attempts, catalog markers).
         report.add_requests("other", self.lake.take_requests());
         report.finish();

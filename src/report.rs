@@ -281,6 +281,9 @@ pub struct RunReport {
     /// Maintenance done by `compact` or `vacuum`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub maintenance: Vec<MaintenanceReport>,
+    /// Results of the tables' data checks (`[[table.check]]`) on this run's batches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<crate::checks::CheckResult>,
     /// Errors outside single files (warehouse, notifications, accounting).
     pub errors: Vec<String>,
     /// What a person should know that is not an error (an aggregate not built yet, ...).
@@ -322,6 +325,7 @@ impl RunReport {
             warehouse: Vec::new(),
             statements: Vec::new(),
             maintenance: Vec::new(),
+            checks: Vec::new(),
             errors: Vec::new(),
             warnings: Vec::new(),
             timings: BTreeMap::new(),
@@ -425,6 +429,18 @@ impl RunReport {
             }
             if let Some(why) = &t.index_rebuilt {
                 out.push_str(&format!("  {name}: key index rebuilt ({why})\n"));
+            }
+        }
+        if !self.checks.is_empty() {
+            let failed: Vec<&crate::checks::CheckResult> =
+                self.checks.iter().filter(|c| !c.passed).collect();
+            out.push_str(&format!(
+                "  checks: {} run, {} failed\n",
+                self.checks.len(),
+                failed.len()
+            ));
+            for c in failed {
+                out.push_str(&format!("  check {}\n", c.line()));
             }
         }
         if self.s3 && !self.requests.is_empty() {

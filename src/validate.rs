@@ -39,6 +39,20 @@ pub async fn validate(config: &Config) -> Result<String> {
         ));
         let empty = MemTable::try_new(Arc::new(Schema::new(data)), vec![vec![]])?;
         tables_ctx.register_table(p.table.name.as_str(), Arc::new(empty))?;
+        if !p.table.check.is_empty() {
+            crate::checks::plan(&tables_ctx, config, &p.table).await?;
+            out.push_str(&format!(
+                "table {}: {} checks: {}\n",
+                p.table.name,
+                p.table.check.len(),
+                p.table
+                    .check
+                    .iter()
+                    .map(|c| c.label())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
     }
     let modes = warehouse::plan_all(config, &tables_ctx).await?;
     for (a, mode) in config.aggregates.iter().zip(modes) {

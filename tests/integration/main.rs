@@ -3,6 +3,7 @@
 mod aggregates;
 mod aws;
 mod bad_input;
+mod checks;
 mod cli;
 mod compact;
 mod concurrency;
