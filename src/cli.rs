@@ -155,6 +155,31 @@ pub enum Command {
         #[arg(long)]
         as_of: Option<u64>,
     },
+    /// Re-derive a table's rows from its archived raw files with the current query (after a
+    /// query fix): exactly the rows (and rejected rows) of those files are replaced, in one
+    /// commit; the aggregates are refreshed and the warehouse loaded as after a run.
+    Reprocess {
+        /// The table.
+        table: String,
+        /// Files committed on or after this day (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        since: Option<chrono::NaiveDate>,
+        /// Files committed on or before this day (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        until: Option<chrono::NaiveDate>,
+        /// Only raw files whose key (or name under the source's folder) matches this glob.
+        #[arg(long)]
+        files: Option<String>,
+        /// Print the files, partitions and rows that would be removed and added; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Abort the process at this step (crash tests).
+        #[arg(long, hide = true)]
+        crash_at: Option<String>,
+    },
     /// Compact a table's small files (plain Parquet: one sluice commit with its key index;
     /// Delta: OPTIMIZE), or every table's.
     Compact {

@@ -420,6 +420,10 @@ pub struct TableConfig {
     /// ([`crate::checks`]).
     #[serde(default)]
     pub check: Vec<CheckConfig>,
+    /// Row lineage (default true): every stored row names the raw file it came from in a last
+    /// column `_sluice_source`, what `sluice reprocess` replaces rows by.
+    #[serde(default = "yes")]
+    pub lineage: bool,
 }
 
 /// How a failing check acts.

@@ -317,7 +317,7 @@ pub async fn publish(
     let processed = lake::processed_prefix(&meta.name);
     let rejected = lake::rejected_prefix(&meta.name);
     let added_here = under(added.iter(), &processed);
-    let removed = under(removed.iter(), &processed);
+    let removed_here = under(removed.iter(), &processed);
     let partitions: Vec<String> = meta
         .partition_columns
         .iter()
@@ -329,25 +329,31 @@ pub async fn publish(
         meta.full_schema()?.as_ref(),
         &partitions,
         &added_here,
-        &removed,
+        &removed_here,
         txn,
     )
     .await?;
     let rejected_added = under(added.iter(), &rejected);
-    if !rejected_added.is_empty() {
+    let rejected_removed = under(removed.iter(), &rejected);
+    if !rejected_added.is_empty() || !rejected_removed.is_empty() {
         commit_files(
             lake,
             &rejected,
             meta.rejected_table_schema()?.as_ref(),
             &[REJECTED_PARTITION.to_string()],
             &rejected_added,
-            &[],
+            &rejected_removed,
             txn,
         )
         .await?;
-        write_manifests(lake, &rejected, &dirs_of(&rejected_added, &rejected)).await?;
+        let touched: Vec<String> = rejected_added
+            .iter()
+            .chain(&rejected_removed)
+            .cloned()
+            .collect();
+        write_manifests(lake, &rejected, &dirs_of(&touched, &rejected)).await?;
     }
-    let touched: Vec<String> = added_here.iter().chain(&removed).cloned().collect();
+    let touched: Vec<String> = added_here.iter().chain(&removed_here).cloned().collect();
     write_manifests(lake, &processed, &dirs_of(&touched, &processed)).await
 }
 

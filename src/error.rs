@@ -105,6 +105,10 @@ pub enum Error {
     #[error("data checks failed for table {table}: {summary}")]
     ChecksFailed { table: String, summary: String },
 
+    /// A replay (`sluice reprocess`) that cannot be done as asked; nothing was written.
+    #[error("reprocess {table}: {message}")]
+    Replay { table: String, message: String },
+
     /// Plain I/O outside the lake (config files, local output).
     #[error("{context}: {source}")]
     Io {

@@ -69,7 +69,7 @@ const ISO_TIMESTAMPS: [&str; 4] = [
 const ISO_DATES: [&str; 1] = ["%Y-%m-%d"];
 
 /// Whether a chrono format names an offset (then the value is read with it and moved to UTC).
-fn has_offset(items: &[Item<'_>]) -> bool {
+pub(crate) fn has_offset(items: &[Item<'_>]) -> bool {
     use chrono::format::{Fixed, Item as I};
     items.iter().any(|i| {
         matches!(

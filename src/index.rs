@@ -1173,7 +1173,7 @@ pub async fn read_table(
 
 /// Calls `f` with each batch of a table file as stored and with its partition columns restored
 /// (the table's full schema).
-fn for_each_batch(
+pub(crate) fn for_each_batch(
     file: File,
     f: &TableFile,
     partition_types: &[(String, DataType)],
@@ -1211,6 +1211,23 @@ pub async fn rewrite_without(
     compression: &str,
     out: &Path,
 ) -> Result<Rewritten> {
+    rewrite_where(lake, meta, f, compression, out, |whole| {
+        let fps = keying.fingerprints(whole)?;
+        Ok(fps.iter().map(|fp| Some(!drop.contains(fp))).collect())
+    })
+    .await
+}
+
+/// Rewrites a table file with the rows `keep` keeps (it sees each batch with its partition
+/// columns restored), into a local file at `out` with the table's file columns.
+pub async fn rewrite_where(
+    lake: &Lake,
+    meta: &TableMeta,
+    f: &TableFile,
+    compression: &str,
+    out: &Path,
+    mut keep: impl FnMut(&RecordBatch) -> Result<BooleanArray>,
+) -> Result<Rewritten> {
     let full = meta.full_schema()?;
     let file_schema = sink::nullable(meta.file_schema()?.as_ref());
     let partition_types = meta.partition_types()?;
@@ -1218,9 +1235,7 @@ pub async fn rewrite_without(
     let mut writer = sink::LocalParquet::new(out, file_schema.clone(), compression);
     let mut dropped = 0u64;
     for_each_batch(input, f, &partition_types, &full, |stored, whole| {
-        let fps = keying.fingerprints(whole)?;
-        let keep: BooleanArray = fps.iter().map(|fp| Some(!drop.contains(fp))).collect();
-        let kept = filter_record_batch(stored, &keep)?;
+        let kept = filter_record_batch(stored, &keep(whole)?)?;
         dropped += (stored.num_rows() - kept.num_rows()) as u64;
         writer.write(&sink::conform(&kept, &file_schema)?)
     })?;

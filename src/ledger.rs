@@ -91,6 +91,10 @@ pub struct TableChange {
     /// not loaded again. Absent in older entries (false).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub compaction: bool,
+    /// A replay (`sluice reprocess`): the raw files (keys under `raw/`) whose rows this change
+    /// replaced with the rows the current query makes of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replayed: Vec<String>,
 }
 
 /// One commit: files in, table changes out.
@@ -129,6 +133,15 @@ pub fn attempts_key(raw_key: &str) -> String {
         "{STATE}/attempts/{}.json",
         &sha256_hex(raw_key.as_bytes())[..32]
     )
+}
+
+/// Whether a data file is a rewrite of another (`part-<commit>-r<k>.parquet`: the rows of a
+/// file a commit replaced rows of, without them), as commits and replays name them.
+pub fn is_rewrite(key: &str) -> bool {
+    let name = key.rsplit('/').next().unwrap_or(key);
+    name.strip_suffix(".parquet")
+        .and_then(|n| n.rsplit_once("-r"))
+        .is_some_and(|(_, k)| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The lake-wide commit lock.

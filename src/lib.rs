@@ -33,6 +33,7 @@ pub mod maintain;
 pub mod notify;
 pub mod pipeline;
 pub mod redact;
+pub mod replay;
 pub mod report;
 pub mod requests;
 pub mod secrets;

@@ -205,6 +205,39 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             redact::print(&format!("{out}\n"));
             Ok(0)
         }
+        Command::Reprocess {
+            table,
+            since,
+            until,
+            files,
+            dry_run,
+            json,
+            crash_at,
+        } => {
+            if let Some(step) = crash_at {
+                fault::arm(step);
+            }
+            let (config, lake) = load(&cli, &cli.config).await?;
+            let req = sluice::replay::ReplayRequest {
+                table: table.clone(),
+                since: *since,
+                until: *until,
+                files: files.clone(),
+                dry_run: *dry_run,
+            };
+            let run_id = sluice::report::new_run_id();
+            let runner = sluice::pipeline::Runner::new(&config, lake, &run_id);
+            let report = runner.reprocess(&req).await?;
+            if *json {
+                redact::print(&format!("{}\n", to_json(&report)?));
+            } else {
+                redact::print(&report.summary());
+                for e in &report.errors {
+                    redact::print(&format!("error: {e}\n"));
+                }
+            }
+            Ok(if report.errors.is_empty() { 0 } else { 1 })
+        }
         Command::Compact {
             table,
             target_size,

@@ -780,8 +780,20 @@ impl<'a> Runner<'a> {
         files: &[ObjectMeta],
         scratch: &std::path::Path,
     ) -> std::result::Result<Streamed, Failure> {
-        let budget = self.config.engine.budget();
         let keys: Vec<String> = files.iter().map(|m| m.location.to_string()).collect();
+        self.stream_named(p, files, keys, scratch).await
+    }
+
+    /// [`Runner::stream`] of `files` under other names (`keys`, one a file): a replay reads
+    /// archived files as the raw files they were.
+    pub(crate) async fn stream_named(
+        &self,
+        p: &Prepared,
+        files: &[ObjectMeta],
+        keys: Vec<String>,
+        scratch: &std::path::Path,
+    ) -> std::result::Result<Streamed, Failure> {
+        let budget = self.config.engine.budget();
         // Downloaded a few at a time (those hashed first are downloaded already).
         let readers: Vec<Result<Box<dyn std::io::Read + Send>>> = futures::stream::iter(files)
             .map(|m| async move {
@@ -1004,7 +1016,7 @@ fn failed_key(source: &SourceConfig, key: &str) -> String {
 }
 
 /// Why a streamed batch failed.
-enum Failure {
+pub(crate) enum Failure {
     /// One file broke (index into the batch's files); the rest can run again without it.
     File(usize, Error),
     /// The query failed while it ran over the data: some file's values cause it.
@@ -1016,6 +1028,19 @@ enum Failure {
 impl From<Error> for Failure {
     fn from(e: Error) -> Failure {
         Failure::Batch(e)
+    }
+}
+
+impl Failure {
+    /// The error, a broken file's naming it (`names` are the batch's files).
+    pub(crate) fn into_error(self, names: &[String]) -> Error {
+        match self {
+            Failure::File(i, e) => Error::State {
+                path: names.get(i).cloned().unwrap_or_default(),
+                message: e.to_string(),
+            },
+            Failure::Query(e) | Failure::Batch(e) => e,
+        }
     }
 }
 

@@ -24,7 +24,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::config::TableConfig;
 use crate::error::{Error, Result};
-use crate::source::{Malformed, SOURCE_FILE, SOURCE_ROW};
+use crate::source::{LINEAGE, Malformed, SOURCE_FILE, SOURCE_ROW};
 
 /// The column a query sets to reject a row.
 pub const REJECT_REASON: &str = "_reject_reason";
@@ -167,6 +167,11 @@ pub fn check_output(table: &TableConfig, file: &Path, output: &Schema) -> Result
             Ok(_) => {}
         }
     }
+    if output.field_with_name(LINEAGE).is_ok() {
+        return fail(format!(
+            "{LINEAGE} is sluice's own column (each row's raw file); name the column otherwise"
+        ));
+    }
     if let Ok(f) = output.field_with_name(REJECT_REASON)
         && !matches!(
             f.data_type(),
@@ -217,7 +222,7 @@ pub fn data_fields(output: &Schema) -> Vec<Field> {
 }
 
 fn is_meta(name: &str) -> bool {
-    [SOURCE_FILE, SOURCE_ROW, REJECT_REASON, DUPLICATE].contains(&name)
+    [SOURCE_FILE, SOURCE_ROW, REJECT_REASON, DUPLICATE, LINEAGE].contains(&name)
 }
 
 /// The type a column is stored as: what Redshift Spectrum and Athena read.
@@ -300,8 +305,8 @@ pub type Valid = (RecordBatch, Option<BooleanArray>);
 pub struct Router {
     table: TableConfig,
     data: Vec<Field>,
-    /// Valid rows: data columns plus `_source_file` (the file's index in `files`, Int32) and
-    /// `_source_row`, Spectrum types.
+    /// Valid rows: data columns, `_sluice_source` (the raw file's key, with lineage), then
+    /// `_source_file` (the file's index in `files`, Int32) and `_source_row`, Spectrum types.
     pub valid_schema: SchemaRef,
     /// Rejected rows in the rejected-table layout.
     pub rejected_schema: SchemaRef,
@@ -325,6 +330,9 @@ impl Router {
     pub fn new(table: &TableConfig, output_schema: &Schema, files: &[String]) -> Router {
         let data = data_fields(output_schema);
         let mut valid_fields = data.clone();
+        if table.lineage {
+            valid_fields.push(Field::new(LINEAGE, DataType::Utf8, true));
+        }
         valid_fields.push(Field::new(SOURCE_FILE, DataType::Int32, false));
         valid_fields.push(Field::new(SOURCE_ROW, DataType::Int64, false));
         let rank = files
@@ -487,6 +495,9 @@ impl Router {
         let mut valid = None;
         if keep.true_count() > 0 {
             let mut valid_arrays = data_arrays.clone();
+            if self.table.lineage {
+                valid_arrays.push(take(&self.file_names, &ids, None)?);
+            }
             valid_arrays.push(Arc::new(ids.clone()));
             valid_arrays.push(Arc::new(row.clone()));
             let all = RecordBatch::try_new(self.valid_schema.clone(), valid_arrays)?;

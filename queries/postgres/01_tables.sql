@@ -12,7 +12,8 @@ CREATE TABLE IF NOT EXISTS analytics.support_tickets_staging (
   customer_email text,
   subject text,
   body text,
-  agent_id text
+  agent_id text,
+  _sluice_source text
 );
 
 CREATE TABLE IF NOT EXISTS analytics.support_tickets (
@@ -25,6 +26,7 @@ CREATE TABLE IF NOT EXISTS analytics.support_tickets (
   subject text,
   body text,
   agent_id text,
+  _sluice_source text,
   event_date date
 );
 
@@ -36,7 +38,8 @@ CREATE TABLE IF NOT EXISTS analytics.app_logs_staging (
   request_id text,
   latency_ms double precision,
   message text,
-  user_id text
+  user_id text,
+  _sluice_source text
 );
 
 CREATE TABLE IF NOT EXISTS analytics.app_logs (
@@ -48,6 +51,7 @@ CREATE TABLE IF NOT EXISTS analytics.app_logs (
   latency_ms double precision,
   message text,
   user_id text,
+  _sluice_source text,
   event_date date
 );
 

@@ -16,7 +16,7 @@ BEGIN
     WHERE t.ticket_id = s.ticket_id;
   INSERT INTO analytics.support_tickets
     SELECT ticket_id, created_ts, updated_ts, status, priority, customer_email, subject, body,
-           agent_id, CAST(created_ts AS date)
+           agent_id, _sluice_source, CAST(created_ts AS date)
     FROM (
       SELECT s.*, row_number() OVER (PARTITION BY ticket_id ORDER BY updated_ts DESC) AS n
       FROM analytics.support_tickets_staging s
@@ -52,7 +52,7 @@ BEGIN
     WHERE t.request_id = s.request_id;
   INSERT INTO analytics.app_logs
     SELECT event_ts, log_level, service_name, hostname, request_id, latency_ms, message, user_id,
-           CAST(event_ts AS date)
+           _sluice_source, CAST(event_ts AS date)
     FROM (
       SELECT s.*, row_number() OVER (PARTITION BY request_id ORDER BY event_ts DESC) AS n
       FROM analytics.app_logs_staging s

@@ -13,7 +13,8 @@ CREATE TABLE IF NOT EXISTS analytics.support_tickets_staging (
   customer_email VARCHAR(512),
   subject VARCHAR(4096),
   body VARCHAR(65535),
-  agent_id VARCHAR(256)
+  agent_id VARCHAR(256),
+  _sluice_source VARCHAR(1024)
 );
 
 CREATE TABLE IF NOT EXISTS analytics.support_tickets (
@@ -26,6 +27,7 @@ CREATE TABLE IF NOT EXISTS analytics.support_tickets (
   subject VARCHAR(4096),
   body VARCHAR(65535),
   agent_id VARCHAR(256),
+  _sluice_source VARCHAR(1024),
   event_date DATE
 )
 DISTKEY (ticket_id)
@@ -39,7 +41,8 @@ CREATE TABLE IF NOT EXISTS analytics.app_logs_staging (
   request_id VARCHAR(256),
   latency_ms DOUBLE PRECISION,
   message VARCHAR(65535),
-  user_id VARCHAR(256)
+  user_id VARCHAR(256),
+  _sluice_source VARCHAR(1024)
 );
 
 CREATE TABLE IF NOT EXISTS analytics.app_logs (
@@ -51,6 +54,7 @@ CREATE TABLE IF NOT EXISTS analytics.app_logs (
   latency_ms DOUBLE PRECISION,
   message VARCHAR(65535),
   user_id VARCHAR(256),
+  _sluice_source VARCHAR(1024),
   event_date DATE
 )
 DISTKEY (request_id)

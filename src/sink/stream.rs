@@ -448,9 +448,12 @@ impl Keying {
             key: KeyEncoder::new(rows, unique_key)?,
             order: KeyEncoder::new(rows, &[order_by.to_string()])?,
             fingerprints: Fingerprinter::new(sip),
+            // Lineage is where a row came from, not what it holds: a row sent again in another
+            // file repeats the stored one.
             values: full
                 .fields()
                 .iter()
+                .filter(|f| f.name() != crate::source::LINEAGE)
                 .map(|f| (f.name().clone(), f.data_type().clone()))
                 .collect(),
         })

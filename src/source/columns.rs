@@ -22,6 +22,9 @@ use crate::error::Result;
 pub const SOURCE_FILE: &str = "_source_file";
 /// Name of the column holding the line where the row's record starts.
 pub const SOURCE_ROW: &str = "_source_row";
+/// Name of the stored column naming each row's raw file (its key under `raw/`): row lineage,
+/// what `sluice reprocess` finds a file's rows by.
+pub const LINEAGE: &str = "_sluice_source";
 
 /// The lineage fields every batch ends with.
 pub fn lineage_fields() -> Vec<Field> {

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use crate::config::Format;
 use crate::error::{Error, Result};
 
-pub use columns::{SOURCE_FILE, SOURCE_ROW, rejection};
+pub use columns::{LINEAGE, SOURCE_FILE, SOURCE_ROW, rejection};
 pub use types::{BinaryEncoding, CellParser, ColumnType, EpochUnit, Formats, TypeOptions, Value};
 
 /// Rows per batch produced by the readers.

@@ -508,21 +508,7 @@ fn temporal(ty: ColumnType, o: &TypeOptions) -> Result<Temporal, String> {
             .parse_to_owned()
             .map_err(|_| format!("format \"{text}\" is not a valid chrono format"))?;
         let has = |pred: &dyn Fn(&Item<'_>) -> bool| items.iter().any(pred);
-        let offset = has(&|i| {
-            matches!(
-                i,
-                Item::Fixed(
-                    Fixed::TimezoneOffset
-                        | Fixed::TimezoneOffsetColon
-                        | Fixed::TimezoneOffsetDoubleColon
-                        | Fixed::TimezoneOffsetTripleColon
-                        | Fixed::TimezoneOffsetColonZ
-                        | Fixed::TimezoneOffsetZ
-                        | Fixed::RFC2822
-                        | Fixed::RFC3339
-                )
-            )
-        });
+        let offset = crate::functions::has_offset(&items);
         let year = has(&|i| {
             matches!(
                 i,

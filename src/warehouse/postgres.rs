@@ -303,6 +303,8 @@ async fn copy_files(
                 columns.push((i, f.name().clone(), c.type_().clone()));
             }
             None if partitions.iter().any(|(p, _)| p == f.name()) => {}
+            // Row lineage goes in where the target keeps it.
+            None if f.name() == crate::source::LINEAGE => {}
             None => {
                 return Err(fail(format!(
                     "target table {target} has no column {} (table {} has it)",

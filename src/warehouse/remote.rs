@@ -156,11 +156,13 @@ pub fn steps(config: &Config) -> Result<Vec<Step>> {
 }
 
 /// The `:name` parameters every statement may use: `run_id`, `run_date` (the unit's start
-/// day, UTC) and `[warehouse.parameters]`.
+/// day, UTC) and `[warehouse.parameters]`; a unit adds `replayed` (the raw keys its replays
+/// re-derived, one a line; empty without one).
 fn parameters(config: &Config, run_id: &str, at: DateTime<Utc>) -> BTreeMap<String, String> {
     let mut p = config.warehouse.parameters.clone();
     p.insert("run_id".into(), run_id.to_string());
     p.insert("run_date".into(), at.date_naive().to_string());
+    p.insert("replayed".into(), String::new());
     p
 }
 
@@ -319,6 +321,7 @@ async fn new_unit(
 ) -> Result<Unit> {
     let tables: BTreeSet<String> = load_tables(config).into_iter().collect();
     let mut files: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let mut replayed: BTreeSet<String> = BTreeSet::new();
     for id in &commits {
         let commit: Commit = lake
             .get_json(&ledger::ledger_key(id))
@@ -336,7 +339,14 @@ async fn new_unit(
         {
             let prefix = lake::processed_prefix(&t.table);
             let entry = files.entry(t.table.clone()).or_default();
+            replayed.extend(t.replayed.iter().cloned());
             for m in &t.added {
+                // A replay's rewritten files hold rows of other files, which the warehouse
+                // has: only its new rows are loaded (the procedure deletes the replayed
+                // files' old rows by `:replayed`).
+                if !t.replayed.is_empty() && ledger::is_rewrite(&m.to) {
+                    continue;
+                }
                 if m.to.starts_with(&format!("{prefix}/")) && m.to.ends_with(".parquet") {
                     let dir = lake::parent_dir(lake::relative(&m.to, &prefix));
                     entry.insert(m.to.clone(), dir.to_string());
@@ -349,9 +359,14 @@ async fn new_unit(
     }
     let now = Utc::now();
     let run_id = run_id.to_string();
+    let mut params = parameters(config, &run_id, now);
+    params.insert(
+        "replayed".into(),
+        replayed.into_iter().collect::<Vec<_>>().join("\n"),
+    );
     Ok(Unit {
         id: sha256_hex(commits.join("\n").as_bytes())[..16].to_string(),
-        params: parameters(config, &run_id, now),
+        params,
         run_id,
         started_at: now,
         commits,

@@ -25,6 +25,7 @@ mod pipeline;
 mod postgres;
 mod redact;
 mod redshift;
+mod replay;
 mod support;
 mod timeouts;
 mod types;
