@@ -95,6 +95,10 @@ pub struct ReplayReport {
     pub files_rewritten: u64,
     /// New data files.
     pub files_added: u64,
+    /// The table's data checks on the replayed rows (an `error` check failing stops the
+    /// replay before anything is written).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<crate::checks::CheckResult>,
     /// Statements sent to an external warehouse after the commit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub statements: Vec<crate::report::StatementReport>,
@@ -141,6 +145,14 @@ impl ReplayReport {
                 self.partitions.join(", ")
             }
         ));
+        for c in &self.checks {
+            let verdict = match (c.passed, c.severity) {
+                (true, _) => "passed",
+                (false, crate::config::Severity::Warn) => "WARN",
+                (false, crate::config::Severity::Error) => "FAILED",
+            };
+            out.push_str(&format!("  check {}: {verdict}: {}\n", c.name, c.message));
+        }
         out
     }
 }
@@ -509,6 +521,32 @@ impl Runner<'_> {
         let new_rejects = s.rejects.finish()?;
         report.rejected_added = new_rejects.as_ref().map_or(0, |(_, n)| *n);
         report.partitions = partitions.into_iter().collect();
+
+        // The table's data checks audit the replayed rows as they audit a batch.
+        if !table.check.is_empty() {
+            let ctx =
+                crate::transform::session(self.threads, self.config.engine.budget().pool_bytes);
+            let staged = out_files
+                .iter()
+                .map(|f| (f.path.clone(), f.dir.clone()))
+                .collect();
+            crate::checks::register_staged(&ctx, &table.name, &meta, staged)?;
+            let stats = crate::checks::BatchStats {
+                read: counts.values().map(|c| c.read).sum(),
+                rejected: counts.values().map(|c| c.rejected).sum(),
+                written: counts.values().map(|c| c.written).sum(),
+                previous: None,
+            };
+            report.checks = crate::checks::run(&ctx, self.config, table, Some(stats)).await?;
+            if !req.dry_run
+                && let Some(summary) = crate::checks::summary(&report.checks)
+            {
+                return Err(Error::ChecksFailed {
+                    table: table.name.clone(),
+                    summary,
+                });
+            }
+        }
         if req.dry_run {
             return Ok(());
         }

@@ -368,3 +368,107 @@ fn check_command_runs_the_checks_on_the_whole_table() {
     assert_eq!(av["message"], "8 rows with 1 values of status not accepted");
     assert_eq!(av["rows"][0]["rows"], 8);
 }
+
+/// `sluice check --json` on the project: the exit code and the answer.
+fn check_json(p: &Project, extra: &[&str]) -> (i32, Value) {
+    let mut args = vec!["check", "orders_clean", "--json"];
+    args.extend_from_slice(extra);
+    let out = p.sluice(&args);
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    (out.status.code().unwrap_or(-1), v)
+}
+
+#[cfg(feature = "delta")]
+#[test]
+fn checks_hold_a_delta_batch_back_and_check_reads_only_its_active_files() {
+    let p = project("[[table.check]]\nnot_null = [\"amount\"]\n\n[[table.check]]\nmin_rows = 1\n");
+    p.edit_config(
+        "partition_by = [\"day\"]",
+        "partition_by = [\"day\"]\nformat = \"delta\"",
+    );
+    let mut rows = good(1, 10);
+    rows[2].3 = None;
+    p.add_raw("orders", "a.csv", &csv(&rows));
+    let (code, report) = p.run();
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(check(&checks(&report), "not_null")["passed"], false);
+    let log = p.lake().join("processed/orders_clean/_delta_log");
+    let commits = || {
+        std::fs::read_dir(&log)
+            .map(|d| {
+                d.filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .path()
+                        .extension()
+                        .is_some_and(|x| x == "json")
+                })
+                .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        commits(),
+        0,
+        "no Delta commit for a batch that failed its checks"
+    );
+    p.add_raw("orders", "a.csv", &csv(&good(1, 10)));
+    assert_eq!(p.run().0, 0);
+    let first = commits();
+    assert!(first >= 1);
+    p.add_raw("orders", "b.csv", &csv(&good(20, 4)));
+    assert_eq!(p.run().0, 0);
+    assert_eq!(commits(), first + 1);
+    // OPTIMIZE leaves the replaced files on disk: `check` counts the active files' rows only.
+    let out = p.sluice(&["compact", "orders_clean"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        p.rows("processed/orders_clean") > 14,
+        "the old files are still there"
+    );
+    p.edit_config("min_rows = 1", "min_rows = 15");
+    let (code, v) = check_json(&p, &[]);
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(
+        check(v["checks"].as_array().unwrap(), "min_rows")["message"],
+        "14 rows (at least 15)"
+    );
+    assert_eq!(
+        check(v["checks"].as_array().unwrap(), "not_null")["passed"],
+        true
+    );
+}
+
+#[test]
+fn checks_hold_a_batch_back_on_an_s3_lake() {
+    let moto = crate::aws::Moto::start();
+    moto.create_bucket("checks");
+    let p = project(STRICT);
+    std::fs::write(
+        p.config(),
+        std::fs::read_to_string(p.config())
+            .unwrap()
+            .replace("root = \"lake\"", "root = \"s3://checks/lake\""),
+    )
+    .unwrap();
+    let mut rows = good(1, 10);
+    rows[4].2 = "bogus";
+    moto.put("checks", "lake/raw/orders/a.csv", csv(&rows));
+    let (code, report) = crate::aws::run_json(&moto, &p, &[]);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(check(&checks(&report), "accepted_values")["passed"], false);
+    assert!(moto.keys("checks", "lake/processed/").is_empty());
+    assert!(moto.keys("checks", "lake/_sluice/staging/").is_empty());
+    assert_eq!(
+        moto.keys("checks", "lake/raw/"),
+        vec!["lake/raw/orders/a.csv".to_string()]
+    );
+    moto.put("checks", "lake/raw/orders/a.csv", csv(&good(1, 10)));
+    let (code, report) = crate::aws::run_json(&moto, &p, &[]);
+    assert_eq!(code, 0, "{report:#}");
+    assert!(checks(&report).iter().all(|c| c["passed"] == true));
+    let (code, out, err) = crate::aws::sluice(&moto, &p, &["check", "orders_clean", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ok"], true, "{v:#}");
+}
