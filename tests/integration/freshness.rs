@@ -375,6 +375,56 @@ fn missing_daily_partitions_in_status_and_the_run_report() {
     );
 }
 
+/// A Delta table's gaps are judged by its active files: a partition whose only row moved away
+/// keeps its (removed) file on disk but is missing.
+#[cfg(feature = "delta")]
+#[test]
+fn missing_partitions_of_a_delta_table_follow_its_active_files() {
+    let p = Project::empty();
+    p.edit_config(
+        "unique_key = [\"ticket_id\"]",
+        "unique_key = [\"ticket_id\"]\nexpect_partitions = \"daily\"\nformat = \"delta\"",
+    );
+    p.add_raw(
+        "support_tickets",
+        "a.csv",
+        &tickets(&[
+            &row(0, "2024-03-01"),
+            &row(1, "2024-03-02"),
+            &row(2, "2024-03-04"),
+        ]),
+    );
+    let now = Utc::now();
+    let r = run_at(&p, now);
+    assert_eq!(
+        r["freshness"]["missing_partitions"]["support_tickets"],
+        serde_json::json!(["2024-03-03"])
+    );
+    // Ticket 1 is re-created on 2024-03-03 (a later update): its row leaves 2024-03-02.
+    p.add_raw(
+        "support_tickets",
+        "b.csv",
+        &tickets(&[
+            "T00001,2024-03-03T08:00:00,2024-03-05T09:00:00,open,high,c1@example.com,s,b,agent1",
+        ]),
+    );
+    let r = run_at(&p, now);
+    assert_eq!(
+        r["freshness"]["missing_partitions"]["support_tickets"],
+        serde_json::json!(["2024-03-02"]),
+        "{r:#}"
+    );
+    assert!(
+        p.files("processed/support_tickets/event_date=2024-03-02")
+            .iter()
+            .any(|f| f.ends_with(".parquet")),
+        "the removed file stays on disk for time travel"
+    );
+    let g = &status_at(&p, now)["partitions"][0];
+    assert_eq!(g["partitions"], 3);
+    assert_eq!(g["missing"], serde_json::json!(["2024-03-02"]));
+}
+
 #[test]
 fn bad_freshness_settings_are_config_errors_naming_the_source() {
     for (settings, says) in [
