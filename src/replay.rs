@@ -550,6 +550,7 @@ impl Runner<'_> {
         if req.dry_run {
             return Ok(());
         }
+        fault::pause("replay-planned");
 
         // The commit: new files, rewrites, rejected rows; the key index goes with it.
         let id = self.replay_id(table, &p.query, names).await?;

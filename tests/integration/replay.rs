@@ -426,6 +426,62 @@ fn a_crash_at_any_step_of_a_replay_then_a_rerun_gives_the_uninterrupted_result()
 }
 
 #[test]
+fn a_run_waits_while_a_replay_holds_the_commit_lock() {
+    let p = orders_project("parquet");
+    std::fs::write(p.path().join("orders.sql"), FIXED).unwrap();
+    let pause = p.path().join("pause");
+    std::fs::write(&pause, "").unwrap();
+    let replay = p
+        .cmd(&["reprocess", "orders_clean", "--json"])
+        .env("SLUICE_PAUSE_AT", "replay-planned")
+        .env("SLUICE_PAUSE_FILE", &pause)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reached = p.path().join("pause.reached");
+    let start = std::time::Instant::now();
+    while !reached.exists() {
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "the replay never got to its commit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // A run with a new file, while the replay holds the lock: it waits for it.
+    p.add_raw("orders", "c.csv", b"id,name,amount\n7,gus,70\n");
+    let run = p
+        .cmd(&["run", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(
+        orders(&p).len(),
+        3,
+        "nothing committed while the replay holds the lock"
+    );
+    std::fs::remove_file(&pause).unwrap();
+    let out = replay.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    // The new file by the fixed query (the run came after), the replayed ones replaced.
+    assert_eq!(
+        orders(&p),
+        vec![
+            order(1, "ANN", 10, "a.csv"),
+            order(2, "BOB", 1200, "a.csv"),
+            order(3, "CY", 30, "a.csv"),
+            order(5, "ED", 50, "b.csv"),
+            order(6, "FLO", 2500, "b.csv"),
+            order(7, "GUS", 70, "c.csv")
+        ]
+    );
+}
+
+#[test]
 fn replays_that_cannot_be_done_say_why_and_write_nothing() {
     let p = orders_project("parquet");
     let files = lake_files(&p);
@@ -506,8 +562,24 @@ fn a_replay_is_audited_by_the_tables_data_checks() {
 
 #[test]
 fn a_replay_on_s3_replaces_the_rows_of_the_chosen_files() {
+    replay_on_s3(false);
+}
+
+#[cfg(feature = "delta")]
+#[test]
+fn a_replay_of_a_delta_table_on_s3_replaces_the_rows_of_the_chosen_files() {
+    replay_on_s3(true);
+}
+
+fn replay_on_s3(delta: bool) {
     let moto = crate::aws::Moto::start();
     let p = crate::aws::s3_project(&moto, "replay", "kind = \"lake\"");
+    if delta {
+        p.edit_config(
+            "query = \"queries/app_logs.sql\"",
+            "query = \"queries/app_logs.sql\"\nformat = \"delta\"",
+        );
+    }
     let (code, report) = crate::aws::run_json(&moto, &p, &[]);
     assert_eq!(code, 0, "{report:#}");
     let query = |sql: &str| {
