@@ -245,6 +245,14 @@ pub enum Command {
         /// Seconds between polls of the raw prefixes (without `--queue`).
         #[arg(long, default_value_t = 60)]
         interval: u64,
+        /// Run at these times instead of polling: a cron expression in UTC (`"*/15 * * * *"`,
+        /// or with seconds first: `"0 */15 * * * *"`). A tick missed while no process ran is
+        /// made up once at start.
+        #[arg(long, conflicts_with_all = ["queue", "every"])]
+        schedule: Option<String>,
+        /// Run at every multiple of this duration since the epoch (`15m`, `1h`), as `--schedule`.
+        #[arg(long, conflicts_with = "queue")]
+        every: Option<String>,
         /// Seconds a received message stays invisible to other workers; extended while its
         /// objects are processed.
         #[arg(long, default_value_t = 300)]

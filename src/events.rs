@@ -1,6 +1,7 @@
 //! S3 "object created" events as triggers: the objects an event names, whatever envelope it
 //! came in (a plain S3 notification, the body of an SQS message, an SNS notification, a Lambda
-//! SQS or SNS batch, or an EventBridge "Object Created" event).
+//! SQS or SNS batch, or an EventBridge "Object Created" event); and, for an invocation, any other
+//! JSON (an EventBridge Scheduler or scheduled-rule payload) as "everything pending".
 
 use serde_json::Value;
 
@@ -20,6 +21,36 @@ fn bad(message: impl Into<String>) -> Error {
         key: "event".into(),
         message: message.into(),
     }
+}
+
+/// What an invocation's payload asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trigger {
+    /// The objects an S3 event names (maybe none: a test event, a delete).
+    Objects(Vec<Named>),
+    /// A run over every pending file: a schedule's payload, or any JSON that is not an S3,
+    /// SQS, SNS or EventBridge S3 event.
+    Everything,
+}
+
+/// Whether a JSON value is shaped like one of the events [`parse`] reads.
+fn is_event(v: &Value) -> bool {
+    v.get("Records").is_some()
+        || v.get("Type").and_then(Value::as_str) == Some("Notification")
+        || v.get("source").and_then(Value::as_str) == Some("aws.s3")
+        || v.get("Event").and_then(Value::as_str) == Some("s3:TestEvent")
+}
+
+/// What an invocation's payload asks for: the objects of an S3 event (malformed events are
+/// errors, as in [`parse`]), or everything pending for any other JSON; text that is not JSON
+/// is an error.
+pub fn trigger(text: &str) -> Result<Trigger> {
+    let value: Value =
+        serde_json::from_str(text.trim()).map_err(|e| bad(format!("not a JSON event: {e}")))?;
+    if !is_event(&value) {
+        return Ok(Trigger::Everything);
+    }
+    parse(text).map(Trigger::Objects)
 }
 
 /// The objects named by an event's JSON text. A test event (`s3:TestEvent`) and events other
@@ -179,5 +210,22 @@ mod tests {
         );
         assert!(parse("{}").unwrap_err().to_string().contains("not an S3"));
         assert_eq!(decode_key("100%25+done%"), "100% done%");
+    }
+
+    #[test]
+    fn schedule_payloads_ask_for_everything_and_events_for_their_objects() {
+        let rule = r#"{"version":"0","id":"x","detail-type":"Scheduled Event","source":"aws.events",
+            "time":"2026-12-02T06:00:00Z","resources":["arn:aws:events:eu-west-1:1:rule/r"],"detail":{}}"#;
+        assert_eq!(trigger(rule).unwrap(), Trigger::Everything);
+        for other in ["{}", "\"run\"", "[]", "{\"pipeline\": \"tickets\"}"] {
+            assert_eq!(trigger(other).unwrap(), Trigger::Everything, "{other}");
+        }
+        let named = trigger(&s3_event("raw/t/a.csv")).unwrap();
+        assert!(matches!(named, Trigger::Objects(v) if v.len() == 1));
+        let test = r#"{"Service":"Amazon S3","Event":"s3:TestEvent","Bucket":"lake"}"#;
+        assert_eq!(trigger(test).unwrap(), Trigger::Objects(Vec::new()));
+        // A malformed event is still an error, and so is text that is not JSON.
+        assert!(trigger(r#"{"Records": [{"eventName": "ObjectCreated:Put", "s3": {}}]}"#).is_err());
+        assert!(trigger("run now").is_err());
     }
 }

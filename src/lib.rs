@@ -36,6 +36,7 @@ pub mod redact;
 pub mod replay;
 pub mod report;
 pub mod requests;
+pub mod schedule;
 pub mod secrets;
 pub mod sink;
 pub mod source;

@@ -354,13 +354,27 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Watch {
             queue,
             interval,
+            schedule,
+            every,
             visibility,
             wait,
         } => {
+            let timed = match (schedule, every) {
+                (Some(c), _) => Some(
+                    sluice::schedule::Schedule::cron(c)
+                        .map_err(|e| Error::config(&cli.config, format!("--schedule: {e}")))?,
+                ),
+                (None, Some(e)) => Some(
+                    sluice::schedule::Schedule::every(e)
+                        .map_err(|e| Error::config(&cli.config, format!("--every: {e}")))?,
+                ),
+                (None, None) => None,
+            };
             let (config, lake) = load(&cli, &cli.config).await?;
-            match queue {
-                Some(q) => trigger::watch_queue(&config, lake, q, *visibility, *wait).await?,
-                None => {
+            match (queue, timed) {
+                (Some(q), _) => trigger::watch_queue(&config, lake, q, *visibility, *wait).await?,
+                (None, Some(s)) => trigger::watch_schedule(&config, lake, &s).await?,
+                (None, None) => {
                     trigger::watch_prefixes(&config, lake, Duration::from_secs(*interval)).await?
                 }
             }

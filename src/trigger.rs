@@ -89,14 +89,22 @@ pub fn keys_in_lake(lake: &Lake, named: &[Named]) -> BTreeSet<String> {
     keys
 }
 
-/// Processes the objects an event names; `None` when it names none of the lake's.
+/// Processes the objects an event names (`None` when it names none of the lake's), or every
+/// pending file for a schedule's payload (any JSON that is not an S3 event).
 pub async fn handle_event(
     config: &Config,
     lake: Lake,
     event: &str,
     human: bool,
 ) -> Result<Option<RunReport>> {
-    let keys = keys_in_lake(&lake, &events::parse(event)?);
+    let named = match events::trigger(event)? {
+        events::Trigger::Everything => {
+            tracing::info!("not an S3 event: a run over everything pending");
+            return run(config, lake, None, human).await.map(Some);
+        }
+        events::Trigger::Objects(named) => named,
+    };
+    let keys = keys_in_lake(&lake, &named);
     if keys.is_empty() {
         return Ok(None);
     }
@@ -134,6 +142,61 @@ async fn pause(d: Duration, stop: &AtomicBool) {
         tokio::time::sleep(step).await;
         waited += step;
     }
+}
+
+/// Runs over everything pending at the ticks of `schedule` until stopped: once at start if a
+/// tick passed since the lake's last run began (the process was down), then at each tick after
+/// now (a run longer than the interval skips the ticks it covered, never runs them in a burst).
+pub async fn watch_schedule(
+    config: &Config,
+    lake: Lake,
+    schedule: &crate::schedule::Schedule,
+) -> Result<()> {
+    let stop = stop_flag();
+    let once = |lake: Lake| async move {
+        match run(config, lake, None, false).await {
+            Ok(r) if r.status == RunStatus::NothingToDo => {}
+            Ok(r) => crate::redact::eprint(&r.summary()),
+            Err(e) => tracing::error!(error = %e, "run failed"),
+        }
+    };
+    let last = last_run_start(&lake).await;
+    if schedule.missed(last, chrono::Utc::now()) {
+        tracing::info!(last_run = ?last, "a scheduled run is due (none since the last tick): running now");
+        once(lake.clone()).await;
+    }
+    while !stop.load(Ordering::SeqCst) {
+        let Some(wait) = schedule.wait(chrono::Utc::now()) else {
+            tracing::info!("the schedule has no more ticks; stopping");
+            break;
+        };
+        tracing::debug!(seconds = wait.as_secs_f64(), "waiting for the next tick");
+        let until = tokio::time::Instant::now() + wait;
+        while !stop.load(Ordering::SeqCst) && tokio::time::Instant::now() < until {
+            let left = until - tokio::time::Instant::now();
+            tokio::time::sleep(left.min(Duration::from_millis(100))).await;
+        }
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        once(lake.clone()).await;
+    }
+    Ok(())
+}
+
+/// When the lake's newest run started (its report's `started_at`), if any run is on record.
+async fn last_run_start(lake: &Lake) -> Option<chrono::DateTime<chrono::Utc>> {
+    let prefix = format!("{}/runs", crate::lake::STATE);
+    let newest = lake
+        .list(&prefix)
+        .await
+        .ok()?
+        .into_iter()
+        .map(|m| m.location.to_string())
+        .filter(|k| k.ends_with(".json"))
+        .max()?;
+    let report: RunReport = lake.get_json(&newest).await.ok()??;
+    Some(report.started_at)
 }
 
 /// Runs over the raw prefixes every `interval` until stopped.

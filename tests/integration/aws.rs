@@ -791,6 +791,20 @@ fn handle_event_takes_every_envelope_and_ignores_repeats() {
     assert_eq!(code, 0);
     assert!(err.contains("nothing to do"), "{err}");
     assert_eq!(moto.keys("events", "data/raw").len(), 3);
+    // A scheduled rule's payload (not an S3 event): a run over everything pending.
+    let scheduled = serde_json::json!({"version": "0", "id": "1", "detail-type": "Scheduled Event",
+        "source": "aws.events", "time": "2026-12-02T06:00:00Z", "detail": {}});
+    let (code, out, err) = handle(&moto, &p, &scheduled);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["files"].as_array().unwrap().len(), 3, "{report:#}");
+    assert!(moto.keys("events", "data/raw").is_empty());
+    // Text that is not JSON is still an error.
+    let file = p.path().join("junk.json");
+    std::fs::write(&file, "run now").unwrap();
+    let (code, _, err) = sluice(&moto, &p, &["handle-event", file.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not a JSON event"), "{err}");
 }
 
 #[test]

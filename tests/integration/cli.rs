@@ -163,3 +163,74 @@ fn watch_polls_the_raw_prefixes_until_sigterm() {
     );
     assert!(p.rows("processed/support_tickets") > 0);
 }
+
+/// Waits until `raw/<source>/` is empty, or panics with the child's output after a minute.
+fn wait_until_taken(p: &Project, source: &str, child: &mut std::process::Child) {
+    let start = std::time::Instant::now();
+    while !p.files(&format!("raw/{source}")).is_empty() {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("{source}: not picked up");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn stop(child: std::process::Child) {
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn runs(p: &Project) -> usize {
+    p.files("_sluice/runs").len()
+}
+
+#[test]
+fn watch_on_a_schedule_makes_up_a_missed_tick_once_then_runs_at_each_tick() {
+    // No run on record: the first start makes up for it at once, even with a tick a year off.
+    let p = Project::empty();
+    p.add_fixture("support_tickets", "2024-03-01.csv");
+    let yearly = "0 0 0 1 1 *";
+    let spawn = |args: &[&str]| {
+        p.cmd(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = spawn(&["watch", "--schedule", yearly]);
+    wait_until_taken(&p, "support_tickets", &mut child);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    stop(child);
+    assert_eq!(runs(&p), 1);
+    // Started again right after: no tick passed since that run, so nothing runs until one.
+    p.add_fixture("support_tickets", "2024-03-02.csv");
+    let child = spawn(&["watch", "--schedule", yearly]);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    stop(child);
+    assert_eq!(runs(&p), 1, "no run without a tick");
+    assert_eq!(p.files("raw/support_tickets").len(), 1);
+    // Every second: a tick passed since the last run (made up at start), then one run a tick.
+    let mut child = spawn(&["watch", "--every", "1s"]);
+    wait_until_taken(&p, "support_tickets", &mut child);
+    p.add_fixture("support_tickets", "2024-03-03.csv.gz");
+    wait_until_taken(&p, "support_tickets", &mut child);
+    stop(child);
+    assert_eq!(p.files("archive").len(), 3);
+    // Bad schedules are errors naming the flag.
+    for (flag, value) in [("--schedule", "every day"), ("--every", "0s")] {
+        let out = p.sluice(&["watch", flag, value]);
+        assert!(!out.status.success());
+        assert!(text(&out).contains(flag), "{}", text(&out));
+    }
+}

@@ -88,6 +88,52 @@ fn fake_runtime_api(event: Value) -> (String, mpsc::Receiver<(String, Value)>) {
     (addr, rx)
 }
 
+/// Starts the function under a fake runtime API serving `event`; its answer (path, body).
+fn invoke(p: &Project, event: Value) -> (String, Value) {
+    let (addr, posted) = fake_runtime_api(event);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .env("AWS_LAMBDA_RUNTIME_API", &addr)
+        .env("AWS_LAMBDA_FUNCTION_NAME", "sluice")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "test")
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", "test")
+        .env("SLUICE_CONFIG", p.config())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let got = posted.recv_timeout(Duration::from_secs(120));
+    let _ = child.kill();
+    let output = child.wait_with_output().unwrap();
+    got.unwrap_or_else(|e| {
+        panic!(
+            "no answer from the function ({e}): {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+#[test]
+fn lambda_runtime_runs_everything_pending_on_a_schedule_payload() {
+    let p = Project::empty();
+    p.add_fixture("support_tickets", "2024-03-01.csv");
+    p.add_fixture("app_logs", "2024-03-01.jsonl");
+    // EventBridge Scheduler passes its target's input as it is; a scheduled rule sends this.
+    let event = serde_json::json!({"version": "0", "id": "53dc4d37", "detail-type": "Scheduled Event",
+        "source": "aws.events", "account": "123456789012", "time": "2026-12-02T06:00:00Z",
+        "region": "eu-west-1", "resources": ["arn:aws:events:eu-west-1:123456789012:rule/sluice"],
+        "detail": {}});
+    let (path, report) = invoke(&p, event);
+    assert_eq!(
+        path, "/2018-06-01/runtime/invocation/req-1/response",
+        "{report}"
+    );
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert_eq!(report["files"].as_array().unwrap().len(), 2, "{report:#}");
+    assert!(p.files("raw").is_empty());
+}
+
 #[test]
 fn lambda_runtime_handles_an_s3_event() {
     let p = Project::empty();
