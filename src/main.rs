@@ -56,6 +56,7 @@ fn serve_lambda() -> ExitCode {
         .with_current_span(false)
         .with_span_list(true)
         .init();
+    sluice::report::enable_metrics();
     let served = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -86,12 +87,16 @@ fn init_logging(cli: &Cli) {
     match cli.log_format {
         // One object a line, with the fields of the enclosing spans (run id, source, table,
         // file, step) on every line.
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(true)
-            .init(),
+        LogFormat::Json => {
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(true)
+                .init();
+            // CloudWatch Embedded Metric Format records after each run.
+            sluice::report::enable_metrics();
+        }
         LogFormat::Text => builder.init(),
     }
 }

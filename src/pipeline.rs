@@ -661,6 +661,7 @@ impl<'a> Runner<'a> {
                     f.error = Some(format!("same content as {d}, already ingested"));
                 }
                 f.moved_to = Some(r.archive_to.clone());
+                f.bytes = r.size;
                 report.files.push(f);
             }
             if !table_report.partitions.is_empty()
@@ -678,6 +679,7 @@ impl<'a> Runner<'a> {
             tracing::error!(key = %key, error = %error, "file failed");
             let mut f = FileReport::new(&source.name, &key, FileStatus::Failed);
             f.error = Some(error.clone());
+            f.bytes = meta.size;
             f.moved_to = self.record_failure(source, &meta, &error).await?;
             report.files.push(f);
         }

@@ -76,6 +76,9 @@ pub struct FileReport {
     /// Where the raw file went (archive or failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moved_to: Option<String>,
+    /// Its size in bytes (as stored: compressed files compressed).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -96,6 +99,7 @@ impl FileReport {
             unclosed_quotes: 0,
             error: None,
             moved_to: None,
+            bytes: 0,
         }
     }
 
@@ -541,4 +545,89 @@ pub fn new_run_id() -> String {
         .as_bytes(),
     );
     format!("{}-{}", now.format("%Y%m%dT%H%M%S%.3fZ"), &salt[..6])
+}
+
+static METRICS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns on CloudWatch Embedded Metric Format records after each run (`--log-format json`, the
+/// Lambda runtime).
+pub fn enable_metrics() {
+    METRICS.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`enable_metrics`] was called.
+pub fn metrics_enabled() -> bool {
+    METRICS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// One CloudWatch Embedded Metric Format record per table the run touched (its source had files,
+/// or the table changed): rows read, written, rejected and duplicate, the bytes of its raw files,
+/// the run's duration in seconds and whether it failed, in namespace `sluice` with the
+/// dimensions pipeline and table; `status` and `run_id` ride along as properties. CloudWatch
+/// Logs turns each into metrics, so alarms need no log parsing.
+pub fn metric_records(
+    report: &RunReport,
+    config: &crate::config::Config,
+) -> Vec<serde_json::Value> {
+    let pipeline = config.pipeline_name();
+    let seconds = (report.finished_at - report.started_at)
+        .to_std()
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let status = match report.status {
+        RunStatus::Succeeded => "succeeded",
+        RunStatus::Failed => "failed",
+        RunStatus::NothingToDo => "nothing_to_do",
+    };
+    let mut out = Vec::new();
+    for t in &config.tables {
+        let files: Vec<&FileReport> = report
+            .files
+            .iter()
+            .filter(|f| f.source == t.source)
+            .collect();
+        let changed = report.tables.get(&t.name);
+        if files.is_empty() && changed.is_none() {
+            continue;
+        }
+        let sum = |f: fn(&FileReport) -> u64| files.iter().map(|x| f(x)).sum::<u64>();
+        let failed = files
+            .iter()
+            .filter(|f| f.status == FileStatus::Failed)
+            .count() as u64;
+        let metrics = [
+            ("rows_read", sum(|f| f.rows_read), "Count"),
+            ("rows_written", sum(|f| f.rows_written), "Count"),
+            ("rows_rejected", sum(|f| f.rows_rejected), "Count"),
+            ("rows_duplicate", sum(|f| f.rows_duplicate), "Count"),
+            ("bytes", sum(|f| f.bytes), "Bytes"),
+            ("files_failed", failed, "Count"),
+        ];
+        let mut record = serde_json::json!({
+            "_aws": {
+                "Timestamp": report.finished_at.timestamp_millis(),
+                "CloudWatchMetrics": [{
+                    "Namespace": "sluice",
+                    "Dimensions": [["pipeline", "table"]],
+                    "Metrics": metrics.iter().map(|(n, _, u)| serde_json::json!({"Name": n, "Unit": u}))
+                        .chain([
+                            serde_json::json!({"Name": "duration", "Unit": "Seconds"}),
+                            serde_json::json!({"Name": "failed", "Unit": "Count"}),
+                        ])
+                        .collect::<Vec<_>>(),
+                }],
+            },
+            "pipeline": pipeline,
+            "table": t.name,
+            "run_id": report.run_id,
+            "status": status,
+            "duration": seconds,
+            "failed": u64::from(report.status == RunStatus::Failed),
+        });
+        for (n, v, _) in metrics {
+            record[n] = serde_json::json!(v);
+        }
+        out.push(record);
+    }
+    out
 }

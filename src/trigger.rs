@@ -70,6 +70,11 @@ async fn run_as(
         lake.put_report(&report::run_key(&report.run_id), &report)
             .await?;
     }
+    if report::metrics_enabled() {
+        for record in report::metric_records(&report, config) {
+            crate::redact::eprint(&format!("{record}\n"));
+        }
+    }
     Ok(report)
 }
 

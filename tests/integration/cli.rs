@@ -234,3 +234,64 @@ fn watch_on_a_schedule_makes_up_a_missed_tick_once_then_runs_at_each_tick() {
         assert!(text(&out).contains(flag), "{}", text(&out));
     }
 }
+
+#[test]
+fn json_logs_carry_one_embedded_metric_record_per_table_per_run() {
+    let p = Project::with_fixtures();
+    let out = p.sluice(&["--log-format", "json", "run", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let records: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("_aws").is_some())
+        .collect();
+    assert_eq!(records.len(), 2, "{stderr}");
+    for r in &records {
+        let table = r["table"].as_str().unwrap();
+        let source = table; // the example's tables are named after their sources
+        let files: Vec<&serde_json::Value> = report["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["source"] == source)
+            .collect();
+        for k in [
+            "rows_read",
+            "rows_written",
+            "rows_rejected",
+            "rows_duplicate",
+        ] {
+            let want: u64 = files.iter().map(|f| f[k].as_u64().unwrap()).sum();
+            assert_eq!(r[k].as_u64(), Some(want), "{table} {k}: {r}");
+        }
+        let bytes: u64 = std::fs::read_dir(repo().join("fixtures/raw").join(source))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert_eq!(r["bytes"].as_u64(), Some(bytes), "{r}");
+        assert_eq!(r["status"], "succeeded");
+        assert_eq!(r["failed"], 0);
+        assert!(r["duration"].as_f64().unwrap() > 0.0);
+        let m = &r["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(m["Namespace"], "sluice");
+        assert_eq!(m["Dimensions"], serde_json::json!([["pipeline", "table"]]));
+        let names: Vec<&str> = m["Metrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["Name"].as_str().unwrap())
+            .collect();
+        for n in &names {
+            assert!(r[*n].is_number(), "every metric has its value: {n}");
+        }
+        assert!(r["_aws"]["Timestamp"].as_i64().unwrap() > 0);
+    }
+    // Text logs carry none; a run with nothing to do has no table to report.
+    p.add_fixture("support_tickets", "2024-03-01.csv");
+    let out = p.sluice(&["run"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("_aws"));
+    let out = p.sluice(&["--log-format", "json", "run"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("_aws"));
+}
