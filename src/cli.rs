@@ -180,6 +180,14 @@ pub enum Command {
         #[arg(long, hide = true)]
         crash_at: Option<String>,
     },
+    /// Print a shell completion script (`sluice completions bash > /etc/bash_completion.d/sluice`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `sluice man > sluice.1 && man -l sluice.1`.
+    Man,
     /// Compact a table's small files (plain Parquet: one sluice commit with its key index;
     /// Delta: OPTIMIZE), or every table's.
     Compact {

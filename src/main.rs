@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use tracing_subscriber::EnvFilter;
 
 use sluice::cli::{
@@ -208,6 +208,20 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             let (config, lake) = load(&cli, &cli.config).await?;
             let out = inspect::query(&lake, sql, *format, config.engine.threads(), *as_of).await?;
             redact::print(&format!("{out}\n"));
+            Ok(0)
+        }
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "sluice", &mut out);
+            redact::print(&String::from_utf8_lossy(&out));
+            Ok(0)
+        }
+        Command::Man => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut out)
+                .map_err(|e| Error::io("cannot render the man page", e))?;
+            redact::print(&String::from_utf8_lossy(&out));
             Ok(0)
         }
         Command::Reprocess {

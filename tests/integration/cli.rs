@@ -295,3 +295,60 @@ fn json_logs_carry_one_embedded_metric_record_per_table_per_run() {
     let out = p.sluice(&["--log-format", "json", "run"]);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("_aws"));
 }
+
+#[test]
+fn completions_and_the_man_page_come_from_the_command_definitions() {
+    let p = Project::empty();
+    let out = p.sluice(&["completions", "bash"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let script = p.path().join("sluice.bash");
+    std::fs::write(&script, &out.stdout).unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    for sub in ["reprocess", "watch", "compact", "--schedule", "--dry-run"] {
+        assert!(body.contains(sub), "bash completion lacks {sub}");
+    }
+    // bash reads it (syntax), and completes `sluice repr` to `reprocess`.
+    let check = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source {}; COMP_WORDS=(sluice repr); COMP_CWORD=1; _sluice sluice repr sluice; echo \"${{COMPREPLY[@]}}\"",
+            script.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    assert!(
+        String::from_utf8_lossy(&check.stdout)
+            .split_whitespace()
+            .any(|w| w == "reprocess"),
+        "{}",
+        text(&check)
+    );
+    for shell in ["zsh", "fish", "powershell", "elvish"] {
+        let out = p.sluice(&["completions", shell]);
+        assert!(out.status.success() && !out.stdout.is_empty(), "{shell}");
+    }
+    let out = p.sluice(&["man"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH sluice"),
+        "{page}"
+    );
+    assert!(page.contains("reprocess"), "{page}");
+    // groff renders it without warnings.
+    let man = p.path().join("sluice.1");
+    std::fs::write(&man, &out.stdout).unwrap();
+    if let Ok(g) = std::process::Command::new("groff")
+        .args(["-man", "-Tutf8", "-ww", "-z"])
+        .arg(&man)
+        .output()
+    {
+        assert!(g.status.success(), "{}", text(&g));
+        assert!(
+            g.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&g.stderr)
+        );
+    }
+}
