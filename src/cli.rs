@@ -180,6 +180,23 @@ pub enum Command {
         #[arg(long, hide = true)]
         crash_at: Option<String>,
     },
+    /// Print the least-privilege IAM policy (JSON) for this config's lake on S3: the lake's
+    /// prefixes with only the actions used on each, the Glue database, SNS topics, secrets, the
+    /// Redshift Data API, the event queue.
+    IamPolicy {
+        /// Who it is for.
+        #[arg(long, value_enum, default_value = "lambda")]
+        role: crate::iam::Role,
+        /// The region in ARNs (default `*`).
+        #[arg(long)]
+        region: Option<String>,
+        /// The account id in ARNs (default `*`).
+        #[arg(long)]
+        account: Option<String>,
+        /// The SQS queue of S3 events the workers read (its ARN).
+        #[arg(long)]
+        queue_arn: Option<String>,
+    },
     /// Print a shell completion script (`sluice completions bash > /etc/bash_completion.d/sluice`).
     Completions {
         /// The shell.

@@ -1141,6 +1141,15 @@ impl Config {
     }
 
     /// The settings that may be given as `env:` or `secret:` references, with their keys.
+    /// The `secret:` references of the config (without the prefix), as written.
+    pub fn secret_references(&self) -> Vec<String> {
+        let mut copy = self.clone();
+        copy.referable()
+            .into_iter()
+            .filter_map(|(_, v)| v.strip_prefix("secret:").map(str::to_string))
+            .collect()
+    }
+
     fn referable(&mut self) -> Vec<(&'static str, &mut String)> {
         let mut out: Vec<(&'static str, &mut String)> = vec![("lake.root", &mut self.lake.root)];
         if let Some(db) = self.catalog.database.as_mut() {

@@ -210,6 +210,22 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             redact::print(&format!("{out}\n"));
             Ok(0)
         }
+        Command::IamPolicy {
+            role,
+            region,
+            account,
+            queue_arn,
+        } => {
+            let config = Config::load(&cli.config)?;
+            let scope = sluice::iam::Scope {
+                region: region.clone(),
+                account: account.clone(),
+                queue_arn: queue_arn.clone(),
+            };
+            let doc = sluice::iam::policy(&config, *role, &scope)?;
+            redact::print(&format!("{}\n", to_json(&doc)?));
+            Ok(0)
+        }
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(*shell, &mut Cli::command(), "sluice", &mut out);

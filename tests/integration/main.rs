@@ -15,6 +15,7 @@ mod exactly_once;
 mod formats;
 mod freshness;
 mod hive;
+mod iam;
 mod index;
 mod infer;
 mod json_paths;
