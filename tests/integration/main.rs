@@ -10,6 +10,7 @@ mod concurrency;
 mod crash;
 #[cfg(feature = "delta")]
 mod delta;
+mod deploy;
 mod dialects;
 mod exactly_once;
 mod formats;
