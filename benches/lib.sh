@@ -14,8 +14,9 @@ bench_bin() {
 # Writes the benchmark pipeline's config to FILE: one source and table TABLE of FORMAT, the
 # example's schema and query (with SLUICE_TYPED=1 the typed variant in benches/typed/: times
 # declared `timestamp` in the schema instead of text plus TRY_CAST in the query), partitioned
-# by event_date, deduplicated by UNIQUE / ORDER; the lake at ROOT with the extra `[lake]` line
-# EXTRA (may be empty). Needs $root.
+# by event_date, deduplicated by UNIQUE / ORDER (with SLUICE_LINEAGE=0 without the row lineage
+# column `_sluice_source`); the lake at ROOT with the extra `[lake]` line EXTRA (may be empty).
+# Needs $root.
 # usage: bench_config FILE ROOT TABLE FORMAT UNIQUE ORDER [EXTRA]
 bench_config() {
   local schema=$root/schemas/$3.toml query=$root/queries/$3.sql
@@ -39,6 +40,7 @@ query = "$query"
 partition_by = ["event_date"]
 unique_key = ["$5"]
 order_by = "$6"
+lineage = $([ "${SLUICE_LINEAGE:-1}" = 0 ] && echo false || echo true)
 TOML
 }
 

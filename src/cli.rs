@@ -197,6 +197,17 @@ pub enum Command {
         #[arg(long)]
         queue_arn: Option<String>,
     },
+    /// Write a static HTML page over the lake's last runs: per table the rows read, written,
+    /// rejected and duplicate of each run, throughput, rejected reasons by count, failed files
+    /// with their errors, warehouse statements with their times.
+    Report {
+        /// The page to write.
+        #[arg(long)]
+        html: PathBuf,
+        /// How many of the last runs.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
     /// Print a shell completion script (`sluice completions bash > /etc/bash_completion.d/sluice`).
     Completions {
         /// The shell.

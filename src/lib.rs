@@ -21,6 +21,7 @@ pub mod freshness;
 pub mod functions;
 pub mod generate;
 pub mod glue;
+pub mod html;
 pub mod iam;
 pub mod index;
 pub mod infer;

@@ -226,6 +226,14 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             redact::print(&format!("{}\n", to_json(&doc)?));
             Ok(0)
         }
+        Command::Report { html, runs } => {
+            let (config, lake) = load(&cli, &cli.config).await?;
+            let page = sluice::html::page(&config, &lake, *runs).await?;
+            std::fs::write(html, page)
+                .map_err(|e| Error::io(format!("cannot write {}", html.display()), e))?;
+            redact::print(&format!("{}\n", html.display()));
+            Ok(0)
+        }
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(*shell, &mut Cli::command(), "sluice", &mut out);

@@ -352,3 +352,96 @@ fn completions_and_the_man_page_come_from_the_command_definitions() {
         );
     }
 }
+
+/// Chromium (Debian's package, installed by `.ci/run`): `SLUICE_CHROMIUM`, else
+/// `/usr/bin/chromium`.
+fn chromium() -> std::path::PathBuf {
+    let p = std::env::var_os("SLUICE_CHROMIUM")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/usr/bin/chromium".into());
+    assert!(
+        p.exists(),
+        "{} not found: `bash .ci/run` installs Debian's chromium (or set SLUICE_CHROMIUM)",
+        p.display()
+    );
+    p
+}
+
+#[test]
+fn the_html_report_shows_the_runs_numbers_in_a_real_browser() {
+    let p = Project::with_fixtures();
+    // A second run with a file that fails (a truncated gzip) and one that is a duplicate.
+    assert_eq!(p.run().0, 0);
+    let mut gz =
+        std::fs::read(repo().join("fixtures/raw/support_tickets/2024-03-03.csv.gz")).unwrap();
+    gz.truncate(gz.len() / 2);
+    p.add_raw("support_tickets", "broken.csv.gz", &gz);
+    p.add_fixture("app_logs", "2024-03-01.jsonl");
+    let (_, second) = p.run();
+    let out_dir = tempfile::tempdir().unwrap();
+    let page = out_dir.path().join("report.html");
+    let out = p.sluice(&["report", "--html", page.to_str().unwrap(), "--runs", "5"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "no network at view time"
+    );
+    assert!(html.contains("broken.csv.gz"), "the failed file is listed");
+    assert!(html.contains("rejected rows by reason"));
+
+    // The browser: no console error, and the totals the page's script adds equal the runs'.
+    let profile = tempfile::tempdir().unwrap();
+    let run = std::process::Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=2000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", text(&run));
+    let dom = String::from_utf8_lossy(&run.stdout);
+    let log = String::from_utf8_lossy(&run.stderr);
+    let console: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("CONSOLE") || l.contains("Uncaught"))
+        .collect();
+    assert!(console.is_empty(), "console messages: {console:?}");
+    let first: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(p.lake().join(format!(
+            "_sluice/runs/{}.json",
+            p.files("_sluice/runs")[0]
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .trim_end_matches(".json")
+        )))
+        .unwrap(),
+    )
+    .unwrap();
+    for source in ["app_logs", "support_tickets"] {
+        let section = dom
+            .split("data-table=\"")
+            .find(|s| s.starts_with(&format!("{source}\"")))
+            .unwrap_or_else(|| panic!("no section for {source}: {dom}"));
+        for col in ["read", "written", "rejected", "duplicate"] {
+            let key = format!("rows_{col}");
+            let want: u64 = [&first, &second]
+                .iter()
+                .flat_map(|r| r["files"].as_array().unwrap().iter())
+                .filter(|f| f["source"] == source)
+                .map(|f| f[key.as_str()].as_u64().unwrap())
+                .sum();
+            let cell = format!("<th class=\"total-{col}\">{want}</th>");
+            assert!(section.contains(&cell), "{source}: no {cell} in {section}");
+        }
+    }
+}
