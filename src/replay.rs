@@ -183,8 +183,12 @@ async fn commits(lake: &Lake) -> Result<Vec<Commit>> {
     Ok(all)
 }
 
-/// The table's committed raw files the request selects, in the order they arrived.
-fn pick(p: &Prepared, commits: &[Commit], req: &ReplayRequest) -> Result<Vec<Picked>> {
+/// The order the table's raw files arrived in: raw key -> position.
+type Arrival = HashMap<String, usize>;
+
+/// The table's committed raw files the request selects, in the order they arrived, and the
+/// arrival order of all its files.
+fn pick(p: &Prepared, commits: &[Commit], req: &ReplayRequest) -> Result<(Vec<Picked>, Arrival)> {
     let pattern = req
         .files
         .as_deref()
@@ -196,6 +200,7 @@ fn pick(p: &Prepared, commits: &[Commit], req: &ReplayRequest) -> Result<Vec<Pic
         })?;
     let prefix = format!("{}/", p.source.raw_prefix());
     let mut versions: HashMap<&str, Vec<&str>> = HashMap::new();
+    let mut arrival: Arrival = HashMap::new();
     let mut out = Vec::new();
     for c in commits {
         if !c.tables.iter().any(|t| t.table == p.table.name) {
@@ -206,6 +211,8 @@ fn pick(p: &Prepared, commits: &[Commit], req: &ReplayRequest) -> Result<Vec<Pic
                 continue;
             }
             versions.entry(&f.key).or_default().push(&c.id);
+            let next = arrival.len();
+            arrival.insert(f.key.clone(), next);
             let day = c.created_at.date_naive();
             let in_dates = req.since.is_none_or(|d| day >= d) && req.until.is_none_or(|d| day <= d);
             let in_glob = pattern.as_ref().is_none_or(|g| {
@@ -234,7 +241,7 @@ fn pick(p: &Prepared, commits: &[Commit], req: &ReplayRequest) -> Result<Vec<Pic
             });
         }
     }
-    Ok(out)
+    Ok((out, arrival))
 }
 
 /// The raw keys a batch's lineage column names, per row (`None`: no lineage, an older file).
@@ -246,6 +253,18 @@ fn lineage_in(batch: &RecordBatch, of: &HashSet<String>, column: &str) -> Result
     let s = a.as_string::<i32>();
     Ok((0..s.len())
         .map(|i| s.is_valid(i) && of.contains(s.value(i)))
+        .collect())
+}
+
+/// Each row's lineage (`_sluice_source`), `None` where it has none (an older row).
+fn lineage_values(batch: &RecordBatch) -> Result<Vec<Option<String>>> {
+    let Some(a) = batch.column_by_name(LINEAGE) else {
+        return Ok(vec![None; batch.num_rows()]);
+    };
+    let a = datafusion::arrow::compute::cast(a, &datafusion::arrow::datatypes::DataType::Utf8)?;
+    let s = a.as_string::<i32>();
+    Ok((0..s.len())
+        .map(|i| s.is_valid(i).then(|| s.value(i).to_string()))
         .collect())
 }
 
@@ -330,7 +349,7 @@ impl Runner<'_> {
     async fn replay_locked(&self, p: &Prepared, req: &ReplayRequest) -> Result<ReplayReport> {
         let table = &p.table;
         let all = commits(&self.lake).await?;
-        let picked = pick(p, &all, req)?;
+        let (picked, arrival) = pick(p, &all, req)?;
         let mut report = ReplayReport {
             table: table.name.clone(),
             dry_run: req.dry_run,
@@ -363,7 +382,16 @@ impl Runner<'_> {
             .scratch(&self.me.run_id, &format!("{}-replay", table.name));
         let _ = std::fs::remove_dir_all(&scratch);
         let result = self
-            .replay_in(p, req, &picked, &files, &names, &scratch, &mut report)
+            .replay_in(
+                p,
+                req,
+                &picked,
+                &arrival,
+                &files,
+                &names,
+                &scratch,
+                &mut report,
+            )
             .await;
         let _ = std::fs::remove_dir_all(&scratch);
         result.map(|()| report)
@@ -375,6 +403,7 @@ impl Runner<'_> {
         p: &Prepared,
         req: &ReplayRequest,
         picked: &[Picked],
+        arrival: &Arrival,
         files: &[object_store::ObjectMeta],
         names: &[String],
         scratch: &std::path::Path,
@@ -435,6 +464,7 @@ impl Runner<'_> {
             None => HashSet::new(),
         };
         let mut held: HashMap<u128, Held> = HashMap::new();
+        let mut held_src: HashMap<u128, String> = HashMap::new();
         let mut from_replayed: Vec<u64> = vec![0; data.len()];
         for (g, f) in data.iter().enumerate() {
             let local = self.lake.local_file(&f.key).await?;
@@ -444,31 +474,111 @@ impl Runner<'_> {
                 if let Some((k, shape)) = &keying {
                     let mut entries = Entries::new(shape.kind);
                     k.entries(whole, g as u32, &mut entries)?;
+                    let src = lineage_values(whole)?;
                     for (i, m) in mine.iter().enumerate() {
                         let (fp, h) = entries.get(i);
                         if !m && batch_keys.contains(&fp) {
                             held.insert(fp, h);
+                            if let Some(key) = &src[i] {
+                                held_src.insert(fp, key.clone());
+                            }
                         }
                     }
                 }
                 Ok(())
             })?;
         }
-        let replacing = match keying {
+        let mut replacing = match keying {
             Some(_) => s.sink.against_held(&held)?,
             None => HashSet::new(),
         };
+        let (mut out_files, _) = s.sink.finish(self.threads)?;
+        // On an equal `order_by` with other values the later file's row wins: the sink took
+        // every replayed row for the later one; where the stored row's file arrived after the
+        // replayed row's, the stored row stays and the replayed one is a duplicate.
+        let mut tie_duplicates: HashMap<String, u64> = HashMap::new();
+        let mut held_wins: HashSet<u128> = HashSet::new();
+        if let Some((k, shape)) = &keying
+            && !replacing.is_empty()
+        {
+            let file_schema = sink::nullable(meta.file_schema()?.as_ref());
+            let position = |key: Option<&String>| key.and_then(|k| arrival.get(k)).copied();
+            for (n, f) in out_files.iter_mut().enumerate() {
+                let local = TableFile {
+                    key: f.path.display().to_string(),
+                    dir: f.dir.clone(),
+                };
+                let mut lose: Vec<bool> = Vec::new();
+                let file = std::fs::File::open(&f.path)
+                    .map_err(|e| Error::io(format!("cannot open {}", f.path.display()), e))?;
+                index::for_each_batch(file, &local, &partition_types, &full, |_, whole| {
+                    let mut entries = Entries::new(shape.kind);
+                    k.entries(whole, 0, &mut entries)?;
+                    let src = lineage_values(whole)?;
+                    for (i, src) in src.iter().enumerate() {
+                        let (fp, h) = entries.get(i);
+                        let stays = replacing.contains(&fp)
+                            && held.get(&fp).is_some_and(|old| {
+                                index::order_cmp(h.order.as_value(), old.order.as_value())
+                                    == std::cmp::Ordering::Equal
+                            })
+                            && position(held_src.get(&fp)) > position(src.as_ref());
+                        if stays {
+                            held_wins.insert(fp);
+                            if let Some(key) = src {
+                                *tie_duplicates.entry(key.clone()).or_default() += 1;
+                            }
+                        }
+                        lose.push(stays);
+                    }
+                    Ok(())
+                })?;
+                if !lose.iter().any(|l| *l) {
+                    continue;
+                }
+                // The file again without the replayed rows that lost.
+                let out = scratch.join(format!("tie-{n}.parquet"));
+                let mut w = sink::LocalParquet::new(&out, file_schema.clone(), &table.compression);
+                let file = std::fs::File::open(&f.path)
+                    .map_err(|e| Error::io(format!("cannot open {}", f.path.display()), e))?;
+                let mut at = 0usize;
+                for b in sink::local_batches(file, &local.key)? {
+                    let b = b?;
+                    let keep: BooleanArray = lose[at..at + b.num_rows()]
+                        .iter()
+                        .map(|l| Some(!l))
+                        .collect();
+                    at += b.num_rows();
+                    let kept = datafusion::arrow::compute::filter_record_batch(&b, &keep)?;
+                    w.write(&sink::conform(&kept, &file_schema)?)?;
+                }
+                match w.finish(false)? {
+                    Some((path, rows)) => {
+                        f.path = path;
+                        f.rows = rows;
+                    }
+                    None => f.rows = 0,
+                }
+            }
+        }
+        // Their stored rows stay where they are.
+        replacing.retain(|fp| !held_wins.contains(fp));
         let mut replaced_in: BTreeSet<usize> = BTreeSet::new();
         for fp in &replacing {
             if let Some(h) = held.get(fp) {
                 replaced_in.insert(h.group as usize);
             }
         }
-        let (out_files, _) = s.sink.finish(self.threads)?;
 
         // Counts per replayed file (the accounting identity holds for each).
         let mut counts = s.counts.clone();
         for (key, d) in s.keys.iter().zip(s.sink.duplicates()) {
+            if let Some(c) = counts.get_mut(key) {
+                c.written -= d;
+                c.duplicate += d;
+            }
+        }
+        for (key, d) in &tie_duplicates {
             if let Some(c) = counts.get_mut(key) {
                 c.written -= d;
                 c.duplicate += d;

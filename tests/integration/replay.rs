@@ -636,3 +636,30 @@ fn replay_on_s3(delta: bool) {
         assert_eq!(v["up"], want, "{levels:?}");
     }
 }
+
+#[test]
+fn on_an_equal_order_by_replayed_rows_keep_to_the_original_arrival_order() {
+    let p = Project::empty();
+    // old.csv: tickets 0..4 updated at 09:00; new.csv, later: tickets 0..2 at the same 09:00
+    // with another status. On an equal order_by the later file wins: tickets 0, 1 pending.
+    p.add_raw("support_tickets", "old.csv", &batch(0, 4, 2, 9, "open"));
+    assert_eq!(p.run().0, 0);
+    p.add_raw("support_tickets", "new.csv", &batch(0, 2, 2, 9, "pending"));
+    assert_eq!(p.run().0, 0);
+    let before = table(&p);
+    let status: Vec<&str> = before.iter().map(|(_, s, _)| s.as_str()).collect();
+    assert_eq!(status, ["pending", "pending", "open", "open"]);
+    // Replaying the older file: its rows of tickets 0, 1 still lose to the later file's.
+    let r = reprocess(&p, &["support_tickets", "--files", "old.csv"]);
+    balanced(&r);
+    assert_eq!(r["files"][0]["rows_duplicate"], 2, "{r:#}");
+    assert_eq!(r["rows_replaced"], 0, "{r:#}");
+    assert_eq!(table(&p), before);
+    // Replaying the later file: its rows still win over the older file's.
+    let r = reprocess(&p, &["support_tickets", "--files", "new.csv"]);
+    balanced(&r);
+    assert_eq!(r["files"][0]["rows_written"], 2, "{r:#}");
+    assert_eq!(table(&p), before);
+    let (code, out) = index_check(&p);
+    assert_eq!(code, 0, "{out}");
+}
