@@ -197,6 +197,15 @@ pub enum Command {
         #[arg(long)]
         queue_arn: Option<String>,
     },
+    /// Show every side effect the next run would have, writing nothing: the files it would take
+    /// (and the duplicates it would skip), per table the rows written, rejected and dropped, the
+    /// partitions written and files rewritten, Glue calls, archive moves, warehouse steps,
+    /// notifications. It reads the pending files and runs the queries to know.
+    Plan {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a static HTML page over the lake's last runs: per table the rows read, written,
     /// rejected and duplicate of each run, throughput, rejected reasons by count, failed files
     /// with their errors, warehouse statements with their times.

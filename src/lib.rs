@@ -34,6 +34,7 @@ pub mod lock;
 pub mod maintain;
 pub mod notify;
 pub mod pipeline;
+pub mod plan;
 pub mod redact;
 pub mod replay;
 pub mod report;

@@ -226,6 +226,18 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             redact::print(&format!("{}\n", to_json(&doc)?));
             Ok(0)
         }
+        Command::Plan { json } => {
+            let (config, lake) = load(&cli, &cli.config).await?;
+            let run_id = sluice::report::new_run_id();
+            let runner = sluice::pipeline::Runner::new(&config, lake, &run_id);
+            let plan = runner.plan_next_run().await?;
+            if *json {
+                redact::print(&format!("{}\n", to_json(&plan)?));
+            } else {
+                redact::print(&plan.summary());
+            }
+            Ok(0)
+        }
         Command::Report { html, runs } => {
             let (config, lake) = load(&cli, &cli.config).await?;
             let page = sluice::html::page(&config, &lake, *runs).await?;

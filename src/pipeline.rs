@@ -693,7 +693,7 @@ impl<'a> Runner<'a> {
     /// The ledger record of a raw file about to be committed. No request: the archive place is
     /// free unless a committed file went there (the ledger knows: only commits archive), and
     /// an earlier failure's error record is deleted with the commit whether it is there or not.
-    fn record(
+    pub(crate) fn record(
         &self,
         source: &SourceConfig,
         ledger: &Ledger,

@@ -445,3 +445,123 @@ fn the_html_report_shows_the_runs_numbers_in_a_real_browser() {
         }
     }
 }
+
+/// Every file of the lake with its size (sluice's own state included).
+fn everything(p: &Project) -> std::collections::BTreeMap<String, u64> {
+    p.files("")
+        .into_iter()
+        .map(|f| {
+            let size = std::fs::metadata(p.lake().join(&f)).unwrap().len();
+            (f, size)
+        })
+        .collect()
+}
+
+fn plan(p: &Project) -> serde_json::Value {
+    let out = p.sluice(&["plan", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn planned<'a>(plan: &'a serde_json::Value, table: &str) -> &'a serde_json::Value {
+    plan["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == table)
+        .unwrap()
+}
+
+#[test]
+fn plan_says_what_the_next_run_does_and_writes_nothing() {
+    let p = Project::with_fixtures();
+    let before = everything(&p);
+    let first = plan(&p);
+    assert_eq!(everything(&p), before, "a plan writes nothing");
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report:#}");
+    let check = |plan: &serde_json::Value, report: &serde_json::Value| {
+        for table in ["app_logs", "support_tickets"] {
+            let t = planned(plan, table);
+            let r = &report["tables"][table];
+            if t["files"].as_array().unwrap().is_empty() {
+                assert!(
+                    r.is_null(),
+                    "{table}: the plan has no file, the run changed it: {r}"
+                );
+                continue;
+            }
+            for k in [
+                "rows_written",
+                "rows_rejected",
+                "rows_duplicate",
+                "rows_replaced",
+            ] {
+                assert_eq!(t[k], r[k], "{table} {k}: plan {t:#}\nrun {r:#}");
+            }
+            assert_eq!(t["partitions"], r["partitions"], "{table}");
+            assert_eq!(
+                t["files_rewritten"].as_array().unwrap().len() as u64,
+                r["files_rewritten"].as_u64().unwrap_or(0),
+                "{table}"
+            );
+            for f in t["files"].as_array().unwrap() {
+                let done = report["files"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x["key"] == f["key"])
+                    .unwrap_or_else(|| panic!("{f} not in the run"));
+                assert_eq!(f["archive_to"], done["moved_to"], "{f}");
+                let action = if done["status"] == "duplicate" {
+                    "duplicate"
+                } else {
+                    "process"
+                };
+                assert_eq!(f["action"], action, "{f}");
+            }
+        }
+    };
+    check(&first, &report);
+    assert_eq!(first["notifications"], serde_json::json!(["log"]));
+    assert!(
+        first["warehouse"]
+            .to_string()
+            .contains("daily_ticket_stats"),
+        "{first:#}"
+    );
+
+    // Newer versions of some tickets and a copy of a committed file under another name.
+    p.add_raw("support_tickets", "base.csv", &batch(0, 10, 2, 9, "open"));
+    assert_eq!(p.run().0, 0);
+    p.add_raw(
+        "support_tickets",
+        "updates.csv",
+        &batch(0, 5, 2, 23, "closed"),
+    );
+    let copy = std::fs::read(repo().join("fixtures/raw/support_tickets/2024-03-01.csv")).unwrap();
+    p.add_raw("support_tickets", "again.csv", &copy);
+    let before = everything(&p);
+    let second = plan(&p);
+    assert_eq!(everything(&p), before, "a plan writes nothing");
+    let t = planned(&second, "support_tickets");
+    let dup = t["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["key"] == "raw/support_tickets/again.csv")
+        .unwrap();
+    assert_eq!(dup["action"], "duplicate");
+    assert_eq!(dup["duplicate_of"], "raw/support_tickets/2024-03-01.csv");
+    assert_eq!(t["rows_replaced"], 5, "{t:#}");
+    assert!(
+        !t["files_rewritten"].as_array().unwrap().is_empty(),
+        "{t:#}"
+    );
+    let (code, report) = p.run();
+    assert_eq!(code, 0, "{report:#}");
+    check(&second, &report);
+    // Nothing pending: nothing to do.
+    let out = p.sluice(&["plan"]);
+    assert!(text(&out).contains("nothing to do"), "{}", text(&out));
+}
