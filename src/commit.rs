@@ -3,7 +3,7 @@
 //! against what committed since, then the commit point (the ledger entry) and the publish.
 //! The order of the steps, and why each is where it is, is in ARCHITECTURE ("commit").
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use chrono::Utc;
@@ -332,18 +332,7 @@ impl Runner<'_> {
             meta.save(&self.lake).await?;
         }
         // The commit point.
-        let mut entry = serde_json::to_value(&commit).map_err(|e| Error::State {
-            path: ledger::ledger_key(&id),
-            message: e.to_string(),
-        })?;
-        entry["counts"] = serde_json::to_value(
-            plan.counts
-                .iter()
-                .map(|(k, c)| (k.clone(), [c.read, c.written, c.rejected, c.duplicate]))
-                .collect::<BTreeMap<_, _>>(),
-        )
-        .unwrap_or_default();
-        self.lake.put_json(&ledger::ledger_key(&id), &entry).await?;
+        ledger::write_entry(&self.lake, &commit, &plan.counts).await?;
         fault::point("committed");
         ledger::publish(&self.lake, &commit).await?;
         fault::point("archived");
@@ -453,13 +442,7 @@ impl Runner<'_> {
         for r in &sorted {
             input.push_str(&format!("{} {} {}\n", r.key, r.sha256, r.last_modified));
         }
-        for salt in 0u32.. {
-            let id = ledger::sha256_hex(format!("{input}{salt}").as_bytes())[..24].to_string();
-            if !self.lake.exists(&ledger::ledger_key(&id)).await? {
-                return Ok(id);
-            }
-        }
-        unreachable!("an unbounded range ends only by returning")
+        ledger::fresh_id(&self.lake, &input).await
     }
 }
 

@@ -167,13 +167,7 @@ async fn commit_id(lake: &Lake, table: &str, bins: &[Bin]) -> Result<String> {
         input.push_str(&f.key);
         input.push('\n');
     }
-    for salt in 0u32.. {
-        let id = ledger::sha256_hex(format!("{input}{salt}").as_bytes())[..24].to_string();
-        if !lake.exists(&ledger::ledger_key(&id)).await? {
-            return Ok(id);
-        }
-    }
-    unreachable!("an unbounded range ends only by returning")
+    ledger::fresh_id(lake, &input).await
 }
 
 /// The key index of a keyed table whose head names exactly the files `listed` (rebuilt from

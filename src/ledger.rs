@@ -135,6 +135,40 @@ pub fn attempts_key(raw_key: &str) -> String {
     )
 }
 
+/// A new commit id from `input` (what the commit hashes): the first of `input` salted 0, 1, ...
+/// that no ledger entry has, so a commit never replaces another's entry.
+pub async fn fresh_id(lake: &Lake, input: &str) -> Result<String> {
+    for salt in 0u32.. {
+        let id = sha256_hex(format!("{input}{salt}").as_bytes())[..24].to_string();
+        if !lake.exists(&ledger_key(&id)).await? {
+            return Ok(id);
+        }
+    }
+    unreachable!("an unbounded range ends only by returning")
+}
+
+/// Writes a commit's ledger entry, the commit point, with its per-file counts `[read, written,
+/// rejected, duplicate]`.
+pub async fn write_entry(
+    lake: &Lake,
+    commit: &Commit,
+    counts: &HashMap<String, crate::transform::Counts>,
+) -> Result<()> {
+    let key = ledger_key(&commit.id);
+    let mut entry = serde_json::to_value(commit).map_err(|e| crate::error::Error::State {
+        path: key.clone(),
+        message: e.to_string(),
+    })?;
+    entry["counts"] = serde_json::to_value(
+        counts
+            .iter()
+            .map(|(k, c)| (k.clone(), [c.read, c.written, c.rejected, c.duplicate]))
+            .collect::<BTreeMap<_, _>>(),
+    )
+    .unwrap_or_default();
+    lake.put_json(&key, &entry).await
+}
+
 /// Whether a data file is a rewrite of another (`part-<commit>-r<k>.parquet`: the rows of a
 /// file a commit replaced rows of, without them), as commits and replays name them.
 pub fn is_rewrite(key: &str) -> bool {

@@ -12,7 +12,7 @@
 //! commit like a run's (pending record, staging, ledger entry, publish), so recovery rolls it
 //! forward or discards it; a keyed table's index is dropped with the commit and rebuilt.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 
 use chrono::{NaiveDate, Utc};
@@ -793,18 +793,7 @@ impl Runner<'_> {
         fault::point("staged");
         meta.save(&self.lake).await?;
         // The commit point.
-        let mut entry = serde_json::to_value(&commit).map_err(|e| Error::State {
-            path: ledger::ledger_key(&id),
-            message: e.to_string(),
-        })?;
-        entry["counts"] = serde_json::to_value(
-            counts
-                .iter()
-                .map(|(k, c)| (k.clone(), [c.read, c.written, c.rejected, c.duplicate]))
-                .collect::<BTreeMap<_, _>>(),
-        )
-        .unwrap_or_default();
-        self.lake.put_json(&ledger::ledger_key(&id), &entry).await?;
+        ledger::write_entry(&self.lake, &commit, &counts).await?;
         fault::point("committed");
         ledger::publish(&self.lake, &commit).await?;
         fault::point("archived");
@@ -840,12 +829,6 @@ impl Runner<'_> {
             self.me.run_id,
             names.join("\n")
         );
-        for salt in 0u32.. {
-            let id = ledger::sha256_hex(format!("{input}{salt}").as_bytes())[..24].to_string();
-            if !self.lake.exists(&ledger::ledger_key(&id)).await? {
-                return Ok(id);
-            }
-        }
-        unreachable!("an unbounded range ends only by returning")
+        ledger::fresh_id(&self.lake, &input).await
     }
 }
