@@ -149,18 +149,7 @@ fn watch_polls_the_raw_prefixes_until_sigterm() {
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stop(child);
     assert!(p.rows("processed/support_tickets") > 0);
 }
 

@@ -43,26 +43,7 @@ fn two_concurrent_runs_process_each_file_once() {
 /// Runs `sluice run --json` with the run held after its plan (before the commit lock) until
 /// the returned pause file is removed; returns once the run is held there.
 fn held_after_plan(p: &Project) -> (std::process::Child, std::path::PathBuf) {
-    let pause = p.path().join("pause");
-    std::fs::write(&pause, "").unwrap();
-    let child = p
-        .cmd(&["run", "--json", "-v"])
-        .env("SLUICE_PAUSE_AT", "planned")
-        .env("SLUICE_PAUSE_FILE", &pause)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let reached = p.path().join("pause.reached");
-    let start = std::time::Instant::now();
-    while !reached.exists() {
-        assert!(
-            start.elapsed().as_secs() < 60,
-            "the run never reached its plan"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    (child, pause)
+    held_at(p, &["run", "--json", "-v"], "planned")
 }
 
 /// The same files, one run after another, in this order.

@@ -88,8 +88,9 @@ fn fake_runtime_api(event: Value) -> (String, mpsc::Receiver<(String, Value)>) {
     (addr, rx)
 }
 
-/// Starts the function under a fake runtime API serving `event`; its answer (path, body).
-fn invoke(p: &Project, event: Value) -> (String, Value) {
+/// Starts the function under a fake runtime API serving `event`; its answer (path, body) and
+/// its log (stderr).
+fn invoke(p: &Project, event: Value) -> (String, Value, String) {
     let (addr, posted) = fake_runtime_api(event);
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .env("AWS_LAMBDA_RUNTIME_API", &addr)
@@ -106,12 +107,9 @@ fn invoke(p: &Project, event: Value) -> (String, Value) {
     let got = posted.recv_timeout(Duration::from_secs(120));
     let _ = child.kill();
     let output = child.wait_with_output().unwrap();
-    got.unwrap_or_else(|e| {
-        panic!(
-            "no answer from the function ({e}): {}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })
+    let log = String::from_utf8_lossy(&output.stderr).into_owned();
+    let (path, body) = got.unwrap_or_else(|e| panic!("no answer from the function ({e}): {log}"));
+    (path, body, log)
 }
 
 #[test]
@@ -124,7 +122,7 @@ fn lambda_runtime_runs_everything_pending_on_a_schedule_payload() {
         "source": "aws.events", "account": "123456789012", "time": "2026-12-02T06:00:00Z",
         "region": "eu-west-1", "resources": ["arn:aws:events:eu-west-1:123456789012:rule/sluice"],
         "detail": {}});
-    let (path, report) = invoke(&p, event);
+    let (path, report, _) = invoke(&p, event);
     assert_eq!(
         path, "/2018-06-01/runtime/invocation/req-1/response",
         "{report}"
@@ -143,28 +141,7 @@ fn lambda_runtime_handles_an_s3_event() {
         "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
         "s3": {"bucket": {"name": "any"}, "object": {"key": "raw/support_tickets/2024-03-01.csv"}}
     }]});
-    let (addr, posted) = fake_runtime_api(event);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .env("AWS_LAMBDA_RUNTIME_API", &addr)
-        .env("AWS_LAMBDA_FUNCTION_NAME", "sluice")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
-        .env("AWS_LAMBDA_LOG_STREAM_NAME", "test")
-        .env("AWS_LAMBDA_LOG_GROUP_NAME", "test")
-        .env("SLUICE_CONFIG", p.config())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let got = posted.recv_timeout(Duration::from_secs(120));
-    let _ = child.kill();
-    let output = child.wait_with_output().unwrap();
-    let (path, report) = got.unwrap_or_else(|e| {
-        panic!(
-            "no answer from the function ({e}): {}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    });
+    let (path, report, logs) = invoke(&p, event);
     assert_eq!(
         path, "/2018-06-01/runtime/invocation/req-1/response",
         "{report}"
@@ -180,7 +157,6 @@ fn lambda_runtime_handles_an_s3_event() {
     );
     assert!(p.rows("processed/support_tickets") > 0);
     // JSON log lines for CloudWatch, with the run's span.
-    let logs = String::from_utf8_lossy(&output.stderr);
     let line = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())

@@ -429,25 +429,11 @@ fn a_crash_at_any_step_of_a_replay_then_a_rerun_gives_the_uninterrupted_result()
 fn a_run_waits_while_a_replay_holds_the_commit_lock() {
     let p = orders_project("parquet");
     std::fs::write(p.path().join("orders.sql"), FIXED).unwrap();
-    let pause = p.path().join("pause");
-    std::fs::write(&pause, "").unwrap();
-    let replay = p
-        .cmd(&["reprocess", "orders_clean", "--json"])
-        .env("SLUICE_PAUSE_AT", "replay-planned")
-        .env("SLUICE_PAUSE_FILE", &pause)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let reached = p.path().join("pause.reached");
-    let start = std::time::Instant::now();
-    while !reached.exists() {
-        assert!(
-            start.elapsed().as_secs() < 60,
-            "the replay never got to its commit"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let (replay, pause) = held_at(
+        &p,
+        &["reprocess", "orders_clean", "--json"],
+        "replay-planned",
+    );
     // A run with a new file, while the replay holds the lock: it waits for it.
     p.add_raw("orders", "c.csv", b"id,name,amount\n7,gus,70\n");
     let run = p

@@ -407,3 +407,28 @@ pub fn index_check(p: &Project) -> (i32, String) {
     let out = p.sluice(&["index", "check", "support_tickets"]);
     (out.status.code().unwrap_or(-1), text(&out))
 }
+
+/// Runs the binary with `args`, held at fault step `step` (`SLUICE_PAUSE_AT`) until the returned
+/// pause file is removed; returns once the process is held there.
+pub fn held_at(p: &Project, args: &[&str], step: &str) -> (std::process::Child, PathBuf) {
+    let pause = p.path().join("pause");
+    std::fs::write(&pause, "").unwrap();
+    let child = p
+        .cmd(args)
+        .env("SLUICE_PAUSE_AT", step)
+        .env("SLUICE_PAUSE_FILE", &pause)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reached = p.path().join("pause.reached");
+    let start = std::time::Instant::now();
+    while !reached.exists() {
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "{args:?} never got to {step}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (child, pause)
+}
