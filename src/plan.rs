@@ -133,8 +133,9 @@ impl Runner<'_> {
         let mut plan = Plan::default();
         let mut changed: BTreeSet<String> = BTreeSet::new();
         let mut failing = false;
+        let ledger = Ledger::load(&self.lake).await?;
         for p in prepare(self.config)? {
-            let t = self.plan_table(&p).await?;
+            let t = self.plan_table(&p, &ledger).await?;
             if t.rows_read > 0 || t.files.iter().any(|f| f.action == "duplicate") {
                 changed.insert(t.table.clone());
             }
@@ -164,14 +165,13 @@ impl Runner<'_> {
         Ok(plan)
     }
 
-    async fn plan_table(&self, p: &Prepared) -> Result<TablePlan> {
+    async fn plan_table(&self, p: &Prepared, ledger: &Ledger) -> Result<TablePlan> {
         let source = &p.source;
         let mut out = TablePlan {
             table: p.table.name.clone(),
             source: source.name.clone(),
             ..Default::default()
         };
-        let ledger = Ledger::load(&self.lake).await?;
         let prefix = source.raw_prefix();
         let mut pending = Vec::new();
         for meta in self.lake.list(&prefix).await? {
@@ -211,7 +211,7 @@ impl Runner<'_> {
                     .or_else(|| seen.get(&sha))
                     .cloned();
                 if let Some(d) = dup {
-                    let r = self.record(source, &ledger, &m, &sha, Some(d.clone()));
+                    let r = self.record(source, ledger, &m, &sha, Some(d.clone()));
                     out.files.push(PlannedFile {
                         key,
                         bytes: m.size,
@@ -277,7 +277,7 @@ impl Runner<'_> {
             let _ = std::fs::remove_dir_all(&scratch);
             return Ok(out);
         };
-        let result = self.plan_streamed(p, &ledger, &fresh, s, &mut out).await;
+        let result = self.plan_streamed(p, ledger, &fresh, s, &mut out).await;
         let _ = std::fs::remove_dir_all(&scratch);
         result.map(|()| out)
     }
