@@ -58,10 +58,9 @@ pub fn endpoint_url(service: &str) -> Option<String> {
 }
 
 /// An AWS error as one line: the service's code and message where it gave them.
-pub fn describe<E, R>(e: &SdkError<E, R>) -> String
+pub fn describe<E>(e: &SdkError<E, aws_sdk_glue::config::http::HttpResponse>) -> String
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
     match e {
         SdkError::ServiceError(s) => {
@@ -69,7 +68,20 @@ where
             match (err.code(), err.message()) {
                 (Some(c), Some(m)) => format!("{c}: {m}"),
                 (Some(c), None) => c.to_string(),
-                _ => err.to_string(),
+                // An answer the SDK could not read: its status and the start of its body.
+                _ => {
+                    let raw = s.raw();
+                    let body = raw
+                        .body()
+                        .bytes()
+                        .map(|b| String::from_utf8_lossy(&b[..b.len().min(300)]).into_owned())
+                        .unwrap_or_default();
+                    format!(
+                        "{err} (HTTP {}: {})",
+                        raw.status().as_u16(),
+                        body.split_whitespace().collect::<Vec<_>>().join(" ")
+                    )
+                }
             }
         }
         other => crate::error::chain(other),

@@ -247,6 +247,17 @@ pub fn policy(config: &Config, role: Role, scope: &Scope) -> Result<Value> {
         .chain(config.notify.late_targets())
         .filter_map(|t| t.strip_prefix("sns:").map(str::to_string))
         .collect();
+    // A target read from a secret may name any topic: the policy cannot know which.
+    if config
+        .notify
+        .on_success
+        .iter()
+        .chain(&config.notify.on_failure)
+        .chain(config.notify.late_targets())
+        .any(|t| t.starts_with("secret:"))
+    {
+        topics.push(format!("arn:aws:sns:{region}:{account}:*"));
+    }
     topics.sort();
     topics.dedup();
     if !topics.is_empty() {

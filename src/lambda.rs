@@ -5,6 +5,7 @@
 //! SQS messages to their queue; the ledger makes a retry of committed files a no-op.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use lambda_runtime::{LambdaEvent, service_fn};
 use serde_json::Value;
@@ -33,6 +34,7 @@ fn config_path() -> PathBuf {
 async fn handle(event: LambdaEvent<Value>) -> Result<Value> {
     let path = config_path();
     let mut config = Config::load(&path)?;
+    bound_by_deadline(&mut config, event.context.deadline);
     crate::timeout::set(config.timeouts.get());
     config.resolve_secrets().await?;
     let lake = Lake::open(&config.lake_root(), &config.timeouts.get())
@@ -48,6 +50,29 @@ async fn handle(event: LambdaEvent<Value>) -> Result<Value> {
             path: "report".into(),
             message: e.to_string(),
         }),
+    }
+}
+
+/// The invocation's deadline (ms since the epoch) bounds `max_runtime`: the run stops at a safe
+/// point a margin (a tenth of the time left, at most a minute) before Lambda would kill it, so
+/// its report is saved and its claims let go. A smaller configured `max_runtime` stands.
+fn bound_by_deadline(config: &mut Config, deadline_ms: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let left = Duration::from_millis(deadline_ms).saturating_sub(now);
+    let limit = left.saturating_sub((left / 10).min(Duration::from_secs(60)));
+    let secs = limit.as_secs().max(1);
+    if config
+        .engine
+        .max_runtime()
+        .is_none_or(|m| m > Duration::from_secs(secs))
+    {
+        tracing::info!(
+            seconds = secs,
+            "the invocation's deadline bounds max_runtime"
+        );
+        config.engine.max_runtime = Some(format!("{secs}s"));
     }
 }
 

@@ -35,6 +35,7 @@ pub mod maintain;
 pub mod notify;
 pub mod pipeline;
 pub mod plan;
+pub mod progress;
 pub mod redact;
 pub mod replay;
 pub mod report;

@@ -281,8 +281,12 @@ async fn dispatch(cli: Cli) -> Result<u8> {
                 dry_run: *dry_run,
             };
             let run_id = sluice::report::new_run_id();
-            let runner = sluice::pipeline::Runner::new(&config, lake, &run_id);
-            let report = runner.reprocess(&req).await?;
+            let shown = !*json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let runner = sluice::pipeline::Runner::new(&config, lake, &run_id)
+                .with_progress(sluice::progress::Progress::new(shown));
+            let report = runner.reprocess(&req).await;
+            runner.progress_done();
+            let report = report?;
             if *json {
                 redact::print(&format!("{}\n", to_json(&report)?));
             } else {

@@ -24,6 +24,7 @@ use crate::index;
 use crate::lake::{self, Lake};
 use crate::ledger::{self, AttemptError, Attempts, Commit, FileOutcome, FileRecord, Ledger};
 use crate::lock::{self, Holder};
+use crate::progress::Progress;
 use crate::report::{FileReport, FileStatus, RunReport, TableReport};
 use crate::sink;
 use crate::sink::stream::{RowFile, SinkOptions, TableSink};
@@ -77,34 +78,6 @@ pub fn prepare(config: &Config) -> Result<Vec<Prepared>> {
         .collect()
 }
 
-/// Reports progress on a terminal.
-pub struct Progress(Option<indicatif::ProgressBar>);
-
-impl Progress {
-    /// A spinner if `show`, else nothing.
-    pub fn new(show: bool) -> Progress {
-        Progress(show.then(|| {
-            let pb = indicatif::ProgressBar::new_spinner();
-            pb.enable_steady_tick(Duration::from_millis(100));
-            pb
-        }))
-    }
-
-    /// The current step.
-    pub fn step(&self, msg: impl Into<String>) {
-        if let Some(pb) = &self.0 {
-            pb.set_message(msg.into());
-        }
-    }
-
-    /// Removes the spinner.
-    pub fn finish(&self) {
-        if let Some(pb) = &self.0 {
-            pb.finish_and_clear();
-        }
-    }
-}
-
 /// A run's fixed settings.
 pub struct Runner<'a> {
     pub(crate) config: &'a Config,
@@ -128,6 +101,8 @@ pub struct Runner<'a> {
     /// Raw files this run has dealt with (committed, failed or duplicate): a run taking batch
     /// after batch does not take them again.
     pub(crate) handled: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The terminal display (hidden unless [`Runner::with_progress`]).
+    pub(crate) progress: Progress,
 }
 
 impl<'a> Runner<'a> {
@@ -148,7 +123,19 @@ impl<'a> Runner<'a> {
             serial: std::sync::atomic::AtomicBool::new(false),
             handled: std::sync::Mutex::new(std::collections::HashSet::new()),
             checks: std::sync::Mutex::new(Vec::new()),
+            progress: Progress::hidden(),
         }
+    }
+
+    /// Clears the progress display (a run does it itself at its end).
+    pub fn progress_done(&self) {
+        self.progress.finish();
+    }
+
+    /// Shows the run's progress on `progress`.
+    pub fn with_progress(mut self, progress: Progress) -> Runner<'a> {
+        self.progress = progress;
+        self
     }
 
     /// Processes only these objects (keys in the lake), as named by an event, instead of
@@ -187,17 +174,18 @@ impl<'a> Runner<'a> {
 
     /// Runs the whole pipeline once. Past `max_runtime` the run stops at the next safe point
     /// with the error in its report (which is saved as always); locks and claims are released.
-    pub async fn run(&self, progress: &Progress) -> Result<RunReport> {
-        let result = self.run_inner(progress).await;
+    pub async fn run(&self) -> Result<RunReport> {
+        let result = self.run_inner().await;
+        self.progress.finish();
         self.lake.drop_scratch(&self.me.run_id);
         result
     }
 
-    async fn run_inner(&self, progress: &Progress) -> Result<RunReport> {
+    async fn run_inner(&self) -> Result<RunReport> {
         let mut report = RunReport::start(&self.me.run_id);
         report.s3 = self.lake.is_s3();
         self.lake.take_requests();
-        match self.run_steps(&mut report, progress).await {
+        match self.run_steps(&mut report).await {
             Ok(()) => {}
             Err(e @ Error::MaxRuntime { .. }) => {
                 tracing::error!(error = %e, "run stopped");
@@ -215,7 +203,7 @@ impl<'a> Runner<'a> {
         Ok(report)
     }
 
-    async fn run_steps(&self, report: &mut RunReport, progress: &Progress) -> Result<()> {
+    async fn run_steps(&self, report: &mut RunReport) -> Result<()> {
         let prepared = prepare(self.config)?;
         let t = Instant::now();
         self.locked(async {
@@ -240,13 +228,14 @@ impl<'a> Runner<'a> {
         for p in &prepared {
             self.deadline
                 .check(&format!("source {} (before it started)", p.source.name))?;
-            progress.step(format!("{}: discovering files", p.source.name));
+            self.progress
+                .step(format!("{}: discovering files", p.source.name));
             // A batch another run raced (it committed some of the same files or content first)
             // committed nothing: it runs again, and those files are duplicates now.
             let mut tries = 0;
             loop {
                 let done = self
-                    .process_source(p, report, progress)
+                    .process_source(p, report)
                     .instrument(
                         tracing::info_span!("table", source = %p.source.name, table = %p.table.name),
                     )
@@ -279,7 +268,7 @@ impl<'a> Runner<'a> {
             }
         }
         self.deadline.check("warehouse (before the aggregates)")?;
-        progress.step("warehouse");
+        self.progress.step("warehouse");
         let t = Instant::now();
         let built = self
             .locked(
@@ -303,7 +292,7 @@ impl<'a> Runner<'a> {
         fault::point("warehouse");
         if self.config.warehouse.kind != WarehouseKind::Embedded {
             self.deadline.check("warehouse load (before it started)")?;
-            progress.step("warehouse load");
+            self.progress.step("warehouse load");
             let t = Instant::now();
             let loaded = warehouse::remote::sync(
                 self.config,
@@ -425,12 +414,7 @@ impl<'a> Runner<'a> {
     }
 
     /// One batch of a source: `true` if it was a full batch of `batch_files` (more may wait).
-    async fn process_source(
-        &self,
-        p: &Prepared,
-        report: &mut RunReport,
-        progress: &Progress,
-    ) -> Result<bool> {
+    async fn process_source(&self, p: &Prepared, report: &mut RunReport) -> Result<bool> {
         let source = &p.source;
         let t = Instant::now();
         let mut ledger = Ledger::load(&self.lake).await?;
@@ -510,7 +494,6 @@ impl<'a> Runner<'a> {
         }
         // Read, query, route and write in one stream. A file that breaks half-way is left out
         // and the batch runs again without it.
-        progress.step(format!("{}: reading {} files", source.name, fresh.len()));
         let t = Instant::now();
         let scratch = self.lake.scratch(&self.me.run_id, &source.name);
         let mut streamed = None;
@@ -556,6 +539,7 @@ impl<'a> Runner<'a> {
         drop(gone);
         self.step_done(report, "stream", t);
         fault::point("read");
+        fault::pause("read");
         if let Some(s) = &mut streamed {
             for (i, meta) in fresh.iter().enumerate() {
                 let key = meta.location.to_string();
@@ -578,7 +562,7 @@ impl<'a> Runner<'a> {
         let t = Instant::now();
         let mut committed: Option<(Commit, TableReport, HashMap<String, Counts>)> = None;
         if !records.is_empty() {
-            progress.step(format!("{}: committing", source.name));
+            self.progress.step(format!("{}: committing", source.name));
             // A safe point: the batch's files are in scratch only.
             let step = format!("source {} (before its commit)", source.name);
             if let Err(e) = self.deadline.check(&step) {
@@ -812,12 +796,13 @@ impl<'a> Runner<'a> {
             .buffered(self.lake.concurrency())
             .collect()
             .await;
+        let reading = self.progress.reading(&p.source.name, files);
         let mut feed_files = Vec::with_capacity(files.len());
         for (i, (key, reader)) in keys.iter().zip(readers).enumerate() {
             match reader {
                 Ok(reader) => feed_files.push(FeedFile {
                     key: key.clone(),
-                    reader,
+                    reader: reading.wrap(reader),
                 }),
                 Err(e) => return Err(Failure::File(i, e)),
             }

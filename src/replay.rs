@@ -124,6 +124,10 @@ impl ReplayReport {
                 .map(|c| format!(", commit {c}"))
                 .unwrap_or_default()
         );
+        if self.files.is_empty() {
+            out.push_str("  nothing to replay: no committed raw file in that range\n");
+            return out;
+        }
         for f in &self.files {
             out.push_str(&format!(
                 "  {} (from {}): read {}, written {}, rejected {}, duplicate {}\n",
@@ -225,6 +229,25 @@ fn pick(p: &Prepared, commits: &[Commit], req: &ReplayRequest) -> Result<(Vec<Pi
                 });
             }
         }
+    }
+    // A glob is precise: matching nothing is a mistake (a date range may well be empty).
+    if let (Some(glob), true) = (&req.files, out.is_empty()) {
+        let example = versions
+            .keys()
+            .min()
+            .map(|k| format!("; its keys look like {k} (matched whole or under {prefix})"))
+            .unwrap_or_default();
+        return Err(Error::Replay {
+            table: p.table.name.clone(),
+            message: format!(
+                "--files {glob} matches none of the {} raw file(s) committed to it{}{example}",
+                versions.len(),
+                match (req.since, req.until) {
+                    (None, None) => String::new(),
+                    _ => " in the --since/--until range".to_string(),
+                }
+            ),
+        });
     }
     for pk in &out {
         let v = &versions[pk.record.key.as_str()];

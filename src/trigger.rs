@@ -15,7 +15,8 @@ use crate::error::{Error, Result};
 use crate::events::{self, Named};
 use crate::lake::Lake;
 use crate::notify;
-use crate::pipeline::{Progress, Runner};
+use crate::pipeline::Runner;
+use crate::progress::Progress;
 use crate::report::{self, FileStatus, RunReport, RunStatus};
 
 /// Runs the pipeline once (over `only`, when given) and sends the notifications.
@@ -39,14 +40,12 @@ async fn run_as(
     human: bool,
     run_id: &str,
 ) -> Result<RunReport> {
-    let mut runner = Runner::new(config, lake.clone(), run_id);
+    let mut runner = Runner::new(config, lake.clone(), run_id)
+        .with_progress(Progress::new(human && std::io::stderr().is_terminal()));
     if let Some(keys) = only {
         runner = runner.only(keys);
     }
-    let progress = Progress::new(human && std::io::stderr().is_terminal());
-    let result = runner.run(&progress).await;
-    progress.finish();
-    let mut report = result?;
+    let mut report = runner.run().await?;
     // Freshness and gaps (late sources notified once, missing partitions) go into the report.
     let evaluated = crate::freshness::configured(config);
     if evaluated {

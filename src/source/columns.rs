@@ -324,8 +324,8 @@ pub struct RowBuilder<'c> {
     rows: Vec<i64>,
     out: ReadOutput,
     raw_limit: usize,
-    /// Whether every column is text (then a row needs no parsing before it is appended).
-    all_text: bool,
+    /// The columns that are not plain text: their cells are parsed before a row goes in.
+    typed: Vec<usize>,
 }
 
 impl<'c> RowBuilder<'c> {
@@ -338,7 +338,9 @@ impl<'c> RowBuilder<'c> {
             rows: Vec::with_capacity(BATCH_ROWS),
             out: ReadOutput::default(),
             raw_limit: RAW_LIMIT,
-            all_text: ctx.parsers.iter().all(|p| p.ty() == ColumnType::String),
+            typed: (0..ctx.width())
+                .filter(|&i| ctx.parsers[i].ty() != ColumnType::String)
+                .collect(),
         }
     }
 
@@ -365,24 +367,26 @@ impl<'c> RowBuilder<'c> {
         cell: impl Fn(usize) -> Option<&'v str>,
         row: u64,
     ) -> Result<(), String> {
-        if self.all_text {
-            for (i, col) in self.cols.iter_mut().enumerate() {
-                match (col, cell(i)) {
-                    (ColBuilder::Str(b), v) => b.append_option(v),
-                    (c, _) => c.append_null(),
-                }
+        // The typed cells first (on the stack for up to 8): a row goes in whole or not at all.
+        let mut values: smallvec::SmallVec<[Value<'v>; 8]> = smallvec::SmallVec::new();
+        for &i in &self.typed {
+            values.push(match cell(i) {
+                None => Value::Null,
+                Some(v) => self.ctx.parsers[i]
+                    .parse(v)
+                    .ok_or_else(|| self.ctx.not_valid(i, v))?,
+            });
+        }
+        let mut values = values.into_iter();
+        let mut next_typed = self.typed.iter().peekable();
+        for (i, col) in self.cols.iter_mut().enumerate() {
+            if next_typed.next_if(|&&t| t == i).is_some() {
+                col.append(&values.next().unwrap_or(Value::Null));
+                continue;
             }
-        } else {
-            let mut values = Vec::with_capacity(self.cols.len());
-            for (i, parser) in self.ctx.parsers.iter().enumerate() {
-                let value = match cell(i) {
-                    None => Value::Null,
-                    Some(v) => parser.parse(v).ok_or_else(|| self.ctx.not_valid(i, v))?,
-                };
-                values.push(value);
-            }
-            for (col, v) in self.cols.iter_mut().zip(&values) {
-                col.append(v);
+            match (col, cell(i)) {
+                (ColBuilder::Str(b), v) => b.append_option(v),
+                (c, _) => c.append_null(),
             }
         }
         self.rows.push(row as i64);

@@ -112,6 +112,70 @@ impl Moto {
             .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
     }
 
+    /// [`Moto::env`] with the credentials of an IAM user made by [`Moto::iam_user`].
+    pub fn env_as(&self, cmd: &mut Command, user: &(String, String)) {
+        self.env(cmd);
+        cmd.env("AWS_ACCESS_KEY_ID", &user.0)
+            .env("AWS_SECRET_ACCESS_KEY", &user.1);
+    }
+
+    /// An IAM query API call (moto routes it by the credential scope; before
+    /// [`Moto::enforce_iam`] the signature is not checked): the response's XML.
+    fn iam_call(&self, params: &[(&str, &str)]) -> String {
+        let mut form = vec![("Version", "2010-05-08")];
+        form.extend_from_slice(params);
+        self.block_on(async {
+            let r = reqwest::Client::new()
+                .post(format!("{}/", self.endpoint))
+                .header(
+                    "Authorization",
+                    "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/iam/aws4_request, \
+                     SignedHeaders=host, Signature=0",
+                )
+                .form(&form)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let body = r.text().await.unwrap();
+            assert!(status.is_success(), "{params:?}: {status} {body}");
+            body
+        })
+    }
+
+    /// An IAM user holding `policy` (a policy document) inline: its access key and secret.
+    pub fn iam_user(&self, name: &str, policy: &str) -> (String, String) {
+        self.iam_call(&[("Action", "CreateUser"), ("UserName", name)]);
+        self.iam_call(&[
+            ("Action", "PutUserPolicy"),
+            ("UserName", name),
+            ("PolicyName", "sluice"),
+            ("PolicyDocument", policy),
+        ]);
+        let xml = self.iam_call(&[("Action", "CreateAccessKey"), ("UserName", name)]);
+        let field = |tag: &str| {
+            let start = xml.find(&format!("<{tag}>")).unwrap() + tag.len() + 2;
+            let end = xml[start..].find('<').unwrap() + start;
+            xml[start..end].to_string()
+        };
+        (field("AccessKeyId"), field("SecretAccessKey"))
+    }
+
+    /// From now on (`true`) every request must be signed by a known IAM user and be allowed by
+    /// its policies; `false` turns the check off again.
+    pub fn enforce_iam(&self, on: bool) {
+        let count = if on { "0" } else { "inf" };
+        self.block_on(async {
+            let r = reqwest::Client::new()
+                .post(format!("{}/moto-api/reset-auth", self.endpoint))
+                .body(count)
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success());
+        });
+    }
+
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.rt.block_on(f)
     }

@@ -554,3 +554,65 @@ fn plan_says_what_the_next_run_does_and_writes_nothing() {
     let out = p.sluice(&["plan"]);
     assert!(text(&out).contains("nothing to do"), "{}", text(&out));
 }
+
+/// Shell-quotes one argument.
+fn quoted(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[test]
+fn a_run_on_a_terminal_shows_files_and_bytes_and_nothing_when_piped() {
+    let p = Project::with_fixtures();
+    let pause = p.path().join("pause");
+    std::fs::write(&pause, "").unwrap();
+    // A terminal: `script` (util-linux) runs the binary on a pseudo-terminal and copies what it
+    // draws to its stdout. The run is held after its first batch is read, so the bar is drawn.
+    let cmd = format!(
+        "{} --config {} run",
+        quoted(&binary().to_string_lossy()),
+        quoted(&p.config().to_string_lossy())
+    );
+    let child = std::process::Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .env("SLUICE_PAUSE_AT", "read")
+        .env("SLUICE_PAUSE_FILE", &pause)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reached = p.path().join("pause.reached");
+    let start = std::time::Instant::now();
+    while !reached.exists() {
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "the run never read its files"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // A few ticks of the display.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    std::fs::remove_file(&pause).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let drawn = String::from_utf8_lossy(&out.stdout);
+    let total: u64 = std::fs::read_dir(repo().join("fixtures/raw/app_logs"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    let bytes = indicatif::BinaryBytes(total).to_string();
+    assert!(drawn.contains("app_logs: reading 3/3 files"), "{drawn}");
+    assert!(
+        drawn.contains(&format!("{bytes}/{bytes}")),
+        "{bytes}: {drawn}"
+    );
+    // The summary is still printed, and the display is cleared before it.
+    assert!(drawn.contains("app_logs"), "{drawn}");
+
+    // Piped: no display at all, only the summary.
+    let q = Project::with_fixtures();
+    let out = q.sluice(&["run"]);
+    assert!(out.status.success());
+    let all = text(&out);
+    assert!(!all.contains("reading") && !all.contains("iB/"), "{all}");
+}

@@ -37,7 +37,7 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<(String, Vec<u8>)> 
 
 /// Serves the runtime API: the first `next` gets `event`; what the function posts back is sent
 /// on the channel as (path, body).
-fn fake_runtime_api(event: Value) -> (String, mpsc::Receiver<(String, Value)>) {
+fn fake_runtime_api(event: Value, timeout: Duration) -> (String, mpsc::Receiver<(String, Value)>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (tx, rx) = mpsc::channel();
@@ -61,7 +61,7 @@ fn fake_runtime_api(event: Value) -> (String, mpsc::Receiver<(String, Value)>) {
                         .duration_since(std::time::UNIX_EPOCH)
                         .unwrap()
                         .as_millis()
-                        + 120_000;
+                        + timeout.as_millis();
                     write!(
                         writer,
                         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
@@ -91,8 +91,19 @@ fn fake_runtime_api(event: Value) -> (String, mpsc::Receiver<(String, Value)>) {
 /// Starts the function under a fake runtime API serving `event`; its answer (path, body) and
 /// its log (stderr).
 fn invoke(p: &Project, event: Value) -> (String, Value, String) {
-    let (addr, posted) = fake_runtime_api(event);
+    invoke_with(p, event, Duration::from_secs(120), &[])
+}
+
+/// [`invoke`] with the invocation's time (`timeout`) and more environment.
+fn invoke_with(
+    p: &Project,
+    event: Value,
+    timeout: Duration,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> (String, Value, String) {
+    let (addr, posted) = fake_runtime_api(event, timeout);
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .envs(env.iter().copied())
         .env("AWS_LAMBDA_RUNTIME_API", &addr)
         .env("AWS_LAMBDA_FUNCTION_NAME", "sluice")
         .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
@@ -160,7 +171,11 @@ fn lambda_runtime_handles_an_s3_event() {
     let line = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|l| l["spans"].is_array())
+        .find(|l| {
+            l["spans"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["name"] == "run"))
+        })
         .unwrap_or_else(|| panic!("no JSON log line with spans: {logs}"));
     let spans = line["spans"].as_array().unwrap();
     assert!(
@@ -173,4 +188,53 @@ fn lambda_runtime_handles_an_s3_event() {
         spans.iter().any(|s| s["requestId"] == "req-1"),
         "the invocation's request id: {line}"
     );
+}
+
+#[test]
+fn the_invocations_deadline_stops_the_run_at_a_safe_point_before_lambda_kills_it() {
+    let p = Project::empty();
+    p.add_fixture("app_logs", "2024-03-01.jsonl");
+    let raw = p.files("raw");
+    // Held after reading its files until the invocation's 3 s are nearly gone: the deadline
+    // less its margin (a tenth) has passed when it goes on, so it stops before its commit.
+    let pause = p.path().join("pause");
+    std::fs::write(&pause, "").unwrap();
+    let release = {
+        let pause = pause.clone();
+        std::thread::spawn(move || {
+            let reached = pause.with_extension("reached");
+            while !reached.exists() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(2900));
+            std::fs::remove_file(&pause).unwrap();
+        })
+    };
+    let event = serde_json::json!({"source": "aws.scheduler", "detail": {}});
+    let (path, body, log) = invoke_with(
+        &p,
+        event,
+        Duration::from_secs(3),
+        &[
+            ("SLUICE_PAUSE_AT", "read".as_ref()),
+            ("SLUICE_PAUSE_FILE", pause.as_os_str()),
+        ],
+    );
+    release.join().unwrap();
+    assert_eq!(
+        path, "/2018-06-01/runtime/invocation/req-1/error",
+        "{body}\n{log}"
+    );
+    let message = body.to_string();
+    assert!(
+        message.contains("max_runtime 2s reached") && message.contains("before its commit"),
+        "{message}\n{log}"
+    );
+    // Nothing committed, nothing lost: the file waits for the next invocation, which takes it.
+    assert_eq!(p.files("raw"), raw);
+    assert!(p.files("processed").is_empty());
+    let event = serde_json::json!({"source": "aws.scheduler", "detail": {}});
+    let (_, report, _) = invoke(&p, event);
+    assert_eq!(report["status"], "succeeded", "{report:#}");
+    assert!(p.files("raw").is_empty());
 }

@@ -502,6 +502,18 @@ fn replays_that_cannot_be_done_say_why_and_write_nothing() {
     let r = reprocess(&p, &["orders_clean", "--since", "2999-01-01"]);
     assert!(r["files"].as_array().unwrap().is_empty());
     assert!(r["commit"].is_null());
+    let out = p.sluice(&["reprocess", "orders_clean", "--since", "2999-01-01"]);
+    assert!(out.status.success());
+    assert!(text(&out).contains("nothing to replay"), "{}", text(&out));
+    // A glob that matches no committed file is a mistake: said, with what the keys look like.
+    let out = p.sluice(&["reprocess", "orders_clean", "--files", "z*.csv"]);
+    assert!(!out.status.success());
+    let msg = text(&out);
+    assert!(
+        msg.contains("matches none") && msg.contains("a.csv"),
+        "{msg}"
+    );
+    assert_eq!(lake_files(&p), files);
     // lineage = false.
     p.edit_config(
         "query = \"orders.sql\"",
