@@ -10,7 +10,7 @@ COPY queries queries
 COPY schemas schemas
 COPY fixtures fixtures
 COPY sluice.toml README.md ARCHITECTURE.md ./
-RUN cargo build --release --locked --features delta \
+RUN cargo build --release --locked --features delta,distributed \
  && strip --strip-debug target/release/sluice
 
 # glibc and libgcc, nothing else; runs as an unprivileged user.

@@ -533,7 +533,11 @@ pub async fn check_command(
             ));
             continue;
         };
-        let ctx = transform::session(config.engine.threads(), config.engine.budget().pool_bytes);
+        let ctx = transform::lake_session(
+            &config.engine,
+            config.engine.threads(),
+            config.engine.budget().pool_bytes,
+        )?;
         crate::format::Format::of(&meta)
             .register(&ctx, lake, &meta, None)
             .await?;

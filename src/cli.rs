@@ -24,6 +24,10 @@ pub struct Cli {
     /// Raw files a batch takes at most, per source (overrides `engine.batch_files`).
     #[arg(long, global = true)]
     pub batch_files: Option<usize>,
+    /// Run queries over the lake on these `sluice worker`s (`http://host:port`, comma separated;
+    /// sets `engine.kind = "distributed"` and `engine.workers`).
+    #[arg(long, global = true, value_delimiter = ',')]
+    pub workers: Vec<String>,
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -323,6 +327,15 @@ pub enum Command {
         /// Folder for the demo project (must be empty or absent); default: a new temp folder.
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// Serve as a worker of the distributed engine (build feature `distributed`): queries over
+    /// the lake (`engine.kind = "distributed"`, or `--workers`) run their tasks here, with
+    /// sluice's functions and the config's lake storage and memory limit.
+    #[cfg(feature = "distributed")]
+    Worker {
+        /// Address to listen on, e.g. 0.0.0.0:50051.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
     },
 }
 

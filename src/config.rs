@@ -870,6 +870,28 @@ pub struct EngineConfig {
     /// after batch until no unclaimed file is left, so workers started together share a backlog
     /// batch by batch instead of the first taking all of it. Default: no bound.
     pub batch_files: Option<usize>,
+    /// Where queries over the lake's tables run (the aggregates, `sluice query`, `sluice check`):
+    /// `local` (this process, the default) or `distributed` (on `sluice worker` processes, build
+    /// feature `distributed`). Ingest always runs in this process.
+    #[serde(default)]
+    pub kind: EngineKind,
+    /// The workers (`http://host:port`) of `kind = "distributed"`.
+    #[serde(default)]
+    pub workers: Vec<String>,
+    /// About how many bytes of Parquet one task of a distributed query reads, e.g. `"16MiB"`
+    /// (the default): fewer bytes, more tasks spread over the workers.
+    pub task_size: Option<String>,
+}
+
+/// Where queries over the lake run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// In this process.
+    #[default]
+    Local,
+    /// On the workers of `engine.workers`.
+    Distributed,
 }
 
 /// `[timeouts]`: every network call gives up after these (durations such as `"30s"`, `"5m"`).
@@ -1026,6 +1048,45 @@ impl EngineConfig {
     /// How the memory limit is spent.
     pub fn budget(&self) -> Budget {
         Budget::new(self.memory_limit())
+    }
+
+    /// The engine's workers as URLs, checked: some for `distributed`, each `http(s)://host:port`,
+    /// and a binary built with them.
+    pub fn check_workers(&self) -> std::result::Result<Vec<url::Url>, String> {
+        let urls = self
+            .workers
+            .iter()
+            .map(|w| {
+                url::Url::parse(w)
+                    .ok()
+                    .filter(|u| matches!(u.scheme(), "http" | "https") && u.port().is_some())
+                    .ok_or_else(|| format!("engine.workers: {w:?} is not http://host:port"))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        if self.kind == EngineKind::Distributed {
+            if urls.is_empty() {
+                return Err(
+                    "engine.kind = \"distributed\" needs engine.workers (or --workers)".into(),
+                );
+            }
+            if !cfg!(feature = "distributed") {
+                return Err(
+                    "engine.kind = \"distributed\": this sluice was built without the \
+                            `distributed` feature (cargo build --features distributed)"
+                        .into(),
+                );
+            }
+        }
+        Ok(urls)
+    }
+
+    /// Bytes of Parquet per task of a distributed query (checked when the config was loaded).
+    pub fn task_size(&self) -> usize {
+        self.task_size
+            .as_deref()
+            .and_then(|s| parse_bytes(s).ok())
+            .unwrap_or(16 << 20)
+            .max(1)
     }
 }
 
@@ -1273,6 +1334,14 @@ impl Config {
             && let Err(e) = parse_duration(limit)
         {
             return err(format!("engine.max_runtime: {e}"));
+        }
+        if let Some(size) = &self.engine.task_size
+            && let Err(e) = parse_bytes(size)
+        {
+            return err(format!("engine.task_size: {e}"));
+        }
+        if let Err(e) = self.engine.check_workers() {
+            return err(e);
         }
         if self.engine.batch_files == Some(0) {
             return err("engine.batch_files must be at least 1 (leave it out for no bound)".into());

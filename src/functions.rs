@@ -24,11 +24,20 @@ use datafusion::prelude::SessionContext;
 
 /// Registers sluice's functions on a session.
 pub fn register(ctx: &SessionContext) {
-    ctx.register_udf(ScalarUDF::from(TryParse::new(Target::Timestamp)));
-    ctx.register_udf(ScalarUDF::from(TryParse::new(Target::Date)));
     let state = ctx.state_ref();
     let mut state = state.write();
-    if let Err(e) = datafusion_functions_json::register_all(&mut *state) {
+    register_on(&mut state);
+}
+
+/// Registers sluice's functions on a session's state (a distributed worker's, for one).
+pub fn register_on(state: &mut datafusion::execution::SessionState) {
+    use datafusion::execution::FunctionRegistry;
+    for target in [Target::Timestamp, Target::Date] {
+        if let Err(e) = state.register_udf(Arc::new(ScalarUDF::from(TryParse::new(target)))) {
+            tracing::warn!(error = %e, "sluice's functions are not available");
+        }
+    }
+    if let Err(e) = datafusion_functions_json::register_all(state) {
         // Registering adds to the session's maps; it fails only if DataFusion changes.
         tracing::warn!(error = %e, "the JSON functions are not available");
     }

@@ -188,10 +188,14 @@ pub async fn query(
     lake: &Lake,
     sql: &str,
     format: OutputFormat,
-    threads: usize,
+    engine: &crate::config::EngineConfig,
     as_of: Option<u64>,
 ) -> Result<String> {
-    let ctx = transform::session(threads, crate::config::DEFAULT_MEMORY_LIMIT / 2);
+    let ctx = transform::lake_session(
+        engine,
+        engine.threads(),
+        crate::config::DEFAULT_MEMORY_LIMIT / 2,
+    )?;
     crate::warehouse::register_all(&ctx, lake, as_of).await?;
     let df = ctx.sql(sql).await.map_err(|e| {
         let missing = e.to_string().contains("table '") && e.to_string().contains("not found");

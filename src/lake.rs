@@ -198,6 +198,14 @@ impl Lake {
         url
     }
 
+    /// The bucket of an S3 lake (`None` for a folder).
+    pub fn bucket(&self) -> Option<&str> {
+        match &self.root {
+            Root::S3 { bucket, .. } => Some(bucket),
+            Root::Folder(..) => None,
+        }
+    }
+
     /// The bucket-wide store of an S3 lake (`None` for a folder).
     pub fn bucket_store(&self) -> Option<Arc<dyn ObjectStore>> {
         match &self.root {

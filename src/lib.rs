@@ -13,6 +13,8 @@ pub mod config;
 #[cfg(feature = "delta")]
 pub mod delta;
 pub mod demo;
+#[cfg(feature = "distributed")]
+pub mod distributed;
 pub mod error;
 pub mod events;
 pub mod fault;

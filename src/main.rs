@@ -121,6 +121,14 @@ async fn load(cli: &Cli, config_path: &Path) -> Result<(Config, Lake)> {
         }
         config.engine.batch_files = Some(n);
     }
+    if !cli.workers.is_empty() {
+        config.engine.kind = sluice::config::EngineKind::Distributed;
+        config.engine.workers = cli.workers.clone();
+        config
+            .engine
+            .check_workers()
+            .map_err(|e| Error::config(config_path, format!("--workers: {e}")))?;
+    }
     let root = cli.lake.clone().unwrap_or_else(|| config.lake_root());
     let lake = Lake::open(&root, &config.timeouts.get())
         .await?
@@ -206,7 +214,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         }
         Command::Query { sql, format, as_of } => {
             let (config, lake) = load(&cli, &cli.config).await?;
-            let out = inspect::query(&lake, sql, *format, config.engine.threads(), *as_of).await?;
+            let out = inspect::query(&lake, sql, *format, &config.engine, *as_of).await?;
             redact::print(&format!("{out}\n"));
             Ok(0)
         }
@@ -479,6 +487,12 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
+        #[cfg(feature = "distributed")]
+        Command::Worker { listen } => {
+            let (config, lake) = load(&cli, &cli.config).await?;
+            sluice::distributed::serve(&config, &lake, *listen).await?;
+            Ok(0)
+        }
         Command::Demo { dir } => {
             let dir = dir
                 .clone()
@@ -494,7 +508,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
                     &lake,
                     &sql,
                     sluice::cli::OutputFormat::Table,
-                    config.engine.threads(),
+                    &config.engine,
                     None,
                 )
                 .await?;

@@ -36,19 +36,57 @@ pub const RAW_RECORD: &str = "_raw_record";
 /// A DataFusion session with sluice's settings: `threads` partitions, and operators that
 /// buffer (sorts, joins, windows) limited to `pool_bytes`, spilling to a temp folder beyond it.
 pub fn session(threads: usize, pool_bytes: usize) -> SessionContext {
-    let config = SessionConfig::new()
-        .with_target_partitions(threads.max(1))
-        .with_information_schema(true);
-    let pool = Arc::new(FairSpillPool::new(pool_bytes.max(16 << 20)));
-    let ctx = match RuntimeEnvBuilder::new().with_memory_pool(pool).build_arc() {
-        Ok(runtime) => SessionContext::new_with_config_rt(config, runtime),
-        Err(e) => {
-            tracing::warn!(error = %e, "no memory pool; running without a memory limit");
-            SessionContext::new_with_config(config)
-        }
-    };
+    let ctx = SessionContext::new_with_config_rt(session_config(threads), runtime(pool_bytes));
     crate::functions::register(&ctx);
     ctx
+}
+
+/// A session for queries over the lake's tables (the aggregates, `sluice query`, `sluice
+/// check`) on the configured engine: [`session`], or the distributed engine's coordinator.
+pub fn lake_session(
+    engine: &crate::config::EngineConfig,
+    threads: usize,
+    pool_bytes: usize,
+) -> Result<SessionContext> {
+    if engine.kind == crate::config::EngineKind::Local {
+        return Ok(session(threads, pool_bytes));
+    }
+    let workers = engine.check_workers().map_err(|message| Error::State {
+        path: "engine.workers".into(),
+        message,
+    })?;
+    #[cfg(feature = "distributed")]
+    {
+        crate::distributed::session(&workers, threads, pool_bytes, engine.task_size())
+    }
+    #[cfg(not(feature = "distributed"))]
+    {
+        let _ = workers;
+        Err(Error::State {
+            path: "engine.kind".into(),
+            message: "this sluice was built without the `distributed` feature".into(),
+        })
+    }
+}
+
+/// sluice's session settings: `threads` partitions, the information schema.
+pub fn session_config(threads: usize) -> SessionConfig {
+    SessionConfig::new()
+        .with_target_partitions(threads.max(1))
+        .with_information_schema(true)
+}
+
+/// A runtime whose operators that buffer are limited to `pool_bytes` (at least 16 MiB),
+/// spilling beyond it.
+pub fn runtime(pool_bytes: usize) -> Arc<datafusion::execution::runtime_env::RuntimeEnv> {
+    let pool = Arc::new(FairSpillPool::new(pool_bytes.max(16 << 20)));
+    RuntimeEnvBuilder::new()
+        .with_memory_pool(pool)
+        .build_arc()
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no memory pool; running without a memory limit");
+            Arc::new(datafusion::execution::runtime_env::RuntimeEnv::default())
+        })
 }
 
 /// A query file's text.

@@ -110,7 +110,7 @@ pub async fn refresh(
         return Ok((built, waiting));
     }
     let ledger = Ledger::load(lake).await?;
-    let ctx = transform::session(threads, config.engine.budget().limit / 2);
+    let ctx = transform::lake_session(&config.engine, threads, config.engine.budget().limit / 2)?;
     let registered = register_all(&ctx, lake, None).await?;
     let partitions = partition_columns(lake).await?;
     for agg in &config.aggregates {

@@ -12,6 +12,8 @@ mod crash;
 mod delta;
 mod deploy;
 mod dialects;
+#[cfg(feature = "distributed")]
+mod distributed;
 mod exactly_once;
 mod formats;
 mod freshness;
