@@ -310,6 +310,19 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         wait: i32,
     },
+    /// Put every pending raw file on an SQS queue as an S3 event, one message a file, so a
+    /// backlog spreads over the `sluice watch --queue` workers started on it.
+    Enqueue {
+        /// The queue URL (the one the workers watch).
+        #[arg(long)]
+        queue: String,
+        /// Only this source's files.
+        #[arg(long)]
+        source: Option<String>,
+        /// The files and messages as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The Glue Data Catalog.
     Catalog {
         /// What to do.

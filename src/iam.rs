@@ -46,6 +46,7 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
         "describe_statement",
         "redshift-data:DescribeStatement",
     ),
+    ("sqs", "send_message_batch", "sqs:SendMessage"),
     ("sqs", "receive_message", "sqs:ReceiveMessage"),
     ("sqs", "delete_message", "sqs:DeleteMessage"),
     (
@@ -346,7 +347,8 @@ pub fn policy(config: &Config, role: Role, scope: &Scope) -> Result<Value> {
             }
         }
     }
-    // The queue of S3 events.
+    // The queue of S3 events (`sqs:SendMessage` for `sluice enqueue`, a backfill run with the
+    // pipeline's role).
     if let Some(queue) = &scope.queue_arn {
         let mut actions: Vec<&str> = OPERATIONS
             .iter()

@@ -56,23 +56,42 @@ pub struct RunLine {
     pub rows_written: u64,
 }
 
-/// Gathers the status of a lake.
-pub async fn status(config: &Config, lake: &Lake) -> Result<Status> {
-    let ledger = Ledger::load(lake).await?;
-    let now = crate::freshness::now();
+/// The raw files of each source not committed yet (of the source's format), by source.
+pub async fn pending(
+    config: &Config,
+    lake: &Lake,
+    ledger: &Ledger,
+) -> Result<BTreeMap<String, Vec<object_store::ObjectMeta>>> {
     let mut pending = BTreeMap::new();
     for s in &config.sources {
-        let mut keys = Vec::new();
+        let mut files = Vec::new();
         for m in lake.list(&s.raw_prefix()).await? {
             let key = m.location.to_string();
             if source::matches_format(&key, s.format)
                 && ledger.committed(&key, m.size, m.last_modified).is_none()
             {
-                keys.push(key);
+                files.push(m);
             }
         }
-        pending.insert(s.name.clone(), keys);
+        pending.insert(s.name.clone(), files);
     }
+    Ok(pending)
+}
+
+/// Gathers the status of a lake.
+pub async fn status(config: &Config, lake: &Lake) -> Result<Status> {
+    let ledger = Ledger::load(lake).await?;
+    let now = crate::freshness::now();
+    let pending = pending(config, lake, &ledger)
+        .await?
+        .into_iter()
+        .map(|(s, metas)| {
+            (
+                s,
+                metas.into_iter().map(|m| m.location.to_string()).collect(),
+            )
+        })
+        .collect();
     let failed = lake
         .list("failed")
         .await?

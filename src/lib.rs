@@ -15,6 +15,7 @@ pub mod delta;
 pub mod demo;
 #[cfg(feature = "distributed")]
 pub mod distributed;
+pub mod enqueue;
 pub mod error;
 pub mod events;
 pub mod fault;

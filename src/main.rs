@@ -493,6 +493,23 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             sluice::distributed::serve(&config, &lake, *listen).await?;
             Ok(0)
         }
+        Command::Enqueue {
+            queue,
+            source,
+            json,
+        } => {
+            let (config, lake) = load(&cli, &cli.config).await?;
+            let done = sluice::enqueue::enqueue(&config, &lake, queue, source.as_deref()).await?;
+            if *json {
+                redact::print(&format!("{}\n", to_json(&done)?));
+            } else {
+                for (source, keys) in &done.files {
+                    redact::print(&format!("{source}: {} file(s)\n", keys.len()));
+                }
+                redact::print(&format!("{} message(s) sent to {queue}\n", done.messages));
+            }
+            Ok(0)
+        }
         Command::Demo { dir } => {
             let dir = dir
                 .clone()

@@ -243,7 +243,8 @@ pub async fn watch_queue(
         let received = sqs
             .receive_message()
             .queue_url(queue)
-            .max_number_of_messages(10)
+            // A batch's bound (`batch_files`) is the receive's too, so workers share a backlog.
+            .max_number_of_messages(config.engine.batch_files.map_or(10, |n| n.clamp(1, 10)) as i32)
             .wait_time_seconds(wait)
             .visibility_timeout(visibility)
             .send();

@@ -1464,3 +1464,114 @@ fn many_small_files_on_s3_cost_few_requests_each() {
         "{out}"
     );
 }
+
+#[test]
+fn enqueue_spreads_a_backlog_over_two_queue_workers_each_file_once() {
+    let moto = Moto::start();
+    let p = s3_project(&moto, "backfill", "kind = \"lake\"");
+    // A key S3 would URL-encode.
+    let data = std::fs::read(repo().join("fixtures/raw/support_tickets/2024-03-01.csv")).unwrap();
+    moto.put("backfill", "data/raw/support_tickets/march 1st+.csv", data);
+    let queue = moto.create_queue("backfill-events");
+    // One source only first.
+    let (code, out, err) = sluice(
+        &moto,
+        &p,
+        &[
+            "enqueue", "--queue", &queue, "--source", "app_logs", "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let done: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(done["messages"], 3, "{done:#}");
+    assert!(done["files"].get("support_tickets").is_none());
+    let (code, out, err) = sluice(
+        &moto,
+        &p,
+        &["enqueue", "--queue", &queue, "--source", "support_tickets"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("support_tickets: 4 file(s)"), "{out}");
+    assert_eq!(moto.queued(&queue), 7);
+    let (code, _, err) = sluice(
+        &moto,
+        &p,
+        &["enqueue", "--queue", &queue, "--source", "nope"],
+    );
+    assert_eq!(code, 2, "{err}");
+
+    // Workers taking two messages at a time (`--batch-files 2`) share the backlog.
+    let two = |p: &Project| {
+        let mut c = p.cmd(&[
+            "--batch-files",
+            "2",
+            "watch",
+            "--queue",
+            &queue,
+            "--wait",
+            "1",
+            "--visibility",
+            "30",
+        ]);
+        moto.env(&mut c);
+        c.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let workers = [two(&p), two(&p)];
+    let start = Instant::now();
+    while !moto.keys("backfill", "data/raw").is_empty() || moto.queued(&queue) > 0 {
+        if start.elapsed() > Duration::from_secs(120) {
+            let [a, _] = workers;
+            give_up(a, "the backlog was not processed");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let logs: Vec<String> = workers.into_iter().map(stop).collect();
+    for log in &logs {
+        let took: u64 = log
+            .lines()
+            .filter_map(|l| {
+                l.trim()
+                    .strip_prefix("files: ")?
+                    .split(' ')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        assert!(took > 0, "a worker took no file: {logs:#?}");
+    }
+    // Each file once: seven processed in the ledger, the tables those of one run.
+    let (code, out, err) = sluice(&moto, &p, &["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["processed_files"], 7, "{status:#}\n{logs:?}");
+    let q = s3_project(&moto, "onerun", "kind = \"lake\"");
+    let data = std::fs::read(repo().join("fixtures/raw/support_tickets/2024-03-01.csv")).unwrap();
+    moto.put("onerun", "data/raw/support_tickets/march 1st+.csv", data);
+    let (code, one) = run_json(&moto, &q, &[]);
+    assert_eq!(code, 0);
+    let rows = |proj: &Project, table: &str| {
+        let (_, out, _) = sluice(
+            &moto,
+            proj,
+            &[
+                "query",
+                "--format",
+                "csv",
+                &format!("SELECT count(*) FROM {table}"),
+            ],
+        );
+        out
+    };
+    for t in ["app_logs", "support_tickets"] {
+        assert_eq!(rows(&p, t), rows(&q, t), "{t}: {one:#}");
+    }
+    // Nothing pending: nothing sent.
+    let (code, out, _) = sluice(&moto, &p, &["enqueue", "--queue", &queue, "--json"]);
+    assert_eq!(code, 0);
+    let done: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(done["messages"], 0);
+}
