@@ -56,6 +56,9 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// The action of `sluice enqueue` only: not in the function's role.
+pub const ENQUEUE: &str = "sqs:SendMessage";
+
 /// Who the policy is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
@@ -347,12 +350,12 @@ pub fn policy(config: &Config, role: Role, scope: &Scope) -> Result<Value> {
             }
         }
     }
-    // The queue of S3 events (`sqs:SendMessage` for `sluice enqueue`, a backfill run with the
-    // pipeline's role).
+    // The queue of S3 events; `sqs:SendMessage` for `sluice enqueue` (a backfill run as an
+    // ECS task with the pipeline's role; the function never sends).
     if let Some(queue) = &scope.queue_arn {
         let mut actions: Vec<&str> = OPERATIONS
             .iter()
-            .filter(|(s, _, _)| *s == "sqs")
+            .filter(|(s, _, a)| *s == "sqs" && !(role == Role::Lambda && *a == ENQUEUE))
             .map(|(_, _, a)| *a)
             .collect();
         // Lambda's event source mapping reads the queue's attributes too.

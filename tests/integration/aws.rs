@@ -745,7 +745,13 @@ fn catalog_sync_registers_a_lake_written_without_glue() {
 
 /// `sluice watch --queue` on a queue, with a message visibility timeout in seconds.
 fn worker(moto: &Moto, p: &Project, queue: &str, visibility: &str) -> Child {
-    let mut c = p.cmd(&[
+    worker_with(moto, p, queue, visibility, &[])
+}
+
+/// [`worker`] with more global arguments (`--batch-files 2`).
+fn worker_with(moto: &Moto, p: &Project, queue: &str, visibility: &str, extra: &[&str]) -> Child {
+    let mut args = extra.to_vec();
+    args.extend_from_slice(&[
         "watch",
         "--queue",
         queue,
@@ -754,6 +760,7 @@ fn worker(moto: &Moto, p: &Project, queue: &str, visibility: &str) -> Child {
         "--visibility",
         visibility,
     ]);
+    let mut c = p.cmd(&args);
     moto.env(&mut c);
     c.stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -1501,24 +1508,7 @@ fn enqueue_spreads_a_backlog_over_two_queue_workers_each_file_once() {
     assert_eq!(code, 2, "{err}");
 
     // Workers taking two messages at a time (`--batch-files 2`) share the backlog.
-    let two = |p: &Project| {
-        let mut c = p.cmd(&[
-            "--batch-files",
-            "2",
-            "watch",
-            "--queue",
-            &queue,
-            "--wait",
-            "1",
-            "--visibility",
-            "30",
-        ]);
-        moto.env(&mut c);
-        c.stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let two = |p: &Project| worker_with(&moto, p, &queue, "30", &["--batch-files", "2"]);
     let workers = [two(&p), two(&p)];
     let start = Instant::now();
     while !moto.keys("backfill", "data/raw").is_empty() || moto.queued(&queue) > 0 {

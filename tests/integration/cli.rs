@@ -581,15 +581,7 @@ fn a_run_on_a_terminal_shows_files_and_bytes_and_nothing_when_piped() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let reached = p.path().join("pause.reached");
-    let start = std::time::Instant::now();
-    while !reached.exists() {
-        assert!(
-            start.elapsed().as_secs() < 60,
-            "the run never read its files"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_held(&p, "the run, after reading its files");
     // A few ticks of the display.
     std::thread::sleep(std::time::Duration::from_millis(600));
     std::fs::remove_file(&pause).unwrap();

@@ -113,6 +113,13 @@ fn policies_pass_parliament_and_cover_every_action_the_code_calls() {
         }
         // Every SDK operation the code calls is allowed.
         for (_, _, action) in sluice::iam::OPERATIONS {
+            if role == "lambda" && *action == sluice::iam::ENQUEUE {
+                assert!(
+                    !acts.iter().any(|a| a == action),
+                    "the function never enqueues"
+                );
+                continue;
+            }
             assert!(acts.iter().any(|a| a == action), "{role} lacks {action}");
         }
         // The lake's folders each with only their actions: raw files are never written.

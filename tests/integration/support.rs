@@ -421,14 +421,17 @@ pub fn held_at(p: &Project, args: &[&str], step: &str) -> (std::process::Child, 
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    wait_held(p, &format!("{args:?} at {step}"));
+    (child, pause)
+}
+
+/// Waits (a minute at most) until a process started with `SLUICE_PAUSE_FILE` = the project's
+/// `pause` file is held at its step.
+pub fn wait_held(p: &Project, what: &str) {
     let reached = p.path().join("pause.reached");
     let start = std::time::Instant::now();
     while !reached.exists() {
-        assert!(
-            start.elapsed().as_secs() < 60,
-            "{args:?} never got to {step}"
-        );
+        assert!(start.elapsed().as_secs() < 60, "never held: {what}");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    (child, pause)
 }
