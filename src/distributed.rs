@@ -78,13 +78,7 @@ impl WorkerSessionBuilder for Sessions {
 /// Serves as a worker on `listen` until interrupted (Ctrl-C or SIGTERM).
 pub async fn serve(config: &Config, lake: &Lake, listen: SocketAddr) -> Result<()> {
     let runtime = crate::transform::runtime(config.engine.budget().pool_bytes);
-    if let (Some(store), Some(bucket)) = (lake.bucket_store(), lake.bucket()) {
-        let url = Url::parse(&format!("s3://{bucket}")).map_err(|e| Error::State {
-            path: format!("s3://{bucket}"),
-            message: e.to_string(),
-        })?;
-        runtime.register_object_store(&url, store);
-    }
+    lake.attach_runtime(&runtime)?;
     let worker = Worker::from_session_builder(Sessions).with_runtime_env(runtime);
     let listener = tokio::net::TcpListener::bind(listen)
         .await

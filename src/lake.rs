@@ -225,6 +225,14 @@ impl Lake {
 
     /// Lets a DataFusion session read the lake's URLs (a folder needs nothing).
     pub fn attach(&self, ctx: &datafusion::prelude::SessionContext) -> Result<()> {
+        self.attach_runtime(&ctx.runtime_env())
+    }
+
+    /// [`Lake::attach`] for a runtime (a distributed worker's, shared by its queries).
+    pub fn attach_runtime(
+        &self,
+        runtime: &datafusion::execution::runtime_env::RuntimeEnv,
+    ) -> Result<()> {
         if let Root::S3 {
             bucket,
             bucket_store,
@@ -235,7 +243,7 @@ impl Lake {
                 path: format!("s3://{bucket}"),
                 message: e.to_string(),
             })?;
-            ctx.register_object_store(&url, bucket_store.clone());
+            runtime.register_object_store(&url, bucket_store.clone());
         }
         Ok(())
     }
