@@ -1,6 +1,7 @@
 //! Crash injection for tests: `--crash-at STEP` (a hidden flag) aborts the process at that step,
 //! as a power cut would, so tests can check that a rerun repairs everything; `SLUICE_PAUSE_AT`
-//! holds it at a step, so tests can interleave two runs.
+//! holds it at a step, so tests can interleave two runs; `SLUICE_FAULT` names a behaviour
+//! broken on purpose (a negative control).
 
 use std::sync::OnceLock;
 
@@ -36,4 +37,10 @@ pub fn pause(step: &str) {
     while file.exists() && start.elapsed() < std::time::Duration::from_secs(60) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// Whether `SLUICE_FAULT` (comma-separated) names `fault`: a behaviour tests break on purpose to
+/// show that their checks would catch it.
+pub fn active(fault: &str) -> bool {
+    std::env::var("SLUICE_FAULT").is_ok_and(|v| v.split(',').any(|f| f.trim() == fault))
 }

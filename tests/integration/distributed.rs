@@ -1,7 +1,9 @@
 //! The distributed engine on a loopback cluster: two `sluice worker` processes of this binary on
 //! free loopback ports, the coordinator a `sluice --workers ...` command. Queries, the aggregates
-//! and data checks give the local engine's results; both workers take tasks; a dead worker fails
-//! a query with a clear error and the lake untouched, and the query runs again without it.
+//! and data checks give the local engine's results; both workers take tasks and read rows, which
+//! add up to the table (and would not if a task read more than its share: the negative control);
+//! a dead worker, or one killed mid-query, fails the query with a clear error and the lake
+//! untouched, and the query runs again without it; a worker with little memory spills.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -18,11 +20,17 @@ struct Worker {
 
 impl Worker {
     fn start(p: &Project, extra: &[&str]) -> Worker {
+        Worker::start_with(p, extra, &[])
+    }
+
+    /// [`Worker::start`] with environment variables.
+    fn start_with(p: &Project, extra: &[&str], env: &[(&str, &str)]) -> Worker {
         let mut args = vec!["-v"];
         args.extend_from_slice(extra);
         args.extend_from_slice(&["worker", "--listen", "127.0.0.1:0"]);
         let mut child = p
             .cmd(&args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -65,12 +73,17 @@ impl Drop for Worker {
 /// Rows of `sluice query --format json`, floats to 9 significant digits (a distributed sum
 /// adds in another order).
 fn rows(p: &Project, workers: Option<&str>, sql: &str) -> Vec<Value> {
+    rows_with(p, workers, sql, &[])
+}
+
+/// [`rows`] with environment variables for the coordinator.
+fn rows_with(p: &Project, workers: Option<&str>, sql: &str, env: &[(&str, &str)]) -> Vec<Value> {
     let mut args = Vec::new();
     if let Some(w) = workers {
         args.extend_from_slice(&["--workers", w]);
     }
     args.extend_from_slice(&["query", "--format", "json", sql]);
-    let out = p.sluice(&args);
+    let out = p.cmd(&args).envs(env.iter().copied()).output().unwrap();
     assert!(out.status.success(), "{sql}: {}", text(&out));
     let v: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
@@ -170,10 +183,71 @@ fn queries_aggregates_and_checks_on_a_loopback_cluster_equal_the_local_engine() 
     let (la, lb) = (a.stop(), b.stop());
     for (name, log) in [("a", &la), ("b", &lb)] {
         assert!(
-            log.contains("a query's tasks arrived"),
+            tasks(log).iter().any(|&rows| rows > 0),
             "worker {name} ran no task: {log}"
         );
     }
+}
+
+/// The rows the scans of each task a worker reported in its log read (`worker: task done`).
+fn tasks(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("worker: task done"))
+        .map(|l| {
+            let field = l
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("rows="))
+                .unwrap_or_else(|| panic!("no rows= in {l}"));
+            field.parse().unwrap_or_else(|e| panic!("{e}: {l}"))
+        })
+        .collect()
+}
+
+/// Whether a cluster's query over one table split its input: both workers ran tasks that read
+/// rows, the rows read add up to the table's, and the keys (every one, sorted) are the local
+/// engine's. The reason it did not, if not.
+fn split(local_keys: &[Value], cluster_keys: &[Value], logs: [&str; 2]) -> Result<(), String> {
+    let per_worker: Vec<Vec<u64>> = logs.iter().map(|l| tasks(l)).collect();
+    for (i, t) in per_worker.iter().enumerate() {
+        if !t.iter().any(|&rows| rows > 0) {
+            return Err(format!("worker {i} read no rows: {t:?}"));
+        }
+    }
+    let read: u64 = per_worker.iter().flatten().sum();
+    if read != local_keys.len() as u64 {
+        return Err(format!(
+            "the workers read {read} rows of a {}-row table: {per_worker:?}",
+            local_keys.len()
+        ));
+    }
+    if cluster_keys != local_keys {
+        return Err(format!(
+            "{} keys on the cluster, {} here",
+            cluster_keys.len(),
+            local_keys.len()
+        ));
+    }
+    Ok(())
+}
+
+#[test]
+fn both_workers_read_their_share_and_a_task_reading_all_its_input_would_be_caught() {
+    let p = lake();
+    let sql = "SELECT request_id FROM app_logs ORDER BY request_id";
+    let local = rows(&p, None, sql);
+    assert!(local.len() > 10, "{local:?}");
+    let run = |env: &[(&str, &str)]| {
+        let mut a = Worker::start(&p, &[]);
+        let mut b = Worker::start(&p, &[]);
+        let workers = format!("{},{}", a.url, b.url);
+        let cluster = rows_with(&p, Some(&workers), sql, env);
+        let (la, lb) = (a.stop(), b.stop());
+        split(&local, &cluster, [&la, &lb])
+    };
+    assert_eq!(run(&[]), Ok(()));
+    // Negative control: every task given its scan's whole input.
+    let broken = run(&[("SLUICE_FAULT", "unsplit-scans")]);
+    assert!(broken.is_err(), "{broken:?}");
 }
 
 #[test]
@@ -195,22 +269,98 @@ fn a_dead_worker_fails_the_query_clearly_and_the_rerun_without_it_is_right() {
     ]);
     assert!(!out.status.success(), "{}", text(&out));
     let msg = text(&out);
-    assert!(
-        msg.contains(dead.trim_start_matches("http://")) || msg.to_lowercase().contains("connect"),
-        "{msg}"
-    );
+    assert!(msg.contains(&format!("worker {dead}")), "{msg}");
     assert_eq!(p.files(""), files, "the lake is untouched");
     assert_eq!(rows(&p, Some(&a.url), sql), rows(&p, None, sql));
 }
 
 #[test]
-fn a_worker_with_little_memory_still_completes_a_big_aggregate() {
+fn a_worker_killed_mid_query_fails_it_clearly_and_the_rerun_without_it_is_right() {
     let p = lake();
-    // Many groups: every request id, on a worker with the smallest memory pool.
-    let a = Worker::start(&p, &["--memory-limit", "64MiB"]);
-    let sql = "SELECT request_id, count(*) AS n, max(latency_ms) AS m FROM app_logs \
-               GROUP BY request_id ORDER BY request_id";
+    let a = Worker::start(&p, &[]);
+    let pause = p.path().join("pause");
+    std::fs::write(&pause, "").unwrap();
+    let pause_file = pause.to_str().unwrap().to_string();
+    // Worker b holds on its first task until it is killed.
+    let mut b = Worker::start_with(
+        &p,
+        &[],
+        &[
+            ("SLUICE_PAUSE_AT", "worker-task"),
+            ("SLUICE_PAUSE_FILE", &pause_file),
+        ],
+    );
+    let files = p.files("");
+    let sql = QUERIES[1];
+    let query = p
+        .cmd(&[
+            "--workers",
+            &format!("{},{}", a.url, b.url),
+            "query",
+            "--format",
+            "json",
+            sql,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_held(&p, "worker b's first task");
+    let killed = b.url.clone();
+    let mut child = b.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = query.wait_with_output().unwrap();
+    std::fs::remove_file(&pause).unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    let msg = text(&out);
+    assert!(msg.contains(&format!("worker {killed}")), "{msg}");
+    assert!(out.stdout.is_empty(), "no partial result: {msg}");
+    assert_eq!(p.files(""), files, "the lake is untouched");
     assert_eq!(rows(&p, Some(&a.url), sql), rows(&p, None, sql));
+}
+
+#[test]
+fn a_worker_with_little_memory_spills_and_completes_a_big_aggregate() {
+    let p = lake();
+    let raw = p.lake().join("raw/app_logs/generated.jsonl");
+    let out = p.sluice(&[
+        "generate",
+        "logs",
+        raw.to_str().unwrap(),
+        "--rows",
+        "300000",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(p.run().0, 0);
+    // Every request id a group, on workers with a small memory pool (a single worker would get
+    // no tasks: the planner keeps a one-worker plan here).
+    let a = Worker::start(&p, &["--memory-limit", "64MiB"]);
+    let b = Worker::start(&p, &["--memory-limit", "64MiB"]);
+    let workers = format!("{},{}", a.url, b.url);
+    let sql = "SELECT request_id, count(*) AS n, max(latency_ms) AS m, min(service_name) AS s \
+               FROM app_logs GROUP BY request_id";
+    let checksum = format!(
+        "SELECT count(*) AS groups, sum(n) AS n, sum(m) AS m, count(DISTINCT s) AS s FROM ({sql})"
+    );
+    let local = rows(&p, None, &checksum);
+    assert!(local[0]["groups"].as_u64().unwrap() > 250_000, "{local:?}");
+    assert_eq!(rows(&p, Some(&workers), &checksum), local);
+    // It did not fit: the workers' aggregates spilled.
+    let explain = p.sluice(&[
+        "--workers",
+        &workers,
+        "query",
+        &format!("EXPLAIN ANALYZE {sql}"),
+    ]);
+    assert!(explain.status.success(), "{}", text(&explain));
+    let plan = String::from_utf8_lossy(&explain.stdout);
+    let spilled = plan
+        .split([',', ' ', '[', ']', '{', '}'])
+        .filter_map(|w| w.strip_prefix("spill_count="))
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum::<u64>();
+    assert!(spilled > 0, "no spill on the worker: {plan}");
 }
 
 #[test]
