@@ -48,10 +48,11 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
     ),
     ("sqs", "send_message_batch", "sqs:SendMessage"),
     ("sqs", "receive_message", "sqs:ReceiveMessage"),
-    ("sqs", "delete_message", "sqs:DeleteMessage"),
+    // SQS authorizes a batch call by its single action.
+    ("sqs", "delete_message_batch", "sqs:DeleteMessage"),
     (
         "sqs",
-        "change_message_visibility",
+        "change_message_visibility_batch",
         "sqs:ChangeMessageVisibility",
     ),
 ];

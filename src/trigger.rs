@@ -239,27 +239,29 @@ pub async fn watch_queue(
     let longest = (crate::timeout::get().request.as_secs() as i32 - 5).max(0);
     let wait = wait.clamp(0, 20).min(longest);
     let stop = stop_flag();
+    let limit = config.engine.batch_files.unwrap_or(QUEUE_BATCH);
     while !stop.load(Ordering::SeqCst) {
-        let received = sqs
-            .receive_message()
-            .queue_url(queue)
-            // A batch's bound (`batch_files`) is the receive's too, so workers share a backlog.
-            .max_number_of_messages(config.engine.batch_files.map_or(10, |n| n.clamp(1, 10)) as i32)
-            .wait_time_seconds(wait)
-            .visibility_timeout(visibility)
-            .send();
-        let out = tokio::select! {
-            r = received => r.map_err(|e| sqs_error(format!("cannot receive from {queue}: {}", crate::aws::describe(&e))))?,
+        let first = receive(&sqs, queue, limit.min(10), wait, visibility);
+        let mut messages = tokio::select! {
+            r = first => r?,
             _ = async { while !stop.load(Ordering::SeqCst) { tokio::time::sleep(Duration::from_millis(100)).await } } => break,
         };
-        let messages = out.messages();
+        // A backlog: more messages at once (without waiting), up to the batch's bound, so one
+        // run (and its aggregates' refresh) takes many files.
+        let mut last = messages.len();
+        while last > 0 && messages.len() < limit {
+            let more =
+                receive(&sqs, queue, (limit - messages.len()).min(10), 0, visibility).await?;
+            last = more.len();
+            messages.extend(more);
+        }
         if messages.is_empty() {
             crate::freshness::poll(config, &lake).await;
             continue;
         }
         // Each message's keys; a message that is not an event stays for the queue's redrive.
         let mut batch: Vec<(String, BTreeSet<String>)> = Vec::new();
-        for m in messages {
+        for m in &messages {
             let (Some(receipt), Some(body)) = (m.receipt_handle(), m.body()) else {
                 continue;
             };
@@ -288,29 +290,86 @@ pub async fn watch_queue(
                 }
             }
         };
-        for (receipt, keys) in &batch {
-            let done = keys.iter().all(|k| {
-                report.as_ref().is_none_or(|r| {
-                    !r.files
-                        .iter()
-                        .any(|f| &f.key == k && f.status == FileStatus::Failed)
+        let done: Vec<&str> = batch
+            .iter()
+            .filter(|(_, keys)| {
+                keys.iter().all(|k| {
+                    report.as_ref().is_none_or(|r| {
+                        !r.files
+                            .iter()
+                            .any(|f| &f.key == k && f.status == FileStatus::Failed)
+                    })
                 })
-            });
-            if !done {
-                continue;
-            }
-            if let Err(e) = sqs
-                .delete_message()
-                .queue_url(queue)
-                .receipt_handle(receipt)
-                .send()
-                .await
-            {
-                tracing::warn!(error = %crate::aws::describe(&e), "cannot delete a handled message; it comes back and does nothing");
-            }
-        }
+            })
+            .map(|(receipt, _)| receipt.as_str())
+            .collect();
+        delete(&sqs, queue, &done).await;
     }
     Ok(())
+}
+
+/// Messages a queue worker takes into one run at most when a backlog waits (and
+/// `engine.batch_files` does not say): up to ten receives of ten.
+const QUEUE_BATCH: usize = 100;
+
+/// Up to `n` (at most 10) messages, waiting up to `wait` seconds for the first.
+async fn receive(
+    sqs: &Sqs,
+    queue: &str,
+    n: usize,
+    wait: i32,
+    visibility: i32,
+) -> Result<Vec<aws_sdk_sqs::types::Message>> {
+    let out = sqs
+        .receive_message()
+        .queue_url(queue)
+        .max_number_of_messages(n.clamp(1, 10) as i32)
+        .wait_time_seconds(wait)
+        .visibility_timeout(visibility)
+        .send()
+        .await
+        .map_err(|e| {
+            sqs_error(format!(
+                "cannot receive from {queue}: {}",
+                crate::aws::describe(&e)
+            ))
+        })?;
+    Ok(out.messages.unwrap_or_default())
+}
+
+/// Deletes handled messages, ten a request. One that cannot be deleted comes back later and
+/// does nothing (its objects are committed).
+async fn delete(sqs: &Sqs, queue: &str, receipts: &[&str]) {
+    for chunk in receipts.chunks(10) {
+        let entries: Vec<_> = chunk
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(*r)
+                    .build()
+                    .ok()
+            })
+            .collect();
+        match sqs
+            .delete_message_batch()
+            .queue_url(queue)
+            .set_entries(Some(entries))
+            .send()
+            .await
+        {
+            Ok(out) if out.failed().is_empty() => {}
+            Ok(out) => tracing::warn!(
+                failed = out.failed().len(),
+                "cannot delete some handled messages; they come back and do nothing"
+            ),
+            Err(e) => tracing::warn!(
+                error = %crate::aws::describe(&e),
+                "cannot delete handled messages; they come back and do nothing"
+            ),
+        }
+    }
 }
 
 /// Keeps a batch's messages invisible while its run lasts (every half visibility timeout).
@@ -326,16 +385,27 @@ fn extend_visibility(
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
-            for r in &receipts {
+            for chunk in receipts.chunks(10) {
+                let entries: Vec<_> = chunk
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, r)| {
+                        aws_sdk_sqs::types::ChangeMessageVisibilityBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .receipt_handle(r)
+                            .visibility_timeout(visibility)
+                            .build()
+                            .ok()
+                    })
+                    .collect();
                 if let Err(e) = sqs
-                    .change_message_visibility()
+                    .change_message_visibility_batch()
                     .queue_url(&queue)
-                    .receipt_handle(r)
-                    .visibility_timeout(visibility)
+                    .set_entries(Some(entries))
                     .send()
                     .await
                 {
-                    tracing::warn!(error = %crate::aws::describe(&e), "cannot extend a message's visibility");
+                    tracing::warn!(error = %crate::aws::describe(&e), "cannot extend the messages' visibility");
                 }
             }
         }

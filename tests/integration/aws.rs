@@ -1565,3 +1565,43 @@ fn enqueue_spreads_a_backlog_over_two_queue_workers_each_file_once() {
     let done: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(done["messages"], 0);
 }
+
+/// A queue worker with a backlog takes it into one run (receives of ten until the queue is
+/// empty or the batch full: one warehouse refresh, not one per ten files), and deletes every
+/// message after the commit.
+#[test]
+fn a_queue_worker_takes_a_backlog_into_one_run() {
+    const FILES: usize = 25;
+    let moto = Moto::start();
+    moto.create_bucket("backlog");
+    let p = Project::empty();
+    p.edit_config("root = \"lake\"", "root = \"s3://backlog/data\"");
+    for i in 0..FILES {
+        let text = sluice::generate::sample(sluice::generate::Kind::Logs, 20, i as u64);
+        let key = format!("data/raw/app_logs/part-{i:04}.jsonl");
+        moto.put("backlog", &key, text.into_bytes());
+    }
+    let queue = moto.create_queue("backlog-events");
+    let (code, _, err) = sluice(&moto, &p, &["enqueue", "--queue", &queue]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(moto.queued(&queue), FILES as u64);
+    let w = worker(&moto, &p, &queue, "30");
+    let start = Instant::now();
+    while !moto.keys("backlog", "data/raw").is_empty() || moto.queued(&queue) > 0 {
+        if start.elapsed() > Duration::from_secs(60) {
+            give_up(w, "the backlog was not processed");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let log = stop(w);
+    let runs: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("files: "))
+        .collect();
+    assert_eq!(runs.len(), 1, "{log}");
+    assert!(runs[0].starts_with(&format!("{FILES} ")), "{log}");
+    let (code, out, err) = sluice(&moto, &p, &["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["processed_files"], FILES as u64, "{status:#}");
+}
