@@ -4,7 +4,8 @@
 # split, as benches/small_files.sh), for each N of WORKERS (default 1 2 4), in three setups:
 #   folder  N `sluice run --batch-files B` processes on a folder lake
 #   s3      the same on an S3 lake (moto_server on a loopback port)
-#   sqs     N `sluice watch --queue` workers on one SQS queue (moto), one S3 event a file
+#   sqs     N `sluice watch --queue` workers on one SQS queue (moto), the files put on it by
+#           `sluice enqueue` (one S3 event a file), as a backfill of raw/ would be
 # Prints the wall time and files/s of each, and checks that every file was processed once and
 # that the table (every row, sorted, hashed) is the one one worker makes.
 #
@@ -47,8 +48,8 @@ trap cleanup EXIT
 # The config of one lake root.
 config() { bench_config "$1" "$2" "$table" jsonl request_id event_ts; }
 
-# Uploads the files to s3://<bucket>/lake/raw/ (a new bucket) and, with a queue name, sends one
-# S3 event a file to it; prints the queue URL.
+# Uploads the files to s3://<bucket>/lake/raw/ (a new bucket) and, with a queue name, creates
+# that queue; prints its URL.
 upload() {
   "$python" - "$endpoint" "$data" "$table" "$1" "${2:-}" <<'PY'
 import json, os, sys, boto3
@@ -64,14 +65,7 @@ with ThreadPoolExecutor(16) as pool:
     list(pool.map(put, names))
 if queue:
     sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1")
-    url = sqs.create_queue(QueueName=queue)["QueueUrl"]
-    for i in range(0, len(names), 10):
-        entries = [{"Id": str(j), "MessageBody": json.dumps({"Records": [{
-            "eventVersion": "2.1", "eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
-            "s3": {"bucket": {"name": bucket}, "object": {"key": f"lake/raw/{table}/{n}"}}}]})}
-            for j, n in enumerate(names[i:i + 10])]
-        sqs.send_message_batch(QueueUrl=url, Entries=entries)
-    print(url)
+    print(sqs.create_queue(QueueName=queue)["QueueUrl"])
 PY
 }
 
@@ -150,6 +144,9 @@ for setup in $setups; do
         queue=$(upload "$bucket" "q-$n")
         config "$cfg" "s3://$bucket/lake"
         t0=$(date +%s.%N)
+        "$bin" --config "$cfg" enqueue --queue "$queue" >/dev/null
+        te=$(date +%s.%N)
+        echo "sqs    enqueue of $files files: $(echo "$te - $t0" | bc) s" >&2
         pids=()
         for i in $(seq "$n"); do
           "$bin" --config "$cfg" watch --queue "$queue" --wait 1 >/dev/null 2>"$work/err-$i.log" &

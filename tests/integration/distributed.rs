@@ -25,12 +25,22 @@ impl Worker {
 
     /// [`Worker::start`] with environment variables.
     fn start_with(p: &Project, extra: &[&str], env: &[(&str, &str)]) -> Worker {
+        let mut cmd = p.cmd(&Worker::args(extra));
+        cmd.envs(env.iter().copied());
+        Worker::spawn(cmd)
+    }
+
+    /// `sluice -v EXTRA worker --listen 127.0.0.1:0`.
+    fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec!["-v"];
         args.extend_from_slice(extra);
         args.extend_from_slice(&["worker", "--listen", "127.0.0.1:0"]);
-        let mut child = p
-            .cmd(&args)
-            .envs(env.iter().copied())
+        args
+    }
+
+    /// Starts the worker command and waits until it listens.
+    fn spawn(mut cmd: Command) -> Worker {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -379,4 +389,116 @@ fn workers_are_checked_before_anything_runs() {
     assert!(!out.status.success());
     assert!(text(&out).contains("engine.workers"), "{}", text(&out));
     assert!(p.files("processed").is_empty());
+}
+
+#[test]
+fn queries_over_an_s3_lake_run_on_workers_that_read_it_from_s3() {
+    let moto = crate::aws::Moto::start();
+    let p = crate::aws::s3_project(&moto, "cluster", "kind = \"lake\"");
+    let text_before = std::fs::read_to_string(p.config()).unwrap();
+    std::fs::write(
+        p.config(),
+        format!("{text_before}\n[engine]\ntask_size = \"4KiB\"\n"),
+    )
+    .unwrap();
+    let (code, report) = crate::aws::run_json(&moto, &p, &[]);
+    assert_eq!(code, 0, "{report:#}");
+    let worker = || {
+        let mut cmd = p.cmd(&Worker::args(&[]));
+        moto.env(&mut cmd);
+        Worker::spawn(cmd)
+    };
+    let (mut a, mut b) = (worker(), worker());
+    let workers = format!("{},{}", a.url, b.url);
+    let query = |workers: Option<&str>, sql: &str| {
+        let mut args = Vec::new();
+        if let Some(w) = workers {
+            args.extend_from_slice(&["--workers", w]);
+        }
+        args.extend_from_slice(&["query", "--format", "json", sql]);
+        let (code, out, err) = crate::aws::sluice(&moto, &p, &args);
+        assert_eq!(code, 0, "{sql}: {err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(rounded)
+            .collect::<Vec<_>>()
+    };
+    for sql in &QUERIES[..3] {
+        let local = query(None, sql);
+        assert!(!local.is_empty(), "{sql}");
+        assert_eq!(query(Some(&workers), sql), local, "{sql}");
+    }
+    let (la, lb) = (a.stop(), b.stop());
+    for (name, log) in [("a", &la), ("b", &lb)] {
+        assert!(
+            tasks(log).iter().any(|&rows| rows > 0),
+            "worker {name} read nothing from S3: {log}"
+        );
+    }
+}
+
+#[test]
+fn a_worker_killed_during_a_runs_aggregates_keeps_the_commit_and_the_old_aggregates() {
+    let p = lake();
+    let raw = p.lake().join("raw/app_logs/late.jsonl");
+    let out = p.sluice(&["generate", "logs", raw.to_str().unwrap(), "--rows", "500"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let a = Worker::start(&p, &[]);
+    let pause = p.path().join("pause");
+    std::fs::write(&pause, "").unwrap();
+    let pause_file = pause.to_str().unwrap().to_string();
+    let mut b = Worker::start_with(
+        &p,
+        &[],
+        &[
+            ("SLUICE_PAUSE_AT", "worker-task"),
+            ("SLUICE_PAUSE_FILE", &pause_file),
+        ],
+    );
+    let warehouse = p.files("warehouse");
+    assert!(!warehouse.is_empty());
+    let before = rows(&p, None, "SELECT count(*) AS n FROM app_logs");
+    let run = p
+        .cmd(&[
+            "--workers",
+            &format!("{},{}", a.url, b.url),
+            "run",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_held(&p, "worker b's first task of the aggregates");
+    let killed = b.url.clone();
+    let mut child = b.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = run.wait_with_output().unwrap();
+    std::fs::remove_file(&pause).unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("worker {killed}")),
+        "{}",
+        text(&out)
+    );
+    // The file's rows are committed; the aggregates are the old ones, untouched.
+    assert_ne!(rows(&p, None, "SELECT count(*) AS n FROM app_logs"), before);
+    assert_eq!(p.files("warehouse"), warehouse, "{}", text(&out));
+    // The rerun (without the lost worker) refreshes them right.
+    let out = p.sluice(&["--workers", &a.url, "run"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_ne!(p.files("warehouse"), warehouse);
+    let query = std::fs::read_to_string(repo().join("queries/aggregates/daily_service_health.sql"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(
+        rows(&p, None, "SELECT * FROM daily_service_health ORDER BY 1, 2"),
+        rows(&p, None, &query)
+    );
 }
