@@ -284,22 +284,28 @@ fn a_dead_worker_fails_the_query_clearly_and_the_rerun_without_it_is_right() {
     assert_eq!(rows(&p, Some(&a.url), sql), rows(&p, None, sql));
 }
 
-#[test]
-fn a_worker_killed_mid_query_fails_it_clearly_and_the_rerun_without_it_is_right() {
-    let p = lake();
-    let a = Worker::start(&p, &[]);
+/// A worker that holds on its first task while the project's `pause` file exists; that file.
+fn held_worker(p: &Project) -> (Worker, std::path::PathBuf) {
     let pause = p.path().join("pause");
     std::fs::write(&pause, "").unwrap();
     let pause_file = pause.to_str().unwrap().to_string();
-    // Worker b holds on its first task until it is killed.
-    let mut b = Worker::start_with(
-        &p,
+    let w = Worker::start_with(
+        p,
         &[],
         &[
             ("SLUICE_PAUSE_AT", "worker-task"),
             ("SLUICE_PAUSE_FILE", &pause_file),
         ],
     );
+    (w, pause)
+}
+
+#[test]
+fn a_worker_killed_mid_query_fails_it_clearly_and_the_rerun_without_it_is_right() {
+    let p = lake();
+    let a = Worker::start(&p, &[]);
+    // Worker b holds on its first task until it is killed.
+    let (mut b, pause) = held_worker(&p);
     let files = p.files("");
     let sql = QUERIES[1];
     let query = p
@@ -446,17 +452,7 @@ fn a_worker_killed_during_a_runs_aggregates_keeps_the_commit_and_the_old_aggrega
     let out = p.sluice(&["generate", "logs", raw.to_str().unwrap(), "--rows", "500"]);
     assert!(out.status.success(), "{}", text(&out));
     let a = Worker::start(&p, &[]);
-    let pause = p.path().join("pause");
-    std::fs::write(&pause, "").unwrap();
-    let pause_file = pause.to_str().unwrap().to_string();
-    let mut b = Worker::start_with(
-        &p,
-        &[],
-        &[
-            ("SLUICE_PAUSE_AT", "worker-task"),
-            ("SLUICE_PAUSE_FILE", &pause_file),
-        ],
-    );
+    let (mut b, pause) = held_worker(&p);
     let warehouse = p.files("warehouse");
     assert!(!warehouse.is_empty());
     let before = rows(&p, None, "SELECT count(*) AS n FROM app_logs");
