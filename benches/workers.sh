@@ -52,7 +52,7 @@ config() { bench_config "$1" "$2" "$table" jsonl request_id event_ts; }
 # that queue; prints its URL.
 upload() {
   "$python" - "$endpoint" "$data" "$table" "$1" "${2:-}" <<'PY'
-import json, os, sys, boto3
+import os, sys, boto3
 from concurrent.futures import ThreadPoolExecutor
 endpoint, data, table, bucket, queue = sys.argv[1:]
 s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")

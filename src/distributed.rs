@@ -162,6 +162,7 @@ fn task_arrived(
 
 /// What a worker says of one task once every partition of its scans ended: its place in its
 /// stage and the rows those scans read from the lake.
+#[derive(Debug)]
 struct TaskReport {
     task: String,
     partitions_left: AtomicUsize,
@@ -183,14 +184,6 @@ impl TaskReport {
 struct CountedScan {
     inner: Arc<dyn ExecutionPlan>,
     report: Arc<TaskReport>,
-}
-
-impl std::fmt::Debug for TaskReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TaskReport")
-            .field("task", &self.task)
-            .finish()
-    }
 }
 
 impl DisplayAs for CountedScan {

@@ -60,6 +60,14 @@ impl Worker {
         }
     }
 
+    /// Kills it (SIGKILL), as a lost machine would: its URL.
+    fn kill(&mut self) -> String {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        self.url.clone()
+    }
+
     /// Stops it (SIGTERM): its log.
     fn stop(&mut self) -> String {
         let child = self.child.take().unwrap();
@@ -88,16 +96,38 @@ fn rows(p: &Project, workers: Option<&str>, sql: &str) -> Vec<Value> {
 
 /// [`rows`] with environment variables for the coordinator.
 fn rows_with(p: &Project, workers: Option<&str>, sql: &str, env: &[(&str, &str)]) -> Vec<Value> {
+    let mut cmd = p.cmd(&query_args(workers, sql));
+    cmd.envs(env.iter().copied());
+    rows_of(cmd, sql)
+}
+
+/// `[--workers W] query --format json SQL`.
+fn query_args<'a>(workers: Option<&'a str>, sql: &'a str) -> Vec<&'a str> {
     let mut args = Vec::new();
     if let Some(w) = workers {
         args.extend_from_slice(&["--workers", w]);
     }
     args.extend_from_slice(&["query", "--format", "json", sql]);
-    let out = p.cmd(&args).envs(env.iter().copied()).output().unwrap();
+    args
+}
+
+/// The rows a `sluice query --format json` command printed, floats rounded.
+fn rows_of(mut cmd: Command, sql: &str) -> Vec<Value> {
+    let out = cmd.output().unwrap();
     assert!(out.status.success(), "{sql}: {}", text(&out));
     let v: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     v.as_array().unwrap().iter().map(rounded).collect()
+}
+
+/// An aggregate's query as shipped, without its comment lines.
+fn aggregate_query(name: &str) -> String {
+    std::fs::read_to_string(repo().join(format!("queries/aggregates/{name}.sql")))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn rounded(v: &Value) -> Value {
@@ -112,14 +142,19 @@ fn rounded(v: &Value) -> Value {
 /// The example pipeline with its fixtures run, and tasks of about 4 KiB of Parquet.
 fn lake() -> Project {
     let p = Project::with_fixtures();
+    small_tasks(&p);
+    assert_eq!(p.run().0, 0);
+    p
+}
+
+/// Tasks of about 4 KiB of Parquet, so that the fixtures' tables make many.
+fn small_tasks(p: &Project) {
     let text = std::fs::read_to_string(p.config()).unwrap();
     std::fs::write(
         p.config(),
         format!("{text}\n[engine]\ntask_size = \"4KiB\"\n"),
     )
     .unwrap();
-    assert_eq!(p.run().0, 0);
-    p
 }
 
 const QUERIES: &[&str] = &[
@@ -155,15 +190,9 @@ fn queries_aggregates_and_checks_on_a_loopback_cluster_equal_the_local_engine() 
     let out = q.sluice(&["--workers", &workers, "run", "--json"]);
     assert!(out.status.success(), "{}", text(&out));
     for agg in ["daily_service_health", "daily_ticket_stats"] {
-        let query = std::fs::read_to_string(repo().join(format!("queries/aggregates/{agg}.sql")))
-            .unwrap()
-            .lines()
-            .filter(|l| !l.trim_start().starts_with("--"))
-            .collect::<Vec<_>>()
-            .join("\n");
         let stored = rows(&q, None, &format!("SELECT * FROM {agg} ORDER BY 1, 2"));
         assert!(!stored.is_empty(), "{agg}");
-        assert_eq!(stored, rows(&q, None, &query), "{agg}");
+        assert_eq!(stored, rows(&q, None, &aggregate_query(agg)), "{agg}");
     }
     // Data checks over the whole table on the cluster.
     let text_before = std::fs::read_to_string(p.config()).unwrap();
@@ -269,14 +298,7 @@ fn a_dead_worker_fails_the_query_clearly_and_the_rerun_without_it_is_right() {
     b.stop();
     let files = p.files("");
     let sql = QUERIES[1];
-    let out = p.sluice(&[
-        "--workers",
-        &format!("{},{dead}", a.url),
-        "query",
-        "--format",
-        "json",
-        sql,
-    ]);
+    let out = p.sluice(&query_args(Some(&format!("{},{dead}", a.url)), sql));
     assert!(!out.status.success(), "{}", text(&out));
     let msg = text(&out);
     assert!(msg.contains(&format!("worker {dead}")), "{msg}");
@@ -309,23 +331,13 @@ fn a_worker_killed_mid_query_fails_it_clearly_and_the_rerun_without_it_is_right(
     let files = p.files("");
     let sql = QUERIES[1];
     let query = p
-        .cmd(&[
-            "--workers",
-            &format!("{},{}", a.url, b.url),
-            "query",
-            "--format",
-            "json",
-            sql,
-        ])
+        .cmd(&query_args(Some(&format!("{},{}", a.url, b.url)), sql))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     wait_held(&p, "worker b's first task");
-    let killed = b.url.clone();
-    let mut child = b.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let killed = b.kill();
     let out = query.wait_with_output().unwrap();
     std::fs::remove_file(&pause).unwrap();
     assert!(!out.status.success(), "{}", text(&out));
@@ -401,12 +413,7 @@ fn workers_are_checked_before_anything_runs() {
 fn queries_over_an_s3_lake_run_on_workers_that_read_it_from_s3() {
     let moto = crate::aws::Moto::start();
     let p = crate::aws::s3_project(&moto, "cluster", "kind = \"lake\"");
-    let text_before = std::fs::read_to_string(p.config()).unwrap();
-    std::fs::write(
-        p.config(),
-        format!("{text_before}\n[engine]\ntask_size = \"4KiB\"\n"),
-    )
-    .unwrap();
+    small_tasks(&p);
     let (code, report) = crate::aws::run_json(&moto, &p, &[]);
     assert_eq!(code, 0, "{report:#}");
     let worker = || {
@@ -417,19 +424,9 @@ fn queries_over_an_s3_lake_run_on_workers_that_read_it_from_s3() {
     let (mut a, mut b) = (worker(), worker());
     let workers = format!("{},{}", a.url, b.url);
     let query = |workers: Option<&str>, sql: &str| {
-        let mut args = Vec::new();
-        if let Some(w) = workers {
-            args.extend_from_slice(&["--workers", w]);
-        }
-        args.extend_from_slice(&["query", "--format", "json", sql]);
-        let (code, out, err) = crate::aws::sluice(&moto, &p, &args);
-        assert_eq!(code, 0, "{sql}: {err}");
-        let v: Value = serde_json::from_str(&out).unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(rounded)
-            .collect::<Vec<_>>()
+        let mut cmd = p.cmd(&query_args(workers, sql));
+        moto.env(&mut cmd);
+        rows_of(cmd, sql)
     };
     for sql in &QUERIES[..3] {
         let local = query(None, sql);
@@ -468,10 +465,7 @@ fn a_worker_killed_during_a_runs_aggregates_keeps_the_commit_and_the_old_aggrega
         .spawn()
         .unwrap();
     wait_held(&p, "worker b's first task of the aggregates");
-    let killed = b.url.clone();
-    let mut child = b.child.take().unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let killed = b.kill();
     let out = run.wait_with_output().unwrap();
     std::fs::remove_file(&pause).unwrap();
     assert!(!out.status.success(), "{}", text(&out));
@@ -487,14 +481,8 @@ fn a_worker_killed_during_a_runs_aggregates_keeps_the_commit_and_the_old_aggrega
     let out = p.sluice(&["--workers", &a.url, "run"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_ne!(p.files("warehouse"), warehouse);
-    let query = std::fs::read_to_string(repo().join("queries/aggregates/daily_service_health.sql"))
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("--"))
-        .collect::<Vec<_>>()
-        .join("\n");
     assert_eq!(
         rows(&p, None, "SELECT * FROM daily_service_health ORDER BY 1, 2"),
-        rows(&p, None, &query)
+        rows(&p, None, &aggregate_query("daily_service_health"))
     );
 }
