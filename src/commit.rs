@@ -258,7 +258,7 @@ impl Runner<'_> {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .extend(results);
-                let _ = std::fs::remove_dir_all(&plan.scratch);
+                plan.scratch.clear();
                 return Err(Error::ChecksFailed {
                     table: table.name.clone(),
                     summary,
@@ -339,7 +339,7 @@ impl Runner<'_> {
         self.lake.delete(&ledger::pending_key(&id)).await?;
         self.serial
             .store(false, std::sync::atomic::Ordering::Relaxed);
-        let _ = std::fs::remove_dir_all(&plan.scratch);
+        plan.scratch.clear();
         self.checks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -425,7 +425,7 @@ impl Runner<'_> {
         if let Err(e) = result {
             tracing::warn!(commit = %plan.id, error = %e, "cannot throw a plan's staging away; the next run's recovery does");
         }
-        let _ = std::fs::remove_dir_all(&plan.scratch);
+        plan.scratch.clear();
     }
 
     /// A new commit's id: a hash of the table, the query, this run and the inputs, never the
@@ -467,7 +467,7 @@ struct Plan {
     staged: Vec<String>,
     /// The results of the table's data checks on this batch (none failing an `error` one).
     checks: Vec<checks::CheckResult>,
-    scratch: PathBuf,
+    scratch: crate::lake::Scratch,
 }
 
 impl Plan {

@@ -207,9 +207,7 @@ pub async fn plain(
     run_id: &str,
 ) -> Result<(Vec<FolderStats>, Option<String>)> {
     let scratch = lake.scratch(run_id, &format!("{}-compact", meta.name));
-    let result = compact_in(lake, meta, table, target, run_id, &scratch).await;
-    let _ = std::fs::remove_dir_all(&scratch);
-    result
+    compact_in(lake, meta, table, target, run_id, &scratch).await
 }
 
 async fn compact_in(

@@ -507,7 +507,11 @@ pub async fn evaluate(
     }
     let me = crate::lock::Holder::me(run_id);
     let ttl = Duration::from_secs(300);
-    if !crate::lock::try_acquire(lake, LOCK_KEY, &me, ttl).await? {
+    let work = notify_changes(config, lake, &mut out, &mut problems);
+    if crate::lock::try_holding(lake, LOCK_KEY, &me, ttl, work)
+        .await?
+        .is_none()
+    {
         tracing::info!("another run is evaluating freshness; left to it");
         let ledger = Ledger::load(lake).await?;
         out.late = sources(config, lake, &ledger, now())
@@ -516,12 +520,7 @@ pub async fn evaluate(
             .filter(|f| f.late)
             .map(|f| f.source)
             .collect();
-        return Ok((out, problems));
     }
-    let result = notify_changes(config, lake, &mut out, &mut problems).await;
-    let released = crate::lock::release(lake, LOCK_KEY, &me).await;
-    result?;
-    released?;
     Ok((out, problems))
 }
 

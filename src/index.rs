@@ -1931,7 +1931,7 @@ pub async fn rebuild_command(
 ) -> Result<String> {
     let tables = keyed_tables(config, lake, only).await?;
     let scratch = lake.scratch(&crate::report::new_run_id(), "index");
-    let out = with_commit_lock(config, lake, || async {
+    with_commit_lock(config, lake, || async {
         let mut out = String::new();
         for (meta, shape) in &tables {
             let sip = sip_for(lake, &meta.name).await;
@@ -1945,9 +1945,7 @@ pub async fn rebuild_command(
         }
         Ok(out)
     })
-    .await;
-    let _ = std::fs::remove_dir_all(&scratch);
-    out
+    .await
 }
 
 /// `sluice index check [TABLE]`: each keyed table's index compared with its files. Returns

@@ -379,9 +379,9 @@ impl Lake {
     }
 
     /// A local folder for a run's files in the making (on the lake's own disk, so that they
-    /// move into place without a copy).
-    pub fn scratch(&self, run_id: &str, name: &str) -> PathBuf {
-        self.scratch.join(run_id).join(name)
+    /// move into place without a copy), removed when the [`Scratch`] is dropped.
+    pub fn scratch(&self, run_id: &str, name: &str) -> Scratch {
+        Scratch(self.scratch.join(run_id).join(name))
     }
 
     /// Removes a run's scratch folder (at the end of the run, whatever its outcome).
@@ -797,6 +797,31 @@ pub fn partition_segment(column: &str, value: &str) -> String {
     format!("{}={}", hive_escape(column), hive_escape(value))
 }
 
+/// A step's scratch folder: removed when dropped, so on every path out of the step (an
+/// interrupted run's folders go at a later run's start, [`Lake::clean_scratch`]).
+#[derive(Debug)]
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// Empties the folder (before a stream is tried again).
+    pub fn clear(&self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = FsPath;
+    fn deref(&self) -> &FsPath {
+        &self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -831,5 +856,24 @@ mod tests {
         let file = store.path_to_filesystem(&path(&key)).unwrap();
         assert_eq!(file, dir.path().canonicalize().unwrap().join(&key));
         assert_eq!(path(&key).as_ref(), key);
+    }
+
+    #[test]
+    fn a_scratch_folder_goes_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open_local(dir.path()).unwrap();
+        let scratch = lake.scratch("run-1", "t");
+        std::fs::create_dir_all(scratch.join("a")).unwrap();
+        std::fs::write(scratch.join("a/b.parquet"), b"x").unwrap();
+        scratch.clear();
+        assert!(!scratch.exists());
+        std::fs::create_dir_all(&*scratch).unwrap();
+        let kept: PathBuf = scratch.to_path_buf();
+        let on_error = || -> std::result::Result<(), ()> {
+            let _s = scratch;
+            Err(())
+        };
+        assert!(on_error().is_err());
+        assert!(!kept.exists());
     }
 }

@@ -1,7 +1,8 @@
 //! Claims and locks in the lake: objects created only if absent, naming their holder.
 //!
 //! A holder on this host whose process is gone, or any holder older than the TTL, is stale and
-//! its lock is taken over: a crashed run never blocks the next one.
+//! its lock is taken over: a crashed run never blocks the next one. A lock is held only for the
+//! length of one piece of work ([`holding`], [`try_holding`]), and let go on every way out of it.
 
 use std::time::Duration;
 
@@ -71,7 +72,7 @@ fn process_alive(pid: u32) -> bool {
 }
 
 /// Takes `key` if it is free or stale; `false` if a live holder has it.
-pub async fn try_acquire(lake: &Lake, key: &str, me: &Holder, ttl: Duration) -> Result<bool> {
+async fn try_acquire(lake: &Lake, key: &str, me: &Holder, ttl: Duration) -> Result<bool> {
     let body = serde_json::to_vec(me).map_err(|e| Error::State {
         path: key.to_string(),
         message: e.to_string(),
@@ -96,13 +97,7 @@ pub async fn try_acquire(lake: &Lake, key: &str, me: &Holder, ttl: Duration) -> 
 }
 
 /// Takes `key`, waiting up to `wait` for a live holder to let go.
-pub async fn acquire(
-    lake: &Lake,
-    key: &str,
-    me: &Holder,
-    ttl: Duration,
-    wait: Duration,
-) -> Result<()> {
+async fn acquire(lake: &Lake, key: &str, me: &Holder, ttl: Duration, wait: Duration) -> Result<()> {
     let start = std::time::Instant::now();
     let mut pause = Duration::from_millis(20);
     loop {
@@ -140,6 +135,31 @@ pub async fn holding<T>(
     work: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T> {
     acquire(lake, key, me, ttl, wait).await?;
+    then_release(lake, key, me, work).await
+}
+
+/// Runs `work` holding `key` if it is free or stale now (`None`, and `work` is not run, if a
+/// live holder has it), and lets go of it on every path out of `work`.
+pub async fn try_holding<T>(
+    lake: &Lake,
+    key: &str,
+    me: &Holder,
+    ttl: Duration,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<Option<T>> {
+    if !try_acquire(lake, key, me, ttl).await? {
+        return Ok(None);
+    }
+    then_release(lake, key, me, work).await.map(Some)
+}
+
+/// Runs `work`, then lets go of `key`; the work's error comes before the release's.
+async fn then_release<T>(
+    lake: &Lake,
+    key: &str,
+    me: &Holder,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
     let out = work.await;
     let released = release(lake, key, me).await;
     let out = out?;
@@ -160,7 +180,7 @@ pub async fn run_alive(lake: &Lake, run_id: &str, ttl: Duration) -> Result<bool>
 }
 
 /// Lets go of `key` if this holder has it.
-pub async fn release(lake: &Lake, key: &str, me: &Holder) -> Result<()> {
+async fn release(lake: &Lake, key: &str, me: &Holder) -> Result<()> {
     if let Ok(Some(h)) = lake.get_json::<Holder>(key).await
         && h.run_id == me.run_id
         && h.pid == me.pid
@@ -265,4 +285,53 @@ pub async fn live_claims(
 /// Lets go of every claim of this run.
 pub async fn unclaim(lake: &Lake, me: &Holder) -> Result<()> {
     lake.delete(&claims_key(&me.run_id)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lock_is_let_go_on_every_way_out_and_not_taken_from_a_live_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open_local(dir.path()).unwrap();
+        let (key, ttl) = ("_sluice/locks/x.json", Duration::from_secs(60));
+        let me = Holder::me("run-a");
+        // Free: the work runs under it, and it is gone after, whether the work failed or not.
+        let ran = try_holding(&lake, key, &me, ttl, async {
+            assert!(lake.get_json::<Holder>(key).await?.is_some());
+            Ok(1)
+        })
+        .await
+        .unwrap();
+        assert_eq!(ran, Some(1));
+        assert!(lake.get_json::<Holder>(key).await.unwrap().is_none());
+        let failed: Result<u8> = holding(&lake, key, &me, ttl, ttl, async {
+            Err(Error::State {
+                path: "w".into(),
+                message: "broken".into(),
+            })
+        })
+        .await;
+        assert!(failed.unwrap_err().to_string().contains("broken"));
+        assert!(lake.get_json::<Holder>(key).await.unwrap().is_none());
+        // Held by a live run of this host: not taken, the work does not run, the lock stays.
+        let other = Holder::me("run-b");
+        assert!(try_acquire(&lake, key, &other, ttl).await.unwrap());
+        let mut touched = false;
+        let got = try_holding(&lake, key, &me, ttl, async {
+            touched = true;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert!(got.is_none() && !touched);
+        let held = lake.get_json::<Holder>(key).await.unwrap().unwrap();
+        assert_eq!(held.run_id, "run-b");
+        let waited = holding(&lake, key, &me, ttl, Duration::from_millis(50), async {
+            Ok(())
+        })
+        .await;
+        assert!(matches!(waited, Err(Error::Locked { .. })), "{waited:?}");
+    }
 }

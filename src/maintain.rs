@@ -224,7 +224,7 @@ async fn compact_delta(
             {
                 let scratch = lake.scratch(&report.run_id, "index");
                 let rebuilt = crate::index::rebuild_for(lake, meta, t, &scratch).await;
-                let _ = std::fs::remove_dir_all(&scratch);
+                drop(scratch);
                 if let Err(e) = rebuilt {
                     let _ = lake.delete(&crate::index::head_key(&meta.name)).await;
                     report.errors.push(format!(

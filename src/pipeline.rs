@@ -240,7 +240,8 @@ impl<'a> Runner<'a> {
                         tracing::info_span!("table", source = %p.source.name, table = %p.table.name),
                     )
                     .await;
-                // Every file of the batch is committed, failed or left by now.
+                // Every file of the batch is committed, failed or left by now: its claims go
+                // here, on every way out of the batch.
                 self.release_claims().await;
                 match done {
                     Err(Error::Raced { keys }) if tries < MAX_RACES => {
@@ -485,20 +486,17 @@ impl<'a> Runner<'a> {
         self.step_done(report, "hash", t);
 
         // A safe point: nothing of this batch is written yet.
-        if let Err(e) = self.deadline.check(&format!(
+        self.deadline.check(&format!(
             "source {} (before reading its files)",
             source.name
-        )) {
-            self.release_claims().await;
-            return Err(e);
-        }
+        ))?;
         // Read, query, route and write in one stream. A file that breaks half-way is left out
         // and the batch runs again without it.
         let t = Instant::now();
         let scratch = self.lake.scratch(&self.me.run_id, &source.name);
         let mut streamed = None;
         while !fresh.is_empty() {
-            let _ = std::fs::remove_dir_all(&scratch);
+            scratch.clear();
             match self
                 .stream(p, &fresh, &scratch)
                 .instrument(tracing::info_span!("step", step = "stream"))
@@ -565,11 +563,7 @@ impl<'a> Runner<'a> {
             self.progress.step(format!("{}: committing", source.name));
             // A safe point: the batch's files are in scratch only.
             let step = format!("source {} (before its commit)", source.name);
-            if let Err(e) = self.deadline.check(&step) {
-                let _ = std::fs::remove_dir_all(&scratch);
-                self.release_claims().await;
-                return Err(e);
-            }
+            self.deadline.check(&step)?;
             let result = self
                 .commit(p, &mut ledger, &records, streamed)
                 .instrument(tracing::info_span!("step", step = "commit"))
@@ -581,11 +575,7 @@ impl<'a> Runner<'a> {
                     | Error::IndexStale { .. }
                     | Error::MaxRuntime { .. }
                     | Error::Locked { .. }),
-                ) => {
-                    let _ = std::fs::remove_dir_all(&scratch);
-                    self.release_claims().await;
-                    return Err(e);
-                }
+                ) => return Err(e),
                 Err(e) => {
                     let msg = e.to_string();
                     for r in &records {
@@ -596,7 +586,8 @@ impl<'a> Runner<'a> {
                 }
             }
         }
-        let _ = std::fs::remove_dir_all(&scratch);
+        // The batch's files are committed or thrown away.
+        drop(scratch);
         self.step_done(report, "commit", t);
         if let (Some(glue), Some((commit, ..))) = (self.glue().await, &committed) {
             let t = Instant::now();

@@ -232,7 +232,7 @@ impl Runner<'_> {
             .scratch(&self.me.run_id, &format!("{}-plan", source.name));
         let mut streamed = None;
         while !fresh.is_empty() {
-            let _ = std::fs::remove_dir_all(&scratch);
+            scratch.clear();
             match self
                 .stream_named(
                     p,
@@ -274,12 +274,11 @@ impl Runner<'_> {
             }
         }
         let Some(s) = streamed else {
-            let _ = std::fs::remove_dir_all(&scratch);
             return Ok(out);
         };
-        let result = self.plan_streamed(p, ledger, &fresh, s, &mut out).await;
-        let _ = std::fs::remove_dir_all(&scratch);
-        result.map(|()| out)
+        self.plan_streamed(p, ledger, &fresh, s, &mut out)
+            .await
+            .map(|()| out)
     }
 
     async fn plan_streamed(

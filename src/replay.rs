@@ -403,7 +403,7 @@ impl Runner<'_> {
         let scratch = self
             .lake
             .scratch(&self.me.run_id, &format!("{}-replay", table.name));
-        let _ = std::fs::remove_dir_all(&scratch);
+        scratch.clear();
         let result = self
             .replay_in(
                 p,
@@ -416,7 +416,6 @@ impl Runner<'_> {
                 &mut report,
             )
             .await;
-        let _ = std::fs::remove_dir_all(&scratch);
         result.map(|()| report)
     }
 

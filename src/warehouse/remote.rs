@@ -243,13 +243,14 @@ pub async fn sync(
         return Ok(());
     }
     let ttl = Duration::from_secs(config.lake.lock_ttl_secs).max(w.deadline() * 2);
-    if !lock::try_acquire(lake, LOCK, me, ttl).await? {
+    let work = sync_locked(config, lake, &me.run_id, deadline, report);
+    if lock::try_holding(lake, LOCK, me, ttl, work)
+        .await?
+        .is_none()
+    {
         tracing::info!("another run is loading the warehouse; new commits wait for the next run");
-        return Ok(());
     }
-    let result = sync_locked(config, lake, &me.run_id, deadline, report).await;
-    lock::release(lake, LOCK, me).await?;
-    result
+    Ok(())
 }
 
 async fn sync_locked(
