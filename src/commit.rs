@@ -1,6 +1,6 @@
-//! A batch's commit, the exactly-once half that writes (`ledger::recover` is the half that
-//! repairs): planned and staged beside other runs' commits, checked under the commit lock
-//! against what committed since, then the commit point (the ledger entry) and the publish.
+//! A batch's commit: planned and staged beside other runs' commits, checked under the commit
+//! lock against what committed since, then `ledger::commit_staged` (the commit point and the
+//! publish, in the order `ledger::recover` undoes or finishes).
 //! The order of the steps, and why each is where it is, is in ARCHITECTURE ("commit").
 
 use std::collections::HashMap;
@@ -327,16 +327,8 @@ impl Runner<'_> {
             // Removed once the commit's partitions are registered.
             self.lake.put(&glue::marker_key(&id), Vec::new()).await?;
         }
-        fault::point("staged");
-        if let Some((_, meta)) = &plan.catalog {
-            meta.save(&self.lake).await?;
-        }
-        // The commit point.
-        ledger::write_entry(&self.lake, &commit, &plan.counts).await?;
-        fault::point("committed");
-        ledger::publish(&self.lake, &commit).await?;
-        fault::point("archived");
-        self.lake.delete(&ledger::pending_key(&id)).await?;
+        let meta = plan.catalog.as_ref().map(|(_, meta)| meta);
+        ledger::commit_staged(&self.lake, &commit, &plan.counts, meta).await?;
         self.serial
             .store(false, std::sync::atomic::Ordering::Relaxed);
         plan.scratch.clear();

@@ -26,7 +26,6 @@ use chrono::Utc;
 use crate::catalog::TableMeta;
 use crate::config::TableConfig;
 use crate::error::{Error, Result};
-use crate::fault;
 use crate::index::{self, Index, Shape, Unusable};
 use crate::lake::{self, Lake};
 use crate::ledger::{self, Commit, Move, TableChange};
@@ -328,13 +327,7 @@ async fn compact_in(
     for (path, key) in staged {
         lake.put_file(&key, &path).await?;
     }
-    fault::point("staged");
-    // The commit point.
-    lake.put_json(&ledger::ledger_key(&id), &commit).await?;
-    fault::point("committed");
-    ledger::publish(lake, &commit).await?;
-    fault::point("archived");
-    lake.delete(&ledger::pending_key(&id)).await?;
+    ledger::commit_staged(lake, &commit, &Default::default(), None).await?;
     tracing::info!(table = %meta.name, commit = %id, "compacted");
     Ok((stats, rebuilt))
 }

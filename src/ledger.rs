@@ -4,7 +4,9 @@
 //! `_sluice/staging/<id>/`, and it becomes real when `_sluice/ledger/<id>.json` is written: that
 //! single atomic write is the commit point. Publishing (moving staged files into place, removing
 //! replaced files, archiving raw files) is idempotent, so recovery after a crash either rolls a
-//! commit forward (ledger entry present) or throws its staging away (absent).
+//! commit forward (ledger entry present) or throws its staging away (absent). Both halves are
+//! here: [`commit_staged`] (catalog entry, commit point, publish, for every kind of commit) and
+//! [`recover`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -147,9 +149,33 @@ pub async fn fresh_id(lake: &Lake, input: &str) -> Result<String> {
     unreachable!("an unbounded range ends only by returning")
 }
 
+/// The second half of every commit (a run's batch, a replay, a compaction), once its pending
+/// record and its staged files are in the lake: the table's catalog entry (`meta`, when the
+/// commit changes it), the commit point (the ledger entry, with its per-file `counts`), the
+/// publish, and the end of the pending record. A crash between any two steps (`--crash-at`
+/// `staged`, `committed`, `archived`) is finished or thrown away by [`recover`], the other
+/// half, below.
+pub async fn commit_staged(
+    lake: &Lake,
+    commit: &Commit,
+    counts: &HashMap<String, crate::transform::Counts>,
+    meta: Option<&crate::catalog::TableMeta>,
+) -> Result<()> {
+    crate::fault::point("staged");
+    if let Some(meta) = meta {
+        meta.save(lake).await?;
+    }
+    // The commit point.
+    write_entry(lake, commit, counts).await?;
+    crate::fault::point("committed");
+    publish(lake, commit).await?;
+    crate::fault::point("archived");
+    lake.delete(&pending_key(&commit.id)).await
+}
+
 /// Writes a commit's ledger entry, the commit point, with its per-file counts `[read, written,
 /// rejected, duplicate]`.
-pub async fn write_entry(
+async fn write_entry(
     lake: &Lake,
     commit: &Commit,
     counts: &HashMap<String, crate::transform::Counts>,

@@ -812,14 +812,7 @@ impl Runner<'_> {
         if self.glue().await.is_some() {
             self.lake.put(&glue::marker_key(&id), Vec::new()).await?;
         }
-        fault::point("staged");
-        meta.save(&self.lake).await?;
-        // The commit point.
-        ledger::write_entry(&self.lake, &commit, &counts).await?;
-        fault::point("committed");
-        ledger::publish(&self.lake, &commit).await?;
-        fault::point("archived");
-        self.lake.delete(&ledger::pending_key(&id)).await?;
+        ledger::commit_staged(&self.lake, &commit, &counts, Some(&meta)).await?;
         if let Some(order_by) = table.keyed() {
             let shape = Shape::of(&meta, &table.unique_key, order_by)?;
             index::rebuild(
