@@ -323,10 +323,7 @@ impl Runner<'_> {
         self.lake
             .put_json(&ledger::pending_key(&id), &commit)
             .await?;
-        if self.glue().await.is_some() {
-            // Removed once the commit's partitions are registered.
-            self.lake.put(&glue::marker_key(&id), Vec::new()).await?;
-        }
+        self.mark_unregistered(&id).await?;
         let meta = plan.catalog.as_ref().map(|(_, meta)| meta);
         ledger::commit_staged(&self.lake, &commit, &plan.counts, meta).await?;
         self.serial
