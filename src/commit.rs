@@ -14,7 +14,6 @@ use crate::checks;
 use crate::config::TableConfig;
 use crate::error::{Error, Result};
 use crate::fault;
-use crate::glue;
 use crate::index;
 use crate::lake;
 use crate::ledger::{self, COMMIT_LOCK, Commit, FileRecord, Ledger, Move, TableChange};

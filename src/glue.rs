@@ -522,7 +522,8 @@ impl Glue {
         for m in lake.list(&format!("{STATE}/catalog/unregistered")).await? {
             let key = m.location.to_string();
             let id = key.rsplit('/').next().unwrap_or_default().to_string();
-            let entry = || lake.get_json::<Commit>(&ledger::ledger_key(&id));
+            let entry_key = ledger::ledger_key(&id);
+            let entry = || lake.get_json::<Commit>(&entry_key);
             let mut commit = entry().await?;
             if commit.is_none() {
                 match lake.get_json::<Commit>(&ledger::pending_key(&id)).await? {

@@ -24,7 +24,6 @@ use crate::catalog::{REJECTED_PARTITION, TableMeta};
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::format::Format;
-use crate::glue;
 use crate::index::{self, Entries, Held, Shape};
 use crate::lake::{self, Lake, STATE};
 use crate::ledger::{self, Commit, FileOutcome, FileRecord, Move, TableChange};

@@ -1057,16 +1057,27 @@ fn a_run_beside_a_commit_in_flight_leaves_its_catalog_marker_alone() {
     let reached = p.path().join("pause.reached");
     let start = std::time::Instant::now();
     while !reached.exists() {
-        assert!(start.elapsed().as_secs() < 60, "run B never reached its commit");
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "run B never reached its commit"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert_eq!(markers().len(), 1, "B's marker is written before its commit point");
+    assert_eq!(
+        markers().len(),
+        1,
+        "B's marker is written before its commit point"
+    );
     // Run A cannot take the commit lock; its catalog step (which runs on every way out) finds
     // B's marker and must leave it: B's commit is still to come.
     let (code, _, err) = sluice(&moto, &p, &["run"]);
     assert_ne!(code, 0, "A was to find the commit lock held: {err}");
     assert!(err.contains("commit"), "{err}");
-    assert_eq!(markers().len(), 1, "A dropped the marker of a commit in flight: {err}");
+    assert_eq!(
+        markers().len(),
+        1,
+        "A dropped the marker of a commit in flight: {err}"
+    );
 
     std::fs::remove_file(&pause).unwrap();
     let out = b.wait_with_output().unwrap();
