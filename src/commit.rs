@@ -257,7 +257,6 @@ impl Runner<'_> {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .extend(results);
-                plan.scratch.clear();
                 return Err(Error::ChecksFailed {
                     table: table.name.clone(),
                     summary,
@@ -327,7 +326,6 @@ impl Runner<'_> {
         ledger::commit_staged(&self.lake, &commit, &plan.counts, meta).await?;
         self.serial
             .store(false, std::sync::atomic::Ordering::Relaxed);
-        plan.scratch.clear();
         self.checks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -413,7 +411,6 @@ impl Runner<'_> {
         if let Err(e) = result {
             tracing::warn!(commit = %plan.id, error = %e, "cannot throw a plan's staging away; the next run's recovery does");
         }
-        plan.scratch.clear();
     }
 
     /// A new commit's id: a hash of the table, the query, this run and the inputs, never the
@@ -455,6 +452,7 @@ struct Plan {
     staged: Vec<String>,
     /// The results of the table's data checks on this batch (none failing an `error` one).
     checks: Vec<checks::CheckResult>,
+    /// Removed with the plan, whatever becomes of it.
     scratch: crate::lake::Scratch,
 }
 

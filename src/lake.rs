@@ -798,7 +798,8 @@ pub fn partition_segment(column: &str, value: &str) -> String {
 }
 
 /// A step's scratch folder: removed when dropped, so on every path out of the step (an
-/// interrupted run's folders go at a later run's start, [`Lake::clean_scratch`]).
+/// interrupted run's folders go at a later run's start, [`Lake::clean_scratch`]). One value per
+/// folder at a time: a second one of the same name would lose its files when the first drops.
 #[derive(Debug)]
 pub struct Scratch(PathBuf);
 

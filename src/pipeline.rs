@@ -724,7 +724,7 @@ impl<'a> Runner<'a> {
         &self,
         p: &Prepared,
         files: &[ObjectMeta],
-        scratch: &std::path::Path,
+        scratch: &lake::Scratch,
     ) -> Vec<(usize, String)> {
         let all: Vec<usize> = (0..files.len()).collect();
         let (a, b) = all.split_at(all.len() / 2);
@@ -732,7 +732,7 @@ impl<'a> Runner<'a> {
         let mut bad = Vec::new();
         while let Some(group) = todo.pop() {
             let metas: Vec<ObjectMeta> = group.iter().map(|&i| files[i].clone()).collect();
-            let _ = std::fs::remove_dir_all(scratch);
+            scratch.clear();
             let tried = self
                 .stream(p, &metas, scratch)
                 .instrument(tracing::info_span!("step", step = "isolate"))
@@ -758,7 +758,7 @@ impl<'a> Runner<'a> {
                 }
             }
         }
-        let _ = std::fs::remove_dir_all(scratch);
+        scratch.clear();
         bad.sort_by_key(|(i, _)| *i);
         bad.dedup_by_key(|(i, _)| *i);
         bad
