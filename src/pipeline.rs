@@ -214,8 +214,9 @@ impl<'a> Runner<'a> {
         let mut report = RunReport::start(&self.me.run_id);
         report.s3 = self.lake.is_s3();
         self.lake.take_requests();
-        let steps = self.run_steps(&mut report).await;
-        // On every way out of the steps: what this run committed is registered.
+        let committed = self.commit_steps(&mut report).await;
+        // On every way out of the commits, what they committed is registered, before the
+        // warehouse (whose procedures may read the tables through Spectrum).
         if self.glue().await.is_some() {
             let t = Instant::now();
             if let Some(e) = self.register_catalog().await {
@@ -223,6 +224,10 @@ impl<'a> Runner<'a> {
             }
             self.step_done(&mut report, "catalog", t);
         }
+        let steps = match committed {
+            Ok(()) => self.warehouse_steps(&mut report).await,
+            Err(e) => Err(e),
+        };
         match steps {
             Ok(()) => {}
             Err(e @ Error::MaxRuntime { .. }) => {
@@ -241,7 +246,8 @@ impl<'a> Runner<'a> {
         Ok(report)
     }
 
-    async fn run_steps(&self, report: &mut RunReport) -> Result<()> {
+    /// Recovery, then each source's batches to their commits.
+    async fn commit_steps(&self, report: &mut RunReport) -> Result<()> {
         let prepared = prepare(self.config)?;
         let t = Instant::now();
         self.locked(async {
@@ -300,6 +306,11 @@ impl<'a> Runner<'a> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The aggregates, then the load into a remote warehouse and its procedures.
+    async fn warehouse_steps(&self, report: &mut RunReport) -> Result<()> {
         self.deadline.check("warehouse (before the aggregates)")?;
         self.progress.step("warehouse");
         let t = Instant::now();
