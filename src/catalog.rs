@@ -238,11 +238,18 @@ fn describe(cols: &[Column]) -> String {
         .join(", ")
 }
 
-/// Every table in the catalog.
+/// Every table in the catalog: the `<table>.json` files directly under `_sluice/catalog/` (not
+/// the catalog step's markers in `unregistered/`).
 pub async fn all_tables(lake: &Lake) -> Result<Vec<TableMeta>> {
+    let prefix = format!("{STATE}/catalog");
     let mut out = Vec::new();
-    for m in lake.list(&format!("{STATE}/catalog")).await? {
-        if let Some(t) = lake.get_json::<TableMeta>(m.location.as_ref()).await? {
+    for m in lake.list(&prefix).await? {
+        let key = m.location.as_ref();
+        let name = lake::relative(key, &prefix);
+        if name.contains('/') || !name.ends_with(".json") {
+            continue;
+        }
+        if let Some(t) = lake.get_json::<TableMeta>(key).await? {
             out.push(t);
         }
     }

@@ -14,7 +14,6 @@ use crate::checks;
 use crate::config::TableConfig;
 use crate::error::{Error, Result};
 use crate::fault;
-use crate::glue;
 use crate::index;
 use crate::lake;
 use crate::ledger::{self, COMMIT_LOCK, Commit, FileRecord, Ledger, Move, TableChange};
@@ -322,10 +321,7 @@ impl Runner<'_> {
         self.lake
             .put_json(&ledger::pending_key(&id), &commit)
             .await?;
-        if self.glue().await.is_some() {
-            // Removed once the commit's partitions are registered.
-            self.lake.put(&glue::marker_key(&id), Vec::new()).await?;
-        }
+        self.mark_unregistered(&id).await?;
         let meta = plan.catalog.as_ref().map(|(_, meta)| meta);
         ledger::commit_staged(&self.lake, &commit, &plan.counts, meta).await?;
         self.serial

@@ -6,8 +6,9 @@
 //! deregistered: Athena's Hive connector can fail on a partition whose location holds nothing.
 //!
 //! Registration is part of exactly-once: a commit leaves a marker
-//! (`_sluice/catalog/unregistered/<commit>`) before its commit point and removes it once its
-//! partitions are registered, so a crash in between is repaired by the next run.
+//! (`_sluice/catalog/unregistered/<commit>`) before its commit point; the run's catalog step,
+//! after its commits, registers every marked commit that reached its commit point (its own, and
+//! any a crashed run left) and removes the marker.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -506,21 +507,42 @@ impl Glue {
         Ok(out)
     }
 
-    /// Registers the commits a crash left unregistered (their markers); a marker whose commit
-    /// never reached its commit point is dropped.
-    pub async fn repair(&self, lake: &Lake) -> Result<usize> {
-        let mut repaired = 0;
+    /// Registers every commit whose marker is there and that reached its commit point (the
+    /// commits of run `run_id`, and any a crashed run left), then drops its marker. A marker
+    /// whose commit never reached its commit point is dropped too, unless a live run is still
+    /// at work on that commit (its pending record is there and its claims are live). Returns
+    /// how many commits were registered.
+    pub async fn register_pending(
+        &self,
+        lake: &Lake,
+        run_id: &str,
+        ttl: std::time::Duration,
+    ) -> Result<usize> {
+        let mut registered = 0;
         for m in lake.list(&format!("{STATE}/catalog/unregistered")).await? {
             let key = m.location.to_string();
             let id = key.rsplit('/').next().unwrap_or_default().to_string();
-            if let Some(commit) = lake.get_json::<Commit>(&ledger::ledger_key(&id)).await? {
-                tracing::warn!(commit = %id, "registering a commit a crashed run left unregistered");
+            let entry_key = ledger::ledger_key(&id);
+            let entry = || lake.get_json::<Commit>(&entry_key);
+            let mut commit = entry().await?;
+            if commit.is_none() {
+                match lake.get_json::<Commit>(&ledger::pending_key(&id)).await? {
+                    Some(p) if crate::lock::run_alive(lake, &p.run_id, ttl).await? => continue,
+                    // No pending record: thrown away, or committed since the look above (the
+                    // ledger entry is written before the pending record goes).
+                    _ => commit = entry().await?,
+                }
+            }
+            if let Some(commit) = commit {
+                if commit.run_id != run_id {
+                    tracing::warn!(commit = %id, run = %commit.run_id, "registering a commit another run left unregistered");
+                }
                 self.register_commit(lake, &commit).await?;
-                repaired += 1;
+                registered += 1;
             }
             lake.delete(&key).await?;
         }
-        Ok(repaired)
+        Ok(registered)
     }
 
     /// Registers every table of the lake's catalog and every partition found under its

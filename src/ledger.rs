@@ -162,6 +162,7 @@ pub async fn commit_staged(
     meta: Option<&crate::catalog::TableMeta>,
 ) -> Result<()> {
     crate::fault::point("staged");
+    crate::fault::pause("staged");
     if let Some(meta) = meta {
         meta.save(lake).await?;
     }

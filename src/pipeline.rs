@@ -158,6 +158,35 @@ impl<'a> Runner<'a> {
             .as_ref()
     }
 
+    /// Marks commit `id` as not registered in the catalog yet (before its commit point), if the
+    /// lake has a catalog: [`Runner::register_catalog`] registers it.
+    pub(crate) async fn mark_unregistered(&self, id: &str) -> Result<()> {
+        if self.glue().await.is_some() {
+            self.lake.put(&glue::marker_key(id), Vec::new()).await?;
+        }
+        Ok(())
+    }
+
+    /// The catalog step after the commits: registers every marked commit (this run's, and any a
+    /// crashed run left). A failure is returned as the report's error: the data stands and the
+    /// next run registers it.
+    pub(crate) async fn register_catalog(&self) -> Option<String> {
+        let glue = self.glue().await?;
+        let done = glue
+            .register_pending(&self.lake, &self.me.run_id, self.ttl)
+            .instrument(tracing::info_span!("step", step = "catalog"))
+            .await;
+        match done {
+            Ok(_) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "catalog registration failed; the next run retries it");
+                Some(format!(
+                    "catalog: {e} (the data is committed; the next run registers it)"
+                ))
+            }
+        }
+    }
+
     /// Lets go of the claims this run holds (a batch that stops at `max_runtime`, or runs
     /// again): the next run takes the files again, and no attempt is counted against them.
     async fn release_claims(&self) {
@@ -185,7 +214,21 @@ impl<'a> Runner<'a> {
         let mut report = RunReport::start(&self.me.run_id);
         report.s3 = self.lake.is_s3();
         self.lake.take_requests();
-        match self.run_steps(&mut report).await {
+        let committed = self.commit_steps(&mut report).await;
+        // On every way out of the commits, what they committed is registered, before the
+        // warehouse (whose procedures may read the tables through Spectrum).
+        if self.glue().await.is_some() {
+            let t = Instant::now();
+            if let Some(e) = self.register_catalog().await {
+                report.errors.push(e);
+            }
+            self.step_done(&mut report, "catalog", t);
+        }
+        let steps = match committed {
+            Ok(()) => self.warehouse_steps(&mut report).await,
+            Err(e) => Err(e),
+        };
+        match steps {
             Ok(()) => {}
             Err(e @ Error::MaxRuntime { .. }) => {
                 tracing::error!(error = %e, "run stopped");
@@ -203,7 +246,8 @@ impl<'a> Runner<'a> {
         Ok(report)
     }
 
-    async fn run_steps(&self, report: &mut RunReport) -> Result<()> {
+    /// Recovery, then each source's batches to their commits.
+    async fn commit_steps(&self, report: &mut RunReport) -> Result<()> {
         let prepared = prepare(self.config)?;
         let t = Instant::now();
         self.locked(async {
@@ -217,12 +261,6 @@ impl<'a> Runner<'a> {
         // Claims a crashed run left behind go (the files are claimed again, or were archived).
         if let Err(e) = lock::live_claims(&self.lake, &self.me, self.ttl).await {
             tracing::warn!(error = %e, "cannot look for stale claims");
-        }
-        if let Some(glue) = self.glue().await
-            && let Err(e) = glue.repair(&self.lake).await
-        {
-            tracing::error!(error = %e, "catalog repair failed");
-            report.errors.push(format!("catalog: {e}"));
         }
         self.step_done(report, "recover", t);
         for p in &prepared {
@@ -268,6 +306,11 @@ impl<'a> Runner<'a> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The aggregates, then the load into a remote warehouse and its procedures.
+    async fn warehouse_steps(&self, report: &mut RunReport) -> Result<()> {
         self.deadline.check("warehouse (before the aggregates)")?;
         self.progress.step("warehouse");
         let t = Instant::now();
@@ -589,23 +632,6 @@ impl<'a> Runner<'a> {
         // The batch's files are committed or thrown away.
         drop(scratch);
         self.step_done(report, "commit", t);
-        if let (Some(glue), Some((commit, ..))) = (self.glue().await, &committed) {
-            let t = Instant::now();
-            match glue
-                .register_commit(&self.lake, commit)
-                .instrument(tracing::info_span!("step", step = "catalog"))
-                .await
-            {
-                Ok(()) => self.lake.delete(&glue::marker_key(&commit.id)).await?,
-                Err(e) => {
-                    tracing::error!(error = %e, "catalog registration failed; the next run retries it");
-                    report.errors.push(format!(
-                        "catalog: {e} (the data is committed; the next run registers it)"
-                    ));
-                }
-            }
-            self.step_done(report, "catalog", t);
-        }
 
         // Report.
         if let Some((commit, table_report, final_counts)) = committed {

@@ -24,7 +24,6 @@ use crate::catalog::{REJECTED_PARTITION, TableMeta};
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::format::Format;
-use crate::glue;
 use crate::index::{self, Entries, Held, Shape};
 use crate::lake::{self, Lake, STATE};
 use crate::ledger::{self, Commit, FileOutcome, FileRecord, Move, TableChange};
@@ -338,21 +337,13 @@ impl Runner<'_> {
             })
             .await?;
         let mut report = report;
-        let Some(id) = report.commit.clone() else {
+        if report.commit.is_none() {
             return Ok(report);
-        };
+        }
         // After the commit, as after a run's: a failure here is reported, the commit stands
         // and the next run retries it.
-        if let Some(glue) = self.glue().await {
-            let commit: Option<Commit> = self.lake.get_json(&ledger::ledger_key(&id)).await?;
-            if let Some(commit) = commit {
-                match glue.register_commit(&self.lake, &commit).await {
-                    Ok(()) => self.lake.delete(&glue::marker_key(&id)).await?,
-                    Err(e) => report.errors.push(format!(
-                        "catalog: {e} (the data is committed; the next run registers it)"
-                    )),
-                }
-            }
+        if let Some(e) = self.register_catalog().await {
+            report.errors.push(e);
         }
         if self.config.warehouse.kind != crate::config::WarehouseKind::Embedded
             && let Err(e) = crate::warehouse::remote::sync(
@@ -809,9 +800,7 @@ impl Runner<'_> {
         for (path, key) in uploads {
             self.lake.put_file(&key, &path).await?;
         }
-        if self.glue().await.is_some() {
-            self.lake.put(&glue::marker_key(&id), Vec::new()).await?;
-        }
+        self.mark_unregistered(&id).await?;
         ledger::commit_staged(&self.lake, &commit, &counts, Some(&meta)).await?;
         if let Some(order_by) = table.keyed() {
             let shape = Shape::of(&meta, &table.unique_key, order_by)?;

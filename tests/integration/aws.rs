@@ -1033,6 +1033,72 @@ fn a_crash_between_commit_and_registration_is_repaired_by_the_next_run() {
 }
 
 #[test]
+fn a_run_beside_a_commit_in_flight_leaves_its_catalog_marker_alone() {
+    let moto = Moto::start();
+    let p = s3_project(&moto, "beside", "kind = \"glue\"\ndatabase = \"beside\"");
+    p.edit_config(
+        "root = \"s3://beside/data\"",
+        "root = \"s3://beside/data\"\nlock_wait_secs = 1",
+    );
+    let markers = || moto.keys("beside", "data/_sluice/catalog/unregistered");
+    // Run B is held in its first commit: staged, marker written, commit lock held, before its
+    // commit point.
+    let pause = p.path().join("pause");
+    std::fs::write(&pause, "").unwrap();
+    let mut c = p.cmd(&["run", "--json"]);
+    moto.env(&mut c);
+    let b = c
+        .env("SLUICE_PAUSE_AT", "staged")
+        .env("SLUICE_PAUSE_FILE", &pause)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reached = p.path().join("pause.reached");
+    let start = std::time::Instant::now();
+    while !reached.exists() {
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "run B never reached its commit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        markers().len(),
+        1,
+        "B's marker is written before its commit point"
+    );
+    // Run A cannot take the commit lock; its catalog step (which runs on every way out) finds
+    // B's marker and must leave it: B's commit is still to come.
+    let (code, _, err) = sluice(&moto, &p, &["run"]);
+    assert_ne!(code, 0, "A was to find the commit lock held: {err}");
+    assert!(err.contains("commit"), "{err}");
+    assert_eq!(
+        markers().len(),
+        1,
+        "A dropped the marker of a commit in flight: {err}"
+    );
+
+    std::fs::remove_file(&pause).unwrap();
+    let out = b.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["timings"]["catalog"].is_number(), "{report:#}");
+    for t in ["app_logs", "support_tickets"] {
+        let dirs = moto
+            .keys("beside", &format!("data/processed/{t}"))
+            .iter()
+            .map(|k| k.rsplit_once('/').unwrap().0.to_string())
+            .collect::<BTreeSet<_>>()
+            .len();
+        assert!(dirs > 0);
+        assert_eq!(moto.partitions("beside", t).len(), dirs, "{t}: {err}");
+    }
+    assert!(markers().is_empty(), "{:?}", markers());
+}
+
+#[test]
 fn two_workers_on_one_s3_lake_take_each_object_once() {
     let moto = Moto::start();
     let p = s3_project(&moto, "shared", "kind = \"lake\"");
