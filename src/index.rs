@@ -189,6 +189,8 @@ pub struct Entries {
     kind: OrderKind,
     rows: Vec<Fixed>,
     arena: Arena,
+    /// Sorted (and one per fingerprint) since the last push.
+    sorted: bool,
 }
 
 impl Entries {
@@ -198,6 +200,7 @@ impl Entries {
             kind,
             rows: Vec::new(),
             arena: Arena::default(),
+            sorted: true,
         }
     }
 
@@ -219,6 +222,7 @@ impl Entries {
     /// Adds an entry.
     pub fn push(&mut self, fp: u128, order: OrderValue<'_>, values: u64, group: u32) {
         let order = self.arena.store(order);
+        self.sorted = false;
         self.rows.push(Fixed {
             hi: (fp >> 64) as u64,
             lo: fp as u64,
@@ -232,16 +236,34 @@ impl Entries {
         self.arena.load(f.order, self.kind == OrderKind::Bytes)
     }
 
-    /// Sorts by fingerprint; of entries with one fingerprint, the one with the greatest order
-    /// (the later pushed on a tie) stays.
-    pub fn sort(&mut self) {
+    /// The entries' fingerprints, in their order (sorted and distinct once sorted).
+    pub fn fps(&self) -> Vec<u128> {
+        self.rows.iter().map(Fixed::fp).collect()
+    }
+
+    /// Makes room for `n` more entries.
+    pub fn reserve(&mut self, n: usize) {
+        self.rows.reserve(n);
+    }
+
+    /// Sorts by fingerprint (on `threads` threads); of entries with one fingerprint, the one
+    /// with the greatest order (the later pushed on a tie) stays.
+    pub fn sort(&mut self, threads: usize) {
+        if self.sorted {
+            return;
+        }
         let mut rows = std::mem::take(&mut self.rows);
+        let top = |r: &Fixed| (r.hi >> 56) as usize;
         match self.kind {
-            OrderKind::Int => rows.sort_unstable_by_key(|r| (r.hi, r.lo, r.order)),
-            OrderKind::Bytes => rows.sort_unstable_by(|a, b| {
-                (a.hi, a.lo)
-                    .cmp(&(b.hi, b.lo))
-                    .then_with(|| order_cmp(self.order(a), self.order(b)))
+            OrderKind::Int => sort_spread(&mut rows, top, threads, |b| {
+                b.sort_unstable_by_key(|r| (r.hi, r.lo, r.order))
+            }),
+            OrderKind::Bytes => sort_spread(&mut rows, top, threads, |b| {
+                b.sort_unstable_by(|a, b| {
+                    (a.hi, a.lo)
+                        .cmp(&(b.hi, b.lo))
+                        .then_with(|| order_cmp(self.order(a), self.order(b)))
+                })
             }),
         }
         // Keep the last (greatest order) of each run of equal fingerprints.
@@ -253,6 +275,7 @@ impl Entries {
             same
         });
         self.rows = rows;
+        self.sorted = true;
     }
 
     /// Changes every entry's group.
@@ -274,6 +297,56 @@ impl Entries {
             },
         )
     }
+}
+
+/// Sorts `items`, spread evenly over the fingerprint space (`top`: the top byte of an item's
+/// fingerprint), on `threads` threads: an in-place pass (American flag sort) moves each item
+/// into the bucket of its top byte, then `sort` sorts each bucket (a 256th of the whole, mostly
+/// in cache) on its own. No second buffer: a first load's million entries sort in place.
+pub(crate) fn sort_spread<T: Send>(
+    items: &mut [T],
+    top: impl Fn(&T) -> usize,
+    threads: usize,
+    sort: impl Fn(&mut [T]) + Sync,
+) {
+    const BUCKETS: usize = 256;
+    if items.len() < 64 * BUCKETS {
+        return sort(items);
+    }
+    let mut starts = [0usize; BUCKETS + 1];
+    for x in items.iter() {
+        starts[top(x) + 1] += 1;
+    }
+    for b in 0..BUCKETS {
+        starts[b + 1] += starts[b];
+    }
+    // The next unplaced slot of each bucket; an item met out of place is swapped into the
+    // next slot of its own bucket.
+    let mut next = [0usize; BUCKETS];
+    next.copy_from_slice(&starts[..BUCKETS]);
+    for b in 0..BUCKETS {
+        while next[b] < starts[b + 1] {
+            let k = top(&items[next[b]]);
+            if k == b {
+                next[b] += 1;
+            } else {
+                items.swap(next[b], next[k]);
+                next[k] += 1;
+            }
+        }
+    }
+    let mut buckets = Vec::with_capacity(BUCKETS);
+    let mut rest = items;
+    for b in 0..BUCKETS {
+        let (bucket, after) = rest.split_at_mut(starts[b + 1] - starts[b]);
+        buckets.push(bucket);
+        rest = after;
+    }
+    // Sorting cannot fail.
+    let _ = crate::sink::stream::on_threads(threads, buckets, |b| {
+        sort(b);
+        Ok(())
+    });
 }
 
 /// Compares two order values of one kind.
@@ -1020,7 +1093,8 @@ impl Index {
         next_group: u32,
         scratch: &Path,
     ) -> Result<Next> {
-        new.sort();
+        // Sorted already on the commit's threads (a no-op then).
+        new.sort(1);
         let mut head = self.head.clone();
         for (key, f) in files {
             match f {
@@ -1167,7 +1241,7 @@ pub async fn read_table(
         );
         head.next_group = group + 1;
     }
-    entries.sort();
+    entries.sort(crate::config::all_cores());
     Ok((head, entries))
 }
 
@@ -1429,8 +1503,11 @@ pub struct Merged {
 pub struct Pending {
     index: Index,
     entries: Entries,
-    /// The batch's keys, sorted.
-    fps: Vec<u128>,
+    /// The batch's keys, sorted; `None` if the index held no key when the plan looked (then
+    /// every key of the batch won, and the keys are the entries').
+    fps: Option<Vec<u128>>,
+    /// Threads to sort with.
+    threads: usize,
     /// What the index held for them when the plan looked.
     held: HashMap<u128, Held>,
 }
@@ -1546,15 +1623,16 @@ pub async fn merge(
             "another run rebuilt the key index while this batch ran",
         ));
     }
-    let fps = sink.fingerprints()?;
     let mut held = HashMap::new();
+    let mut fps = None;
     if !index.head.runs.is_empty() {
-        held = match index.lookup(lake, &fps).await {
+        let fps = fps.insert(sink.fingerprints(threads)?);
+        held = match index.lookup(lake, fps).await {
             Ok(h) => h,
             Err(_) if !locked => return Ok(None),
             Err(Error::Index { message, .. }) => {
                 (index, rebuilt) = rebuild(lake, meta, &shape, sip, scratch, message).await?;
-                index.lookup(lake, &fps).await?
+                index.lookup(lake, fps).await?
             }
             Err(e) => return Err(e),
         };
@@ -1649,6 +1727,7 @@ pub async fn merge(
             entries: entries.unwrap_or_else(|| Entries::new(shape.kind)),
             fps,
             held,
+            threads,
         }),
     }))
 }
@@ -1745,7 +1824,12 @@ impl Pending {
             .filter(|r| !seen.contains(r.name.as_str()))
             .map(|r| run_key(&table, &r.name))
             .collect();
-        let found = index.lookup_in(lake, &self.fps, &added).await?;
+        if self.fps.is_none() {
+            self.entries.sort(self.threads);
+            self.fps = Some(self.entries.fps());
+        }
+        let fps = self.fps.as_deref().unwrap_or_default();
+        let found = index.lookup_in(lake, fps, &added).await?;
         for (fp, h) in &found {
             if self.held.get(fp) != Some(h) {
                 tracing::info!(table = %table, "a commit since the plan holds keys of this batch");
@@ -1801,6 +1885,7 @@ impl Pending {
         if files.len() > u32::MAX as usize - base as usize {
             return Err(damaged(&self.index.head.table, "too many file groups"));
         }
+        entries.sort(self.threads);
         entries.regroup(|i| base + i);
         let mut changes: BTreeMap<String, Option<IndexedFile>> = BTreeMap::new();
         for (i, ((f, key), bytes)) in files.iter().zip(file_keys).zip(file_bytes).enumerate() {
@@ -2034,6 +2119,61 @@ mod tests {
         }
     }
 
+    /// Entries sorted on several threads (through the bucket pass, with keys spread and with
+    /// every key in one bucket) agree with a map of each key's greatest order, for both kinds
+    /// of order value; so do fingerprints sorted the same way.
+    #[test]
+    fn a_large_sort_keeps_each_keys_greatest_order() {
+        let mut seed = 11u64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for (kind, skewed) in [
+            (OrderKind::Int, false),
+            (OrderKind::Bytes, false),
+            (OrderKind::Int, true),
+        ] {
+            let mut entries = Entries::new(kind);
+            let mut model: BTreeMap<u128, u64> = BTreeMap::new();
+            for i in 0..60_000u64 {
+                let key = (rnd() % 20_000) as u128;
+                let fp = match skewed {
+                    true => key,
+                    false => key.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835),
+                };
+                // Distinct orders, so the one kept is certain.
+                let order = (rnd() % 1_000) * 100_000 + i;
+                let text = format!("{order:020}");
+                let value = match kind {
+                    OrderKind::Int => OrderValue::Int(order),
+                    OrderKind::Bytes => OrderValue::Bytes(text.as_bytes()),
+                };
+                entries.push(fp, value, order, 0);
+                let m = model.entry(fp).or_insert(order);
+                *m = (*m).max(order);
+            }
+            entries.sort(3);
+            let got: Vec<(u128, u64)> = (0..entries.len())
+                .map(|i| {
+                    let (fp, h) = entries.get(i);
+                    (fp, h.values)
+                })
+                .collect();
+            let want: Vec<(u128, u64)> = model.into_iter().collect();
+            assert_eq!(got, want, "{kind:?}, skewed {skewed}");
+            let mut fps: Vec<u128> = (0..100_000)
+                .map(|_| rnd() as u128 * rnd() as u128)
+                .collect();
+            let mut sorted = fps.clone();
+            sorted.sort_unstable();
+            sort_spread(&mut fps, |f| (f >> 120) as usize, 2, |b| b.sort_unstable());
+            assert_eq!(fps, sorted);
+        }
+    }
+
     /// Runs written, merged and looked up agree with a map kept beside them, over commits of
     /// random keys (seeded), and lookups read only what they ask for.
     #[tokio::test]
@@ -2063,7 +2203,7 @@ mod tests {
                 };
                 new.push(fp, h.order.as_value(), h.values, h.group);
             }
-            new.sort();
+            new.sort(2);
             for i in 0..new.len() {
                 let (fp, h) = new.get(i);
                 model.insert(fp, h);

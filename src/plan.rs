@@ -301,7 +301,7 @@ impl Runner<'_> {
             if let Ok(Ok(index)) = Index::open(&self.lake, &table.name, &shape).await
                 && !index.head.runs.is_empty()
             {
-                let fps = s.sink.fingerprints()?;
+                let fps = s.sink.fingerprints(self.threads)?;
                 let held = index.lookup(&self.lake, &fps).await?;
                 let replacing = s.sink.against_held(&held)?;
                 out.rows_replaced = replacing.len() as u64;

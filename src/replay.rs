@@ -473,7 +473,7 @@ impl Runner<'_> {
             None => None,
         };
         let batch_keys: HashSet<u128> = match &keying {
-            Some(_) => s.sink.fingerprints()?.into_iter().collect(),
+            Some(_) => s.sink.fingerprints(self.threads)?.into_iter().collect(),
             None => HashSet::new(),
         };
         let mut held: HashMap<u128, Held> = HashMap::new();

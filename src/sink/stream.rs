@@ -1160,16 +1160,19 @@ impl TableSink {
         Ok(())
     }
 
-    /// The fingerprints of the batch's keys, sorted (the key index looks them up). A spilled
-    /// index is written out whole first and read back a partition at a time.
-    pub fn fingerprints(&self) -> Result<Vec<u128>> {
+    /// The fingerprints of the batch's keys, sorted on `threads` threads (the key index looks
+    /// them up). A spilled index is written out whole first and read back a partition at a time.
+    pub fn fingerprints(&self, threads: usize) -> Result<Vec<u128>> {
+        let sort = |fps: &mut Vec<u128>| {
+            crate::index::sort_spread(fps, |f| (f >> 120) as usize, threads, |b| b.sort_unstable())
+        };
         let mut spill = lock(&self.spill);
         if spill.is_none() {
-            let mut out = Vec::with_capacity(self.index_bytes.load(Ordering::Relaxed) / KEY_BYTES);
+            let mut out = Vec::with_capacity(self.index.iter().map(|s| lock(s).table.len()).sum());
             for shard in &self.index {
                 out.extend(lock(shard).table.iter().map(|e| e.fp));
             }
-            out.sort_unstable();
+            sort(&mut out);
             return Ok(out);
         }
         self.dump(&mut spill)?;
@@ -1211,7 +1214,7 @@ impl TableSink {
                 out.truncate(kept);
             }
         }
-        out.sort_unstable();
+        sort(&mut out);
         Ok(out)
     }
 
@@ -1278,6 +1281,9 @@ impl TableSink {
         let mut entries = self.keying.as_ref().map(|k| Entries::new(k.kind));
         if let Some(settled) = settled {
             entries = Some(settled);
+        }
+        if let Some(out) = entries.as_mut() {
+            out.reserve(self.index.iter().map(|s| lock(s).table.len()).sum());
         }
         for shard in &self.index {
             let index = std::mem::take(&mut *lock(shard));
@@ -1378,7 +1384,7 @@ impl TableSink {
 
 /// Runs `job` on every item, on `threads` threads taking items from one queue; the first error
 /// any of them met, if one did.
-fn on_threads<T: Send>(
+pub(crate) fn on_threads<T: Send>(
     threads: usize,
     items: Vec<T>,
     job: impl Fn(T) -> Result<()> + Sync,
@@ -1692,7 +1698,7 @@ mod tests {
             .flatten()
             .map(|r| (fp.of(r.0.as_bytes()), r.0.clone()))
             .collect();
-        let fps = sink.fingerprints().unwrap();
+        let fps = sink.fingerprints(2).unwrap();
         assert_eq!(fps.len(), id_of.len(), "one fingerprint per key");
         assert!(fps.windows(2).all(|w| w[0] < w[1]), "sorted, distinct");
         let text = schema.field(1).data_type() == &DataType::Utf8;
