@@ -253,12 +253,11 @@ impl Entries {
             return;
         }
         let mut rows = std::mem::take(&mut self.rows);
-        let top = |r: &Fixed| (r.hi >> 56) as usize;
         match self.kind {
-            OrderKind::Int => sort_spread(&mut rows, top, threads, |b| {
+            OrderKind::Int => sort_spread(&mut rows, Fixed::fp, threads, |b| {
                 b.sort_unstable_by_key(|r| (r.hi, r.lo, r.order))
             }),
-            OrderKind::Bytes => sort_spread(&mut rows, top, threads, |b| {
+            OrderKind::Bytes => sort_spread(&mut rows, Fixed::fp, threads, |b| {
                 b.sort_unstable_by(|a, b| {
                     (a.hi, a.lo)
                         .cmp(&(b.hi, b.lo))
@@ -299,20 +298,25 @@ impl Entries {
     }
 }
 
-/// Sorts `items`, spread evenly over the fingerprint space (`top`: the top byte of an item's
-/// fingerprint), on `threads` threads: an in-place pass (American flag sort) moves each item
-/// into the bucket of its top byte, then `sort` sorts each bucket (a 256th of the whole, mostly
-/// in cache) on its own. No second buffer: a first load's million entries sort in place.
+/// Bits of a fingerprint [`sort_spread`] buckets by (its top ones).
+pub const SPREAD_BITS: u32 = 4;
+
+/// Sorts `items` by fingerprint (`fp`; spread evenly, as fingerprints are), with `sort` for
+/// each bucket, on `threads` threads: an in-place pass (American flag sort) moves each item into
+/// the bucket of its fingerprint's top [`SPREAD_BITS`] bits (a sequential read when the items
+/// come bucketed already, as from the in-run dedup index's shards), then the buckets are sorted
+/// at once. No second buffer: a first load's millions of entries sort in place.
 pub(crate) fn sort_spread<T: Send>(
     items: &mut [T],
-    top: impl Fn(&T) -> usize,
+    fp: impl Fn(&T) -> u128,
     threads: usize,
     sort: impl Fn(&mut [T]) + Sync,
 ) {
-    const BUCKETS: usize = 256;
-    if items.len() < 64 * BUCKETS {
+    const BUCKETS: usize = 1 << SPREAD_BITS;
+    if threads < 2 || items.len() < 1 << 12 {
         return sort(items);
     }
+    let top = |x: &T| (fp(x) >> (128 - SPREAD_BITS)) as usize;
     let mut starts = [0usize; BUCKETS + 1];
     for x in items.iter() {
         starts[top(x) + 1] += 1;
@@ -2169,7 +2173,7 @@ mod tests {
                 .collect();
             let mut sorted = fps.clone();
             sorted.sort_unstable();
-            sort_spread(&mut fps, |f| (f >> 120) as usize, 2, |b| b.sort_unstable());
+            sort_spread(&mut fps, |f| *f, 2, |b| b.sort_unstable());
             assert_eq!(fps, sorted);
         }
     }

@@ -104,8 +104,9 @@ struct DedupIndex {
     arena: Arena,
 }
 
-/// Number of index shards.
-const SHARDS: usize = 16;
+/// Number of index shards: 2^[`SHARD_BITS`].
+const SHARDS: usize = 1 << SHARD_BITS;
+const SHARD_BITS: u32 = crate::index::SPREAD_BITS;
 
 /// Bytes a key takes in the dedup index, with the table's slack.
 const KEY_BYTES: usize = 56;
@@ -116,8 +117,8 @@ const SPILL_FANOUT: usize = 64;
 /// Times a partition may be split again (6 more fingerprint bits each time).
 const SPILL_DEPTH: u32 = 8;
 
-/// The spill partition of a fingerprint at `depth`: 6 bits of its upper half, above the 4 that
-/// choose its shard; never the lower half, which places it in a table.
+/// The spill partition of a fingerprint at `depth`: 6 bits of its upper half (from bit 72 up);
+/// never the lower half, which places it in a table.
 fn spill_part(fp: u128, depth: u32) -> usize {
     (((fp >> 64) as u64 >> (8 + 6 * depth)) as usize) & (SPILL_FANOUT - 1)
 }
@@ -140,9 +141,11 @@ impl Fingerprinter {
     }
 }
 
-/// The table position of a fingerprint and its shard: different bits of it.
+/// The table position of a fingerprint and its shard: different bits of it. The shard is the
+/// top [`SHARD_BITS`] bits, so shards taken in order hold ascending ranges of fingerprints (what
+/// [`crate::index::sort_spread`] buckets by: keys from the shards come out bucketed already).
 fn slot(fp: u128) -> (u64, usize) {
-    (fp as u64, (fp >> 64) as usize % SHARDS)
+    (fp as u64, (fp >> (128 - SHARD_BITS)) as usize)
 }
 
 impl DedupIndex {
@@ -1164,7 +1167,7 @@ impl TableSink {
     /// them up). A spilled index is written out whole first and read back a partition at a time.
     pub fn fingerprints(&self, threads: usize) -> Result<Vec<u128>> {
         let sort = |fps: &mut Vec<u128>| {
-            crate::index::sort_spread(fps, |f| (f >> 120) as usize, threads, |b| b.sort_unstable())
+            crate::index::sort_spread(fps, |f| *f, threads, |b| b.sort_unstable())
         };
         let mut spill = lock(&self.spill);
         if spill.is_none() {
@@ -1334,7 +1337,13 @@ impl TableSink {
             }
         }
         if let Some(e) = entries.as_mut() {
-            e.regroup(|seg| file_of_seg.get(&seg).copied().unwrap_or(u32::MAX));
+            // Segments are numbered densely: a table, not a map, for every entry's lookup.
+            let segs = file_of_seg.keys().max().map_or(0, |&m| m as usize + 1);
+            let mut file_of = vec![u32::MAX; segs];
+            for (&seg, &f) in &file_of_seg {
+                file_of[seg as usize] = f;
+            }
+            e.regroup(|seg| file_of.get(seg as usize).copied().unwrap_or(u32::MAX));
         }
         Ok((out, entries))
     }
