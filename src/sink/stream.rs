@@ -1278,23 +1278,10 @@ impl TableSink {
             let jobs = self.seal(&mut state, true);
             (jobs, state.writers.clone(), std::mem::take(&mut state.late))
         };
-        // Every row was offered: the winners become index entries (their group, for now, the
-        // segment they are in), and the index's memory goes to the writers and rewrites that
-        // follow.
         let mut entries = self.keying.as_ref().map(|k| Entries::new(k.kind));
         if let Some(settled) = settled {
             entries = Some(settled);
         }
-        if let Some(out) = entries.as_mut() {
-            out.reserve(self.index.iter().map(|s| lock(s).table.len()).sum());
-        }
-        for shard in &self.index {
-            let index = std::mem::take(&mut *lock(shard));
-            if let Some(out) = entries.as_mut() {
-                index.winners_into(out, out.kind() == OrderKind::Bytes);
-            }
-        }
-        self.index_bytes.store(0, Ordering::Relaxed);
         // Every partition writes what it still holds and closes its file, on all threads.
         let mut sealed: HashMap<usize, Vec<Sealed>> = HashMap::new();
         for (w, segs) in jobs.write {
@@ -1306,10 +1293,37 @@ impl TableSink {
             .enumerate()
             .map(|(p, w)| (w.clone(), sealed.remove(&p).unwrap_or_default()))
             .collect();
-        on_threads(threads, work, |(w, segs)| {
-            let mut w = lock(&w);
-            self.write_sealed(&mut w, segs).and_then(|()| w.close())
-        })?;
+        let (written, entries) = std::thread::scope(|s| {
+            // Meanwhile every row was offered: the winners become index entries (their group,
+            // for now, the segment they are in), sorted; the index's memory goes shard by shard.
+            let side = s.spawn(move || {
+                let mut entries = entries;
+                if let Some(out) = entries.as_mut() {
+                    out.reserve(self.index.iter().map(|s| lock(s).table.len()).sum());
+                }
+                for shard in &self.index {
+                    let index = std::mem::take(&mut *lock(shard));
+                    if let Some(out) = entries.as_mut() {
+                        index.winners_into(out, out.kind() == OrderKind::Bytes);
+                    }
+                }
+                if let Some(out) = entries.as_mut() {
+                    out.sort(threads);
+                }
+                entries
+            });
+            let written = on_threads(threads, work, |(w, segs)| {
+                let mut w = lock(&w);
+                self.write_sealed(&mut w, segs).and_then(|()| w.close())
+            });
+            let entries = side
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (written, entries)
+        });
+        written?;
+        let mut entries = entries;
+        self.index_bytes.store(0, Ordering::Relaxed);
         if !late.is_empty() {
             self.drop_late(&writers, &late, threads)?;
         }
