@@ -2114,6 +2114,16 @@ mod tests {
         (dir, lake)
     }
 
+    /// A seeded xorshift generator: the tests' random numbers, the same on every run.
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        }
+    }
+
     fn shape() -> Shape {
         Shape {
             unique_key: vec!["id".into()],
@@ -2128,13 +2138,7 @@ mod tests {
     /// of order value; so do fingerprints sorted the same way.
     #[test]
     fn a_large_sort_keeps_each_keys_greatest_order() {
-        let mut seed = 11u64;
-        let mut rnd = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rnd = xorshift(11);
         for (kind, skewed) in [
             (OrderKind::Int, false),
             (OrderKind::Bytes, false),
@@ -2186,13 +2190,7 @@ mod tests {
         let scratch = dir.path().join("scratch");
         let mut model: BTreeMap<u128, Held> = BTreeMap::new();
         let mut index = Index::empty("t", shape(), [1, 2]);
-        let mut seed = 7u64;
-        let mut rnd = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rnd = xorshift(7);
         for commit in 0..40u32 {
             let mut new = Entries::new(OrderKind::Int);
             let n = 1 + rnd() % 700;
