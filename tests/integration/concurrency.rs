@@ -60,13 +60,18 @@ fn sequential(files: &[(&str, Vec<u8>)]) -> Project {
 /// A commit planned beside another run's commit that replaces keys elsewhere in the table
 /// goes through without being planned again (its plan is rebased on the newer index); one that
 /// meets keys the other commit wrote is planned again under the lock. Either way the table and
-/// its index are what the runs one after the other give.
+/// its index are what the runs one after the other give; also when the plan was made into a
+/// table holding no row yet (its first file all rejected: the plan's keys are its index
+/// entries', looked up only if a commit came in between).
 #[test]
 fn a_plan_made_beside_another_commit_is_rebased_or_made_again_on_a_conflict() {
     // The second batch replaces tickets 0..30; the third either other keys (30..60) or the
     // same ones, later.
-    for conflict in [false, true] {
-        let first = batch(0, 300, 3, 9, "open");
+    for (empty, conflict) in [(false, false), (false, true), (true, false), (true, true)] {
+        let first = match empty {
+            false => batch(0, 300, 3, 9, "open"),
+            true => batch(1000, 20, 3, 9, "no such status"),
+        };
         let second = batch(0, 30, 3, 10, "pending");
         let third = match conflict {
             false => batch(30, 30, 3, 11, "resolved"),
@@ -75,6 +80,9 @@ fn a_plan_made_beside_another_commit_is_rebased_or_made_again_on_a_conflict() {
         let p = Project::empty();
         p.add_raw("support_tickets", "a.csv", &first);
         assert_eq!(p.run().0, 0);
+        if empty {
+            assert!(p.files("processed/support_tickets").is_empty());
+        }
         p.add_raw("support_tickets", "b.csv", &second);
         let (held, pause) = held_after_plan(&p);
         // While the first run waits with its plan of b.csv, another run commits c.csv.
@@ -87,12 +95,19 @@ fn a_plan_made_beside_another_commit_is_rebased_or_made_again_on_a_conflict() {
         assert!(out.status.success(), "{}", text(&out));
         let log = text(&out);
         let replanned = log.contains("running the batch again");
-        assert_eq!(replanned, conflict, "conflict {conflict}: {log}");
+        assert_eq!(
+            replanned, conflict,
+            "empty {empty}, conflict {conflict}: {log}"
+        );
         let held_report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         check_accounting(&held_report);
         // b.csv is older than c.csv by updated_at: the order of the commits does not matter.
         let expected = sequential(&[("a.csv", first), ("b.csv", second), ("c.csv", third)]);
-        assert_eq!(table(&p), table(&expected), "conflict {conflict}");
+        assert_eq!(
+            table(&p),
+            table(&expected),
+            "empty {empty}, conflict {conflict}"
+        );
         assert_eq!(index_check(&p).0, 0, "{}", index_check(&p).1);
         assert!(p.files("_sluice/pending").is_empty());
         assert!(p.files("_sluice/staging").is_empty());
