@@ -1128,6 +1128,7 @@ impl Index {
                 replaced,
             });
         }
+        let t = std::time::Instant::now();
         let path = scratch.join(format!("run-{commit}.idx"));
         let mut w = RunWriter::create(&path, head.shape.kind)?;
         if take == 0 {
@@ -1142,6 +1143,13 @@ impl Index {
             .await?;
         }
         let (path, entries, bytes) = w.finish()?;
+        tracing::debug!(
+            entries,
+            bytes,
+            merged_runs = take,
+            ms = t.elapsed().as_millis() as u64,
+            "key index run written"
+        );
         head.runs.push(RunMeta {
             name: commit.to_string(),
             entries,

@@ -1297,6 +1297,7 @@ impl TableSink {
             // Meanwhile every row was offered: the winners become index entries (their group,
             // for now, the segment they are in), sorted; the index's memory goes shard by shard.
             let side = s.spawn(move || {
+                let t = std::time::Instant::now();
                 let mut entries = entries;
                 if let Some(out) = entries.as_mut() {
                     out.reserve(self.index.iter().map(|s| lock(s).table.len()).sum());
@@ -1307,8 +1308,15 @@ impl TableSink {
                         index.winners_into(out, out.kind() == OrderKind::Bytes);
                     }
                 }
+                let gathered = t.elapsed();
                 if let Some(out) = entries.as_mut() {
                     out.sort(threads);
+                    tracing::debug!(
+                        entries = out.len(),
+                        gather_ms = gathered.as_millis() as u64,
+                        sort_ms = (t.elapsed() - gathered).as_millis() as u64,
+                        "key index entries of the batch"
+                    );
                 }
                 entries
             });
