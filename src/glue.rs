@@ -510,15 +510,13 @@ impl Glue {
     /// Registers every commit whose marker is there and that reached its commit point (the
     /// commits of run `run_id`, and any a crashed run left), then drops its marker. A marker
     /// whose commit never reached its commit point is dropped too, unless a live run is still
-    /// at work on that commit (its pending record is there and its claims are live). Returns
-    /// how many commits were registered.
+    /// at work on that commit (its pending record is there and its claims are live).
     pub async fn register_pending(
         &self,
         lake: &Lake,
         run_id: &str,
         ttl: std::time::Duration,
-    ) -> Result<usize> {
-        let mut registered = 0;
+    ) -> Result<()> {
         for m in lake.list(&format!("{STATE}/catalog/unregistered")).await? {
             let key = m.location.to_string();
             let id = key.rsplit('/').next().unwrap_or_default().to_string();
@@ -538,11 +536,10 @@ impl Glue {
                     tracing::warn!(commit = %id, run = %commit.run_id, "registering a commit another run left unregistered");
                 }
                 self.register_commit(lake, &commit).await?;
-                registered += 1;
             }
             lake.delete(&key).await?;
         }
-        Ok(registered)
+        Ok(())
     }
 
     /// Registers every table of the lake's catalog and every partition found under its

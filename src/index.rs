@@ -1097,7 +1097,7 @@ impl Index {
         next_group: u32,
         scratch: &Path,
     ) -> Result<Next> {
-        // Sorted already on the commit's threads (a no-op then).
+        // A batch's entries come sorted from its sink (a no-op then).
         new.sort(1);
         let mut head = self.head.clone();
         for (key, f) in files {
@@ -1518,8 +1518,6 @@ pub struct Pending {
     /// The batch's keys, sorted; `None` if the index held no key when the plan looked (then
     /// every key of the batch won, and the keys are the entries').
     fps: Option<Vec<u128>>,
-    /// Threads to sort with.
-    threads: usize,
     /// What the index held for them when the plan looked.
     held: HashMap<u128, Held>,
 }
@@ -1739,7 +1737,6 @@ pub async fn merge(
             entries: entries.unwrap_or_else(|| Entries::new(shape.kind)),
             fps,
             held,
-            threads,
         }),
     }))
 }
@@ -1837,7 +1834,8 @@ impl Pending {
             .map(|r| run_key(&table, &r.name))
             .collect();
         if self.fps.is_none() {
-            self.entries.sort(self.threads);
+            // The sink hands its entries over sorted (a no-op then).
+            self.entries.sort(1);
             self.fps = Some(self.entries.fps());
         }
         let fps = self.fps.as_deref().unwrap_or_default();
@@ -1897,7 +1895,6 @@ impl Pending {
         if files.len() > u32::MAX as usize - base as usize {
             return Err(damaged(&self.index.head.table, "too many file groups"));
         }
-        entries.sort(self.threads);
         entries.regroup(|i| base + i);
         let mut changes: BTreeMap<String, Option<IndexedFile>> = BTreeMap::new();
         for (i, ((f, key), bytes)) in files.iter().zip(file_keys).zip(file_bytes).enumerate() {

@@ -177,7 +177,7 @@ impl<'a> Runner<'a> {
             .instrument(tracing::info_span!("step", step = "catalog"))
             .await;
         match done {
-            Ok(_) => None,
+            Ok(()) => None,
             Err(e) => {
                 tracing::error!(error = %e, "catalog registration failed; the next run retries it");
                 Some(format!(

@@ -1260,7 +1260,7 @@ impl TableSink {
 
     /// Writes what is still buffered, closes every file and rewrites the files that hold late
     /// losers. Returns the non-empty files and, with a `unique_key`, the key index entries of
-    /// the rows written (their group: the index of their file in the list).
+    /// the rows written, sorted (their group: the index of their file in the list).
     pub fn finish(&self, threads: usize) -> Result<(Vec<OutFile>, Option<Entries>)> {
         // A spilled index is settled first, so that its losers still buffered are never written.
         let settled = {
@@ -1336,7 +1336,8 @@ impl TableSink {
             self.drop_late(&writers, &late, threads)?;
         }
         let mut out = Vec::new();
-        let mut file_of_seg: HashMap<u32, u32> = HashMap::new();
+        // Segments are numbered densely: a table, not a map, for every entry's lookup.
+        let mut file_of_seg: Vec<u32> = Vec::new();
         for w in &writers {
             let w = lock(w);
             let mut numbered = HashMap::new();
@@ -1354,18 +1355,16 @@ impl TableSink {
             }
             for pl in &w.placed {
                 if let Some(&f) = numbered.get(&pl.file) {
-                    file_of_seg.insert(pl.seg, f);
+                    let seg = pl.seg as usize;
+                    if file_of_seg.len() <= seg {
+                        file_of_seg.resize(seg + 1, u32::MAX);
+                    }
+                    file_of_seg[seg] = f;
                 }
             }
         }
         if let Some(e) = entries.as_mut() {
-            // Segments are numbered densely: a table, not a map, for every entry's lookup.
-            let segs = file_of_seg.keys().max().map_or(0, |&m| m as usize + 1);
-            let mut file_of = vec![u32::MAX; segs];
-            for (&seg, &f) in &file_of_seg {
-                file_of[seg as usize] = f;
-            }
-            e.regroup(|seg| file_of.get(seg as usize).copied().unwrap_or(u32::MAX));
+            e.regroup(|seg| file_of_seg.get(seg as usize).copied().unwrap_or(u32::MAX));
         }
         Ok((out, entries))
     }
