@@ -17,7 +17,7 @@ use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde_json::Value;
 
-use crate::support::{Project, repo};
+use crate::support::{Project, hold, repo};
 
 /// A moto server of this test's own.
 pub struct Moto {
@@ -1043,26 +1043,9 @@ fn a_run_beside_a_commit_in_flight_leaves_its_catalog_marker_alone() {
     let markers = || moto.keys("beside", "data/_sluice/catalog/unregistered");
     // Run B is held in its first commit: staged, marker written, commit lock held, before its
     // commit point.
-    let pause = p.path().join("pause");
-    std::fs::write(&pause, "").unwrap();
     let mut c = p.cmd(&["run", "--json"]);
     moto.env(&mut c);
-    let b = c
-        .env("SLUICE_PAUSE_AT", "staged")
-        .env("SLUICE_PAUSE_FILE", &pause)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let reached = p.path().join("pause.reached");
-    let start = std::time::Instant::now();
-    while !reached.exists() {
-        assert!(
-            start.elapsed().as_secs() < 60,
-            "run B never reached its commit"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let (b, pause) = hold(&p, c, "staged", "run B");
     assert_eq!(
         markers().len(),
         1,

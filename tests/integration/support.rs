@@ -411,17 +411,27 @@ pub fn index_check(p: &Project) -> (i32, String) {
 /// Runs the binary with `args`, held at fault step `step` (`SLUICE_PAUSE_AT`) until the returned
 /// pause file is removed; returns once the process is held there.
 pub fn held_at(p: &Project, args: &[&str], step: &str) -> (std::process::Child, PathBuf) {
+    hold(p, p.cmd(args), step, &format!("{args:?}"))
+}
+
+/// Starts `cmd` (a command of project `p`, `what` in a failure) held at `step` until the
+/// returned pause file is removed; returns once it is held there.
+pub fn hold(
+    p: &Project,
+    mut cmd: std::process::Command,
+    step: &str,
+    what: &str,
+) -> (std::process::Child, PathBuf) {
     let pause = p.path().join("pause");
     std::fs::write(&pause, "").unwrap();
-    let child = p
-        .cmd(args)
+    let child = cmd
         .env("SLUICE_PAUSE_AT", step)
         .env("SLUICE_PAUSE_FILE", &pause)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_held(p, &format!("{args:?} at {step}"));
+    wait_held(p, &format!("{what} at {step}"));
     (child, pause)
 }
 
