@@ -302,6 +302,7 @@ impl Runner<'_> {
                     &plan.rewritten,
                     &plan.rewritten_keys,
                     &plan.scratch,
+                    self.threads,
                 )
                 .await?;
             for (path, to) in index_files {

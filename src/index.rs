@@ -828,49 +828,50 @@ impl<'a> Scan<'a> {
     }
 }
 
-/// Writes a run to a local file.
-pub struct RunWriter {
-    out: BufWriter<File>,
+/// Pages of a run being encoded: entries in ascending fingerprint order, cut into pages of
+/// [`PAGE_ENTRIES`], each page's directory entry kept for the run's directory.
+struct Pages {
     path: PathBuf,
     kind: OrderKind,
     page: Vec<u8>,
     in_page: usize,
     first: u128,
     dir: Vec<u8>,
+    /// Where in the run the next page goes.
     offset: u64,
     entries: u64,
     last: Option<u128>,
 }
 
-impl RunWriter {
-    /// A run at `path`.
-    pub fn create(path: &Path, kind: OrderKind) -> Result<RunWriter> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-        }
-        let file = File::create(path)
-            .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
-        Ok(RunWriter {
-            out: BufWriter::with_capacity(1 << 20, file),
+impl Pages {
+    /// Pages of the run at `path`, the first at `offset`.
+    fn at(path: &Path, kind: OrderKind, offset: u64) -> Pages {
+        Pages {
             path: path.to_path_buf(),
             kind,
             page: Vec::with_capacity(PAGE_ENTRIES * 40),
             in_page: 0,
             first: 0,
             dir: Vec::new(),
-            offset: 0,
+            offset,
             entries: 0,
             last: None,
-        })
+        }
     }
 
     fn fail(&self, e: std::io::Error) -> Error {
         Error::io(format!("cannot write {}", self.path.display()), e)
     }
 
-    /// Adds an entry; fingerprints must come in ascending order.
-    pub fn push(&mut self, fp: u128, group: u32, values: u64, order: OrderValue<'_>) -> Result<()> {
+    /// Adds an entry, writing a page to `out` when it is full.
+    fn push(
+        &mut self,
+        out: &mut impl Write,
+        fp: u128,
+        group: u32,
+        values: u64,
+        order: OrderValue<'_>,
+    ) -> Result<()> {
         if self.last.is_some_and(|l| l >= fp) {
             return Err(Error::State {
                 path: self.path.display().to_string(),
@@ -900,12 +901,13 @@ impl RunWriter {
         self.in_page += 1;
         self.entries += 1;
         if self.in_page == PAGE_ENTRIES {
-            self.end_page()?;
+            self.end_page(out)?;
         }
         Ok(())
     }
 
-    fn end_page(&mut self) -> Result<()> {
+    /// Writes the page begun, if any.
+    fn end_page(&mut self, out: &mut impl Write) -> Result<()> {
         if self.in_page == 0 {
             return Ok(());
         }
@@ -915,37 +917,172 @@ impl RunWriter {
         self.dir
             .extend_from_slice(&(self.page.len() as u32).to_le_bytes());
         self.dir.extend_from_slice(&crc.to_le_bytes());
-        self.out.write_all(&self.page).map_err(|e| self.fail(e))?;
+        out.write_all(&self.page).map_err(|e| self.fail(e))?;
         self.offset += self.page.len() as u64;
         self.page.clear();
         self.in_page = 0;
         Ok(())
     }
 
-    /// Writes the directory and trailer: the run's entries and size.
-    pub fn finish(mut self) -> Result<(PathBuf, u64, u64)> {
-        self.end_page()?;
-        let pages = (self.dir.len() / DIR_ENTRY) as u32;
+    /// Ends the run: the last page, then `dir` (every page's directory entry, in order) and the
+    /// trailer. Returns the run's entries and size.
+    fn finish(mut self, out: &mut impl Write, dir: &[u8], entries: u64) -> Result<(u64, u64)> {
+        self.end_page(out)?;
         let dir_at = self.offset;
         let mut t = Vec::with_capacity(TRAILER as usize);
         t.extend_from_slice(MAGIC);
         t.extend_from_slice(&FORMAT.to_le_bytes());
-        t.extend_from_slice(&pages.to_le_bytes());
-        t.extend_from_slice(&self.entries.to_le_bytes());
+        t.extend_from_slice(&((dir.len() / DIR_ENTRY) as u32).to_le_bytes());
+        t.extend_from_slice(&entries.to_le_bytes());
         t.extend_from_slice(&dir_at.to_le_bytes());
-        t.extend_from_slice(&crc32fast::hash(&self.dir).to_le_bytes());
+        t.extend_from_slice(&crc32fast::hash(dir).to_le_bytes());
         t.push(match self.kind {
             OrderKind::Int => 0,
             OrderKind::Bytes => 1,
         });
         t.extend_from_slice(&[0, 0, 0]);
-        let dir = std::mem::take(&mut self.dir);
-        self.out.write_all(&dir).map_err(|e| self.fail(e))?;
-        self.out.write_all(&t).map_err(|e| self.fail(e))?;
-        self.out.flush().map_err(|e| self.fail(e))?;
-        let bytes = dir_at + dir.len() as u64 + TRAILER;
-        Ok((self.path, self.entries, bytes))
+        out.write_all(dir).map_err(|e| self.fail(e))?;
+        out.write_all(&t).map_err(|e| self.fail(e))?;
+        out.flush().map_err(|e| self.fail(e))?;
+        Ok((entries, dir_at + dir.len() as u64 + TRAILER))
     }
+}
+
+fn create_run(path: &Path) -> Result<File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    }
+    File::create(path).map_err(|e| Error::io(format!("cannot create {}", path.display()), e))
+}
+
+/// Writes a run to a local file, entry by entry.
+pub struct RunWriter {
+    out: BufWriter<File>,
+    pages: Pages,
+}
+
+impl RunWriter {
+    /// A run at `path`.
+    pub fn create(path: &Path, kind: OrderKind) -> Result<RunWriter> {
+        Ok(RunWriter {
+            out: BufWriter::with_capacity(1 << 20, create_run(path)?),
+            pages: Pages::at(path, kind, 0),
+        })
+    }
+
+    /// Adds an entry; fingerprints must come in ascending order.
+    pub fn push(&mut self, fp: u128, group: u32, values: u64, order: OrderValue<'_>) -> Result<()> {
+        self.pages.push(&mut self.out, fp, group, values, order)
+    }
+
+    /// Writes the directory and trailer: the run's path, entries and size.
+    pub fn finish(mut self) -> Result<(PathBuf, u64, u64)> {
+        let mut pages = self.pages;
+        pages.end_page(&mut self.out)?;
+        let (dir, entries, path) = (
+            std::mem::take(&mut pages.dir),
+            pages.entries,
+            pages.path.clone(),
+        );
+        let (entries, bytes) = pages.finish(&mut self.out, &dir, entries)?;
+        Ok((path, entries, bytes))
+    }
+}
+
+/// Writes from an offset of a file on: threads write their parts of one file at once.
+struct WriteAt<'a> {
+    file: &'a File,
+    at: u64,
+}
+
+impl Write for WriteAt<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.write_at(buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes sorted, distinct `entries` as a run at `path`, on `threads` threads: each encodes and
+/// writes a part of whole pages at the part's place (entries' sizes say where each part begins).
+/// Returns the run's entries and size.
+pub fn write_run(path: &Path, entries: &Entries, threads: usize) -> Result<(u64, u64)> {
+    let file = create_run(path)?;
+    let rows = &entries.rows;
+    let per = rows
+        .len()
+        .div_ceil(threads.max(1))
+        .div_ceil(PAGE_ENTRIES)
+        .max(1)
+        * PAGE_ENTRIES;
+    let bytes = |r: &Fixed| -> u64 {
+        match entries.order(r) {
+            OrderValue::Int(_) => 36,
+            OrderValue::Bytes(b) => 32 + b.len() as u64,
+        }
+    };
+    let mut parts = Vec::new();
+    let mut offset = 0;
+    for part in rows.chunks(per) {
+        parts.push((part, offset));
+        offset += match entries.kind {
+            OrderKind::Int => 36 * part.len() as u64,
+            OrderKind::Bytes => part.iter().map(bytes).sum(),
+        };
+    }
+    let encoded: Vec<Result<Pages>> = std::thread::scope(|s| {
+        let jobs: Vec<_> = parts
+            .iter()
+            .map(|&(part, at)| {
+                let file = &file;
+                s.spawn(move || -> Result<Pages> {
+                    let mut pages = Pages::at(path, entries.kind, at);
+                    let mut out = BufWriter::with_capacity(1 << 20, WriteAt { file, at });
+                    for r in part {
+                        pages.push(&mut out, r.fp(), r.group, r.values, entries.order(r))?;
+                    }
+                    pages.end_page(&mut out)?;
+                    out.flush().map_err(|e| pages.fail(e))?;
+                    Ok(pages)
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|j| {
+                j.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    let mut dir = Vec::new();
+    let mut count = 0;
+    let mut last: Option<u128> = None;
+    for ((part, _), pages) in parts.iter().zip(encoded) {
+        let pages = pages?;
+        if let (Some(l), Some(first)) = (last, part.first())
+            && l >= first.fp()
+        {
+            return Err(Error::State {
+                path: path.display().to_string(),
+                message: "index entries out of order".into(),
+            });
+        }
+        last = pages.last;
+        dir.extend_from_slice(&pages.dir);
+        count += pages.entries;
+    }
+    let tail = Pages::at(path, entries.kind, offset);
+    let mut out = BufWriter::new(WriteAt {
+        file: &file,
+        at: offset,
+    });
+    tail.finish(&mut out, &dir, count)
 }
 
 /// A table's index, opened: its head and its runs' directories.
@@ -1088,6 +1225,7 @@ impl Index {
     /// to `None` is gone). The new run (merged with the newest runs while they are at most twice
     /// the size of what is merged) is written under `scratch`; returns the new head, the run's
     /// local path and name, and the runs it replaces.
+    #[allow(clippy::too_many_arguments)]
     pub async fn next(
         &self,
         lake: &Lake,
@@ -1096,6 +1234,7 @@ impl Index {
         files: BTreeMap<String, Option<IndexedFile>>,
         next_group: u32,
         scratch: &Path,
+        threads: usize,
     ) -> Result<Next> {
         // A batch's entries come sorted from its sink (a no-op then).
         new.sort(1);
@@ -1130,19 +1269,18 @@ impl Index {
         }
         let t = std::time::Instant::now();
         let path = scratch.join(format!("run-{commit}.idx"));
-        let mut w = RunWriter::create(&path, head.shape.kind)?;
-        if take == 0 {
+        let (entries, bytes) = if take == 0 {
             // Nothing to merge (a first load, or a batch much smaller than the newest run).
-            for r in &new.rows {
-                w.push(r.fp(), r.group, r.values, new.order(r))?;
-            }
+            write_run(&path, &new, threads)?
         } else {
+            let mut w = RunWriter::create(&path, head.shape.kind)?;
             merge_runs(lake, Some(&new), &self.runs[..take], |fp, h| {
                 w.push(fp, h.group, h.values, h.order.as_value())
             })
             .await?;
-        }
-        let (path, entries, bytes) = w.finish()?;
+            let (_, entries, bytes) = w.finish()?;
+            (entries, bytes)
+        };
         tracing::debug!(
             entries,
             bytes,
@@ -1889,6 +2027,7 @@ impl Pending {
         rewritten: &[RewrittenFile],
         rewritten_keys: &[Option<String>],
         scratch: &Path,
+        threads: usize,
     ) -> Result<(Vec<(PathBuf, String)>, Vec<String>)> {
         let base = self.index.head.next_group;
         let mut entries = self.entries;
@@ -1930,6 +2069,7 @@ impl Pending {
                 changes,
                 base + files.len() as u32,
                 scratch,
+                threads,
             )
             .await?;
         let table = next.head.table.clone();
@@ -2187,6 +2327,52 @@ mod tests {
         }
     }
 
+    /// A run written on threads, part by part, is the run written entry by entry, byte for
+    /// byte: every size around page and part edges, both kinds of order, up to more threads
+    /// than pages.
+    #[test]
+    fn a_run_written_on_threads_is_the_run_written_in_order() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut rnd = xorshift(5);
+        for kind in [OrderKind::Int, OrderKind::Bytes] {
+            for n in [0, 1, 127, 128, 129, 383, 384, 385, 5_000] {
+                let mut entries = Entries::new(kind);
+                for i in 0..n {
+                    let order = rnd() % 1_000_000;
+                    // Byte orders of varying length, so parts differ in size.
+                    let text = "x".repeat((i % 7) as usize) + &order.to_string();
+                    let value = match kind {
+                        OrderKind::Int => OrderValue::Int(order),
+                        OrderKind::Bytes => OrderValue::Bytes(text.as_bytes()),
+                    };
+                    entries.push(
+                        (rnd() as u128) << 64 | rnd() as u128,
+                        value,
+                        rnd(),
+                        i as u32,
+                    );
+                }
+                entries.sort(1);
+                let one = dir.path().join("one.idx");
+                let mut w = RunWriter::create(&one, kind).expect("writer");
+                for r in &entries.rows {
+                    w.push(r.fp(), r.group, r.values, entries.order(r))
+                        .expect("push");
+                }
+                let (_, want_entries, want_bytes) = w.finish().expect("finish");
+                for threads in [1, 2, 3, 8] {
+                    let many = dir.path().join("many.idx");
+                    let got = write_run(&many, &entries, threads).expect("write_run");
+                    assert_eq!(got, (want_entries, want_bytes), "{kind:?} {n} {threads}");
+                    assert!(
+                        std::fs::read(&one).expect("one") == std::fs::read(&many).expect("many"),
+                        "{kind:?}, {n} entries, {threads} threads: the runs differ"
+                    );
+                }
+            }
+        }
+    }
+
     /// Runs written, merged and looked up agree with a map kept beside them, over commits of
     /// random keys (seeded), and lookups read only what they ask for.
     #[tokio::test]
@@ -2217,7 +2403,7 @@ mod tests {
             }
             let id = format!("c{commit}");
             let next = index
-                .next(&lake, &id, new, BTreeMap::new(), commit + 1, &scratch)
+                .next(&lake, &id, new, BTreeMap::new(), commit + 1, &scratch, 2)
                 .await
                 .unwrap();
             if let Some(p) = &next.run {
@@ -2269,7 +2455,7 @@ mod tests {
         }
         let index = Index::empty("t", shape_bytes(), [1, 2]);
         let next = index
-            .next(&lake, "c1", new, BTreeMap::new(), 2, &scratch)
+            .next(&lake, "c1", new, BTreeMap::new(), 2, &scratch, 2)
             .await
             .unwrap();
         let run = next.run.unwrap();

@@ -1323,6 +1323,12 @@ impl TableSink {
             let written = on_threads(threads, work, |(w, segs)| {
                 let mut w = lock(&w);
                 self.write_sealed(&mut w, segs).and_then(|()| w.close())
+            })
+            // Files holding rows that lost after they were written are rewritten while the
+            // entries are still gathered and sorted.
+            .and_then(|()| match late.is_empty() {
+                true => Ok(()),
+                false => self.drop_late(&writers, &late, threads),
             });
             let entries = side
                 .join()
@@ -1332,9 +1338,6 @@ impl TableSink {
         written?;
         let mut entries = entries;
         self.index_bytes.store(0, Ordering::Relaxed);
-        if !late.is_empty() {
-            self.drop_late(&writers, &late, threads)?;
-        }
         let mut out = Vec::new();
         // Segments are numbered densely: a table, not a map, for every entry's lookup.
         let mut file_of_seg: Vec<u32> = Vec::new();
