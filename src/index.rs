@@ -134,7 +134,7 @@ pub struct Held {
     pub order: Order,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Zeroable)]
 struct Fixed {
     hi: u64,
     lo: u64,
@@ -194,6 +194,77 @@ pub struct Entries {
 }
 
 impl Entries {
+    /// Entries of a number order from parts that hold disjoint ranges of fingerprints, given in
+    /// ascending order of range, each fingerprint once, all of a part sharing its top
+    /// [`SPREAD_BITS`] bits (the in-run dedup index's shards), with each part's count. On
+    /// `threads` threads, a part's entries (`each` calls its argument with every entry's
+    /// fingerprint, order, values hash and group) are counted by their next bits into about
+    /// one bucket for two entries, placed into their buckets in the part's place, and each
+    /// bucket (a few entries, as fingerprints are spread evenly) is sorted: two passes over a
+    /// part and no comparison sort over the whole (a first load's millions of entries), in
+    /// memory that the threads fault in. Parts that break the promise make a run that fails to
+    /// be written ("out of order"), never a wrong one.
+    pub fn from_parts<P: Sync>(
+        parts: Vec<(usize, P)>,
+        threads: usize,
+        each: impl Fn(&P, &mut dyn FnMut(u128, u64, u64, u32)) + Sync,
+    ) -> Result<Entries> {
+        let total = parts.iter().map(|(n, _)| n).sum();
+        // Zeroed by the allocator: fresh pages, not written here.
+        let mut rows: Vec<Fixed> = bytemuck::zeroed_vec(total);
+        let mut jobs = Vec::with_capacity(parts.len());
+        let mut rest = rows.as_mut_slice();
+        for (n, p) in &parts {
+            let (mine, after) = rest.split_at_mut(*n);
+            jobs.push((mine, p));
+            rest = after;
+        }
+        crate::sink::stream::on_threads(threads, jobs, |(rows, p)| {
+            let n = rows.len();
+            let bits = (n / 2).max(1).next_power_of_two().trailing_zeros();
+            let bucket = |fp: u128| (fp >> (128 - SPREAD_BITS - bits)) as usize & ((1 << bits) - 1);
+            let mut starts = vec![0usize; (1 << bits) + 1];
+            let mut counted = 0;
+            each(p, &mut |fp, _, _, _| {
+                starts[bucket(fp) + 1] += 1;
+                counted += 1;
+            });
+            if counted != n {
+                return Err(Error::State {
+                    path: "key index".into(),
+                    message: format!("a part gave {counted} entries, not the {n} it counted"),
+                });
+            }
+            for b in 0..1 << bits {
+                starts[b + 1] += starts[b];
+            }
+            let mut next = starts.clone();
+            each(p, &mut |fp, order, values, group| {
+                let b = bucket(fp);
+                if let Some(r) = rows.get_mut(next[b]) {
+                    *r = Fixed {
+                        hi: (fp >> 64) as u64,
+                        lo: fp as u64,
+                        order,
+                        values,
+                        group,
+                    };
+                }
+                next[b] += 1;
+            });
+            for w in starts.windows(2) {
+                rows[w[0]..w[1]].sort_unstable_by_key(|r| (r.hi, r.lo));
+            }
+            Ok(())
+        })?;
+        Ok(Entries {
+            kind: OrderKind::Int,
+            rows,
+            arena: Arena::default(),
+            sorted: true,
+        })
+    }
+
     /// None yet.
     pub fn new(kind: OrderKind) -> Entries {
         Entries {
@@ -2325,6 +2396,55 @@ mod tests {
             sort_spread(&mut fps, |f| *f, 2, |b| b.sort_unstable());
             assert_eq!(fps, sorted);
         }
+    }
+
+    /// Entries gathered part by part on threads are the entries pushed and sorted; a part
+    /// that gives other than its count is an error, and parts out of range order make a run
+    /// that is refused, not written.
+    #[test]
+    fn entries_from_parts_are_the_entries_pushed_and_sorted() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut rnd = xorshift(9);
+        // 16 parts by the top 4 bits, some empty, unsorted within.
+        let mut parts: Vec<Vec<(u128, u64, u64, u32)>> = vec![Vec::new(); 16];
+        let mut pushed = Entries::new(OrderKind::Int);
+        for i in 0..20_000u32 {
+            let fp = (rnd() as u128) << 64 | rnd() as u128;
+            let top = (fp >> 124) as usize;
+            if top == 3 || top == 11 {
+                continue;
+            }
+            let (order, values) = (rnd(), rnd());
+            parts[top].push((fp, order, values, i));
+            pushed.push(fp, OrderValue::Int(order), values, i);
+        }
+        pushed.sort(1);
+        let given = |parts: &[Vec<(u128, u64, u64, u32)>]| -> Vec<(usize, Vec<_>)> {
+            parts.iter().map(|p| (p.len(), p.clone())).collect()
+        };
+        let fill = |p: &Vec<(u128, u64, u64, u32)>, emit: &mut dyn FnMut(u128, u64, u64, u32)| {
+            for &(fp, order, values, group) in p {
+                emit(fp, order, values, group);
+            }
+        };
+        for threads in [1, 2, 5] {
+            let got = Entries::from_parts(given(&parts), threads, fill).expect("from_parts");
+            assert_eq!(got.len(), pushed.len());
+            for i in 0..got.len() {
+                assert_eq!(got.get(i), pushed.get(i), "entry {i}, {threads} threads");
+            }
+        }
+        let mut short = given(&parts);
+        short[5].0 += 1;
+        let err = Entries::from_parts(short, 2, fill)
+            .err()
+            .expect("a part short of its count");
+        assert!(err.to_string().contains("not the"), "{err}");
+        parts.swap(0, 15);
+        let swapped = Entries::from_parts(given(&parts), 2, fill).expect("from_parts");
+        let err = write_run(&dir.path().join("bad.idx"), &swapped, 2)
+            .expect_err("a run of parts out of order");
+        assert!(err.to_string().contains("out of order"), "{err}");
     }
 
     /// A run written on threads, part by part, is the run written entry by entry, byte for

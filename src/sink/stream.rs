@@ -102,6 +102,8 @@ struct DedupIndex {
     table: HashTable<Entry>,
     /// Order values that do not fit in 64 bits.
     arena: Arena,
+    /// Keys whose row lost to a row the table holds.
+    lost: usize,
 }
 
 /// Number of index shards: 2^[`SHARD_BITS`].
@@ -158,6 +160,19 @@ impl DedupIndex {
         self.arena.load(e.order, bytes)
     }
 
+    /// How many keys have a winning row (not one that lost to a held row).
+    fn winners(&self) -> usize {
+        self.table.len() - self.lost
+    }
+
+    /// Calls `emit` with each winning row's fingerprint, order (a number order's), values hash
+    /// and segment.
+    fn each_winner(&self, emit: &mut dyn FnMut(u128, u64, u64, u32)) {
+        for e in self.table.iter().filter(|e| e.loc != LOST) {
+            emit(e.fp, e.order, e.values, (e.loc >> 32) as u32);
+        }
+    }
+
     /// Adds the keys' winning rows (not those that lost to a held row) to `out`, each in the
     /// group of its segment.
     fn winners_into(&self, out: &mut Entries, bytes: bool) {
@@ -202,8 +217,10 @@ impl DedupIndex {
                 e.loc = loc;
                 e.values = values;
             }
+            self.lost = self.lost + usize::from(loc == LOST) - usize::from(e.loc == LOST);
             return Some((e.loc, e.lineage));
         }
+        self.lost += usize::from(loc == LOST);
         let stored = self.store(order);
         let entry = Entry {
             fp,
@@ -241,6 +258,7 @@ impl DedupIndex {
         }
         if let Some(e) = self.table.find_mut(h, |e| e.fp == fp) {
             e.loc = LOST;
+            self.lost += 1;
         }
         (false, Some((e.loc, e.lineage)))
     }
@@ -1296,29 +1314,38 @@ impl TableSink {
         let (written, entries) = std::thread::scope(|s| {
             // Meanwhile every row was offered: the winners become index entries (their group,
             // for now, the segment they are in), sorted; the index's memory goes shard by shard.
-            let side = s.spawn(move || {
+            let side = s.spawn(move || -> Result<Option<Entries>> {
                 let t = std::time::Instant::now();
+                let shards: Vec<DedupIndex> = self
+                    .index
+                    .iter()
+                    .map(|s| std::mem::take(&mut *lock(s)))
+                    .collect();
                 let mut entries = entries;
-                if let Some(out) = entries.as_mut() {
-                    out.reserve(self.index.iter().map(|s| lock(s).table.len()).sum());
-                }
-                for shard in &self.index {
-                    let index = std::mem::take(&mut *lock(shard));
-                    if let Some(out) = entries.as_mut() {
-                        index.winners_into(out, out.kind() == OrderKind::Bytes);
+                match entries.as_mut() {
+                    // Shards hold ascending ranges of fingerprints (by their top bits): each is
+                    // gathered and sorted in its place, on all threads.
+                    Some(out) if out.is_empty() && out.kind() == OrderKind::Int => {
+                        let parts = shards.into_iter().map(|s| (s.winners(), s)).collect();
+                        *out = Entries::from_parts(parts, threads, |s, emit| s.each_winner(emit))?;
                     }
+                    Some(out) => {
+                        out.reserve(shards.iter().map(|s| s.table.len()).sum());
+                        for index in shards {
+                            index.winners_into(out, out.kind() == OrderKind::Bytes);
+                        }
+                        out.sort(threads);
+                    }
+                    None => {}
                 }
-                let gathered = t.elapsed();
-                if let Some(out) = entries.as_mut() {
-                    out.sort(threads);
+                if let Some(out) = &entries {
                     tracing::debug!(
                         entries = out.len(),
-                        gather_ms = gathered.as_millis() as u64,
-                        sort_ms = (t.elapsed() - gathered).as_millis() as u64,
-                        "key index entries of the batch"
+                        ms = t.elapsed().as_millis() as u64,
+                        "key index entries of the batch gathered and sorted"
                     );
                 }
-                entries
+                Ok(entries)
             });
             let written = on_threads(threads, work, |(w, segs)| {
                 let mut w = lock(&w);
@@ -1336,7 +1363,7 @@ impl TableSink {
             (written, entries)
         });
         written?;
-        let mut entries = entries;
+        let mut entries = entries?;
         self.index_bytes.store(0, Ordering::Relaxed);
         let mut out = Vec::new();
         // Segments are numbered densely: a table, not a map, for every entry's lookup.
