@@ -204,18 +204,19 @@ impl Entries {
     /// part and no comparison sort over the whole (a first load's millions of entries), in
     /// memory that the threads fault in. Parts that break the promise make a run that fails to
     /// be written ("out of order"), never a wrong one.
-    pub fn from_parts<P: Sync>(
+    pub fn from_parts<P: Send>(
         parts: Vec<(usize, P)>,
         threads: usize,
         each: impl Fn(&P, &mut dyn FnMut(u128, u64, u64, u32)) + Sync,
     ) -> Result<Entries> {
-        let total = parts.iter().map(|(n, _)| n).sum();
+        let total = parts.iter().map(|(n, _)| *n).sum();
         // Zeroed by the allocator: fresh pages, not written here.
         let mut rows: Vec<Fixed> = bytemuck::zeroed_vec(total);
         let mut jobs = Vec::with_capacity(parts.len());
         let mut rest = rows.as_mut_slice();
-        for (n, p) in &parts {
-            let (mine, after) = rest.split_at_mut(*n);
+        // Each part goes (its memory freed) once its entries are placed.
+        for (n, p) in parts {
+            let (mine, after) = rest.split_at_mut(n);
             jobs.push((mine, p));
             rest = after;
         }
@@ -225,7 +226,7 @@ impl Entries {
             let bucket = |fp: u128| (fp >> (128 - SPREAD_BITS - bits)) as usize & ((1 << bits) - 1);
             let mut starts = vec![0usize; (1 << bits) + 1];
             let mut counted = 0;
-            each(p, &mut |fp, _, _, _| {
+            each(&p, &mut |fp, _, _, _| {
                 starts[bucket(fp) + 1] += 1;
                 counted += 1;
             });
@@ -239,7 +240,7 @@ impl Entries {
                 starts[b + 1] += starts[b];
             }
             let mut next = starts.clone();
-            each(p, &mut |fp, order, values, group| {
+            each(&p, &mut |fp, order, values, group| {
                 let b = bucket(fp);
                 if let Some(r) = rows.get_mut(next[b]) {
                     *r = Fixed {
@@ -252,6 +253,7 @@ impl Entries {
                 }
                 next[b] += 1;
             });
+            drop(p);
             for w in starts.windows(2) {
                 rows[w[0]..w[1]].sort_unstable_by_key(|r| (r.hi, r.lo));
             }
