@@ -936,6 +936,15 @@ impl Pages {
         Error::io(format!("cannot write {}", self.path.display()), e)
     }
 
+    /// Bytes an entry takes in a page: fingerprint, group, values hash, then the order (8 bytes,
+    /// or a u32 length and the bytes), as [`Pages::push`] writes it.
+    fn entry_bytes(order: OrderValue<'_>) -> u64 {
+        28 + match order {
+            OrderValue::Int(_) => 8,
+            OrderValue::Bytes(b) => 4 + b.len() as u64,
+        }
+    }
+
     /// Adds an entry, writing a page to `out` when it is full.
     fn push(
         &mut self,
@@ -997,10 +1006,9 @@ impl Pages {
         Ok(())
     }
 
-    /// Ends the run: the last page, then `dir` (every page's directory entry, in order) and the
-    /// trailer. Returns the run's entries and size.
-    fn finish(mut self, out: &mut impl Write, dir: &[u8], entries: u64) -> Result<(u64, u64)> {
-        self.end_page(out)?;
+    /// Ends the run after its last page: `dir` (every page's directory entry, in order) and
+    /// the trailer. Returns the run's entries and size.
+    fn finish(self, out: &mut impl Write, dir: &[u8], entries: u64) -> Result<(u64, u64)> {
         let dir_at = self.offset;
         let mut t = Vec::with_capacity(TRAILER as usize);
         t.extend_from_slice(MAGIC);
@@ -1094,28 +1102,28 @@ pub fn write_run(path: &Path, entries: &Entries, threads: usize) -> Result<(u64,
         .div_ceil(PAGE_ENTRIES)
         .max(1)
         * PAGE_ENTRIES;
-    let bytes = |r: &Fixed| -> u64 {
-        match entries.order(r) {
-            OrderValue::Int(_) => 36,
-            OrderValue::Bytes(b) => 32 + b.len() as u64,
-        }
-    };
     let mut parts = Vec::new();
     let mut offset = 0;
-    for part in rows.chunks(per) {
-        parts.push((part, offset));
+    for (k, part) in rows.chunks(per).enumerate() {
+        // Each part goes on from the previous part's last entry, which its own order check meets.
+        let before = (k * per).checked_sub(1).map(|i| rows[i].fp());
+        parts.push((part, offset, before));
         offset += match entries.kind {
-            OrderKind::Int => 36 * part.len() as u64,
-            OrderKind::Bytes => part.iter().map(bytes).sum(),
+            OrderKind::Int => Pages::entry_bytes(OrderValue::Int(0)) * part.len() as u64,
+            OrderKind::Bytes => part
+                .iter()
+                .map(|r| Pages::entry_bytes(entries.order(r)))
+                .sum(),
         };
     }
     let encoded: Vec<Result<Pages>> = std::thread::scope(|s| {
         let jobs: Vec<_> = parts
             .iter()
-            .map(|&(part, at)| {
+            .map(|&(part, at, before)| {
                 let file = &file;
                 s.spawn(move || -> Result<Pages> {
                     let mut pages = Pages::at(path, entries.kind, at);
+                    pages.last = before;
                     let mut out = BufWriter::with_capacity(1 << 20, WriteAt { file, at });
                     for r in part {
                         pages.push(&mut out, r.fp(), r.group, r.values, entries.order(r))?;
@@ -1135,18 +1143,8 @@ pub fn write_run(path: &Path, entries: &Entries, threads: usize) -> Result<(u64,
     });
     let mut dir = Vec::new();
     let mut count = 0;
-    let mut last: Option<u128> = None;
-    for ((part, _), pages) in parts.iter().zip(encoded) {
+    for pages in encoded {
         let pages = pages?;
-        if let (Some(l), Some(first)) = (last, part.first())
-            && l >= first.fp()
-        {
-            return Err(Error::State {
-                path: path.display().to_string(),
-                message: "index entries out of order".into(),
-            });
-        }
-        last = pages.last;
         dir.extend_from_slice(&pages.dir);
         count += pages.entries;
     }
@@ -2446,6 +2444,16 @@ mod tests {
         let swapped = Entries::from_parts(given(&parts), 2, fill).expect("from_parts");
         let err = write_run(&dir.path().join("bad.idx"), &swapped, 2)
             .expect_err("a run of parts out of order");
+        assert!(err.to_string().contains("out of order"), "{err}");
+        // Each half in order, the halves swapped: only where the threads' parts meet is the
+        // run out of order (two parts of 256 entries on two threads).
+        let half = |top: u128| -> Vec<(u128, u64, u64, u32)> {
+            (0..256u128).map(|i| (top << 124 | i, 1, 2, 3)).collect()
+        };
+        let halves = vec![(256, half(9)), (256, half(2))];
+        let swapped = Entries::from_parts(halves, 2, fill).expect("from_parts");
+        let err = write_run(&dir.path().join("bad2.idx"), &swapped, 2)
+            .expect_err("a run out of order where two parts meet");
         assert!(err.to_string().contains("out of order"), "{err}");
     }
 
