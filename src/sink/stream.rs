@@ -1657,6 +1657,54 @@ mod tests {
         assert_eq!(ids, vec![("a", 3), ("b", 5), ("c", 9), ("e", 1), ("d", 1)]);
     }
 
+    /// Values hashes are kept in the key index across runs and releases: an upgrade of
+    /// DataFusion or foldhash that changes them makes every re-sent identical row look changed
+    /// (a rewrite of the same data) until the index is rebuilt, so it must bump `index::FORMAT`.
+    /// This pins them for strings, numbers, timestamps, nulls and a missing column.
+    #[test]
+    fn values_hashes_do_not_change_between_releases() {
+        use datafusion::arrow::array::{Float64Array, TimestampMicrosecondArray};
+        use datafusion::arrow::datatypes::TimeUnit;
+        let ts = DataType::Timestamp(TimeUnit::Microsecond, None);
+        let full = Schema::new(vec![
+            Field::new("id", DataType::Utf8, false),
+            Field::new("n", DataType::Int64, true),
+            Field::new("ts", ts.clone(), true),
+            Field::new("x", DataType::Float64, true),
+            Field::new("gone", DataType::Utf8, true),
+        ]);
+        let rows = Arc::new(Schema::new(full.fields()[..4].to_vec()));
+        let batch = RecordBatch::try_new(
+            rows.clone(),
+            vec![
+                Arc::new(StringArray::from(vec![
+                    "a",
+                    "b",
+                    "a longer key of forty bytes or so..",
+                ])),
+                Arc::new(Int64Array::from(vec![Some(1), None, Some(-7)])),
+                Arc::new(TimestampMicrosecondArray::from(vec![
+                    Some(1_700_000_000_000_000),
+                    Some(0),
+                    None,
+                ])),
+                Arc::new(Float64Array::from(vec![Some(0.5), Some(-0.0), None])),
+            ],
+        )
+        .unwrap();
+        let keying = Keying::new(&rows, &full, &["id".to_string()], "ts", [1, 2]).unwrap();
+        let got: Vec<String> = keying
+            .value_hashes(&batch)
+            .unwrap()
+            .iter()
+            .map(|h| format!("{h:016x}"))
+            .collect();
+        assert_eq!(
+            got,
+            vec!["4b2502219e4a6c1b", "f927ce9b1c7d3e9f", "b39e79a469e9ec53"]
+        );
+    }
+
     /// A seeded generator (SplitMix64), so the random batches are the same on every run.
     struct Rng(u64);
 
